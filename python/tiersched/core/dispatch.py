@@ -46,3 +46,12 @@ class Dispatcher(Protocol):
 
     def pick(self, req: DispatchRequest, now_s: float) -> Decision:
         """Choose a rank and account for the request optimistically until the next snapshot."""
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """Tunables of this tier: section [engine] of the TIERSCHED_CONFIG file (see tiersched.config).
+    Every field has a default; validate() raises ValueError with one sentence saying what to fix."""
+
+    def validate(self) -> None:
+        pass

@@ -34,3 +34,12 @@ class Placement:
     phy2log: np.ndarray
     log2phy: np.ndarray
     logcnt: np.ndarray
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Tunables of this tier: section [expert] of the TIERSCHED_CONFIG file (see tiersched.config).
+    Every field has a default; validate() raises ValueError with one sentence saying what to fix."""
+
+    def validate(self) -> None:
+        pass

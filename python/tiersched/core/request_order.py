@@ -44,3 +44,12 @@ class PreemptionPolicy(Protocol):
         now_s: float,
     ) -> list[str] | None:
         """rids to preempt so `candidate` fits (fewest needed), or None when it may not / cannot."""
+
+
+@dataclass(frozen=True)
+class RequestTierConfig:
+    """Tunables of this tier: section [request] of the TIERSCHED_CONFIG file (see tiersched.config).
+    Every field has a default; validate() raises ValueError with one sentence saying what to fix."""
+
+    def validate(self) -> None:
+        pass
