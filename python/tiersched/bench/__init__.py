@@ -1,0 +1,1 @@
+"""`python -m tiersched.bench SUBCOMMAND`: simulator comparisons and sweeps, micro-benchmarks, live runs."""

@@ -1,0 +1,42 @@
+"""Entry point: `python -m tiersched.bench {compare,sweep,speed,request-tier,dispatch,live} [--json] ...`.
+
+Each subcommand lives in its own module tiersched.bench.<module> exposing
+`add_arguments(parser)` and `main(args) -> int`; modules are imported only when their subcommand runs, so a
+slow import (torch, sglang) never taxes the others.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "compare": ("compare", "simulate one scenario under every policy combination (the main job)"),
+    "sweep": ("sweep", "simulate a grid of scenarios; resumable; win-share summary"),
+    "speed": ("speed", "simulator speed: simulated seconds per wall second"),
+    "request-tier": ("request_tier", "request-tier ordering overhead and mixed-priority scenario"),
+    "dispatch": ("dispatch", "engine-tier dispatch decision latency and burst balance"),
+    "live": ("live", "A/B runs on real upstream SGLang servers on this CPU"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m tiersched.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        parser.error(f"unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)}")
+    module = importlib.import_module(f"tiersched.bench.{SUBCOMMANDS[name][0]}")
+    sub_parser = argparse.ArgumentParser(prog=f"python -m tiersched.bench {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    return int(module.main(sub_parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
