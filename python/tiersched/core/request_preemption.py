@@ -1,0 +1,148 @@
+"""Request tier: which running requests a latency-sensitive (LS) waiter may preempt, and the chunk cap.
+
+Both are pure functions of snapshots (tiersched.core.request_order); the SGLang adapter applies the answer
+through PrefillAdder, the simulator applies it to its own queues.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from tiersched.core.request_order import RequestTierConfig, RunningRequest, WaitingRequest
+
+
+class LatencySensitivePreemption:
+    """Preempt the lowest-priority, newest best-effort requests, only as many as needed.
+
+    Rules (docs/request-tier.md):
+      * only an LS candidate (priority >= ls_priority) preempts, and only BE victims whose priority is lower by
+        more than `preemption_threshold`;
+      * candidates are taken lowest priority first, newest first within a priority (least work lost), until
+        both the slot and the KV shortfall are covered; then any victim whose removal still leaves both covered
+        is put back (latest taken first), so the set is minimal;
+      * None when preemption is disabled, the shortfall is KV-only and `preempt_on_kv_shortage` is off, or the
+        eligible victims cannot cover the shortfall (preempting then would waste work for nothing).
+    """
+
+    def __init__(self, config: RequestTierConfig | None = None):
+        self.config = config or RequestTierConfig()
+
+    def choose_victims(
+        self,
+        candidate: WaitingRequest,
+        running: Sequence[RunningRequest],
+        slots_short: int,
+        kv_tokens_short: int,
+        now_s: float,
+    ) -> list[str] | None:
+        cfg = self.config
+        slots_short = max(0, slots_short)
+        kv_tokens_short = max(0, kv_tokens_short)
+        if not cfg.enable_preemption or not cfg.is_latency_sensitive(candidate.priority):
+            return None
+        if slots_short == 0 and kv_tokens_short == 0:
+            return []
+        if slots_short == 0 and not cfg.preempt_on_kv_shortage:
+            return None
+        eligible = [
+            r
+            for r in running
+            if not cfg.is_latency_sensitive(r.priority)
+            and candidate.priority - r.priority > cfg.preemption_threshold
+        ]
+        eligible.sort(key=lambda r: (r.priority, -r.arrival_s))
+        chosen: list[RunningRequest] = []
+        freed_slots = freed_kv = 0
+        for r in eligible:
+            if freed_slots >= slots_short and freed_kv >= kv_tokens_short:
+                break
+            chosen.append(r)
+            freed_slots += 1
+            freed_kv += r.kv_tokens
+        if freed_slots < slots_short or freed_kv < kv_tokens_short:
+            return None
+        # Put back victims that turned out unnecessary (a later, larger victim may cover an earlier one).
+        for r in reversed(list(chosen)):
+            if freed_slots - 1 >= slots_short and freed_kv - r.kv_tokens >= kv_tokens_short:
+                chosen.remove(r)
+                freed_slots -= 1
+                freed_kv -= r.kv_tokens
+        return [r.rid for r in chosen]
+
+
+class UpstreamPriorityPreemption:
+    """Baseline: upstream PrefillAdder.preempt_to_schedule (sglang.srt.managers.schedule_policy).
+
+    Upstream calls it only when running slots are full (never on KV shortage); it walks running requests
+    lowest priority first, newest first, takes each whose priority is lower by more than the threshold until
+    the candidate's tokens fit, and stops at the first one that is not preemptible.
+    """
+
+    def __init__(self, threshold: int = 10):
+        self.threshold = threshold
+
+    def choose_victims(
+        self,
+        candidate: WaitingRequest,
+        running: Sequence[RunningRequest],
+        slots_short: int,
+        kv_tokens_short: int,
+        now_s: float,
+    ) -> list[str] | None:
+        if slots_short <= 0:
+            return None  # upstream never reaches preempt_to_schedule on a KV shortage
+        chosen: list[str] = []
+        need = max(kv_tokens_short, 0)
+        for r in sorted(running, key=lambda r: (r.priority, -r.arrival_s)):
+            if candidate.priority - r.priority <= self.threshold:
+                break
+            chosen.append(r.rid)
+            need -= r.kv_tokens
+            if need <= 0:
+                break
+        if not chosen or need > 0:
+            return None
+        return chosen
+
+
+def chunk_token_limit(
+    chunked_priority: int,
+    chunked_remaining_tokens: int,
+    waiting_uncached: Sequence[tuple[int, int]],
+    budget_tokens: int,
+    page_size: int,
+    config: RequestTierConfig,
+) -> int | None:
+    """Cap on the tokens the running chunked prefill may advance this step, or None for no cap.
+
+    chunked_priority / chunked_remaining_tokens: the request being chunk-prefilled.
+    waiting_uncached: (priority, uncached_tokens) of waiters, in scheduling order.
+    budget_tokens: this step's prefill token budget (upstream's rem_chunk_tokens).
+
+    Two rules, the smaller cap wins:
+      * shorter-waiter reservation (as upstream shortest-prefill-first's shortest_prefill_chunk_limit): reserve
+        budget for waiters whose uncached work is shorter than the chunk's remainder, in order, while the chunk
+        keeps at least `min_chunk_tokens`; so a long prefill never blocks short waiters for more than a step;
+      * LS protection (the QLLM analog in SGLang's whole-step execution): while an LS request waits behind a BE
+        chunk, the BE chunk advances at most `be_chunk_tokens`, so the step the LS request waits on is short.
+    Page-aligned; never below `min_chunk_tokens` rounded up to a page.
+    """
+    page = max(1, page_size)
+    floor = -(-config.min_chunk_tokens // page) * page
+    if budget_tokens <= floor:
+        return None
+    caps: list[int] = []
+    reserved = 0
+    for priority, uncached in waiting_uncached:
+        charge = -(-max(uncached, 1) // page) * page
+        if uncached >= chunked_remaining_tokens or reserved + charge > budget_tokens - floor:
+            break
+        reserved += charge
+    if reserved:
+        caps.append(budget_tokens - reserved)
+    ls_waiting = any(config.is_latency_sensitive(p) for p, _ in waiting_uncached)
+    if ls_waiting and not config.is_latency_sensitive(chunked_priority):
+        caps.append(config.be_chunk_tokens)
+    if not caps:
+        return None
+    limit = max(floor, min(caps) // page * page)
+    return limit if limit < budget_tokens else None
