@@ -1,0 +1,65 @@
+"""Plugin-side fixes for three upstream SGLang 0.5.23 bugs met when serving on CPU (patches/cpu-fixes.md).
+
+Each is a hook on the upstream function that trips, so it is listed in patches/cpu-fixes.toml and disappears with
+the bug: when upstream fixes one, its hook becomes a no-op (the attribute exists, no -1 ids arrive on that path).
+"""
+from __future__ import annotations
+
+HOOKS = (
+    # (target, hook type name, hook function name in this module)
+    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch._pad_inputs_to_size", "BEFORE", "ensure_cpu_fill_value"),
+    ("sglang.srt.eplb.expert_distribution._StatAccumulator.dump", "BEFORE", "ensure_cpu_empty_cache"),
+    ("sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater.update", "BEFORE", "ensure_cpu_empty_cache"),
+    ("sglang.srt.layers.moe.fused_moe_native.moe_forward_native", "AROUND", "route_remote_slots_to_unused_local_experts"),
+)
+
+
+def ensure_cpu_fill_value(forward_batch, model_runner, *args, **kwargs):
+    """DP attention pads batches and asks the attention backend for `get_cpu_graph_seq_len_fill_value()`, which
+    `TorchNativeAttnBackend` lacks (AttributeError on the first forward). The padded rows are empty, so a
+    sequence length of 1 is what upstream's other CPU backend (intel_amx) returns too."""
+    backend_type = type(model_runner.attn_backend)
+    if not hasattr(backend_type, "get_cpu_graph_seq_len_fill_value"):
+        backend_type.get_cpu_graph_seq_len_fill_value = lambda self: 1
+    return None
+
+
+def ensure_cpu_empty_cache(*args, **kwargs):
+    """The first expert-distribution dump and the first EPLB update call `torch.get_device_module().empty_cache()`,
+    and `torch.cpu` has no `empty_cache`. CPU memory has no cache to empty, so a no-op is exact."""
+    import torch
+
+    if not hasattr(torch.cpu, "empty_cache"):
+        torch.cpu.empty_cache = lambda: None
+    return None
+
+
+def route_remote_slots_to_unused_local_experts(original_fn, layer, x, topk_output, moe_runner_config, *args, **kwargs):
+    """With `--ep-size > 1`, experts owned by another rank reach the torch-native MoE as topk id -1 and its
+    `scatter_` fails. Map each such slot to a local expert that token does not otherwise use, with weight 0: it
+    then contributes exactly nothing (ids must stay distinct per token because upstream counts with scatter_, a set)."""
+    import torch
+
+    topk_weights, topk_ids = topk_output[0], topk_output[1]
+    remote = topk_ids < 0
+    if not bool(remote.any()):
+        return original_fn(layer, x, topk_output, moe_runner_config, *args, **kwargs)
+    num_local = layer.w13_weight.shape[0]
+    ids = topk_ids.to(torch.int64)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    used = torch.zeros(ids.shape[0], num_local, dtype=torch.bool, device=ids.device)
+    for j in range(ids.shape[1]):
+        used[rows, ids[:, j].clamp(min=0)] |= ~remote[:, j]
+    ids = ids.clone()
+    for j in range(ids.shape[1]):
+        if bool(remote[:, j].any()):
+            first_unused = (~used).to(torch.int8).argmax(dim=1)
+            ids[:, j] = torch.where(remote[:, j], first_unused, ids[:, j])
+            used[rows, ids[:, j]] |= remote[:, j]
+    fixed = topk_output._replace(topk_weights=topk_weights.masked_fill(remote, 0), topk_ids=ids.to(topk_ids.dtype))
+    return original_fn(layer, x, fixed, moe_runner_config, *args, **kwargs)
+
+
+def register_hooks(registry, hook_types) -> None:
+    for target, type_name, fn_name in HOOKS:
+        registry.register(target, globals()[fn_name], getattr(hook_types, type_name))

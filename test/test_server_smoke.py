@@ -1,0 +1,50 @@
+"""Real upstream servers on this CPU with our plugin: it must be loaded in the scheduler processes (not only the
+launcher), and /generate must return tokens. Bounded: each server start is ~20-40 s here."""
+import json
+import os
+import urllib.request
+
+import pytest
+
+from tiersched.rig.server import launch_server
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
+
+
+def generate(url, text, max_new_tokens=8, **extra):
+    body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}, **extra}
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def process_titles(trace_path):
+    """Current titles of every process that loaded the plugin (SGLang renames its children after start-up)."""
+    titles = {}
+    for line in open(trace_path):
+        entry = json.loads(line)
+        try:
+            with open(f"/proc/{entry['pid']}/cmdline", "rb") as f:
+                titles[entry["pid"]] = (f.read().replace(b"\0", b" ").decode().strip(), entry["active"])
+        except OSError:
+            pass
+    return titles
+
+
+@pytest.mark.parametrize("extra_args, schedulers", [([], 1), (["--dp-size", "2"], 2)], ids=["tp1", "dp2"])
+def test_plugin_loaded_in_schedulers_and_generate_works(tiny_model_dir, tmp_path, extra_args, schedulers):
+    trace = tmp_path / "plugin-trace.jsonl"
+    with launch_server(tiny_model_dir, extra_args=extra_args, env={"TIERSCHED_PLUGIN_TRACE": str(trace)}) as srv:
+        outputs = [generate(srv.url, f"Hello world {i}") for i in range(2 * schedulers)]
+        titles = process_titles(trace)
+        log = srv.log_tail(200)
+    for out in outputs:
+        assert out["meta_info"]["completion_tokens"] == 8 and len(out["output_ids"]) == 8, out
+    scheduler_procs = [t for t, active in titles.values() if "scheduler" in t]
+    assert len(scheduler_procs) == schedulers, f"plugin-loaded processes: {titles}\n{log}"
+    assert all("cpu-fixes" in active for _, active in titles.values())
+    assert "[tiersched] active tiers:" in log
+    if schedulers > 1:
+        assert any("data_parallel_controller" in t or "dp_controller" in t.lower() for t, _ in titles.values()), titles
+        ranks = {out["meta_info"].get("dp_rank") for out in outputs}
+        assert ranks == {0, 1}, f"requests should reach both DP ranks: {ranks}"
