@@ -39,15 +39,8 @@ SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 cp "$ROOT/cpu/shims/tiersched_tv_shim.py" "$ROOT/cpu/shims/tiersched_triton_shim.py" "$SITE/"
 echo "import tiersched_tv_shim, tiersched_triton_shim" > "$SITE/zz_tiersched_cpu_shims.pth"
 
-# Refuse an environment that would pull CUDA: no nvidia-* packages, a +cpu torch.
-"$VENV/bin/python" - <<'PYCHECK' || die "the environment is not CPU-only (see above); delete .venv and run again."
-import importlib.metadata as md, sys
-cuda = sorted(d.metadata["Name"] for d in md.distributions() if d.metadata["Name"].lower().startswith(("nvidia-", "triton", "flashinfer")))
-torch_version = md.version("torch")
-if cuda or not torch_version.endswith("+cpu"):
-    print(f"torch {torch_version}; CUDA packages present: {cuda}", file=sys.stderr)
-    sys.exit(1)
-PYCHECK
+# Refuse an environment that would pull CUDA: no nvidia-*/triton/flashinfer packages, a +cpu torch.
+"$VENV/bin/python" -m tiersched.envcheck --cpu || die "the environment is not CPU-only or not pinned (see above)."
 rm -f "$VENV"/.tiersched-setup-*
 touch "$stamp"
 say "ready: $VENV/bin/python ($("$VENV/bin/python" -c 'import sglang; print("sglang", sglang.__version__)' 2>/dev/null))"
