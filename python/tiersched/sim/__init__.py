@@ -1,0 +1,15 @@
+"""A fast discrete-step twin of SGLang DP-attention + EP deployments that runs tiersched's core policy objects.
+
+    from tiersched.sim import simulate, PolicySet, get_preset, workloads
+    result = simulate("qwen3", workloads.synthetic("Random", rate=4.0), PolicySet(dispatch="total_tokens"))
+    result.metrics["ttft_mean"]
+
+Imports the core (tiersched.core), never the SGLang adapters. Model and assumptions: docs/simulator.md.
+"""
+from tiersched.sim import workloads
+from tiersched.sim.engine import SimResult, simulate
+from tiersched.sim.policies import PolicySet, PolicyUnavailable
+from tiersched.sim.presets import Preset, get_preset, preset_names
+
+__all__ = ["simulate", "SimResult", "PolicySet", "PolicyUnavailable", "get_preset", "preset_names", "Preset",
+           "workloads"]

@@ -1,0 +1,234 @@
+"""The simulation loop: dispatch arrivals, step all DP ranks in lockstep, rebalance experts every K steps.
+
+Time advances one lockstep forward step at a time, except that runs of pure-decode steps with an unchanged batch
+are advanced together ("macro steps": the step times of the run are computed as one numpy array, the run ends at
+the first request completion, the first step boundary after the next arrival, the KV limit or the next EPLB
+rebalance), so results equal step-by-step simulation while costing one Python iteration per event.
+Arrivals reach their rank at the first step boundary at or after their arrival time (SGLang's schedulers poll
+for new requests once per loop iteration); the dispatcher sees rank snapshots refreshed at most every
+`load_refresh_interval_s` (upstream DataParallelController.refresh_load_budget) and its own optimistic updates.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from tiersched.core.dispatch import DispatchRequest
+from tiersched.core.expert_placement import ExpertStats
+from tiersched.sim import metrics as metrics_mod
+from tiersched.sim.baselines.engine_tier import SimRankLoad
+from tiersched.sim.cost_model import StepCostModel
+from tiersched.sim.policies import PolicySet, make_dispatcher, make_eplb, make_ordering, make_preemption
+from tiersched.sim.presets import Preset, get_preset
+from tiersched.sim.rank import RankState, RequestTable
+from tiersched.sim.routing import make_routing, token_probs
+from tiersched.sim.workloads import Workload
+
+MAX_MACRO_STEPS = 4096
+DRAIN_LIMIT_S = 1800.0  # stop this long after the last arrival even if requests remain (reported as unfinished)
+
+
+@dataclass
+class SimResult:
+    metrics: dict
+    records: dict  # per request arrays: arrival, rank, ttft, tpot, e2e, cached_tokens, input, output, class, ...
+    timeline: dict = field(default_factory=dict)  # time [T], running/waiting/kv_used [T, R]
+    expert_load: np.ndarray | None = None  # [L, G] token-expert assignments per GPU over the run
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    sim_s: float = 0.0
+    steps: int = 0
+
+
+class Simulation:
+    def __init__(self, preset: Preset, workload: Workload, policies: PolicySet, seed: int = 0,
+                 ideal_balance: bool = False, routing=None, record_timeline: bool = True):
+        self.preset, self.workload, self.policies = preset, workload, policies
+        self.table = RequestTable(workload)
+        self.routing = routing if routing is not None else make_routing(preset, seed)
+        self.cost = StepCostModel(preset, token_probs(self.routing, preset.dp), ideal_balance)
+        self.ranks = [
+            RankState(r, preset, self.table, make_ordering(policies.ordering, preset),
+                      make_preemption(policies.preemption, policies.ordering, preset))
+            for r in range(preset.dp)
+        ]
+        self.dispatcher = make_dispatcher(policies.dispatch, preset)
+        self.eplb = make_eplb(policies.eplb, preset)
+        self.record_timeline = record_timeline
+        self.notes: list[str] = [f"routing model: {getattr(self.routing, 'name', type(self.routing).__name__)}"]
+        L, G = preset.model.moe_layers, preset.num_gpus
+        self.expert_load = np.zeros((L, G))
+        self.recent_gpu_load = np.full((L, G), 1.0)
+        self.window_tokens = np.zeros(preset.dp)
+        self.acc = {"bal_num": 0.0, "bal_den": 0.0, "cross": 0.0, "assign": 0.0, "migrations": 0, "stall_s": 0.0,
+                    "rebalances": 0}
+        self.timeline = {"time": [], "running": [], "waiting": [], "kv_used": []}
+        self.now = 0.0
+        self.steps = 0
+        self.next_rebalance = preset.scheduler.eplb_rebalance_steps if self.eplb is not None else None
+        self.last_refresh = -np.inf
+
+    # ---- engine tier ----------------------------------------------------------------------------------------
+    def _pressure(self) -> np.ndarray:
+        """Expert pressure per source rank: load of the GPUs its tokens go to, relative to the mean (1 = neutral)."""
+        if not self.policies.expert_feedback:
+            return np.ones(self.preset.dp)
+        load = self.recent_gpu_load / np.maximum(self.recent_gpu_load.mean(axis=1, keepdims=True), 1e-12)
+        per_token = self.cost.gpu_probs  # [L, S, G]
+        return np.einsum("lsg,lg->s", per_token, load) / np.maximum(per_token.sum(axis=(0, 2)), 1e-12)
+
+    def _snapshot(self) -> list[SimRankLoad]:
+        t = self.table
+        pressure = self._pressure()
+        loads = []
+        for rs in self.ranks:
+            waiting = np.fromiter(rs.waiting, dtype=np.int64, count=len(rs.waiting))
+            remaining = int((t.fill_len[waiting] - np.maximum(t.prefilled[waiting], 0)).sum()) if waiting.size else 0
+            if rs.chunked is not None:
+                remaining += int(t.fill_len[rs.chunked] - t.prefilled[rs.chunked])
+            loads.append(SimRankLoad(
+                rank=rs.rank, kv_capacity_tokens=rs.s.kv_capacity_tokens, kv_used_tokens=rs.kv_used(),
+                remaining_prefill_tokens=remaining, queue_len=len(rs.waiting),
+                running_reqs=len(rs.running) + (rs.chunked is not None), running_decode_tokens=rs.decode_context(),
+                expert_pressure=float(pressure[rs.rank]), timestamp_s=self.now,
+                waiting_prompt_tokens=int(t.fill_len[waiting].sum()) if waiting.size else 0,
+            ))
+        return loads
+
+    def _dispatch(self, i: int) -> None:
+        if self.now - self.last_refresh >= self.preset.scheduler.load_refresh_interval_s:
+            self.dispatcher.update_loads(self._snapshot(), self.now)
+            self.last_refresh = self.now
+        w, t = self.workload, self.table
+        session = None if w.session is None else str(int(w.session[i]))
+        req = DispatchRequest(t.rid[i], int(t.input[i]), tuple(t.blocks[i]), session, int(t.priority[i]))
+        rank = int(self.dispatcher.pick(req, self.now).rank)
+        t.rank[i] = rank
+        self.ranks[rank].waiting.append(i)
+
+    # ---- expert tier ----------------------------------------------------------------------------------------
+    def _account_moe(self, stats: dict, tokens: np.ndarray, steps: int) -> None:
+        load = stats.get("gpu_load")
+        if load is None:
+            return
+        self.expert_load += load * steps
+        self.recent_gpu_load = 0.99 ** steps * self.recent_gpu_load + (1 - 0.99 ** steps) * load
+        self.acc["bal_num"] += steps * float(load.mean(axis=1).sum())
+        self.acc["bal_den"] += steps * float(load.max(axis=1).sum())
+        self.acc["cross"] += steps * stats["cross_assign"]
+        self.acc["assign"] += steps * stats["total_assign"]
+        self.window_tokens += tokens * steps
+
+    def _maybe_rebalance(self) -> None:
+        if self.next_rebalance is None or self.steps < self.next_rebalance:
+            return
+        self.next_rebalance = self.steps + self.preset.scheduler.eplb_rebalance_steps
+        if self.window_tokens.sum() <= 0:
+            return
+        counts = np.asarray(self.routing.expected_counts(self.window_tokens), dtype=float)
+        self.window_tokens[:] = 0
+        p = self.preset
+        nodes = max(1, p.num_gpus // p.hardware.gpus_per_node)
+        old = self.cost.placement
+        new = self.eplb.plan(ExpertStats(source_counts=counts[None]), p.num_slots, p.num_gpus, nodes, old)
+        changed = new.phy2log != old.phy2log  # [L, P]
+        moved = int(changed.sum())
+        self.acc["rebalances"] += 1
+        if moved:
+            # Migration stall: every GPU receives its changed slots' weights; all ranks wait for the slowest.
+            per_gpu = changed.reshape(changed.shape[0], p.num_gpus, -1).sum(axis=(0, 2))
+            stall = float(per_gpu.max()) * p.expert_params * p.model.weight_bytes / p.hardware.intra_node_bytes_s
+            self.now += stall
+            self.acc["stall_s"] += stall
+            self.acc["migrations"] += moved
+            self.cost.set_placement(new)
+
+    # ---- main loop ------------------------------------------------------------------------------------------
+    def _record(self) -> None:
+        if self.record_timeline:
+            tl = self.timeline
+            tl["time"].append(self.now)
+            tl["running"].append([len(r.running) + (r.chunked is not None) for r in self.ranks])
+            tl["waiting"].append([len(r.waiting) for r in self.ranks])
+            tl["kv_used"].append([r.kv_used() for r in self.ranks])
+
+    def run(self) -> None:
+        t, ranks, dp = self.table, self.ranks, self.preset.dp
+        arrivals, n = t.arrival, t.n
+        nxt = 0
+        horizon = (arrivals[-1] if n else 0.0) + DRAIN_LIMIT_S
+        while self.now <= horizon:
+            while nxt < n and arrivals[nxt] <= self.now:
+                self._dispatch(nxt)
+                nxt += 1
+            batches = [rs.schedule_prefill(self.now) for rs in ranks]
+            any_prefill = any(batches)
+            if not any_prefill and not any(rs.running for rs in ranks):
+                if nxt >= n:
+                    break
+                self.now = max(self.now, float(arrivals[nxt]))
+                continue
+            for rs, batch in zip(ranks, batches):
+                if not batch:
+                    rs.retract_for_decode()
+            tokens = np.zeros(dp)
+            pairs = np.zeros(dp)
+            ctx = np.zeros(dp)
+            growth = np.zeros(dp)
+            for r, (rs, batch) in enumerate(zip(ranks, batches)):
+                if batch:
+                    tokens[r] = sum(e for _, e, _ in batch)
+                    pairs[r] = sum(e * (p + (e + 1) / 2) for _, e, p in batch)
+                elif rs.running:
+                    tokens[r] = growth[r] = len(rs.running)
+                    ctx[r] = rs.decode_context()
+            if any_prefill:
+                k = 1
+                times, stats = self.cost.step_times(tokens, pairs, ctx)
+            else:
+                k = MAX_MACRO_STEPS
+                for rs in ranks:
+                    if rs.running:
+                        k = min(k, rs.min_remaining(), max(1, rs.free_for_alloc() // len(rs.running)))
+                if self.next_rebalance is not None:
+                    k = max(1, min(k, self.next_rebalance - self.steps))
+                times, stats = self.cost.step_times(tokens, pairs, ctx, growth, k)
+                if nxt < n:
+                    ends = self.now + np.cumsum(times)
+                    k = min(k, int(np.searchsorted(ends, arrivals[nxt], side="left")) + 1)
+            self.now += float(times[:k].sum())
+            self.steps += k
+            self._account_moe(stats, tokens, k)
+            for rs, batch in zip(ranks, batches):
+                if batch:
+                    rs.finish_prefill(batch, self.now)
+                elif rs.running:
+                    rs.advance_decode(k, self.now)
+            self._record()
+            self._maybe_rebalance()
+
+
+def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed: int = 0,
+             duration_s: float | None = None, *, ideal_balance: bool = False, routing=None,
+             record_timeline: bool = True) -> SimResult:
+    """Simulate `workload` on `preset` (a Preset or its name) under `policies`; deterministic for a seed."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    policies = policies or PolicySet()
+    if duration_s is not None:
+        keep = int(np.searchsorted(workload.arrival_s, duration_s, side="right"))
+        workload = _head(workload, max(1, keep))
+    start = time.perf_counter()
+    sim = Simulation(preset, workload, policies, seed, ideal_balance, routing, record_timeline)
+    sim.run()
+    wall = time.perf_counter() - start
+    result = metrics_mod.build_result(sim, wall)
+    return result
+
+
+def _head(w: Workload, n: int) -> Workload:
+    cut = lambda a: None if a is None else a[:n]
+    return replace(w, arrival_s=w.arrival_s[:n], input_tokens=w.input_tokens[:n], output_tokens=w.output_tokens[:n],
+                   priority=w.priority[:n], class_of=w.class_of[:n], session=cut(w.session),
+                   prefix_blocks=w.prefix_blocks[:n] if w.prefix_blocks else ())

@@ -1,0 +1,144 @@
+"""PolicySet: which policy object runs at each tier, by registry name or as an object.
+
+Names: ordering "fcfs", "lpm", "hrrn", "shortest-prefill-first", "fcfs-priority", "tiersched"; dispatch
+"round_robin", "total_requests", "total_tokens", "vllm-dp", "tiersched"; eplb "none", "deepseek",
+"deepseek-hierarchical", "source_aware". "tiersched" / "source_aware" resolve to the tier's own classes in
+tiersched.core (looked up when the simulation starts, so they appear as soon as those modules export them).
+Ordering and preemption objects are per rank (each SGLang scheduler owns its own): objects passed in are
+deep-copied per rank.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from tiersched.sim.baselines import engine_tier, expert_tier, request_tier
+
+ORDERING_BASELINES = {
+    "fcfs": request_tier.FCFSOrdering,
+    "fcfs-priority": request_tier.FCFSPriorityOrdering,
+    "lpm": request_tier.LPMOrdering,
+    "hrrn": request_tier.HRRNOrdering,
+    "shortest-prefill-first": request_tier.ShortestPrefillFirstOrdering,
+}
+DISPATCH_BASELINES = {
+    "round_robin": engine_tier.RoundRobinDispatcher,
+    "total_requests": engine_tier.TotalRequestsDispatcher,
+    "total_tokens": engine_tier.TotalTokensDispatcher,
+    "vllm-dp": engine_tier.VLLMDPDispatcher,
+}
+EPLB_NAMES = ("none", "deepseek", "deepseek-hierarchical", "source_aware")
+
+
+class PolicyUnavailable(RuntimeError):
+    """A named tiersched policy is not (yet) exported by tiersched.core."""
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    ordering: Any = "fcfs"
+    preemption: Any = "auto"  # "auto": upstream's priority preemption with fcfs-priority, tiersched's with tiersched
+    dispatch: Any = "round_robin"
+    eplb: Any = "none"
+    expert_feedback: bool = False  # publish expert_pressure in RankLoad (dispatch may use it)
+
+    def label(self) -> str:
+        def name(x):
+            return x if isinstance(x, str) else getattr(x, "name", type(x).__name__)
+
+        parts = [name(self.ordering), name(self.dispatch), name(self.eplb)]
+        return "/".join(parts) + ("+feedback" if self.expert_feedback else "")
+
+
+def _core_class(module: str, candidates: tuple[str, ...]):
+    import importlib
+
+    mod = importlib.import_module(module)
+    for attr in candidates:
+        cls = getattr(mod, attr, None)
+        if cls is not None:
+            return cls
+    raise PolicyUnavailable(f"{module} exports none of {', '.join(candidates)} yet")
+
+
+def make_ordering(spec: Any, preset):
+    if not isinstance(spec, str):
+        return copy.deepcopy(spec)
+    if spec in ORDERING_BASELINES:
+        return ORDERING_BASELINES[spec]()
+    if spec == "tiersched":
+        cls = _core_class("tiersched.core.request_order", ("AgingPrefixOrdering",))
+        return cls()
+    raise ValueError(f"unknown ordering {spec!r}; choose one of {', '.join([*ORDERING_BASELINES, 'tiersched'])}.")
+
+
+def make_preemption(spec: Any, ordering_spec: Any, preset):
+    if spec == "auto":
+        if ordering_spec == "fcfs-priority":
+            spec = "priority"
+        elif ordering_spec == "tiersched":
+            spec = "tiersched"
+        else:
+            return None
+    if spec in (None, "none"):
+        return None
+    if not isinstance(spec, str):
+        return copy.deepcopy(spec)
+    if spec == "priority":
+        return request_tier.PriorityPreemption(preset.scheduler.priority_preemption_threshold)
+    if spec == "tiersched":
+        cls = _core_class("tiersched.core.request_preemption", ("LatencySensitivePreemption",))
+        return cls()
+    raise ValueError(f"unknown preemption {spec!r}; choose none, priority, tiersched or auto.")
+
+
+def make_dispatcher(spec: Any, preset):
+    if not isinstance(spec, str):
+        return copy.deepcopy(spec)
+    if spec in DISPATCH_BASELINES:
+        return DISPATCH_BASELINES[spec]()
+    if spec == "tiersched":
+        cls = _core_class("tiersched.core.dispatch_score", ("ScoreDispatcher",))
+        return cls(preset.dp)
+    raise ValueError(f"unknown dispatch {spec!r}; choose one of {', '.join([*DISPATCH_BASELINES, 'tiersched'])}.")
+
+
+class CoreRebalance:
+    """tiersched.core.expert_placement.rebalance(stats, ...) -> Placement, adapted to the simulator's plan()."""
+
+    name = "source_aware"
+
+    def __init__(self):
+        from tiersched.core import expert_placement
+
+        if not hasattr(expert_placement, "rebalance"):
+            raise PolicyUnavailable("tiersched.core.expert_placement exports no rebalance() yet")
+        self._rebalance = expert_placement.rebalance
+        self._config = expert_placement.PlacementConfig()
+
+    def plan(self, stats, num_slots, num_gpus, num_nodes, current=None):
+        import numpy as np
+
+        from tiersched.core.expert_placement import ExpertStats
+
+        counts = stats.source_counts  # [W, L, S, E] with S = DP ranks; the planner's sources are GPUs
+        per_rank = num_gpus // counts.shape[2]
+        if per_rank > 1:  # a DP rank's tokens start on its tp GPUs evenly
+            counts = np.repeat(counts / per_rank, per_rank, axis=2)
+            stats = ExpertStats(source_counts=counts, coactivation=stats.coactivation)
+        return self._rebalance(stats, num_slots, num_gpus, num_nodes, current, self._config)
+
+
+def make_eplb(spec: Any, preset):
+    if not isinstance(spec, str):
+        return spec
+    if spec == "none":
+        return None
+    if spec == "deepseek":
+        return expert_tier.DeepSeekEPLB(hierarchical=False)
+    if spec == "deepseek-hierarchical":
+        return expert_tier.DeepSeekEPLB(hierarchical=True, num_groups=preset.model.expert_groups)
+    if spec == "source_aware":
+        return CoreRebalance()
+    raise ValueError(f"unknown eplb {spec!r}; choose one of {', '.join(EPLB_NAMES)}.")

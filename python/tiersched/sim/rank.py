@@ -1,0 +1,256 @@
+"""One DP rank's SGLang-like scheduler: waiting queue, chunked prefill, running decodes, KV pool, prefix cache.
+
+Mirrors upstream `Scheduler.get_next_batch_to_run` without mixed chunking: each step a rank either runs a
+prefill (extend) batch built by `PrefillAdder` (chunked_prefill_size and max_prefill_tokens budgets, at most one
+chunked request, KV budget = free + evictable - reserved future decode tokens of running requests x
+new_token_ratio, max_running_requests) or decodes every running request one token. When the KV pool cannot
+hold one more token per running request, `retract_decode` sends requests back to the queue, fewest generated
+tokens first (longest input among equals); their computed prefix stays in the cache.
+Requests live in the shared columnar `RequestTable` (index = request id).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tiersched.core.request_order import RunningRequest, WaitingRequest
+from tiersched.sim.prefix_cache import BlockLRUCache
+
+
+class RequestTable:
+    def __init__(self, workload):
+        n = len(workload)
+        self.workload = workload
+        self.n = n
+        self.arrival = np.asarray(workload.arrival_s, dtype=float)
+        self.input = np.asarray(workload.input_tokens, dtype=np.int64)
+        self.output = np.asarray(workload.output_tokens, dtype=np.int64)
+        self.priority = np.asarray(workload.priority, dtype=np.int64)
+        self.blocks = workload.prefix_blocks if workload.prefix_blocks else ((),) * n
+        self.rid = [str(i) for i in range(n)]
+        self.rank = np.full(n, -1, dtype=np.int64)
+        self.generated = np.zeros(n, dtype=np.int64)
+        self.fill_len = self.input.copy()  # tokens whose KV must exist before decoding (input + generated)
+        self.prefilled = np.zeros(n, dtype=np.int64)
+        self.private = np.zeros(n, dtype=np.int64)  # KV tokens held outside the shared cache
+        self.held_blocks = np.zeros(n, dtype=np.int64)
+        self.cached_at_admit = np.full(n, -1, dtype=np.int64)  # first admission only: the cache hit
+        self.first_token = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.preemptions = np.zeros(n, dtype=np.int64)
+
+
+class RankState:
+    def __init__(self, rank: int, preset, table: RequestTable, ordering, preemption):
+        self.rank = rank
+        self.s = preset.scheduler
+        self.t = table
+        self.ordering = ordering
+        self.preemption = preemption
+        self.cache = BlockLRUCache(table.workload.block_tokens)
+        self.waiting: list[int] = []
+        self.running: list[int] = []
+        self.chunked: int | None = None
+        self.private_kv = 0
+        self.retractions = 0
+
+    # ---- accounting -------------------------------------------------------------------------------------
+    def free_for_alloc(self) -> int:
+        """KV tokens allocatable now: free + evictable cache (evicted on demand)."""
+        return self.s.kv_capacity_tokens - self.private_kv - self.cache.locked_tokens
+
+    def _reserved_decode(self) -> float:
+        if not self.running:
+            return 0.0
+        idx = np.fromiter(self.running, dtype=np.int64, count=len(self.running))
+        return float((self.t.output[idx] - self.t.generated[idx]).sum()) * self.s.new_token_ratio
+
+    def _allocate(self, tokens: int) -> None:
+        free = self.s.kv_capacity_tokens - self.private_kv - self.cache.total_tokens
+        if tokens > free:
+            self.cache.evict(tokens - free)
+        self.private_kv += tokens
+
+    def kv_used(self) -> int:
+        return self.private_kv + self.cache.locked_tokens
+
+    def decode_context(self) -> int:
+        if not self.running:
+            return 0
+        idx = np.fromiter(self.running, dtype=np.int64, count=len(self.running))
+        return int((self.t.input[idx] + self.t.generated[idx]).sum())
+
+    # ---- request lifecycle ----------------------------------------------------------------------------------
+    def release(self, rid: int) -> None:
+        t = self.t
+        self.cache.unlock(t.blocks[rid][: t.held_blocks[rid]])
+        self.private_kv -= int(t.private[rid])
+        t.private[rid] = 0
+        t.held_blocks[rid] = 0
+
+    def requeue(self, rid: int) -> None:
+        """Retraction or preemption: free KV, keep the computed prefix cached, recompute input + output later."""
+        t = self.t
+        self.release(rid)
+        t.fill_len[rid] = t.input[rid] + t.generated[rid]
+        t.prefilled[rid] = 0
+        t.preemptions[rid] += 1
+        self.waiting.append(rid)
+
+    def retract_for_decode(self) -> None:
+        """retract_decode: free enough KV for one more token per running request."""
+        t = self.t
+        while self.running and self.free_for_alloc() < len(self.running):
+            victim = min(self.running, key=lambda r: (t.generated[r], -t.input[r]))
+            self.running.remove(victim)
+            self.requeue(victim)
+            self.retractions += 1
+
+    # ---- prefill admission (PrefillAdder) -------------------------------------------------------------------
+    def _waiting_snapshots(self, now_s: float) -> tuple[list[WaitingRequest], list[int]]:
+        t, bt = self.t, self.cache.block_tokens
+        snaps, matched = [], []
+        first_blocks_seen: set[int] = set()
+        for rid in self.waiting:
+            blocks = t.blocks[rid]
+            m = self.cache.match(blocks) if blocks else 0
+            cached = min(m * bt, int(t.fill_len[rid]) - 1)
+            defer = False
+            if m == 0 and blocks:  # upstream's in-batch check: an earlier waiting request brings the same page
+                defer = blocks[0] in first_blocks_seen
+                first_blocks_seen.add(blocks[0])
+            snaps.append(WaitingRequest(t.rid[rid], int(t.priority[rid]), float(t.arrival[rid]),
+                                        int(t.fill_len[rid]), max(0, cached), defer))
+            matched.append(m)
+        return snaps, matched
+
+    def _running_snapshots(self) -> list[RunningRequest]:
+        t = self.t
+        return [RunningRequest(t.rid[r], int(t.priority[r]), float(t.arrival[r]), int(t.private[r]),
+                               int(t.input[r] + t.generated[r])) for r in self.running]
+
+    def schedule_prefill(self, now_s: float) -> list[tuple[int, int, int]]:
+        """Build this step's prefill batch: [(rid, extend_tokens, prefix_tokens_before)] (empty: decode)."""
+        t, s = self.t, self.s
+        batch: list[tuple[int, int, int]] = []
+        budget_chunk, budget_input = s.chunked_prefill_size, s.max_prefill_tokens
+        rem_total = self.free_for_alloc() - self._reserved_decode()
+        if self.chunked is not None:
+            rid = self.chunked
+            extend = int(min(t.fill_len[rid] - t.prefilled[rid], budget_chunk))
+            batch.append((rid, extend, int(t.prefilled[rid])))
+            self._allocate(extend)
+            t.private[rid] += extend
+            budget_chunk -= extend
+            budget_input -= extend
+            rem_total -= extend
+            if t.prefilled[rid] + extend < t.fill_len[rid]:
+                return batch
+            self.chunked = None
+        if not self.waiting or budget_chunk <= 0 or budget_input <= 0:
+            return batch
+        snaps, matched = self._waiting_snapshots(now_s)
+        order = self.ordering.order(snaps, now_s)
+        self.waiting = [self.waiting[i] for i in order]  # upstream sorts its queue in place
+        snaps = [snaps[i] for i in order]
+        matched = [matched[i] for i in order]
+        slots = s.max_running_requests - len(self.running) - len(batch)
+        admitted: list[int] = []
+        for pos, rid in enumerate(list(self.waiting)):  # preemption appends victims to self.waiting
+            snap = snaps[pos]
+            extend_total = int(t.fill_len[rid]) - snap.cached_tokens
+            need = extend_total + (t.output[rid] - t.generated[rid]) * s.new_token_ratio
+            if slots <= 0 or need > rem_total:
+                if self.preemption is None:
+                    break
+                victims = self.preemption.choose_victims(snap, self._running_snapshots(), max(0, 1 - slots),
+                                                         int(math.ceil(max(0.0, need - rem_total))), now_s)
+                if not victims:
+                    break
+                for v in victims:
+                    vid = int(v)
+                    self.running.remove(vid)
+                    self.requeue(vid)
+                    slots += 1
+                rem_total = self.free_for_alloc() - self._reserved_decode() - sum(e for _, e, _ in batch)
+                if slots <= 0 or need > rem_total:
+                    break
+            if budget_chunk <= 0 or budget_input <= 0:
+                break
+            extend = min(extend_total, budget_chunk)
+            m = matched[pos]
+            self.cache.lock(t.blocks[rid][:m])
+            t.held_blocks[rid] = m
+            t.prefilled[rid] = snap.cached_tokens
+            if t.cached_at_admit[rid] < 0:
+                t.cached_at_admit[rid] = snap.cached_tokens
+            self._allocate(extend)
+            t.private[rid] += extend
+            batch.append((rid, extend, snap.cached_tokens))
+            admitted.append(rid)
+            budget_chunk -= extend
+            budget_input -= extend
+            rem_total -= need
+            slots -= 1
+            if extend < extend_total:
+                self.chunked = rid
+                break
+        if admitted:
+            gone = set(admitted)
+            self.waiting = [r for r in self.waiting if r not in gone]
+        return batch
+
+    def finish_prefill(self, batch: list[tuple[int, int, int]], now_s: float) -> list[int]:
+        """Account a completed prefill step; returns requests that finished outright (one output token)."""
+        t, bt = self.t, self.cache.block_tokens
+        done, processed = [], 0
+        for rid, extend, _ in batch:
+            t.prefilled[rid] += extend
+            processed += extend
+            if t.prefilled[rid] < t.fill_len[rid]:
+                continue
+            blocks = t.blocks[rid]
+            full = min(len(blocks), int(t.prefilled[rid]) // bt)
+            held = int(t.held_blocks[rid])
+            if full > held:  # cache_unfinished_req: the prompt's new full pages join the tree (pinned)
+                self.cache.lock(blocks[held:full])
+                moved = (full - held) * bt
+                t.private[rid] -= moved
+                self.private_kv -= moved
+                t.held_blocks[rid] = full
+            t.generated[rid] += 1
+            if np.isnan(t.first_token[rid]):
+                t.first_token[rid] = now_s
+            if t.generated[rid] >= t.output[rid]:
+                t.finish[rid] = now_s
+                self.release(rid)
+                done.append(rid)
+            else:
+                self.running.append(rid)
+        observe = getattr(self.ordering, "observe_prefill_tokens", None)
+        if observe is not None:
+            observe(processed)
+        return done
+
+    def advance_decode(self, steps: int, now_s: float) -> list[int]:
+        """Every running request generates `steps` tokens; returns those that finished."""
+        if not self.running:
+            return []
+        t = self.t
+        idx = np.fromiter(self.running, dtype=np.int64, count=len(self.running))
+        self._allocate(steps * len(idx))
+        t.private[idx] += steps
+        t.generated[idx] += steps
+        finished = idx[t.generated[idx] >= t.output[idx]]
+        if finished.size:
+            gone = set(finished.tolist())
+            self.running = [r for r in self.running if r not in gone]
+            for rid in gone:
+                t.finish[rid] = now_s
+                self.release(rid)
+        return finished.tolist()
+
+    def min_remaining(self) -> int:
+        idx = np.fromiter(self.running, dtype=np.int64, count=len(self.running))
+        return int((self.t.output[idx] - self.t.generated[idx]).min())
