@@ -1,0 +1,123 @@
+"""`python -m tiersched.eplb evaluate`: our planner next to upstream's `deepseek`, in the same run.
+
+Two parts (docs/expert-tier.md has the reasoning):
+* held-out (issue 8): aggregate `logical_count` windows; leave-one-window-out (plan on the others, evaluate on
+  the one left out), or `--plan-stats`/`--eval-stats`; in-sample = on the planning windows themselves.
+* source-aware (issue 5): per-source windows drawn from RoutingModel calibrated on the same counts (all windows
+  summed), R sources = R ranks; balancedness and cross-rank share on the planning window, migrated fraction of a
+  re-plan on the next stationary window, solve time of the whole model, and cross-rank share under both routing
+  models (combine every layer / tokens stay with their expert).
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from tiersched.core import expert_metrics as metrics
+from tiersched.core.expert_placement import ExpertStats, PlacementConfig, rebalance
+from tiersched.eplb.baseline import deepseek_placement
+from tiersched.eplb.stats_io import load_windows
+from tiersched.sim.expert_routing import RoutingModel
+
+
+def _window(stats: ExpertStats, idx) -> ExpertStats:
+    return ExpertStats(source_counts=stats.source_counts[idx])
+
+
+def heldout(plan: ExpertStats, evals: Sequence[ExpertStats], num_physical: int, num_ranks: int, num_nodes: int,
+            config: PlacementConfig) -> dict:
+    """Balancedness of ours and deepseek planned on `plan`, on each of `evals` and in-sample."""
+    start = time.perf_counter()
+    ours = rebalance(plan, num_physical, num_ranks, num_nodes, None, config)
+    solve_s = time.perf_counter() - start
+    base = deepseek_placement(plan, num_physical, num_ranks, num_nodes)
+    return {
+        "ours": [metrics.balancedness(ours, e, num_ranks) for e in evals],
+        "deepseek": [metrics.balancedness(base, e, num_ranks) for e in evals],
+        "ours_in": metrics.balancedness(ours, plan, num_ranks),
+        "deepseek_in": metrics.balancedness(base, plan, num_ranks),
+        "solve_s": solve_s,
+    }
+
+
+def heldout_summary(results: list[dict]) -> dict:
+    ours = np.concatenate([r["ours"] for r in results])
+    base = np.concatenate([r["deepseek"] for r in results])
+    return {
+        "heldout_balancedness_mean": float(ours.mean()),
+        "heldout_balancedness_min": float(ours.min()),
+        "heldout_balancedness_mean_deepseek": float(base.mean()),
+        "heldout_balancedness_min_deepseek": float(base.min()),
+        "insample_balancedness": float(np.mean([r["ours_in"] for r in results])),
+        "insample_balancedness_deepseek": float(np.mean([r["deepseek_in"] for r in results])),
+        "heldout_solve_s_max": float(max(r["solve_s"] for r in results)),
+    }
+
+
+def source_aware(counts: np.ndarray, num_physical: int, num_ranks: int, num_nodes: int, config: PlacementConfig,
+                 source_skew: float, seed: int, tokens_per_source: float) -> dict:
+    """counts float [L, E]: calibrates the routing model; returns the issue-5 fields."""
+    model = RoutingModel.from_logical_counts(counts, num_ranks, source_skew=source_skew, seed=seed)
+    rng = np.random.default_rng(seed)
+    tokens = np.full(num_ranks, tokens_per_source)
+    first = model.sample_window(tokens, rng, coactivation=True)
+    second = model.sample_window(tokens, rng)  # stationary: same model, fresh sample
+    start = time.perf_counter()
+    ours = rebalance(first, num_physical, num_ranks, num_nodes, None, config)
+    solve_s = time.perf_counter() - start
+    start = time.perf_counter()
+    again = rebalance(second, num_physical, num_ranks, num_nodes, ours, config)
+    resolve_s = time.perf_counter() - start
+    base = deepseek_placement(first, num_physical, num_ranks, num_nodes)
+    base_again = deepseek_placement(second, num_physical, num_ranks, num_nodes)
+    out = {
+        "balancedness": metrics.balancedness(ours, first),
+        "balancedness_deepseek": metrics.balancedness(base, first),
+        "cross_rank_share": metrics.cross_rank_share(ours, first),
+        "cross_rank_share_deepseek": metrics.cross_rank_share(base, first),
+        "migrated_fraction": metrics.migrated_fraction(again, ours),
+        "migrated_fraction_deepseek": metrics.migrated_fraction(base_again, base),
+        "balancedness_after_replan": metrics.balancedness(again, second),
+        "solve_s": max(solve_s, resolve_s),
+        "expert_pressure_max": float(metrics.expert_pressure(ours, first).max()),
+        "routing_models": {
+            "combine_every_layer": {
+                "ours": metrics.cross_rank_share(ours, first),
+                "deepseek": metrics.cross_rank_share(base, first),
+            },
+            "tokens_stay_with_expert": {
+                "ours": metrics.cross_rank_share_stay(ours, first),
+                "deepseek": metrics.cross_rank_share_stay(base, first),
+            },
+            "colocation": "not implemented: the planner does not yet use coactivation",
+        },
+    }
+    return out
+
+
+def evaluate(plan_files: Sequence[str], eval_files: Optional[Sequence[str]], num_physical: int, num_ranks: int,
+             num_nodes: int, config: PlacementConfig, source_skew: float, seed: int, tokens_per_source: float) -> dict:
+    windows = load_windows(plan_files)
+    num_windows = windows.source_counts.shape[0]
+    if eval_files:
+        evals = [_window(load_windows(eval_files), slice(i, i + 1)) for i in range(len(eval_files))]
+        folds = [heldout(windows, evals, num_physical, num_ranks, num_nodes, config)]
+        protocol = "plan on --plan-stats, evaluate on each --eval-stats file"
+    elif num_windows >= 2:
+        folds = [heldout(_window(windows, np.delete(np.arange(num_windows), i)), [_window(windows, slice(i, i + 1))],
+                         num_physical, num_ranks, num_nodes, config) for i in range(num_windows)]
+        protocol = "leave-one-window-out"
+    else:
+        folds = []
+        protocol = "single window: no held-out evaluation"
+    result = {"num_ranks": num_ranks, "num_physical_experts": num_physical, "num_windows": num_windows,
+              "heldout_protocol": protocol}
+    if folds:
+        result.update(heldout_summary(folds))
+    aggregate = windows.source_counts.sum(axis=(0, 2))
+    sa = source_aware(aggregate, num_physical, num_ranks, num_nodes, config, source_skew, seed, tokens_per_source)
+    result.update({k: v for k, v in sa.items()})
+    result["source_model"] = {"source_skew": source_skew, "seed": seed, "tokens_per_source": tokens_per_source}
+    return result
