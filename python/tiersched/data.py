@@ -140,10 +140,19 @@ class ServeGenClient:
 
 
 def _parse_pmf(text: str) -> tuple[np.ndarray, np.ndarray]:
-    pmf = ast.literal_eval(text)  # stored as a Python dict literal string
-    values = np.fromiter(pmf.keys(), dtype=np.int64)
-    probs = np.fromiter(pmf.values(), dtype=float)
-    return values, probs / probs.sum()
+    pmf = ast.literal_eval(text) if text else {}  # stored as a Python dict literal string
+    values = np.fromiter(pmf.keys(), dtype=np.int64, count=len(pmf))
+    probs = np.fromiter(pmf.values(), dtype=float, count=len(pmf))
+    return values, (probs / probs.sum() if probs.size else probs)
+
+
+def pmf_for_window(pmfs: dict[int, tuple[np.ndarray, np.ndarray]], window_start_s: float):
+    """The length PMF in force at `window_start_s`: the latest one recorded at or before it (else the first)."""
+    if not pmfs:
+        return None
+    starts = sorted(pmfs)
+    earlier = [s for s in starts if s <= window_start_s]
+    return pmfs[earlier[-1] if earlier else starts[0]]
 
 
 def servegen_client_ids(folder: Path | None = None) -> list[int]:
@@ -168,8 +177,10 @@ def load_servegen_client(client_id: int, folder: Path | None = None) -> ServeGen
     if dataset.exists():
         with open(dataset) as f:
             for start, entry in json.load(f).items():
-                input_pmf[int(float(start))] = _parse_pmf(entry["input_tokens"])
-                output_pmf[int(float(start))] = _parse_pmf(entry["output_tokens"])
+                pmf_in, pmf_out = _parse_pmf(entry["input_tokens"]), _parse_pmf(entry["output_tokens"])
+                if pmf_in[0].size and pmf_out[0].size:  # some windows carry empty PMFs: skip them
+                    input_pmf[int(float(start))] = pmf_in
+                    output_pmf[int(float(start))] = pmf_out
     return ServeGenClient(client_id, np.array(windows, dtype=float), tuple(patterns), input_pmf, output_pmf)
 
 

@@ -80,6 +80,10 @@ class StepCostModel:
         self.gpu_probs = self.slot_probs.reshape(layers, -1, gpus, slots // gpus).sum(-1)  # [L, S, G]
         self.intra_per_token = (self.gpu_probs * self.intra[None]).sum(-1)  # [L, S]
         self.inter_per_token = (self.gpu_probs * self.inter[None]).sum(-1)
+        if self.model.node_limit:
+            # Cross-node copies are deduplicated per destination node (DeepEP sends a token once per node and
+            # forwards over NVLink) and a token reaches at most node_limit nodes.
+            self.inter_per_token = np.minimum(self.inter_per_token, self.model.node_limit)
         self._moe_memo: dict[bytes, tuple[float, dict]] = {}  # decode batches repeat: memoise per token vector
 
     def _reduce(self, x: np.ndarray, axis: int) -> np.ndarray:

@@ -36,6 +36,7 @@ class ModelShape:
     attn_flops_per_ctx_token: float  # FLOPs per (query token, context token) pair, all layers (QK^T + PV)
     kv_bytes_per_token: float  # KV bytes one context token occupies, all layers, per DP rank
     expert_groups: int = 1  # routing groups (DeepSeek-V3 n_group = 8), used by hierarchical EPLB
+    node_limit: int = 0  # max nodes a token is sent to (DeepSeek-V3 topk_group = 4 groups ~ nodes); 0 = none
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ DEEPSEEK_V3 = ModelShape(
     attn_flops_per_ctx_token=61 * 2 * 128 * (192 + 128),  # 128 heads, qk dim 192, v dim 128
     kv_bytes_per_token=61 * (512 + 64) * 2.0,  # MLA latent + rope key, BF16
     expert_groups=8,
+    node_limit=4,
 )
 
 
@@ -144,7 +146,7 @@ def _deepseek(num_gpus: int = 32) -> Preset:
         model=DEEPSEEK_V3,
         dp=num_gpus,
         tp=1,
-        hardware=Hardware(),
+        hardware=Hardware(dispatch_bytes_per_elem=1.5),  # DeepEP: FP8 dispatch (1 B) + BF16 combine (2 B)
         scheduler=SchedulerSettings(kv_capacity_tokens=200_000, max_running_requests=128),
         redundant_experts=num_gpus,  # one redundant slot per GPU, as in DeepSeek's published EP32 deployment
         slo_ttft_s=2.0,

@@ -173,7 +173,7 @@ def mixed_priority(ls_fraction: float = 0.2, overload: float = 1.5, preset="qwen
     work = synthetic(shape=shape, rate=rate, duration_s=duration_s, seed=seed, **synthetic_kwargs)
     work = with_priority_classes(work, ls_fraction, seed)
     return replace(work, name=f"mixed-priority-ls{ls_fraction:g}-x{overload:g}",
-                   meta={**work.meta, "overload": overload, "nominal_capacity_req_s": rate / overload})
+                   meta={**work.meta, "rate": float(rate), "overload": overload, "nominal_capacity_req_s": float(rate / overload)})
 
 
 def servegen(clients: int = 8, duration_s: float = 60.0, window_start_s: float | None = None, seed: int = 0,
@@ -186,7 +186,7 @@ def servegen(clients: int = 8, duration_s: float = 60.0, window_start_s: float |
     starts = loaded[0].windows[:, 0]
     total = sum(c.windows[:, 1] for c in loaded)
     w = int(np.argmax(total)) if window_start_s is None else int(np.searchsorted(starts, window_start_s))
-    ranked = sorted((c for c in loaded if c.windows[w, 1] > 0 and int(starts[w]) in c.input_pmf),
+    ranked = sorted((c for c in loaded if c.windows[w, 1] > 0 and c.input_pmf),
                     key=lambda c: -c.windows[w, 1])[:clients]
     times, inp, out, tenant = [], [], [], []
     for k, client in enumerate(ranked):
@@ -201,8 +201,8 @@ def servegen(clients: int = 8, duration_s: float = 60.0, window_start_s: float |
             gaps = np.diff(gamma_arrivals(rate, n + 1, cv, rng))
         t = np.cumsum(gaps)
         t = t[t <= duration_s]
-        vals_in, p_in = client.input_pmf[int(starts[w])]
-        vals_out, p_out = client.output_pmf[int(starts[w])]
+        vals_in, p_in = shared.pmf_for_window(client.input_pmf, starts[w])
+        vals_out, p_out = shared.pmf_for_window(client.output_pmf, starts[w])
         times.append(t)
         inp.append(rng.choice(vals_in, len(t), p=p_in))
         out.append(rng.choice(vals_out, len(t), p=p_out))

@@ -1,0 +1,128 @@
+"""Shared helpers of the simulator benchmarks: scenario construction, parallel policy runs, lower bounds.
+
+Runs go to a process pool (fork) because each simulation is single-threaded Python; results are metrics dicts.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tiersched.data import shared_data_dir
+from tiersched.sim import PolicySet, PolicyUnavailable, get_preset, simulate, workloads
+
+HEADLINE = ("ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99", "e2e_mean", "throughput", "goodput",
+            "cache_hit_rate", "balancedness", "cross_rank_share", "migrations")
+UPSTREAM_ORDERINGS = ("fcfs", "lpm", "hrrn", "shortest-prefill-first")
+UPSTREAM_DISPATCH = ("round_robin", "total_requests", "total_tokens")
+UPSTREAM_EPLB = ("deepseek", "deepseek-hierarchical")
+SYNTHETIC_DEFAULT_RATE = 36.0  # req/s on qwen3-dp4ep4: ~85% of the sustainable rate in our runs (docs/results.md)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    preset: str = "qwen3"
+    workload: str = "auto"  # auto | mooncake | azure | sharegpt | servegen | synthetic:<Shape>
+    rate: float | None = None
+    duration_s: float = 60.0
+    seed: int = 0
+    eplb_rebalance_steps: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def resolved_workload(self) -> str:
+        if self.workload != "auto":
+            return self.workload
+        return "mooncake" if shared_data_dir() is not None else "synthetic:Random"
+
+
+def build_workload(sc: Scenario):
+    kind = sc.resolved_workload()
+    if kind == "mooncake":
+        return workloads.mooncake(rate=sc.rate, duration_s=sc.duration_s)
+    if kind == "azure":
+        return workloads.azure_conv(rate=sc.rate, duration_s=sc.duration_s)
+    if kind == "sharegpt":
+        return workloads.sharegpt(rate=sc.rate or 8.0, duration_s=sc.duration_s, seed=sc.seed)
+    if kind == "servegen":
+        return workloads.servegen(duration_s=sc.duration_s, seed=sc.seed)
+    if kind == "mixed-priority":
+        return workloads.mixed_priority(preset=sc.preset, duration_s=sc.duration_s, seed=sc.seed)
+    if kind.startswith("synthetic"):
+        shape = kind.partition(":")[2] or "Random"
+        return workloads.synthetic(shape, rate=sc.rate or SYNTHETIC_DEFAULT_RATE, duration_s=sc.duration_s,
+                                   seed=sc.seed)
+    raise ValueError(f"unknown workload {kind!r}; use auto, mooncake, azure, sharegpt, servegen, mixed-priority "
+                     f"or synthetic:<Shape>.")
+
+
+def build_preset(sc: Scenario):
+    preset = get_preset(sc.preset)
+    if sc.eplb_rebalance_steps:
+        preset = preset.with_scheduler(eplb_rebalance_steps=sc.eplb_rebalance_steps)
+    return preset
+
+
+_WORKLOAD_CACHE: dict = {}
+
+
+def run_one(args) -> dict:
+    """(scenario, name, policies, ideal_balance) -> {"name", "label", "metrics" | "error", "wall_s"}."""
+    sc, name, policies, ideal = args
+    key = (sc.resolved_workload(), sc.rate, sc.duration_s, sc.seed, sc.preset)
+    if key not in _WORKLOAD_CACHE:
+        _WORKLOAD_CACHE[key] = build_workload(sc)
+    try:
+        result = simulate(build_preset(sc), _WORKLOAD_CACHE[key], policies, seed=sc.seed, ideal_balance=ideal,
+                          record_timeline=False)
+    except PolicyUnavailable as exc:
+        return {"name": name, "label": policies.label(), "error": str(exc)}
+    return {"name": name, "label": policies.label(), "metrics": result.metrics, "wall_s": result.wall_s,
+            "sim_s": result.sim_s, "notes": result.notes}
+
+
+def run_many(jobs: list, workers: int | None = None) -> list[dict]:
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_one(j) for j in jobs]
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(run_one, jobs))
+
+
+def idle_cluster_bound(sc: Scenario) -> dict:
+    """Lower bound: every request alone on an idle cluster (its whole prompt in one prefill step with its best
+    possible cache hit = none assumed, then batch-1 decode steps)."""
+    from tiersched.sim.cost_model import StepCostModel
+    from tiersched.sim.routing import make_routing, token_probs
+
+    preset = build_preset(sc)
+    w = build_workload(sc)
+    cost = StepCostModel(preset, token_probs(make_routing(preset, sc.seed), preset.dp))
+    dp = preset.dp
+    ttft, tpot = np.empty(len(w)), np.full(len(w), np.nan)
+    chunk = preset.scheduler.chunked_prefill_size
+    for i, (n_in, n_out) in enumerate(zip(w.input_tokens, w.output_tokens)):
+        t, done = 0.0, 0
+        while done < n_in:  # chunked prefill of a lone request
+            e = min(chunk, int(n_in) - done)
+            tok = np.zeros(dp); tok[0] = e
+            pairs = np.zeros(dp); pairs[0] = e * (done + (e + 1) / 2)
+            t += float(cost.step_times(tok, pairs, np.zeros(dp))[0][0])
+            done += e
+        ttft[i] = t
+        if n_out > 1:
+            tok = np.zeros(dp); tok[0] = 1
+            ctx = np.zeros(dp); ctx[0] = n_in + n_out / 2
+            tpot[i] = float(cost.step_times(tok, np.zeros(dp), ctx)[0][0])
+    fin = tpot[np.isfinite(tpot)]
+    return {"ttft_mean": float(ttft.mean()), "ttft_p99": float(np.percentile(ttft, 99)),
+            "tpot_mean": float(fin.mean()) if fin.size else None,
+            "tpot_p99": float(np.percentile(fin, 99)) if fin.size else None, "throughput": None}
+
+
+def pick_best(results: list[dict], metric: str = "ttft_mean") -> dict:
+    ok = [r for r in results if "metrics" in r and r["metrics"].get(metric) is not None]
+    return min(ok, key=lambda r: (r["metrics"][metric], -r["metrics"]["throughput"]))
