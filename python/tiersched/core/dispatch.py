@@ -60,7 +60,7 @@ class DispatchConfig:
     """
 
     weight_prefill: float = 1.0  # per uncached prefill token already queued on the rank (incl. optimistic)
-    weight_prefix: float = 1.0  # per token of THIS request the rank does not have cached
+    weight_prefix: float = 2.0  # per token of THIS request the rank does not have cached (a hit also saves cluster work)
     weight_decode: float = 0.1  # per context token of the rank's running decodes (KV read every step)
     weight_kv: float = 0.02  # per KV token in use, scaled to a mean-capacity rank
     weight_queue: float = 8.0  # per request waiting or running on the rank (fixed per-request overhead)
