@@ -123,14 +123,26 @@ def test_cli_accepts_prefix_aging_only_through_the_hook():
 
 
 def test_validation_hook_presents_fcfs_only_during_the_check():
+    from sglang.srt.arg_groups import validation_hook
+
     seen = []
 
     class Args:
         schedule_policy = "prefix-aging"
+        enable_priority_scheduling = True
 
-    args = Args()
-    request_tier.allow_policy_with_priority(lambda a: seen.append(a.schedule_policy), args)
-    assert seen == ["fcfs"] and args.schedule_policy == "prefix-aging"
+    def fake_check(sa):  # reads its config the way upstream's check_server_args does
+        cfg = validation_hook.resolving_view(sa)
+        seen.append((cfg.schedule_policy, cfg.enable_priority_scheduling))
+
+    real = validation_hook.resolving_view
+    validation_hook.resolving_view = lambda sa: sa
+    try:
+        request_tier.allow_policy_with_priority(fake_check, Args())
+        assert validation_hook.resolving_view.__name__ == "<lambda>"  # restored to what it was
+    finally:
+        validation_hook.resolving_view = real
+    assert seen == [("fcfs", True)]
 
 
 def test_chunk_cap_for_ls_waiter_behind_be_chunk():

@@ -60,14 +60,26 @@ def accept_policy_choice(original_fn, parser, *args, **kwargs):
 
 def allow_policy_with_priority(original_fn, server_args, *args, **kwargs):
     """Upstream's check_server_args asserts priority scheduling uses fcfs/lof; prefix-aging is built for it.
-    Validate everything else as upstream does by presenting fcfs for the duration of the check."""
+    server_args is read-only after resolution, so the check reads its config through a view that answers
+    `schedule_policy` with fcfs for the duration of the call; every other check runs unchanged."""
     if getattr(server_args, "schedule_policy", None) != POLICY_NAME:
         return original_fn(server_args, *args, **kwargs)
-    server_args.schedule_policy = "fcfs"
+    from sglang.srt.arg_groups import validation_hook
+
+    real_view = validation_hook.resolving_view
+    validation_hook.resolving_view = lambda sa, *a, **k: _FcfsView(real_view(sa, *a, **k))
     try:
         return original_fn(server_args, *args, **kwargs)
     finally:
-        server_args.schedule_policy = POLICY_NAME
+        validation_hook.resolving_view = real_view
+
+
+class _FcfsView:
+    def __init__(self, view):
+        object.__setattr__(self, "_view", view)
+
+    def __getattr__(self, name):
+        return "fcfs" if name == "schedule_policy" else getattr(object.__getattribute__(self, "_view"), name)
 
 
 # ---- ordering -------------------------------------------------------------------------------------------------
