@@ -47,6 +47,9 @@ def _install_mock():
         "triton.runtime.jit": {"JITFunction": _JITFunction},
         "triton.runtime.cache": {"triton_key": stubs._triton_key},
         "triton.compiler.compiler": {"triton_key": stubs._triton_key},
+        # torch's has_triton() asks `"cpu" in triton.backends.backends` (dynamo reads the module __dict__, so the
+        # catch-all __getattr__ is not enough): a real, empty registry says "no triton backend for this device".
+        "triton.backends": {"backends": {}},
         "triton.runtime.autotuner": {
             "OutOfResources": type("OutOfResources", (Exception,), {}),
             "PTXASError": type("PTXASError", (Exception,), {}),

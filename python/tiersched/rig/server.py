@@ -113,6 +113,9 @@ def launch_server(
     run_env = dict(os.environ)
     run_env["SGLANG_USE_CPU_ENGINE"] = "1"
     run_env.setdefault("PYTHONUNBUFFERED", "1")
+    # On CPU "device memory" is the host's free RAM, shared by every rank and by whatever else runs here, so
+    # upstream's per-rank balance check (distributed/bootstrap.py _check_tp_memory_balance) fires at random.
+    run_env.setdefault("SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK", "0")
     if _needs_thread_bind(args):
         run_env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "0|1")  # 2 ranks on one NUMA node
     run_env.update(env or {})
