@@ -8,6 +8,7 @@ Attention-side work of rank r (tp GPUs, ideal TP split):
   dense: max(2 * tokens * dense_params / flops, dense_params * weight_bytes / hbm)    (compute- vs weight-bound)
   prefill attention: attn_flops_per_ctx_token * sum over chunks of chunk * (prefix + (chunk + 1) / 2) / flops
   decode attention: sum of decode contexts * kv_bytes_per_token / hbm                (KV reads)
+  cpu-tiny only: + prefill_overhead_s on a prefilling rank, + decode_token_extra_s per decoding request
 Expert work of GPU g at layer l: max(2 * expert_params * assignments / flops, active_slots * expert bytes / hbm),
 active slots = sum over g's slots of P(slot gets >= 1 token) = 1 - exp(-expected tokens) (Poisson arrivals).
 With `ideal_balance` every max over ranks/GPUs becomes a mean: the perfect-balance lower bound.
@@ -92,12 +93,12 @@ class StepCostModel:
     def moe_time(self, tokens_per_source: np.ndarray) -> tuple[float, dict]:
         """MoE + all-to-all time of one step whose ranks carry `tokens_per_source` [S] tokens, plus stats."""
         tokens = np.asarray(tokens_per_source, dtype=float)
-        if tokens.sum() <= 0:
-            return 0.0, {"gpu_load": None}
         key = tokens.tobytes()
         hit = self._moe_memo.get(key)
         if hit is not None:
             return hit
+        if tokens.sum() <= 0:
+            return 0.0, {"gpu_load": None}
         if len(self._moe_memo) > 50_000:
             self._moe_memo.clear()
         layers, _, slots = self.slot_probs.shape
@@ -115,6 +116,8 @@ class StepCostModel:
             "gpu_load": gpu_load,
             "cross_assign": float((tokens[None, :] * (self.intra_per_token + self.inter_per_token)).sum()),
             "total_assign": float(tokens.sum() * layers * self.model.top_k),
+            "bal_mean_sum": float(gpu_load.mean(axis=1).sum()),
+            "bal_max_sum": float(gpu_load.max(axis=1).sum()),
         }
         self._moe_memo[key] = (expert_time + a2a_time, stats)
         return expert_time + a2a_time, stats
@@ -123,7 +126,11 @@ class StepCostModel:
         """Per-rank attention-side time [..., R] from tokens, prefill (query, context) pairs and decode contexts."""
         tokens = np.asarray(tokens, dtype=float)
         dense = np.where(tokens > 0, np.maximum(tokens * self.dense_flops_per_token, self.dense_weight_time), 0.0)
-        return dense + prefill_pairs * self.prefill_pair_time + decode_ctx * self.decode_ctx_time
+        attn = dense + prefill_pairs * self.prefill_pair_time + decode_ctx * self.decode_ctx_time
+        if self.hw.prefill_overhead_s or self.hw.decode_token_extra_s:  # calibrated CPU preset only
+            prefill = prefill_pairs > 0
+            attn = attn + np.where(prefill, self.hw.prefill_overhead_s, tokens * self.hw.decode_token_extra_s)
+        return attn
 
     def step_times(self, tokens: np.ndarray, prefill_pairs: np.ndarray, decode_ctx: np.ndarray,
                    ctx_growth: np.ndarray | None = None, steps: int = 1) -> tuple[np.ndarray, dict]:

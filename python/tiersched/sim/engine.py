@@ -114,9 +114,10 @@ class Simulation:
         if load is None:
             return
         self.expert_load += load * steps
-        self.recent_gpu_load = 0.99 ** steps * self.recent_gpu_load + (1 - 0.99 ** steps) * load
-        self.acc["bal_num"] += steps * float(load.mean(axis=1).sum())
-        self.acc["bal_den"] += steps * float(load.max(axis=1).sum())
+        if self.policies.expert_feedback:  # the only reader of the EMA
+            self.recent_gpu_load = 0.99 ** steps * self.recent_gpu_load + (1 - 0.99 ** steps) * load
+        self.acc["bal_num"] += steps * stats["bal_mean_sum"]
+        self.acc["bal_den"] += steps * stats["bal_max_sum"]
         self.acc["cross"] += steps * stats["cross_assign"]
         self.acc["assign"] += steps * stats["total_assign"]
         self.window_tokens += tokens * steps
@@ -163,7 +164,9 @@ class Simulation:
             while nxt < n and arrivals[nxt] <= self.now:
                 self._dispatch(nxt)
                 nxt += 1
-            batches = [rs.schedule_prefill(self.now) for rs in ranks]
+            # A rank with nothing waiting and no chunk in flight cannot prefill: skip PrefillAdder entirely.
+            batches = [rs.schedule_prefill(self.now) if (rs.waiting or rs.chunked is not None) else []
+                       for rs in ranks]
             any_prefill = any(batches)
             if not any_prefill and not any(rs.running for rs in ranks):
                 if nxt >= n:
@@ -171,29 +174,35 @@ class Simulation:
                 self.now = max(self.now, float(arrivals[nxt]))
                 continue
             for rs, batch in zip(ranks, batches):
-                if not batch:
+                if not batch and rs.running:
                     rs.retract_for_decode()
             tokens = np.zeros(dp)
             pairs = np.zeros(dp)
             ctx = np.zeros(dp)
             growth = np.zeros(dp)
+            k = MAX_MACRO_STEPS
             for r, (rs, batch) in enumerate(zip(ranks, batches)):
                 if batch:
                     tokens[r] = sum(e for _, e, _ in batch)
                     pairs[r] = sum(e * (p + (e + 1) / 2) for _, e, p in batch)
                 elif rs.running:
-                    tokens[r] = growth[r] = len(rs.running)
-                    ctx[r] = rs.decode_context()
+                    # One pass over the running set gives the context and the run length bound.
+                    idx = np.fromiter(rs.running, dtype=np.int64, count=len(rs.running))
+                    gen = t.generated[idx]
+                    tokens[r] = growth[r] = idx.size
+                    ctx[r] = float((t.input[idx] + gen).sum())
+                    k = min(k, int((t.output[idx] - gen).min()), max(1, rs.free_for_alloc() // idx.size))
             if any_prefill:
                 k = 1
                 times, stats = self.cost.step_times(tokens, pairs, ctx)
             else:
-                k = MAX_MACRO_STEPS
-                for rs in ranks:
-                    if rs.running:
-                        k = min(k, rs.min_remaining(), max(1, rs.free_for_alloc() // len(rs.running)))
                 if self.next_rebalance is not None:
                     k = max(1, min(k, self.next_rebalance - self.steps))
+                if nxt < n:
+                    # Step times only grow within a run (contexts grow), so the first step bounds the count
+                    # of steps before the next arrival: no need to price thousands of steps never taken.
+                    first, _ = self.cost.step_times(tokens, pairs, ctx)
+                    k = max(1, min(k, int((arrivals[nxt] - self.now) / max(first[0], 1e-9)) + 2))
                 times, stats = self.cost.step_times(tokens, pairs, ctx, growth, k)
                 if nxt < n:
                     ends = self.now + np.cumsum(times)
