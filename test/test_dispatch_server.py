@@ -1,0 +1,92 @@
+"""Engine tier on real upstream servers on this CPU (`--load-balance-method score`), three servers in all:
+
+- `--dp-size 2` and DP attention `--tp 2 --dp 2 --enable-dp-attention`: one prompt set with shared prefixes,
+  sent twice in the same server session. Baseline pass: request i carries `routed_dp_rank = i % 2`, which is the
+  exact assignment upstream's `round_robin_scheduler` makes for requests sent one at a time (counter over the
+  active ranks); then /flush_cache (every rank's radix cache, and our prefix index with it); then the score pass.
+  SGLang's own per-request `meta_info.cached_tokens` must sum higher under score.
+- `--dp-size 2` with `[engine] drain_ranks = "1"`: rank 1 is marked inactive through upstream's
+  `update_active_ranks`; every request must report `meta_info.dp_rank == 0`.
+"""
+from __future__ import annotations
+
+import json
+import random
+import urllib.request
+
+import pytest
+
+from tiersched.rig.server import launch_server
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
+
+GROUPS, REPEATS, PREFIX, SUFFIX = 5, 4, 96, 8
+
+
+def post(url, path, body=None):
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        text = r.read()
+    return json.loads(text) if text.strip().startswith(b"{") else text
+
+
+def prompt_set(seed=0):
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(3, 500) for _ in range(PREFIX)] for _ in range(GROUPS)]
+    prompts = [p + [rng.randrange(3, 500) for _ in range(SUFFIX)] for p in prefixes for _ in range(REPEATS)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def run(url, prompts, round_robin):
+    outs = []
+    for i, ids in enumerate(prompts):
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
+        if round_robin:
+            body["routed_dp_rank"] = i % 2
+        outs.append(post(url, "/generate", body)["meta_info"])
+    return outs
+
+
+def cached_tokens_score_vs_round_robin(url):
+    prompts = prompt_set()
+    rr = run(url, prompts, round_robin=True)
+    post(url, "/flush_cache")
+    score = run(url, prompts, round_robin=False)
+    return rr, score
+
+
+def metrics_text(url):
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+@pytest.mark.parametrize("extra_args", [["--dp-size", "2"], ["--tp", "2", "--dp", "2", "--enable-dp-attention"]],
+                         ids=["dp2", "dp-attention"])
+def test_score_gets_more_cached_tokens_than_round_robin(tiny_model_dir, extra_args):
+    args = [*extra_args, "--load-balance-method", "score", "--enable-metrics"]
+    with launch_server(tiny_model_dir, extra_args=args, env={"TIERSCHED_SET": "engine.block_tokens=16"}) as srv:
+        rr, score = cached_tokens_score_vs_round_robin(srv.url)
+        metrics = metrics_text(srv.url)
+        log = srv.log_tail(300)
+    rr_cached = sum(m["cached_tokens"] for m in rr)
+    score_cached = sum(m["cached_tokens"] for m in score)
+    print(json.dumps({"args": extra_args, "round_robin_cached_tokens": rr_cached,
+                      "score_cached_tokens": score_cached, "requests": len(rr)}))
+    assert {m["dp_rank"] for m in rr} == {0, 1}, log
+    assert {m["dp_rank"] for m in score} == {0, 1}, "score should still use both ranks"
+    assert score_cached > rr_cached, (rr_cached, score_cached, log)
+    assert "tiersched: DP dispatch by score" in log
+    assert 'tiersched_dispatch_requests_total{dp_rank="0"}' in metrics, metrics[:2000]
+    assert "tiersched_dispatch_expected_prefix_hit_tokens_total" in metrics
+    assert "tiersched_dispatch_imbalance" in metrics
+
+
+def test_drained_rank_receives_nothing(tiny_model_dir):
+    args = ["--dp-size", "2", "--load-balance-method", "score"]
+    with launch_server(tiny_model_dir, extra_args=args, env={"TIERSCHED_SET": "engine.drain_ranks=1"}) as srv:
+        outs = run(srv.url, prompt_set(seed=1)[:8], round_robin=False)
+        log = srv.log_tail(300)
+    assert [m["dp_rank"] for m in outs] == [0] * 8, log
+    assert "drained (marked inactive)" in log
