@@ -1,0 +1,124 @@
+"""Load and fault runs on one real dp2 server with every tier on.
+
+Load: the shared-prefix set tiled to `rate × duration` requests (tiles get fresh rids; prompts repeat, as chats
+do), sent open-loop; a sampler thread sums the RSS of every process in the server's process group (launcher,
+tokenizer, DP controller, schedulers, detokenizer) once per `sample_s`. Reports errors, lost requests, peak and
+final RSS, and the RSS growth between the first and last quarter of the run (a leak shows as steady growth).
+
+Fault (DP rank drained): upstream marks a DP rank inactive through `DataParallelController.update_active_ranks`
+(an `ActiveRanksOutput` status list; elastic EP sends it when a rank dies) and only its round-robin path reads
+`status`; the engine tier's `score` reads the same status. From outside the server the only lever today is the
+engine tier's `drain_ranks` setting, applied at controller start (TIERSCHED_SET=engine.drain_ranks=N): that run
+checks the drained rank gets nothing and nothing is lost. A drain mid-run needs a runtime lever in the engine
+tier (pending; see docs/live-results.md).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from tiersched.bench import live_ab, live_arms
+from tiersched.bench.live_driver import drive
+from tiersched.bench.live_report import summarize
+from tiersched.bench.live_requests import LiveRequest, RequestSet, shared_prefix_set
+from tiersched.rig.server import launch_server
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every live process in process group `pgid` (from /proc/<pid>/stat)."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields after the command: state(0) ppid(1) pgrp(2) ... rss is field 24 of stat = index 21 here
+        if int(fields[2]) == pgid:
+            total += int(fields[21]) * PAGE
+    return total
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pgid: int, sample_s: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.pgid, self.sample_s = pgid, sample_s
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - start, group_rss_bytes(self.pgid)))
+            self._stop.wait(self.sample_s)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self.join(timeout=5)
+        rss = [b for _, b in self.samples]
+        if not rss:
+            return {}
+        q = max(1, len(rss) // 4)
+        mib = 1024 * 1024
+        return {"rss_peak_mib": round(max(rss) / mib, 1), "rss_start_mib": round(rss[0] / mib, 1),
+                "rss_end_mib": round(rss[-1] / mib, 1),
+                "rss_growth_last_vs_first_quarter_mib": round((sum(rss[-q:]) / q - sum(rss[:q]) / q) / mib, 1),
+                "rss_samples": len(rss)}
+
+
+def tiled(request_set: RequestSet, n: int, rate: float) -> RequestSet:
+    """`n` requests cycling through the set (fresh rids); the set's inter-arrival shape, mean rate `rate` req/s."""
+    base = request_set.requests
+    gaps = [base[i + 1].arrival_s - base[i].arrival_s for i in range(len(base) - 1)] or [1.0]
+    mean_gap = sum(gaps) / len(gaps) or 1.0
+    reqs, t = [], 0.0
+    for i in range(n):
+        r = base[i % len(base)]
+        reqs.append(LiveRequest(f"{r.rid}-t{i // len(base)}", t, r.input_ids, r.output_len, r.priority, r.cls,
+                                r.prefix_blocks))
+        t += (gaps[i % len(gaps)] / mean_gap if mean_gap > 0 else 1.0) / rate
+    return RequestSet(request_set.name, request_set.source, request_set.block_tokens, tuple(reqs))
+
+
+def load_run(model_dir: str, rate: float, duration_s: float, sample_s: float = 1.0, env: dict | None = None,
+             deployment: str = "dp2", timeout_s: float | None = None) -> dict:
+    """Drive the tiersched arm at `rate` for `duration_s`; errors, lost, RSS of the server's process group."""
+    arm = live_arms.tiersched_arm(deployment)
+    requests = tiled(shared_prefix_set(200, 1.0), max(1, int(rate * duration_s)), rate)
+    with launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm), env=env,
+                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
+        live_ab.check_tiers(srv, arm)
+        sampler = RssSampler(os.getpgid(srv.process.pid), sample_s)
+        sampler.start()
+        t0 = time.perf_counter()
+        results = drive(srv.url, requests.requests, timeout_s=timeout_s or duration_s * 3 + 120)
+        wall = time.perf_counter() - t0
+        memory = sampler.stop()
+        alive = srv.alive()
+    out = summarize(results)
+    out.update(memory)
+    out.update({"rate_req_s": rate, "duration_s": duration_s, "wall_s": round(wall, 1), "server_alive": alive,
+                "tiers": list(arm.tiers), "missing_tiers": arm.skipped_tiers})
+    return out
+
+
+def drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: float = 2.0) -> dict:
+    """dp2 tiersched arm with `drained_rank` marked inactive (engine tier's drain_ranks): who got what."""
+    arm = live_arms.tiersched_arm("dp2")
+    requests = shared_prefix_set(n, rate)
+    env = {"TIERSCHED_SET": f"engine.drain_ranks={drained_rank}"}
+    with launch_server(model_dir, extra_args=live_arms.server_args("dp2", arm), env=env,
+                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
+        live_ab.check_tiers(srv, arm)
+        results = drive(srv.url, requests.requests, timeout_s=300)
+        log = srv.log_tail(400)
+    out = summarize(results)
+    out["drained_rank"] = drained_rank
+    out["drain_logged"] = "drained" in log
+    out["tiers"] = list(arm.tiers)
+    return out
