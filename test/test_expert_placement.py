@@ -140,3 +140,20 @@ def test_core_imports_neither_sglang_nor_torch():
             "print('torch' in sys.modules or 'sglang' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_result_does_not_depend_on_machine_speed(monkeypatch):
+    """Two runs give identical placements even when the second one runs on a (simulated) slow machine: no
+    wall-clock budget decides what the planner does."""
+    import time as time_module
+
+    from tiersched.sim.expert_routing import RoutingModel
+
+    model = RoutingModel.synthetic(num_layers=6, num_experts=32, top_k=4, num_sources=8, seed=5, source_skew=0.5)
+    stats = model.sample_window(np.full(8, 4000.0), np.random.default_rng(1))
+    first = rebalance(stats, 48, 8, 1, None, PlacementConfig())
+    clock = iter(np.arange(0.0, 1e9, 10.0))  # every clock read is 10 s later than the last
+    monkeypatch.setattr(time_module, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(time_module, "monotonic", lambda: float(next(clock)))
+    second = rebalance(stats, 48, 8, 1, None, PlacementConfig())
+    np.testing.assert_array_equal(first.phy2log, second.phy2log)

@@ -57,7 +57,7 @@ class PlacementConfig:
     hot_slots_per_rank: int = 1  # the reduced MILP places the hottest hot_slots_per_rank * R replicas
     local_search_iters: int = 48  # swap-improvement steps per layer
     use_milp: bool = True  # False: greedy only (the MILP step is then skipped)
-    solver_time_limit_s: float = 0.5  # total HiGHS budget per rebalance; layers past it use the greedy
+    solver_time_limit_s: float = 30.0  # safety net per HiGHS call; hitting it keeps the current placement
     keep_tolerance: float = 0.0  # keep a layer of prev when its objective is within this of the new plan
 
     def validate(self) -> None:

@@ -18,7 +18,6 @@ Units: per layer, load shares scaled so the mean rank load is 1; traffic and mig
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -97,7 +96,9 @@ def scenario_loads(has: np.ndarray, scen: np.ndarray) -> np.ndarray:
 
 
 def _milp_hot(gain_l, moved_l, reps, hot, cap, beta, gamma, num_physical, time_limit):
-    """has int [E, R] for the hot experts or None on failure/time-out. Variables y[e, r] in {0, 1}."""
+    """has int [E, R] for the hot experts. Variables y[e, r] in {0, 1}. The problem is a b-matching (totally
+    unimodular), so HiGHS proves optimality at the root; time_limit is only a safety net: hitting it raises,
+    and rebalance() then keeps the current placement (a result never depends on machine speed)."""
     num_ranks = gain_l.shape[0]
     h = len(hot)
     cost = (-beta * gain_l[:, hot].T + gamma * moved_l[:, hot].T / num_physical).reshape(-1)  # [h * R]
@@ -113,10 +114,12 @@ def _milp_hot(gain_l, moved_l, reps, hot, cap, beta, gamma, num_physical, time_l
         options={"time_limit": max(time_limit, 1e-3), "presolve": True},
     )
     if res.status != 0 or res.x is None:
-        return None
+        raise RuntimeError(f"HiGHS did not solve the reduced MILP to optimality ({res.message})")
     has = np.zeros((gain_l.shape[1], num_ranks), dtype=np.int64)
     has[hot] = np.rint(res.x.reshape(h, num_ranks)).astype(np.int64)
-    return has if np.array_equal(has[hot].sum(1), reps[hot]) else None
+    if not np.array_equal(has[hot].sum(1), reps[hot]):
+        raise RuntimeError("HiGHS returned a fractional solution to the reduced MILP")
+    return has
 
 
 def _greedy(has, load, items_e, items_w, gain, moved, free, config, num_physical):
@@ -236,7 +239,6 @@ def solve(stats: ExpertStats, num_physical: int, num_ranks: int, num_nodes: int,
     has = np.zeros((num_layers, num_logical, num_ranks), dtype=np.int64)
     # 3. reduced MILP on the hottest replicas (only when it has something to decide)
     placed = np.zeros((num_layers, num_logical), dtype=bool)
-    deadline = time.perf_counter() + config.solver_time_limit_s
     has_sources = counts.shape[2] == num_ranks
     if config.use_milp and config.hot_slots_per_rank > 0 and (has_sources or prev is not None):
         for layer in np.flatnonzero(est.active):
@@ -245,13 +247,11 @@ def solve(stats: ExpertStats, num_physical: int, num_ranks: int, num_nodes: int,
             hot = np.unique(np.repeat(np.arange(num_logical), reps[layer])[hot_slots])
             hot = hot[reps[layer, hot] <= num_ranks]
             cap = int(np.ceil(reps[layer, hot].sum() / num_ranks))
-            left = deadline - time.perf_counter()
-            if hot.size == 0 or cap > k or left <= 0:
+            if hot.size == 0 or cap > k:
                 continue
-            sol = _milp_hot(est.gain[layer], moved[layer], reps[layer], hot, cap, config.beta, config.gamma, num_physical, left)
-            if sol is not None:
-                has[layer] = sol
-                placed[layer, hot] = True
+            has[layer] = _milp_hot(est.gain[layer], moved[layer], reps[layer], hot, cap, config.beta, config.gamma,
+                                   num_physical, config.solver_time_limit_s)
+            placed[layer, hot] = True
     # 4. greedy for everything else, all layers at once
     free = k - has.sum(1)
     load = np.einsum("le,ler->lr", est.robust / reps, has).astype(np.float64)
