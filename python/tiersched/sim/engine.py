@@ -68,6 +68,16 @@ class Simulation:
         self.now = 0.0
         self.steps = 0
         self.next_rebalance = preset.scheduler.eplb_rebalance_steps if self.eplb is not None else None
+        # Routing drift (issue 8): every routing_drift_steps steps the routing becomes a fresh draw around the
+        # base model (RoutingModel.drift: popularity x exp(strength * sigma * N(0, 1)), sigma measured between
+        # recorded DeepSeek-V3 windows), so a placement planned on one window is served on the next one.
+        sched = preset.scheduler
+        self.base_routing = self.routing
+        self.next_drift = sched.routing_drift_steps if sched.routing_drift_steps > 0 else None
+        self.drift_rng = np.random.default_rng(seed + 7919)
+        self.window_counts = None  # float [L, S, E] expected assignments since the last rebalance
+        self.history: list[np.ndarray] = []  # last eplb_history_windows windows, oldest first
+        self.drifts = 0
         self.last_refresh = -np.inf
 
     # ---- engine tier ----------------------------------------------------------------------------------------
@@ -122,18 +132,41 @@ class Simulation:
         self.acc["assign"] += steps * stats["total_assign"]
         self.window_tokens += tokens * steps
 
+    def _flush_window(self) -> None:
+        """Fold the tokens seen under the current routing into the window's expected expert counts."""
+        if self.window_tokens.sum() <= 0:
+            return
+        counts = np.asarray(self.routing.expected_counts(self.window_tokens), dtype=float)
+        self.window_counts = counts if self.window_counts is None else self.window_counts + counts
+        self.window_tokens[:] = 0
+
+    def _maybe_drift(self) -> None:
+        if self.next_drift is None or self.steps < self.next_drift:
+            return
+        sched = self.preset.scheduler
+        self.next_drift = self.steps + sched.routing_drift_steps
+        if not hasattr(self.base_routing, "drift"):
+            raise ValueError(f"routing model {type(self.base_routing).__name__} cannot drift; use RoutingModel.")
+        if self.eplb is not None:
+            self._flush_window()
+        self.routing = self.base_routing.drift(self.drift_rng, sched.routing_drift_strength)
+        self.cost.probs = token_probs(self.routing, self.preset.dp)
+        self.cost.set_placement(self.cost.placement)
+        self.drifts += 1
+
     def _maybe_rebalance(self) -> None:
         if self.next_rebalance is None or self.steps < self.next_rebalance:
             return
         self.next_rebalance = self.steps + self.preset.scheduler.eplb_rebalance_steps
-        if self.window_tokens.sum() <= 0:
+        self._flush_window()
+        if self.window_counts is None:
             return
-        counts = np.asarray(self.routing.expected_counts(self.window_tokens), dtype=float)
-        self.window_tokens[:] = 0
+        self.history = (self.history + [self.window_counts])[-max(1, self.preset.scheduler.eplb_history_windows):]
+        self.window_counts = None
         p = self.preset
         nodes = max(1, p.num_gpus // p.hardware.gpus_per_node)
         old = self.cost.placement
-        new = self.eplb.plan(ExpertStats(source_counts=counts[None]), p.num_slots, p.num_gpus, nodes, old)
+        new = self.eplb.plan(ExpertStats(source_counts=np.stack(self.history)), p.num_slots, p.num_gpus, nodes, old)
         changed = new.phy2log != old.phy2log  # [L, P]
         moved = int(changed.sum())
         self.acc["rebalances"] += 1
@@ -196,8 +229,9 @@ class Simulation:
                 k = 1
                 times, stats = self.cost.step_times(tokens, pairs, ctx)
             else:
-                if self.next_rebalance is not None:
-                    k = max(1, min(k, self.next_rebalance - self.steps))
+                for boundary in (self.next_rebalance, self.next_drift):
+                    if boundary is not None:
+                        k = max(1, min(k, boundary - self.steps))
                 if nxt < n:
                     # Step times only grow within a run (contexts grow), so the first step bounds the count
                     # of steps before the next arrival: no need to price thousands of steps never taken.
@@ -217,6 +251,7 @@ class Simulation:
                     rs.advance_decode(k, self.now)
             self._record()
             self._maybe_rebalance()
+            self._maybe_drift()
 
 
 def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed: int = 0,

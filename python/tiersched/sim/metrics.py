@@ -67,6 +67,7 @@ def build_result(sim, wall_s: float):
     m["cross_rank_share"] = float(acc["cross"] / acc["assign"]) if acc["assign"] > 0 else None
     m["migrations"] = int(acc["migrations"])
     m["rebalances"] = int(acc["rebalances"])
+    m["routing_drifts"] = int(getattr(sim, "drifts", 0))
     m["migration_stall_s"] = float(acc["stall_s"])
     m["preemptions"] = int(t.preemptions.sum())
     m["retractions"] = int(sum(r.retractions for r in sim.ranks))

@@ -49,6 +49,8 @@ class Hardware:
     a2a_latency_s: float = 20e-6  # per MoE layer, dispatch + combine launch/sync latency (assumed)
     step_overhead_s: float = 1.5e-3  # scheduler + launch per forward step (CUDA graphs for decode; assumed)
     dispatch_bytes_per_elem: float = 2.0  # BF16 activations cross the all-to-all (both directions)
+    prefill_overhead_s: float = 0.0  # extra per rank running a prefill (cpu-tiny calibration; 0 on GPU presets)
+    decode_token_extra_s: float = 0.0  # extra per decoding request (cpu-tiny calibration; 0 on GPU presets)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class SchedulerSettings:
     load_refresh_interval_s: float = 0.02  # DP controller refreshes rank loads at most every 20 ms
     eplb_rebalance_steps: int = 1000
     eplb_window_steps: int = 1000
+    eplb_history_windows: int = 1  # windows handed to the EPLB planner (deepseek sums them, ours weighs them)
+    routing_drift_steps: int = 0  # 0 = routing fixed; else a fresh drifted routing every this many steps
+    routing_drift_strength: float = 1.0  # 1 = the measured window-to-window spread of the DeepSeek-V3 counts
 
 
 @dataclass(frozen=True)
