@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eplb-steps", type=int, default=None, help="EPLB rebalance interval in forward steps")
+    parser.add_argument("--drift-steps", type=int, default=0,
+                        help="routing drifts to a fresh window every N forward steps (0 = fixed routing)")
+    parser.add_argument("--eplb-history", type=int, default=1, help="windows the EPLB planners see")
     parser.add_argument("--workers", type=int, default=None, help="parallel simulations (default: CPU count)")
 
 
@@ -119,7 +122,8 @@ def format_table(report: dict) -> str:
 def main(args) -> int:
     workload = args.trace or args.workload
     sc = Scenario(preset=args.preset, workload=workload, rate=args.rate, duration_s=args.duration, seed=args.seed,
-                  eplb_rebalance_steps=args.eplb_steps)
+                  eplb_rebalance_steps=args.eplb_steps, routing_drift_steps=args.drift_steps,
+                  eplb_history_windows=args.eplb_history)
     report = compare(sc, args.workers)
     if args.json:
         json.dump(report, sys.stdout, default=_json_default)

@@ -29,6 +29,8 @@ class Scenario:
     duration_s: float = 60.0
     seed: int = 0
     eplb_rebalance_steps: int | None = None
+    routing_drift_steps: int = 0  # 0 = fixed routing; else a drifted routing every this many steps (issue 8)
+    eplb_history_windows: int = 1
     extra: dict = field(default_factory=dict)
 
     def resolved_workload(self) -> str:
@@ -61,6 +63,9 @@ def build_preset(sc: Scenario):
     preset = get_preset(sc.preset)
     if sc.eplb_rebalance_steps:
         preset = preset.with_scheduler(eplb_rebalance_steps=sc.eplb_rebalance_steps)
+    if sc.routing_drift_steps or sc.eplb_history_windows != 1:
+        preset = preset.with_scheduler(routing_drift_steps=sc.routing_drift_steps,
+                                       eplb_history_windows=sc.eplb_history_windows)
     return preset
 
 

@@ -133,13 +133,20 @@ class StepCostModel:
         return attn
 
     def step_times(self, tokens: np.ndarray, prefill_pairs: np.ndarray, decode_ctx: np.ndarray,
-                   ctx_growth: np.ndarray | None = None, steps: int = 1) -> tuple[np.ndarray, dict]:
-        """Times [steps] of `steps` consecutive steps with the same batch; decode contexts grow by ctx_growth [R]
-        per step (one token per running request). Returns (times, moe stats of one step)."""
+                   ctx_growth: np.ndarray | None = None, steps: int = 1,
+                   horizon_s: float | None = None) -> tuple[np.ndarray, dict]:
+        """Times [<= steps] of consecutive steps with the same batch; decode contexts grow by ctx_growth [R] per
+        step (one token per running request). With horizon_s, only the steps that can start before horizon_s
+        are priced (step times never shrink within a run, so at most horizon_s / first step + 2 of them).
+        Returns (times, moe stats of one step)."""
         moe, stats = self.moe_time(tokens)
+        attn0 = self.attention_time(tokens, prefill_pairs, decode_ctx)  # [R]
+        first = self.hw.step_overhead_s + float(self._reduce(attn0, 0)) + moe
+        if horizon_s is not None and steps > 1:
+            steps = max(1, min(steps, int(horizon_s / max(first, 1e-12)) + 2))
         if steps == 1 or ctx_growth is None:
-            attn = self.attention_time(tokens, prefill_pairs, decode_ctx)
-            return np.full(steps, self.hw.step_overhead_s + float(self._reduce(attn, 0)) + moe), stats
+            return np.full(steps, first), stats
+        # Only the KV-read term grows with the context (tokens, hence dense and expert work, are constant).
         i = np.arange(steps, dtype=float)[:, None]
-        attn = self.attention_time(tokens[None, :], prefill_pairs[None, :], decode_ctx[None, :] + i * ctx_growth[None, :])
+        attn = attn0[None, :] + i * (ctx_growth * self.decode_ctx_time)[None, :]
         return self.hw.step_overhead_s + self._reduce(attn, 1) + moe, stats

@@ -232,12 +232,10 @@ class Simulation:
                 for boundary in (self.next_rebalance, self.next_drift):
                     if boundary is not None:
                         k = max(1, min(k, boundary - self.steps))
-                if nxt < n:
-                    # Step times only grow within a run (contexts grow), so the first step bounds the count
-                    # of steps before the next arrival: no need to price thousands of steps never taken.
-                    first, _ = self.cost.step_times(tokens, pairs, ctx)
-                    k = max(1, min(k, int((arrivals[nxt] - self.now) / max(first[0], 1e-9)) + 2))
-                times, stats = self.cost.step_times(tokens, pairs, ctx, growth, k)
+                # Price only the steps that can start before the next arrival (the run ends there anyway).
+                until_arrival = float(arrivals[nxt] - self.now) if nxt < n else None
+                times, stats = self.cost.step_times(tokens, pairs, ctx, growth, k, until_arrival)
+                k = min(k, times.size)
                 if nxt < n:
                     ends = self.now + np.cumsum(times)
                     k = min(k, int(np.searchsorted(ends, arrivals[nxt], side="left")) + 1)
