@@ -62,7 +62,7 @@ def test_upstream_priority_preemption_threshold_and_order():
     running = [RunningRequest("old", 0, 0.0, 300, 300), RunningRequest("new", 0, 5.0, 200, 200),
                RunningRequest("mid", 8, 1.0, 100, 100)]
     assert pre.choose_victims(_w("x", prio=20), running, 1, 0, 6.0) == ["new"]  # newest of the lowest first
-    assert pre.choose_victims(_w("x", prio=20), running, 0, 450, 6.0) == ["new", "old"]
+    assert pre.choose_victims(_w("x", prio=20), running, 0, 450, 6.0) is None  # upstream: never on KV shortage alone
     assert pre.choose_victims(_w("x", prio=15), running, 3, 0, 6.0) is None  # 15 - 8 <= 10: cannot cover
 
 

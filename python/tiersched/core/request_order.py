@@ -40,8 +40,11 @@ class RunningRequest:
     rid: str
     priority: int
     arrival_s: float
-    kv_tokens: int  # KV slots it holds now (freed if preempted)
+    kv_tokens: int  # KV slots it holds now plus its reserved future decode (freed if preempted)
     computed_tokens: int  # tokens whose KV is computed (kept in the radix cache on preemption)
+    # Future decode tokens the admission budget reserves for it (upstream PrefillAdder.
+    # _get_running_request_total_token_offset: remaining max_new_tokens x new_token_ratio); part of kv_tokens.
+    reserved_tokens: float = 0.0
 
 
 class OrderingPolicy(Protocol):
@@ -143,6 +146,14 @@ class AgingPrefixOrdering:
         uncached = np.fromiter((w.input_tokens - w.cached_tokens for w in waiting), np.float64, n)
         deferred = np.fromiter((w.shares_inflight_prefix for w in waiting), np.bool_, n)
         return order_keys(priority, arrival, np.maximum(uncached, 0.0), deferred, now_s, self.config).tolist()
+
+    def chunk_limit(self, chunked_priority: int, chunked_remaining: int, waiting_uncached, budget: int,
+                    page_size: int) -> int | None:
+        """Cap on the running chunked prefill this step (request_preemption.chunk_token_limit)."""
+        from tiersched.core.request_preemption import chunk_token_limit
+
+        return chunk_token_limit(chunked_priority, chunked_remaining, waiting_uncached, budget, page_size,
+                                 self.config)
 
 
 class FcfsPriorityOrdering:

@@ -70,38 +70,39 @@ class LatencySensitivePreemption:
 
 
 class UpstreamPriorityPreemption:
-    """Baseline: upstream PrefillAdder.preempt_to_schedule (sglang.srt.managers.schedule_policy).
+    """Baseline: upstream PrefillAdder.preempt_to_schedule (sglang/srt/managers/schedule_policy.py), as upstream calls it.
 
-    Upstream calls it only when running slots are full (never on KV shortage); it walks running requests
-    lowest priority first, newest first, takes each whose priority is lower by more than the threshold until
-    the candidate's tokens fit, and stops at the first one that is not preemptible.
-    """
+    The scheduler (`Scheduler._get_new_batch_prefill_raw`) calls it only while `running_batch.batch_is_full`,
+    i.e. when no running slot is free; a KV shortage (`add_one_req` -> NO_TOKEN) ends the pass without
+    preemption, so this returns None when `slots_short` is 0. Victims: running requests sorted lowest priority
+    first, newest first among equals; each is taken while the candidate's priority exceeds its priority by more
+    than the threshold (default 10; the first one that does not ends the walk); the candidate's token need
+    (`kv_tokens_short`, upstream's min_tokens_to_remove) is reduced only by each victim's reserved future decode
+    tokens (`_get_running_request_total_token_offset`, RunningRequest.reserved_tokens), not by the KV it holds.
+    At least `slots_short` victims (upstream's call frees one slot); None if the walk ends short. (The request being
+    chunk-prefilled is not in the running batch, so it is never a victim.)"""
 
-    def __init__(self, threshold: int = 10):
+    preempts_on_kv_shortage = False
+
+    def __init__(self, threshold: int = 10) -> None:
         self.threshold = threshold
 
-    def choose_victims(
-        self,
-        candidate: WaitingRequest,
-        running: Sequence[RunningRequest],
-        slots_short: int,
-        kv_tokens_short: int,
-        now_s: float,
-    ) -> list[str] | None:
+    def choose_victims(self, candidate: WaitingRequest, running: Sequence[RunningRequest], slots_short: int,
+                       kv_tokens_short: int, now_s: float) -> list[str] | None:
         if slots_short <= 0:
-            return None  # upstream never reaches preempt_to_schedule on a KV shortage
-        chosen: list[str] = []
-        need = max(kv_tokens_short, 0)
+            return None
+        victims: list[str] = []
+        tokens_needed = kv_tokens_short
         for r in sorted(running, key=lambda r: (r.priority, -r.arrival_s)):
             if candidate.priority - r.priority <= self.threshold:
                 break
-            chosen.append(r.rid)
-            need -= r.kv_tokens
-            if need <= 0:
+            victims.append(r.rid)
+            tokens_needed -= r.reserved_tokens
+            if tokens_needed <= 0 and len(victims) >= slots_short:
                 break
-        if not chosen or need > 0:
+        if len(victims) < slots_short or tokens_needed > 0:
             return None
-        return chosen
+        return victims
 
 
 def chunk_token_limit(

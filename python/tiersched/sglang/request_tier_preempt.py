@@ -10,10 +10,15 @@ Mirrors upstream PrefillAdder.preempt_to_schedule (sglang/srt/managers/schedule_
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from tiersched.core.request_order import RequestTierConfig, RunningRequest, WaitingRequest
 from tiersched.core.request_preemption import LatencySensitivePreemption
+
+logger = logging.getLogger("tiersched.request_tier")
+# Process-wide counters (one scheduler per process): read by tests and by the log line below.
+preemption_counts = {"slots": 0, "kv": 0, "victims": 0}
 
 
 def _kv_shortfall(adder, req) -> int:
@@ -57,12 +62,13 @@ def preempt(adder, req, config: RequestTierConfig, slots_short: int) -> bool:
     """Preempt for `req` if the core policy allows; True when room was made (the caller then admits it)."""
     from tiersched.sglang.request_tier import normalised_priority
 
+    kv_short = _kv_shortfall(adder, req)
     candidate = WaitingRequest(
         req.rid, normalised_priority(req), req.time_stats.wait_queue_entry_time, len(req.full_untruncated_fill_ids)
     )
     running = snapshot_running(adder)
     victims = LatencySensitivePreemption(config).choose_victims(
-        candidate, [s for s, _ in running], slots_short, _kv_shortfall(adder, req), time.perf_counter()
+        candidate, [s for s, _ in running], slots_short, kv_short, time.perf_counter()
     )
     if not victims:
         return False
@@ -78,4 +84,13 @@ def preempt(adder, req, config: RequestTierConfig, slots_short: int) -> bool:
             keep.append(i)
     batch.filter_batch(keep_indices=keep)
     adder.preempt_list.extend(released)
+    if released:
+        reason = "slots" if slots_short > 0 else "kv"
+        preemption_counts[reason] += 1
+        preemption_counts["victims"] += len(released)
+        logger.info(
+            "tiersched preempted %d request(s) [%s] for %s (reason=%s, kv_short=%d, victim computed tokens=%s)",
+            len(released), ",".join(str(r.rid) for r in released), req.rid, reason, kv_short,
+            ",".join(str(len(r.origin_input_ids) + len(r.output_ids)) for r in released),
+        )
     return bool(released)

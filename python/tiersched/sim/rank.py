@@ -54,6 +54,8 @@ class RankState:
         self.chunked: int | None = None
         self.private_kv = 0
         self.retractions = 0
+        self.preemption_events = 0
+        self.capped_chunks = 0  # steps whose chunked prefill the ordering's chunk_limit shortened
 
     # ---- accounting -------------------------------------------------------------------------------------
     def free_for_alloc(self) -> int:
@@ -126,19 +128,72 @@ class RankState:
         return snaps, matched
 
     def _running_snapshots(self) -> list[RunningRequest]:
+        """kv_tokens: what preempting it frees for admission (its private KV, its pinned prompt pages, which turn
+        evictable, and its reserved future decode); reserved_tokens: the reserve alone (upstream's
+        _get_running_request_total_token_offset)."""
+        t, bt, ratio = self.t, self.cache.block_tokens, self.s.new_token_ratio
+        out = []
+        for r in self.running:
+            reserved = float(t.output[r] - t.generated[r]) * ratio
+            held = int(t.private[r]) + int(t.held_blocks[r]) * bt
+            out.append(RunningRequest(t.rid[r], int(t.priority[r]), float(t.arrival[r]), int(held + reserved),
+                                      int(t.input[r] + t.generated[r]), reserved))
+        return out
+
+    def _ordered_waiting(self, now_s: float) -> tuple[list[WaitingRequest], list[int]]:
+        """calc_priority: sort the waiting queue in place (as upstream does); snapshots and matches in that order."""
+        snaps, matched = self._waiting_snapshots(now_s)
+        order = self.ordering.order(snaps, now_s)
+        self.waiting = [self.waiting[i] for i in order]
+        return [snaps[i] for i in order], [matched[i] for i in order]
+
+    def _preempt_for(self, snap: WaitingRequest, rid: int, slots: int, rem_total: float, now_s: float) -> int:
+        """Ask the preemption policy to make room for `snap`; returns the slots freed (0: nobody preempted).
+        Upstream only asks when slots are full; a policy with `preempts_on_kv_shortage = False` is not asked
+        on a KV-only shortage. The KV shortfall is upstream's min_tokens_to_remove (extend + remaining output)."""
         t = self.t
-        return [RunningRequest(t.rid[r], int(t.priority[r]), float(t.arrival[r]), int(t.private[r]),
-                               int(t.input[r] + t.generated[r])) for r in self.running]
+        kv_short = int(math.ceil(max(0.0, snap.input_tokens - snap.cached_tokens
+                                     + float(t.output[rid] - t.generated[rid]) - rem_total)))
+        if slots > 0 and not getattr(self.preemption, "preempts_on_kv_shortage", True):
+            return 0
+        victims = self.preemption.choose_victims(snap, self._running_snapshots(), max(0, 1 - slots), kv_short, now_s)
+        if not victims:
+            return 0
+        for v in victims:
+            vid = int(v)
+            self.running.remove(vid)
+            self.requeue(vid)
+        self.preemption_events += 1
+        return len(victims)
 
     def schedule_prefill(self, now_s: float) -> list[tuple[int, int, int]]:
-        """Build this step's prefill batch: [(rid, extend_tokens, prefix_tokens_before)] (empty: decode)."""
+        """Build this step's prefill batch: [(rid, extend_tokens, prefix_tokens_before)] (empty: decode).
+
+        Order as upstream's _get_new_batch_prefill_raw: calc_priority sorts the queue, then the running chunked
+        request gets its next chunk (capped by the ordering's `chunk_limit` if it has one, as upstream's
+        shortest_prefill_chunk_limit seam), then waiting requests fill the remaining budgets; while a chunked
+        request is unfinished only whole requests join (upstream tracks one chunked request)."""
         t, s = self.t, self.s
         batch: list[tuple[int, int, int]] = []
         budget_chunk, budget_input = s.chunked_prefill_size, s.max_prefill_tokens
         rem_total = self.free_for_alloc() - self._reserved_decode()
+        limit_fn = getattr(self.ordering, "chunk_limit", None)
+        snaps: list[WaitingRequest] = []
+        matched: list[int] = []
+        if self.waiting and (self.chunked is None or limit_fn is not None):
+            snaps, matched = self._ordered_waiting(now_s)
+        chunk_unfinished = False
         if self.chunked is not None:
             rid = self.chunked
-            extend = int(min(t.fill_len[rid] - t.prefilled[rid], budget_chunk))
+            remaining = int(t.fill_len[rid] - t.prefilled[rid])
+            cap = budget_chunk
+            if limit_fn is not None and snaps:
+                waiting_uncached = [(w.priority, max(1, w.input_tokens - w.cached_tokens)) for w in snaps]
+                limit = limit_fn(int(t.priority[rid]), remaining, waiting_uncached, budget_chunk, 1)
+                if limit is not None and limit < min(remaining, cap):
+                    cap = limit
+                    self.capped_chunks += 1
+            extend = int(min(remaining, cap))
             batch.append((rid, extend, int(t.prefilled[rid])))
             self._allocate(extend)
             t.private[rid] += extend
@@ -146,39 +201,36 @@ class RankState:
             budget_input -= extend
             rem_total -= extend
             if t.prefilled[rid] + extend < t.fill_len[rid]:
-                return batch
-            self.chunked = None
-        if not self.waiting or budget_chunk <= 0 or budget_input <= 0:
+                chunk_unfinished = True
+            else:
+                self.chunked = None
+        if budget_chunk <= 0 or budget_input <= 0 or not self.waiting:
             return batch
-        snaps, matched = self._waiting_snapshots(now_s)
-        order = self.ordering.order(snaps, now_s)
-        self.waiting = [self.waiting[i] for i in order]  # upstream sorts its queue in place
-        snaps = [snaps[i] for i in order]
-        matched = [matched[i] for i in order]
+        if not snaps:  # the chunk finished this step and the ordering was not needed to size it
+            snaps, matched = self._ordered_waiting(now_s)
         slots = s.max_running_requests - len(self.running) - len(batch)
         admitted: list[int] = []
         for pos, rid in enumerate(list(self.waiting)):  # preemption appends victims to self.waiting
+            if pos >= len(snaps):
+                break
             snap = snaps[pos]
             extend_total = int(t.fill_len[rid]) - snap.cached_tokens
             need = extend_total + (t.output[rid] - t.generated[rid]) * s.new_token_ratio
             if slots <= 0 or need > rem_total:
                 if self.preemption is None:
                     break
-                victims = self.preemption.choose_victims(snap, self._running_snapshots(), max(0, 1 - slots),
-                                                         int(math.ceil(max(0.0, need - rem_total))), now_s)
-                if not victims:
+                freed = self._preempt_for(snap, rid, slots, rem_total, now_s)
+                if not freed:
                     break
-                for v in victims:
-                    vid = int(v)
-                    self.running.remove(vid)
-                    self.requeue(vid)
-                    slots += 1
+                slots += freed
                 rem_total = self.free_for_alloc() - self._reserved_decode() - sum(e for _, e, _ in batch)
                 if slots <= 0 or need > rem_total:
                     break
             if budget_chunk <= 0 or budget_input <= 0:
                 break
             extend = min(extend_total, budget_chunk)
+            if extend < extend_total and chunk_unfinished:
+                break  # one chunked request at a time
             m = matched[pos]
             self.cache.lock(t.blocks[rid][:m])
             t.held_blocks[rid] = m

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from tiersched.core.request_order import RunningRequest, WaitingRequest
+from tiersched.core.request_preemption import UpstreamPriorityPreemption
 
 # schedule_policy.WAITING_QUEUE_PREFIX_MATCH_MAX: lpm/hrrn fall back to FCFS above this queue length.
 WAITING_QUEUE_PREFIX_MATCH_MAX = 128
@@ -58,6 +59,24 @@ class ShortestPrefillFirstOrdering:
 
         return sorted(range(len(waiting)), key=key)
 
+    def chunk_limit(self, chunked_priority: int, chunked_remaining: int, waiting_uncached, budget: int,
+                    page_size: int) -> int | None:
+        """SchedulePolicy.shortest_prefill_chunk_limit: reserve budget for waiters (in queue order) whose
+        uncached work is shorter than the running chunk's remainder; waiting_uncached: (priority, uncached)."""
+        page = max(1, page_size)
+        if budget < 2 * page:
+            return None
+        reserved = 0
+        for _, uncached in waiting_uncached:
+            work = max(1, uncached)
+            charge = -(-work // page) * page
+            if work >= chunked_remaining or reserved + charge > budget - page:
+                break
+            reserved += charge
+        if not reserved:
+            return None
+        return (budget - reserved) // page * page
+
 
 class HRRNOrdering:
     """`hrrn`: SchedulePolicy._sort_by_hrrn, token-based aging. The scheduler reports prefill tokens processed
@@ -95,26 +114,8 @@ class HRRNOrdering:
         return sorted(range(len(waiting)), key=key)
 
 
-class PriorityPreemption:
-    """PrefillAdder.preempt_to_schedule: running requests sorted lowest priority first, newest first among equals;
-    preempt while the candidate's priority exceeds theirs by more than the threshold (default 10) until the
-    candidate's KV shortfall and slot shortfall are covered; otherwise none."""
+class PriorityPreemption(UpstreamPriorityPreemption):
+    """PrefillAdder.preempt_to_schedule as upstream calls it: tiersched.core.request_preemption.
+    UpstreamPriorityPreemption (slot-full only; victims' reserved decode tokens count, not their held KV)."""
 
     name = "priority-preemption"
-
-    def __init__(self, threshold: int = 10) -> None:
-        self.threshold = threshold
-
-    def choose_victims(self, candidate: WaitingRequest, running: Sequence[RunningRequest], slots_short: int,
-                       kv_tokens_short: int, now_s: float) -> list[str] | None:
-        victims: list[str] = []
-        tokens_needed, slots_needed = kv_tokens_short, slots_short
-        for r in sorted(running, key=lambda r: (r.priority, -r.arrival_s)):
-            if candidate.priority - r.priority <= self.threshold:
-                break
-            victims.append(r.rid)
-            tokens_needed -= r.kv_tokens
-            slots_needed -= 1
-            if tokens_needed <= 0 and slots_needed <= 0:
-                return victims
-        return None
