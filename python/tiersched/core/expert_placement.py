@@ -54,15 +54,19 @@ class PlacementConfig:
     variance_weight: float = 1.0  # replicas are sized for mean + variance_weight * std of an expert's load
     prior_drift_sigma: float = 0.26  # assumed relative std of an expert's load between windows (DeepSeek-V3)
     worst_window_weight: float = 0.5  # balance term = mean over windows of peak + this * worst window's peak
-    hot_slots_per_rank: int = 1  # the reduced MILP places the hottest hot_slots_per_rank * R replicas
-    local_search_iters: int = 48  # swap-improvement steps per layer
-    use_milp: bool = True  # False: greedy only (the MILP step is then skipped)
+    hot_slots_per_rank: int = 1  # kept for config compatibility: the reduced assignment places the R hottest replicas
+    local_search_iters: int = 100  # swap-improvement steps (each one swap per layer, all layers at once)
+    candidate_ranks: int = 4  # a swap pairs the peak rank with one of this many least loaded ranks
+    spread_weight: float = 0.05  # weight of the sum of squared rank loads (moves past ties in the peak)
+    colocation_weight: float = 0.0  # weight of inter-layer co-location (only with coactivation statistics)
+    use_milp: bool = True  # False: skip the reduced assignment of the hottest replicas (greedy only)
+    hot_solver: str = "assignment"  # "assignment" (scipy linear_sum_assignment) or "highs" (same optimum)
     solver_time_limit_s: float = 30.0  # safety net per HiGHS call; hitting it keeps the current placement
     keep_tolerance: float = 0.0  # keep a layer of prev when its objective is within this of the new plan
 
     def validate(self) -> None:
         for name in ("alpha", "beta", "gamma", "cross_node_weight", "variance_weight", "prior_drift_sigma",
-                     "worst_window_weight", "keep_tolerance"):
+                     "worst_window_weight", "keep_tolerance", "spread_weight", "colocation_weight"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"expert.{name} must be a finite number >= 0, got {value!r}.")
@@ -72,6 +76,10 @@ class PlacementConfig:
             raise ValueError(f"expert.window_half_life must be > 0 windows, got {self.window_half_life!r}.")
         if self.hot_slots_per_rank < 0 or self.local_search_iters < 0:
             raise ValueError("expert.hot_slots_per_rank and expert.local_search_iters must be >= 0.")
+        if self.candidate_ranks < 1:
+            raise ValueError(f"expert.candidate_ranks must be >= 1, got {self.candidate_ranks!r}.")
+        if self.hot_solver not in ("assignment", "highs"):
+            raise ValueError(f"expert.hot_solver must be 'assignment' or 'highs', got {self.hot_solver!r}.")
         if not self.solver_time_limit_s > 0:
             raise ValueError(f"expert.solver_time_limit_s must be > 0 seconds, got {self.solver_time_limit_s!r}.")
 

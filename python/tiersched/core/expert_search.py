@@ -1,0 +1,237 @@
+"""Expert tier, steps 2-3 of the planner: multi-scenario greedy and swap local search, batched over layers.
+
+Both work on B layers at once (numpy over a leading batch axis), in the slot representation phy [B, P] (expert
+in each slot; slot p lives on rank p // (P / R)), against every planning scenario at once:
+
+    cost = alpha * (sum_w weight_w * peak_w + worst_window_weight * max_w peak_w)     peak_w = max_r load[w, r]
+         + spread_weight * sum_w weight_w * sum_r load[w, r]**2        (moves past ties, prefers even spread)
+         + sum over placed replicas (e on r) of unit_cost[r, e]        (-beta * locality + gamma * migration ...)
+
+Rank loads follow the dispatch the objective assumes (local replica first when S == R, else even over the
+replicas); they are kept exact and updated incrementally per swap. Candidate swaps are scored with the moved
+replica's own load change (exact when S == 1; with S == R the other replicas of a moved expert also shift a
+little), then every applied swap is re-checked on the exact loads and undone when it did not lower the cost.
+Deterministic: ties go to the lowest index.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def batch_loads(has: np.ndarray, scen: np.ndarray) -> np.ndarray:
+    """float [B, Wp, R]; has int [B, E, R]; scen float [B, Wp, S, E] (local replica first if S == R)."""
+    num_ranks = has.shape[2]
+    hasf = has.astype(np.float64)
+    cnt = np.maximum(hasf.sum(2), 1.0)[:, None, :]  # [B, 1, E]
+    if scen.shape[2] == num_ranks:
+        local = np.transpose(has > 0, (0, 2, 1))[:, None]  # [B, 1, R, E]
+        loc = scen * local
+        remote = scen.sum(2) - loc.sum(2)  # [B, Wp, E]
+        return (remote / cnt) @ hasf + loc.sum(3)
+    return (scen.sum(2) / cnt) @ hasf
+
+
+def has_from_phy(phy: np.ndarray, num_logical: int, num_ranks: int) -> np.ndarray:
+    """int [B, E, R] replica counts from phy int [B, P]."""
+    batch, num_slots = phy.shape
+    has = np.zeros((batch, num_logical, num_ranks), dtype=np.int64)
+    rank = np.arange(num_slots) // (num_slots // num_ranks)
+    np.add.at(has, (np.repeat(np.arange(batch), num_slots), phy.reshape(-1), np.tile(rank, batch)), 1)
+    return has
+
+
+def cost(loads, has, unit_cost, weight, alpha, worst_weight, spread_weight):
+    """float [B]: the objective above; loads [B, Wp, R], has [B, E, R], unit_cost [B, R, E]."""
+    linear = (np.transpose(unit_cost, (0, 2, 1)) * (has > 0)).sum((1, 2))
+    return _balance(loads, weight, worst_weight, spread_weight, alpha) + linear
+
+
+def greedy(has, load, items_e, items_w, slots_per_rank, unit_cost, weight, alpha, worst_weight, spread_weight):
+    """Place items in place, heaviest first, each to the rank of least marginal cost; returns has.
+
+    has int [B, E, R] (replicas already placed), load float [B, Wp, R] (their loads), items_e int [B, n]
+    (expert per item, -1 = none), items_w float [B, n, Wp] (its load in every scenario), unit_cost [B, R, E]."""
+    batch, n = items_e.shape
+    rows = np.arange(batch)
+    free = slots_per_rank - has.sum(1)
+    # the peak never ends below the mean rank load: items placed under it cost no balance, so locality and
+    # migration decide where they go
+    floor = ((load.sum(2) + items_w.sum(1)) / load.shape[2])[:, :, None]  # [B, Wp, 1]
+    for t in range(n):
+        e = items_e[:, t]
+        valid = e >= 0
+        es = np.where(valid, e, 0)
+        new = load + items_w[:, t][:, :, None]  # [B, Wp, R]
+        new_peak = np.maximum(new, np.maximum(load.max(2, keepdims=True), floor))  # peak per scenario if the item goes to r
+        balance = np.einsum("bwr,w->br", new_peak, weight) + worst_weight * new_peak.max(1)
+        spread = np.einsum("bwr,w->br", new ** 2 - load ** 2, weight)
+        marginal = alpha * balance + spread_weight * spread + unit_cost[rows, :, es]
+        marginal = marginal + np.where(has[rows, es, :] > 0, 1e3, 0.0)  # distinct ranks where possible
+        marginal = np.where(free <= 0, np.inf, marginal)
+        r = np.argmin(marginal, axis=1)
+        sel = rows[valid]
+        has[sel, es[valid], r[valid]] += 1
+        load[sel, :, r[valid]] += items_w[valid, t]
+        free[sel, r[valid]] -= 1
+    return has
+
+
+def _scen_of(scen, rows, experts):
+    """float [n, Wp, S]: scen[rows[i], :, :, experts[i]] without copying the whole batch."""
+    _, num_windows, num_sources, _ = scen.shape
+    return scen[rows[:, None, None], np.arange(num_windows)[None, :, None], np.arange(num_sources)[None, None, :],
+                experts[:, None, None]]
+
+
+def _expert_state(scen_e, has_e, unit_cost_e, local_first):
+    """For one expert per row: (load it puts on each rank [n, Wp, R], its remote tokens [n, Wp], its summed
+    unit cost [n]); scen_e [n, Wp, S], has_e int [n, R], unit_cost_e [n, R]."""
+    cnt = np.maximum(has_e.sum(1), 1)[:, None, None]
+    linear = (unit_cost_e * (has_e > 0)).sum(1)
+    if not local_first:
+        remote = scen_e.sum(2)
+        return remote[:, :, None] / cnt * has_e[:, None, :], remote, linear
+    local = (has_e > 0)[:, None, :]
+    remote = (scen_e * ~local).sum(2)
+    return remote[:, :, None] / cnt * has_e[:, None, :] + scen_e * local, remote, linear
+
+
+def _balance(loads, weight, worst_weight, spread_weight, alpha):
+    peaks = loads.max(2)
+    return alpha * (peaks @ weight + worst_weight * peaks.max(1)) + spread_weight * ((loads ** 2).sum(2) @ weight)
+
+
+def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weight, iters, candidate_ranks=8,
+                 balance_slack=None):
+    """Improve phy int [B, P] in place by slot swaps; returns it. scen [B, Wp, S, E], unit_cost [B, R, E].
+
+    Per layer and step: the rank carrying most of the balance term swaps one of its slots with a slot on one of
+    the `candidate_ranks` least loaded ranks. balance_slack=None: minimise the whole cost; a number: only swaps
+    that raise the balance term by at most that much (used for co-location, which must not cost balance)."""
+    batch, num_slots = phy.shape
+    _, num_windows, num_sources, num_logical = scen.shape
+    num_ranks = unit_cost.shape[1]
+    k = num_slots // num_ranks
+    local_first = num_sources == num_ranks
+    has = has_from_phy(phy, num_logical, num_ranks)
+    loads = batch_loads(has, scen)
+    agg = scen.sum(2)  # [B, Wp, E]
+    if local_first:
+        remote = agg - (scen * np.transpose(has > 0, (0, 2, 1))[:, None]).sum(2)  # [B, Wp, E] tokens not served locally
+    else:
+        remote = agg
+    linear = (np.transpose(unit_cost, (0, 2, 1)) * (has > 0)).sum((1, 2))  # [B]
+    current = _balance(loads, weight, worst_weight, spread_weight, alpha) + linear
+    live = np.arange(batch)
+    tabu = np.zeros((batch, num_slots, num_slots), dtype=bool)  # swaps the exact loads rejected
+    m = min(candidate_ranks, num_ranks - 1)
+    ar = np.arange(num_ranks)
+    for _ in range(iters):
+        if live.size == 0:
+            break
+        b = live
+        nb = b.size
+        nbr = np.arange(nb)
+        L = loads[b]  # [nb, Wp, R]
+        peaks = L.max(2)
+        top = np.argmax(L, axis=2)  # [nb, Wp]
+        worst = np.argmax(peaks, axis=1)
+        carried = np.zeros((nb, num_ranks))
+        np.add.at(carried, (np.repeat(nbr, num_windows), top.reshape(-1)), (peaks * weight).reshape(-1))
+        carried[nbr, top[nbr, worst]] += worst_weight * peaks[nbr, worst]
+        a = np.argmax(carried, axis=1)  # [nb] the rank carrying most of the balance term
+        mean_load = np.einsum("bwr,w->br", L, weight)
+        mean_load[nbr, a] = np.inf
+        low = np.argsort(mean_load, axis=1, kind="stable")[:, :m]  # [nb, m] candidate partner ranks
+        slot_a = a[:, None] * k + np.arange(k)[None]  # [nb, k]
+        slot_q = (low[:, :, None] * k + np.arange(k)[None, None]).reshape(nb, m * k)  # [nb, Q]
+        nq = slot_q.shape[1]
+        rq = slot_q // k
+        ei = np.take_along_axis(phy[b], slot_a, 1)  # [nb, k]
+        eq = np.take_along_axis(phy[b], slot_q, 1)  # [nb, Q]
+        hb = has[b]
+        bb = b[:, None]
+        bi = nbr[:, None]
+        cnt = np.maximum(hb.sum(2), 1)  # [nb, E]
+        c_ei = np.take_along_axis(cnt, ei, 1)[:, :, None]
+        c_eq = np.take_along_axis(cnt, eq, 1)[:, :, None]
+        rem_ei = np.transpose(np.take_along_axis(remote[b], ei[:, None, :], 2), (0, 2, 1))  # [nb, k, Wp]
+        rem_eq = np.transpose(np.take_along_axis(remote[b], eq[:, None, :], 2), (0, 2, 1))  # [nb, Q, Wp]
+        if local_first:
+            src_a_ei = scen[bb, :, a[:, None], ei]  # [nb, k, Wp]
+            src_a_eq = scen[bb, :, a[:, None], eq]  # [nb, Q, Wp]
+            src_q_eq = scen[bb, :, rq, eq]
+            src_q_ei = scen[b[:, None, None], :, rq[:, None, :], ei[:, :, None]]  # [nb, k, Q, Wp]
+            item_i = src_a_ei + rem_ei / c_ei
+            item_q = src_q_eq + rem_eq / c_eq
+            eq_at_a = src_a_eq + (rem_eq + src_q_eq - src_a_eq) / c_eq  # [nb, Q, Wp]
+            ei_at_q = src_q_ei + (rem_ei[:, :, None] + src_a_ei[:, :, None] - src_q_ei) / c_ei[:, :, None]
+            # the other replicas of a moved expert take (or give back) a share of the tokens that changed sides
+            hosts_i = (hb[bi, ei] > 0) & (ar[None, None] != a[:, None, None])  # [nb, k, R]
+            hosts_q = (hb[bi, eq] > 0) & (ar[None, None] != rq[:, :, None])  # [nb, Q, R]
+            others_i = np.where(hosts_i[:, :, None, :], L[:, None], -np.inf).max(3)  # [nb, k, Wp]
+            others_q = np.where(hosts_q[:, :, None, :], L[:, None], -np.inf).max(3)  # [nb, Q, Wp]
+            shift_i = others_i[:, :, None] + (src_a_ei[:, :, None] - src_q_ei) / c_ei[:, :, None]  # [nb, k, Q, Wp]
+            shift_q = others_q + (src_q_eq - src_a_eq) / c_eq  # [nb, Q, Wp]
+        else:
+            item_i, item_q = rem_ei / c_ei, rem_eq / c_eq
+            eq_at_a = item_q
+            ei_at_q = np.broadcast_to(item_i[:, :, None, :], (nb, k, nq, num_windows))
+        La = L[nbr, :, a]  # [nb, Wp]
+        Lq = np.transpose(np.take_along_axis(L, rq[:, None, :], 2), (0, 2, 1))  # [nb, Q, Wp]
+        new_a = La[:, None, None, :] - item_i[:, :, None, :] + eq_at_a[:, None, :, :]  # [nb, k, Q, Wp]
+        new_q = Lq[:, None, :, :] - item_q[:, None, :, :] + ei_at_q
+        order = np.argsort(-L, axis=2, kind="stable")[:, :, :3]  # [nb, Wp, 3]
+        top3 = np.take_along_axis(L, order, 2)
+        ok = (order[:, None] != a[:, None, None, None]) & (order[:, None] != rq[:, :, None, None])  # [nb, Q, Wp, 3]
+        excl = np.take_along_axis(np.broadcast_to(top3[:, None], ok.shape), np.argmax(ok, 3)[..., None], 3)[..., 0]
+        new_peaks = np.maximum(np.maximum(new_a, new_q), excl[:, None])  # [nb, k, Q, Wp]
+        if local_first:
+            new_peaks = np.maximum(np.maximum(new_peaks, shift_i), shift_q[:, None])
+        balance = new_peaks @ weight + worst_weight * new_peaks.max(3)
+        base_balance = peaks @ weight + worst_weight * peaks.max(1)
+        spread = (new_a ** 2 + new_q ** 2 - La[:, None, None, :] ** 2 - Lq[:, None, :, :] ** 2) @ weight
+        uc = unit_cost[b]
+        d_linear = (uc[bi[:, :, None], rq[:, None, :], ei[:, :, None]] + uc[bi, a[:, None], eq][:, None, :]
+                    - uc[bi, a[:, None], ei][:, :, None] - uc[bi[:, :, None], rq[:, None, :], eq[:, None, :]])
+        d_balance = alpha * (balance - base_balance[:, None, None])
+        delta = d_balance + spread_weight * spread + d_linear
+        valid = (~tabu[b[:, None, None], slot_a[:, :, None], slot_q[:, None, :]]
+                 & (ei[:, :, None] != eq[:, None, :])
+                 & (hb[bi[:, :, None], ei[:, :, None], rq[:, None, :]] == 0)
+                 & (hb[bi, eq, a[:, None]] == 0)[:, None, :])
+        if balance_slack is not None:
+            valid &= d_balance <= balance_slack
+        delta = np.where(valid, delta, np.inf).reshape(nb, -1)
+        pick = np.argmin(delta, axis=1)
+        improving = delta[nbr, pick] < -1e-12
+        if not improving.any():
+            break
+        i, q = np.divmod(pick, nq)
+        keep = b[improving]
+        sa, sq = slot_a[nbr, i][improving], slot_q[nbr, q][improving]
+        e1, e2 = phy[keep, sa], phy[keep, sq]
+        r1, r2 = sa // k, sq // k
+        old = (loads[keep].copy(), remote[keep].copy(), linear[keep].copy())
+        for e in (e1, e2):  # exact incremental update: remove both experts' old state, add the new one
+            contrib, _, lin = _expert_state(_scen_of(scen, keep, e), has[keep, e], unit_cost[keep, :, e], local_first)
+            loads[keep] -= contrib
+            linear[keep] -= lin
+        has[keep, e1, r1] -= 1; has[keep, e2, r1] += 1; has[keep, e2, r2] -= 1; has[keep, e1, r2] += 1
+        for e in (e1, e2):
+            contrib, rem, lin = _expert_state(_scen_of(scen, keep, e), has[keep, e], unit_cost[keep, :, e], local_first)
+            loads[keep] += contrib
+            linear[keep] += lin
+            remote[keep, :, e] = rem
+        new_cost = _balance(loads[keep], weight, worst_weight, spread_weight, alpha) + linear[keep]
+        worse = new_cost >= current[keep] - 1e-12
+        # undo swaps that the exact loads did not confirm and never try them again
+        kw, w1, w2 = keep[worse], e1[worse], e2[worse]
+        has[kw, w1, r1[worse]] += 1; has[kw, w2, r1[worse]] -= 1; has[kw, w2, r2[worse]] += 1; has[kw, w1, r2[worse]] -= 1
+        loads[kw], remote[kw], linear[kw] = (x[worse] for x in old)
+        tabu[kw, sa[worse], sq[worse]] = True
+        good = ~worse
+        phy[keep[good], sa[good]], phy[keep[good], sq[good]] = e2[good], e1[good]
+        current[keep[good]] = new_cost[good]
+        live = keep
+    return phy
