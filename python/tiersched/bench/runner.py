@@ -51,12 +51,15 @@ def build_workload(sc: Scenario):
         return workloads.servegen(duration_s=sc.duration_s, seed=sc.seed)
     if kind == "mixed-priority":
         return workloads.mixed_priority(preset=sc.preset, duration_s=sc.duration_s, seed=sc.seed)
+    if kind == "decode-heavy":  # short prompts, long answers: decode steps (and expert balance) dominate
+        return workloads.synthetic("Random", rate=sc.rate or 16.0, duration_s=sc.duration_s, seed=sc.seed,
+                                   input_range=(64, 512), output_range=(256, 1024))
     if kind.startswith("synthetic"):
         shape = kind.partition(":")[2] or "Random"
         return workloads.synthetic(shape, rate=sc.rate or SYNTHETIC_DEFAULT_RATE, duration_s=sc.duration_s,
                                    seed=sc.seed)
-    raise ValueError(f"unknown workload {kind!r}; use auto, mooncake, azure, sharegpt, servegen, mixed-priority "
-                     f"or synthetic:<Shape>.")
+    raise ValueError(f"unknown workload {kind!r}; use auto, mooncake, azure, sharegpt, servegen, mixed-priority, "
+                     f"decode-heavy or synthetic:<Shape>.")
 
 
 def build_preset(sc: Scenario):

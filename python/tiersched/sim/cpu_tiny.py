@@ -1,7 +1,16 @@
 """`cpu-tiny` preset: the tiny Qwen3-MoE of tiersched.rig on the real CPU server, calibrated by a profiling run.
 
-The coefficients are NOT guessed: `benchmark/sim_calibrate_cpu_tiny.py` profiles the real server and writes
-`calibration_path()`. Until that file exists, `preset()` raises and the preset is not listed.
+The coefficients are NOT guessed: `benchmark/sim_cpu_tiny_calibrate.py` profiles the real server (dp2, tp1) and
+writes `calibration_path()` (committed, with the command, date and load average that produced it). Until that file
+exists, `preset()` raises and the preset is not listed.
+
+Mapping of the fitted coefficients (tiersched.sim.fidelity) onto the generic cost model (cost_model.py):
+- every rank runs all experts of its own tokens (no EP on this server), so expert compute is folded into the
+  per-token term and the MoE / all-to-all terms are zero (expert_params = 0 via moe_intermediate = 0, no bytes);
+- dense per-token time = per_token_s  (flops = 2 / per_token_s with dense_params = 1, weight time 0);
+- prefill (query, context) pair time = per_prefill_pair_s; decode KV-read time per context token = per_decode_ctx_s;
+- step_overhead_s every step, plus prefill_overhead_s on a rank running a prefill, plus decode_token_extra_s per
+  decoding request (CPU decode is less efficient per token than batched prefill).
 """
 from __future__ import annotations
 
@@ -11,20 +20,30 @@ from pathlib import Path
 
 
 def calibration_path() -> Path:
-    return Path(__file__).resolve().parent / "cpu_tiny_calibration.json"
+    return Path(__file__).resolve().parent / "calibration" / "cpu_tiny.json"
 
 
-def preset():
+def preset(path: Path | None = None):
     from tiersched.sim.presets import Hardware, ModelShape, Preset, SchedulerSettings
 
-    path = calibration_path()
+    path = path or calibration_path()
     if not path.exists():
         raise ValueError(
-            "preset 'cpu-tiny' is not calibrated yet; run `python benchmark/sim_calibrate_cpu_tiny.py` to profile "
+            "preset 'cpu-tiny' is not calibrated yet; run `python benchmark/sim_cpu_tiny_calibrate.py` to profile "
             "the real CPU server first."
         )
-    cal = json.loads(path.read_text())
-    model = ModelShape(**cal["model"])
-    return Preset(name="cpu-tiny", model=model, dp=cal.get("dp", 1), tp=1, hardware=Hardware(**cal["hardware"]),
-                  scheduler=replace(SchedulerSettings(), **cal.get("scheduler", {})),
-                  description="tiny Qwen3-MoE on the real CPU server (calibrated)")
+    cal = json.loads(Path(path).read_text())
+    c = cal["coefficients"]
+    hbm = 1e12  # arbitrary unit: kv_bytes_per_token below is expressed against it
+    model = ModelShape(name="tiny-qwen3-moe", moe_layers=2, num_experts=8, top_k=2, hidden=64, moe_intermediate=0,
+                       dense_params=1.0, weight_bytes=0.0, attn_flops_per_ctx_token=0.0,
+                       kv_bytes_per_token=c["per_decode_ctx_s"] * hbm)
+    flops = 2.0 / max(c["per_token_s"], 1e-12)
+    model = replace(model, attn_flops_per_ctx_token=c["per_prefill_pair_s"] * flops)
+    hardware = Hardware(flops=flops, hbm_bytes_s=hbm, gpus_per_node=64, a2a_latency_s=0.0,
+                        step_overhead_s=c["step_overhead_s"], dispatch_bytes_per_elem=0.0,
+                        prefill_overhead_s=c["prefill_overhead_s"], decode_token_extra_s=c["decode_token_extra_s"])
+    return Preset(name="cpu-tiny", model=model, dp=int(cal.get("dp", 2)), tp=1, hardware=hardware,
+                  scheduler=replace(SchedulerSettings(load_refresh_interval_s=0.0), **cal.get("scheduler", {})),
+                  slo_ttft_s=5.0, slo_tpot_s=0.5,
+                  description="tiny Qwen3-MoE on the real CPU server, dp2 tp1 (calibrated)")

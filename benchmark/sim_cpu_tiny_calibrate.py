@@ -1,0 +1,145 @@
+"""Calibrate the simulator's `cpu-tiny` preset from a profiling run of the real CPU server.
+
+    .venv/bin/python benchmark/sim_cpu_tiny_calibrate.py [--out python/tiersched/sim/calibration/cpu_tiny.json]
+
+Starts the tiny Qwen3-MoE (tiersched.rig) with `--dp-size 2` (tp1) and measures, on DP rank 0 (`routed_dp_rank`):
+  prefill: TTFT of single requests of n prompt tokens (n <= chunked_prefill_size, one output token), idle server;
+  decode:  TPOT of B simultaneous requests with prompt length P and 32 output tokens (one prefill batch, then
+           B-request decode steps; mean context per request P + 16).
+then fits the step-cost coefficients (tiersched.sim.fidelity.fit_prefill / fit_decode) and writes the JSON with the
+raw measurements, the server's scheduler settings (/get_server_info), the command, date and load average.
+The machine is shared: the load average before and after is recorded; calibrate when it is lowest.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+from tiersched.rig.server import launch_server
+from tiersched.rig.tiny_model import make_tiny_moe
+from tiersched.sim import fidelity
+from tiersched.sim.cpu_tiny import calibration_path
+
+PREFILL_LENGTHS = (16, 128, 384, 768, 1152, 1536, 2048)
+DECODE_SETS = ((1, 64), (4, 64), (8, 64), (16, 64), (4, 512), (8, 384), (16, 256))
+DECODE_OUTPUT = 32
+
+
+def server_info(url: str) -> dict:
+    with urllib.request.urlopen(url + "/get_server_info", timeout=60) as r:
+        return json.loads(r.read())
+
+
+def measure_prefill(url: str, reps: int, chunk: int) -> tuple[list[int], list[float]]:
+    lengths, ttfts = [], []
+    for rep in range(reps):
+        for n in PREFILL_LENGTHS:
+            if n > chunk:
+                continue
+            sent, first, _, _, _ = fidelity.stream_generate(url, fidelity._prompt_ids(n, 7919 * rep + n), 1, 0)
+            lengths.append(n)
+            ttfts.append(first - sent)
+    return lengths, ttfts
+
+
+def measure_decode(url: str, reps: int) -> tuple[list[int], list[float], list[float]]:
+    batches, ctx, steps = [], [], []
+    for rep in range(reps):
+        for b, p in DECODE_SETS:
+            n = np.arange(b)
+            res = fidelity.run_request_set(url, np.zeros(b), np.full(b, p), np.full(b, DECODE_OUTPUT),
+                                           seed=1000 + 17 * rep + b + p, routed_dp_rank=0)
+            batches.append(b)
+            ctx.append(float(b * (p + DECODE_OUTPUT / 2)))
+            steps.append(float(np.median([r.tpot_s for r in res])))
+            del n
+    return batches, ctx, steps
+
+
+def refit(path: str) -> int:
+    with open(path) as f:
+        cal = json.load(f)
+    m = cal["measurements"]
+    prefill_fit = fidelity.fit_prefill(np.array(m["prefill"]["input_tokens"]), np.array(m["prefill"]["ttft_s"]))
+    decode = m["decode"]
+    decode_fit = fidelity.fit_decode(np.array(decode["batch"]), np.array(decode["context_sum"]),
+                                     np.array(decode["step_s"]))
+    cal["fits"] = {"prefill": prefill_fit, "decode": decode_fit}
+    cal["coefficients"] = fidelity.coefficients(prefill_fit, decode_fit)
+    cal["refit"] = {"command": "benchmark/sim_cpu_tiny_calibrate.py --refit",
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with open(path, "w") as f:
+        json.dump(cal, f, indent=1)
+        f.write("\n")
+    print(json.dumps({"out": path, "coefficients": cal["coefficients"], "fits": cal["fits"]}))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--out", default=str(calibration_path()))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--max-total-tokens", type=int, default=16384)
+    ap.add_argument("--refit", action="store_true",
+                    help="recompute fits and coefficients from the measurements already in --out (no server)")
+    args = ap.parse_args()
+    if args.refit:
+        return refit(args.out)
+    load_before = fidelity.load_average()
+    model = make_tiny_moe(tempfile.mkdtemp(prefix="tiny-moe-cal-"))
+    started = time.time()
+    with launch_server(model, extra_args=["--dp-size", "2"], timeout_s=480,
+                       max_total_tokens=args.max_total_tokens) as srv:
+        info = server_info(srv.url)
+        chunk = int(info.get("chunked_prefill_size") or 8192)
+        fidelity.run_request_set(srv.url, np.zeros(4), np.full(4, 64), np.full(4, 8), seed=99)  # warm-up
+        lengths, ttfts = measure_prefill(srv.url, args.reps, chunk)
+        batches, ctx, steps = measure_decode(srv.url, args.reps)
+    prefill_fit = fidelity.fit_prefill(np.array(lengths), np.array(ttfts))
+    decode_fit = fidelity.fit_decode(np.array(batches), np.array(ctx), np.array(steps))
+    settings = {k: info.get(k) for k in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests",
+                                         "schedule_policy", "load_balance_method", "max_total_tokens",
+                                         "schedule_conservativeness", "page_size")}
+    internal = (info.get("internal_states") or [{}])[0]
+    cal = {
+        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) or sys.argv[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_before": load_before,
+        "load_average_after": fidelity.load_average(),
+        "cpu_count": os.cpu_count(),
+        "profiling_wall_s": round(time.time() - started, 1),
+        "server": {"args": "--dp-size 2 (tp1) " + " ".join(a for a in srv.args if a.startswith("--")),
+                   "settings": settings, "max_total_num_tokens": internal.get("max_total_num_tokens")},
+        "measurements": {"prefill": {"input_tokens": lengths, "ttft_s": ttfts},
+                         "decode": {"batch": batches, "context_sum": ctx, "step_s": steps,
+                                    "output_tokens": DECODE_OUTPUT}},
+        "fits": {"prefill": prefill_fit, "decode": decode_fit},
+        "coefficients": fidelity.coefficients(prefill_fit, decode_fit),
+        "dp": 2,
+        "scheduler": {
+            "chunked_prefill_size": chunk,
+            "max_prefill_tokens": int(info.get("max_prefill_tokens") or 16384),
+            "max_running_requests": int(internal.get("max_running_requests") or info.get("max_running_requests")
+                                        or 256),
+            "kv_capacity_tokens": int(internal.get("max_total_num_tokens") or args.max_total_tokens),
+        },
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(cal, f, indent=1)
+        f.write("\n")
+    print(json.dumps({"out": args.out, "coefficients": cal["coefficients"], "fits": cal["fits"],
+                      "load_average": [load_before, cal["load_average_after"]], "scheduler": cal["scheduler"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""cpu-tiny: the calibrated preset loads, and (server test) a reduced fidelity check against the real CPU server.
+
+The full check is `benchmark/sim_fidelity.py` (40 requests, goal <= 10% per metric). The server test here sends
+12 requests and asserts each relative error below LOOSE_BOUND: with 12 requests one slow request moves a mean
+by ~10%, and the real server shares the CPU with whatever else runs (the simulator models none of it), so the
+bound only catches a broken model or a stale calibration (errors of 2x and more), not the 10% goal.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+
+import numpy as np
+import pytest
+
+from tiersched.sim import fidelity, get_preset, preset_names
+from tiersched.sim.cpu_tiny import calibration_path
+
+LOOSE_BOUND = 0.5
+calibrated = pytest.mark.skipif(not calibration_path().exists(), reason="no cpu-tiny calibration file")
+
+
+@calibrated
+def test_calibration_file_is_complete_and_preset_reproduces_the_fitted_step_times():
+    cal = json.loads(calibration_path().read_text())
+    for key in ("command", "date", "load_average_before", "measurements", "fits", "coefficients"):
+        assert key in cal, key
+    assert "cpu-tiny" in preset_names()
+    preset = get_preset("cpu-tiny")
+    assert preset.dp == 2 and preset.tp == 1
+    from tiersched.sim.cost_model import StepCostModel
+    from tiersched.sim.routing import make_routing, token_probs
+
+    cost = StepCostModel(preset, token_probs(make_routing(preset, 0), preset.dp))
+    c, fits = cal["coefficients"], cal["fits"]
+    n = 512.0  # a lone prefill of n tokens on rank 0 = the prefill fit's prediction
+    t, _ = cost.step_times(np.array([n, 0.0]), np.array([n * (n + 1) / 2, 0.0]), np.zeros(2))
+    fit = fits["prefill"]
+    expected = max(fit["intercept_s"], c["step_overhead_s"]) + fit["per_token_s"] * n + fit["per_pair_s"] * n * (n + 1) / 2
+    assert t[0] == pytest.approx(expected, rel=1e-6)
+    b, ctx = 8.0, 8 * 300.0  # a decode step of 8 requests = the decode fit's prediction
+    t, _ = cost.step_times(np.array([b, 0.0]), np.zeros(2), np.array([ctx, 0.0]))
+    fit = fits["decode"]
+    expected = c["step_overhead_s"] + max(fit["per_request_s"], c["per_token_s"]) * b + fit["per_ctx_s"] * ctx
+    assert t[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fits_recover_known_coefficients():
+    n = np.array([16, 128, 512, 1024, 2048, 16, 512])
+    ttft = 0.02 + 1e-4 * n + 2e-8 * n * (n + 1) / 2
+    fit = fidelity.fit_prefill(n, ttft)
+    assert fit["per_token_s"] == pytest.approx(1e-4, rel=1e-6) and fit["per_pair_s"] == pytest.approx(2e-8, rel=1e-5)
+    b = np.array([1, 4, 8, 16, 4, 8])
+    ctx = b * np.array([80, 80, 80, 80, 528, 400])
+    fit = fidelity.fit_decode(b, ctx, 0.01 + 3e-3 * b + 1e-6 * ctx)
+    assert fit["intercept_s"] == pytest.approx(0.01, rel=1e-6) and fit["per_ctx_s"] == pytest.approx(1e-6, rel=1e-5)
+
+
+@calibrated
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_reduced_fidelity_against_the_real_cpu_server():
+    from tiersched.rig.server import launch_server
+    from tiersched.rig.tiny_model import make_tiny_moe
+
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "sim_fidelity", Path(__file__).resolve().parents[1] / "benchmark" / "sim_fidelity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cal = json.loads(calibration_path().read_text())
+    model = make_tiny_moe(tempfile.mkdtemp(prefix="tiny-moe-fid-test-"))
+    with launch_server(model, extra_args=["--dp-size", "2"], timeout_s=480, max_total_tokens=16384) as srv:
+        fidelity.run_request_set(srv.url, np.zeros(2), np.full(2, 32), np.full(2, 4), seed=99)  # warm-up
+        report = bench.compare(srv.url, 12, 1.0, 1, cal)
+    assert report["real"]["requests"] == report["sim"]["requests"] == 12
+    for key in ("ttft_mean_rel_error", "tpot_mean_rel_error", "throughput_rel_error"):
+        assert report[key] < LOOSE_BOUND, report
