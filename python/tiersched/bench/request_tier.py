@@ -22,7 +22,7 @@ import time
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--reps", type=int, default=30, help="timed scheduling steps per queue size")
-    parser.add_argument("--duration-s", type=float, default=60.0, help="simulated seconds of the mixed scenario")
+    parser.add_argument("--duration-s", type=float, default=30.0, help="simulated seconds of the mixed scenario")
     parser.add_argument("--preset", default="qwen3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-sim", action="store_true", help="only the ordering microbenchmark")
@@ -85,33 +85,72 @@ def ordering_overhead(reps: int, seed: int) -> dict:
     return out
 
 
+# Upstream's default running-request limit per DP worker when --max-running-requests is unset:
+# KVCacheConfigurator.resolve_max_num_reqs -> max(min(capacity / context_len * 512, 4096), 2048), <= capacity // 2.
+UPSTREAM_DEFAULT_MAX_RUNNING = 2048
+NO_CAP = 1 << 30
+
+
+def _class_tokens_s(result, cls: int, window_s: float) -> dict:
+    """Per-class throughput while requests arrive: tokens of that class's requests finished by `window_s`."""
+    import numpy as np
+
+    rec = result.records
+    done = (rec["class_of"] == cls) & np.isfinite(rec["e2e"]) & (rec["arrival"] + rec["e2e"] <= window_s)
+    out_tok = float(rec["output_tokens"][done].sum())
+    all_tok = float((rec["input_tokens"][done] + rec["output_tokens"][done]).sum())
+    return {"output_tok_s": out_tok / window_s, "total_tok_s": all_tok / window_s}
+
+
 def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
-    from tiersched.core.request_order import RequestTierConfig
+    from dataclasses import replace
+
+    from tiersched.core.request_order import AgingPrefixOrdering, RequestTierConfig
+    from tiersched.core.request_preemption import LatencySensitivePreemption
     from tiersched.sim import PolicySet, simulate, workloads
+    from tiersched.sim.presets import get_preset
 
-    work = workloads.mixed_priority(ls_fraction=0.2, overload=1.5, preset=preset, duration_s=duration_s, seed=seed)
-    runs = {name: simulate(preset, work, PolicySet(ordering=name), seed).metrics for name in ("fcfs-priority", "tiersched")}
-
-    def cls(metrics, which):
-        per = metrics["per_class"]
-        return per.get(which) or per.get({"ls": "LS", "be": "BE"}[which]) or {}
-
-    base_ls, ours_ls = cls(runs["fcfs-priority"], "ls"), cls(runs["tiersched"], "ls")
-    base_be, ours_be = cls(runs["fcfs-priority"], "be"), cls(runs["tiersched"], "be")
-    # BE throughput: finished BE requests per simulated second (the sim reports no per-class token throughput).
-    def be_tput(name):
-        return cls(runs[name], "be")["finished"] / runs[name]["sim_time_s"]
-
-    return {
-        "ls_p99_ttft_s_fcfs_priority": base_ls.get("ttft_p99"),
-        "ls_p99_ttft_s_tiersched": ours_ls.get("ttft_p99"),
-        "ls_p99_ttft_ratio": base_ls["ttft_p99"] / ours_ls["ttft_p99"],
-        "be_throughput_loss": 1.0 - be_tput("tiersched") / be_tput("fcfs-priority"),
-        "max_be_wait_s": ours_be["max_wait_s"],
-        "max_be_wait_s_fcfs_priority": base_be["max_wait_s"],
-        "sim_requests": int(len(work.input_tokens)),
-        "sim_duration_s": duration_s,
+    p = get_preset(preset).with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
+    work = workloads.mixed_priority(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s, seed=seed)
+    cfg = RequestTierConfig()
+    no_cap = replace(cfg, be_chunk_tokens=NO_CAP)
+    arms = {
+        "fcfs-priority": PolicySet(ordering="fcfs-priority"),  # + upstream PriorityPreemption (threshold 10)
+        "tiersched": PolicySet(ordering=AgingPrefixOrdering(cfg), preemption=LatencySensitivePreemption(cfg)),
+        "tiersched-no-chunk-cap": PolicySet(ordering=AgingPrefixOrdering(no_cap),
+                                            preemption=LatencySensitivePreemption(no_cap)),
     }
+    results = {name: simulate(p, work, pol, seed) for name, pol in arms.items()}
+    window = float(work.arrival_s[-1])
+    out: dict = {}
+    for name, res in results.items():
+        m = res.metrics
+        ls, be = m["per_class"]["LS"], m["per_class"]["BE"]
+        key = name.replace("-", "_")
+        out[f"ls_p99_ttft_s_{key}"] = ls["ttft_p99"]
+        out[f"ls_p50_ttft_s_{key}"] = ls["ttft_p50"]
+        out[f"max_be_wait_s_{key}"] = be["max_wait_s"]
+        out[f"be_p99_ttft_s_{key}"] = be["ttft_p99"]
+        out[f"preemptions_{key}"] = m["preemptions"]
+        out[f"retractions_{key}"] = m["retractions"]
+        for cls, label in ((0, "ls"), (1, "be")):
+            for k, v in _class_tokens_s(res, cls, window).items():
+                out[f"{label}_{k}_{key}"] = v
+    base, ours, uncapped = (out[f"be_total_tok_s_{k}"] for k in ("fcfs_priority", "tiersched", "tiersched_no_chunk_cap"))
+    out.update({
+        "ls_p99_ttft_ratio": out["ls_p99_ttft_s_fcfs_priority"] / out["ls_p99_ttft_s_tiersched"],
+        "be_throughput_loss": 1.0 - ours / base,  # BE tokens (prompt + output) per second, ours vs upstream
+        "chunk_cap_be_throughput_cost": 1.0 - ours / uncapped,  # same measure, chunk cap on vs off
+        "max_be_wait_s": out["max_be_wait_s_tiersched"],
+        "sim_requests": int(len(work.input_tokens)),
+        "sim_ls_requests": int((work.class_of == 0).sum()),
+        "sim_duration_s": duration_s,
+        "sim_offered_req_s": work.meta["rate"],
+        "sim_nominal_capacity_req_s": work.meta["nominal_capacity_req_s"],
+        "sim_max_running_requests": UPSTREAM_DEFAULT_MAX_RUNNING,
+        "sim_preset": p.name,
+    })
+    return out
 
 
 def main(args) -> int:

@@ -8,7 +8,7 @@ Order key of a waiting request w at time `now` (smallest first; docs/request-tie
 
     wait      = now - w.arrival_s
     promoted  = wait >= aging_cap_s
-    k0 class  = -inf if promoted else -(w.priority + floor(aging_rate * wait))
+    k0 class  = -inf if promoted else -min(w.priority + floor(aging_rate * wait), max priority waiting)
     k1 defer  = (not promoted) and w.shares_inflight_prefix        # LPM-style: compute a shared prefix once
     k2 work   = 0 if promoted else (w.input_tokens - w.cached_tokens) - token_credit_per_s * wait
     k3 arrival
@@ -123,7 +123,10 @@ def order_keys(
     """
     wait = np.maximum(now_s - arrival_s, 0.0)
     promoted = wait >= config.aging_cap_s
-    lifted = priority + np.floor(config.aging_rate * wait)
+    # Aging lifts a request at most to the most urgent class present: it lets a lower class catch up with a
+    # higher one, but never reorders requests of the top class among themselves (with one class, the order is
+    # pure shortest-uncached-prefill with token credit, not FCFS in aging-rate buckets).
+    lifted = np.minimum(priority + np.floor(config.aging_rate * wait), priority.max() if priority.size else 0.0)
     k0 = np.where(promoted, -np.inf, -lifted)
     k1 = deferred & ~promoted
     k2 = np.where(promoted, 0.0, uncached_tokens - config.token_credit_per_s * wait)

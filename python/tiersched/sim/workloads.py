@@ -163,17 +163,39 @@ def with_priority_classes(workload: Workload, ls_fraction: float, seed: int = 0,
 
 
 def mixed_priority(ls_fraction: float = 0.2, overload: float = 1.5, preset="qwen3", duration_s: float = 60.0,
-                   seed: int = 0, shape: str = "Random", **synthetic_kwargs) -> Workload:
-    """LS/BE mix arriving at `overload` x the preset's nominal capacity (see nominal_capacity_req_s)."""
+                   seed: int = 0, ls_input: tuple[int, int] = (128, 2048), ls_output: tuple[int, int] = (16, 256),
+                   be_input: tuple[int, int] = (4096, 16384), be_output: tuple[int, int] = (128, 1024),
+                   prefix_groups: int = 8, prefix_tokens: int = 1024, block_tokens: int = 64) -> Workload:
+    """Issue 3's mixed-priority scenario: `ls_fraction` latency-sensitive (LS, priority 20) requests among
+    best-effort (BE, priority 0) ones, one Poisson stream at `overload` x the preset's nominal capacity for this
+    length mix (nominal_capacity_req_s).
+
+    LS = interactive chat turns (uniform 128-2048-token prompts, 16-256-token answers); BE = long-document /
+    batch jobs (uniform 4k-16k-token prompts, so they are chunk-prefilled at upstream's 8192-token chunks, and
+    128-1024-token outputs). Every request starts with one of `prefix_groups` shared system prompts. With long
+    BE prompts the KV pool, not the running-request limit, is what runs out under overload (docs/request-tier.md).
+    """
     from tiersched.sim.presets import get_preset
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    base = synthetic(shape=shape, rate=1.0, duration_s=10.0, seed=seed, **synthetic_kwargs)
-    rate = overload * nominal_capacity_req_s(preset, float(base.input_tokens.mean()), float(base.output_tokens.mean()))
-    work = synthetic(shape=shape, rate=rate, duration_s=duration_s, seed=seed, **synthetic_kwargs)
-    work = with_priority_classes(work, ls_fraction, seed)
-    return replace(work, name=f"mixed-priority-ls{ls_fraction:g}-x{overload:g}",
-                   meta={**work.meta, "rate": float(rate), "overload": overload, "nominal_capacity_req_s": float(rate / overload)})
+    rng = np.random.default_rng(seed)
+    mean_in = ls_fraction * np.mean(ls_input) + (1 - ls_fraction) * np.mean(be_input)
+    mean_out = ls_fraction * np.mean(ls_output) + (1 - ls_fraction) * np.mean(be_output)
+    capacity = nominal_capacity_req_s(preset, float(mean_in), float(mean_out))
+    rate = overload * capacity
+    n = max(1, int(rate * duration_s))
+    arrivals = poisson_arrivals(rate, n, rng)
+    is_ls = rng.uniform(0, 1, n) < ls_fraction
+    inp = np.where(is_ls, sample_shape("Random", n, *ls_input, rng), sample_shape("Random", n, *be_input, rng))
+    out = np.where(is_ls, sample_shape("Random", n, *ls_output, rng), sample_shape("Random", n, *be_output, rng))
+    blocks = _shared_prefix_blocks(n, inp, prefix_groups, prefix_tokens, block_tokens, rng)
+    return Workload(f"mixed-priority-ls{ls_fraction:g}-x{overload:g}", arrivals, inp, out,
+                    priority=np.where(is_ls, LS_PRIORITY, BE_PRIORITY).astype(np.int64),
+                    class_of=np.where(is_ls, 0, 1).astype(np.int64), class_names=("LS", "BE"),
+                    prefix_blocks=blocks, block_tokens=block_tokens,
+                    meta={"rate": float(rate), "overload": overload, "nominal_capacity_req_s": float(capacity),
+                          "ls_fraction": ls_fraction, "ls_input": ls_input, "ls_output": ls_output,
+                          "be_input": be_input, "be_output": be_output, "seed": seed})
 
 
 def servegen(clients: int = 8, duration_s: float = 60.0, window_start_s: float | None = None, seed: int = 0,
