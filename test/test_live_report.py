@@ -57,12 +57,16 @@ def test_tiersched_flags_come_from_one_table_and_override_upstream():
     args = live_arms.server_args("dp2", arm)
     assert args[:2] == ["--dp-size", "2"]
     for tier in arm.tiers:
-        flags = live_arms.TIERSCHED_TIER_FLAGS[tier]
-        assert " ".join(flags) in " ".join(args)
-    # argparse keeps the last value: the request tier's policy must come after upstream-lpm's
+        for flag in live_arms.TIERSCHED_TIER_FLAGS[tier]:
+            assert flag in args
+    # each flag once: the tiers' values replace upstream-lpm's
     policies = [args[i + 1] for i, a in enumerate(args) if a == "--schedule-policy"]
+    methods = [args[i + 1] for i, a in enumerate(args) if a == "--load-balance-method"]
+    assert len(policies) == 1 and len(methods) == 1
     if "request" in arm.tiers:
-        assert policies[-1] == "prefix-aging"
+        assert policies == ["prefix-aging"] and "--enable-priority-scheduling" in args
+    if "engine" in arm.tiers:
+        assert methods == ["score"]
     assert "expert" not in arm.tiers  # no EPLB in dp2
 
 

@@ -1,14 +1,15 @@
 """Real-server evidence (issue 7), CI-sized: reduced A/B, load at 2x capacity, drained DP rank.
 
 Each test starts real upstream servers (tiny MoE on this CPU). Budget on an otherwise idle 2-core machine:
-about 2.5 min (A/B), 3 min (load), 1 min (drain). The 5-minute load run is behind TIERSCHED_LIVE_FULL_LOAD=1.
+about 2.5 min (A/B), 3 min (load), 1 min (drain), 1.5 min (EPLB fault). The 5-minute load run is behind
+TIERSCHED_LIVE_FULL_LOAD=1.
 """
 import os
 
 import pytest
 
 from tiersched.bench import live_ab, live_arms
-from tiersched.bench.live_load import drain_run, load_run
+from tiersched.bench.live_load import drain_run, eplb_fault_run, load_run
 from tiersched.bench.live_requests import shared_prefix_set
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -46,18 +47,11 @@ def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(tiny_model_
 
 def _load(tiny_model_dir, duration_s):
     _need(("request", "engine"))
-    arm = live_arms.tiersched_arm("dp2")
-    request_set = shared_prefix_set(40, 1.0)
-    from tiersched.rig.server import launch_server
-
-    with launch_server(tiny_model_dir, extra_args=live_arms.server_args("dp2", arm),
-                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
-        capacity = live_ab.measure_capacity(srv.url, request_set, n=20)
-    out = load_run(tiny_model_dir, rate=2.0 * capacity, duration_s=duration_s)
+    out = load_run(tiny_model_dir, duration_s=duration_s, factor=2.0)
     print("load run:", out)
     assert out["server_alive"]
     assert out["errors"] == 0 and out["lost"] == 0, out
-    assert out["completed"] == out["requests"] >= int(2.0 * capacity * duration_s) > 0
+    assert out["completed"] == out["requests"] >= int(out["rate_req_s"] * duration_s) > 0
     assert out["rss_samples"] >= duration_s / 2
     assert out["rss_peak_mib"] < 8 * 1024, out  # the whole dp2 process group (5 processes)
     return out
@@ -86,3 +80,14 @@ def test_drained_rank_gets_no_requests_and_none_are_lost(tiny_model_dir):
     assert out["errors"] == 0 and out["lost"] == 0 and out["completed"] == 24, out
     per_rank = out["requests_per_rank"]
     assert per_rank and per_rank[0] == 24 and (len(per_rank) < 2 or per_rank[1] == 0), out
+
+
+@pytest.mark.timeout(400)
+def test_bad_eplb_statistics_mid_run_keep_the_placement(tiny_model_dir):
+    _need(("request", "expert"))
+    out = eplb_fault_run(tiny_model_dir, faults="ok,nan,negative", rebalance_every=16, n=30)
+    print("eplb fault run:", out)
+    assert out["status"] == "ok" and out["server_alive"]
+    assert out["errors"] == 0 and out["lost"] == 0 and out["completed"] == 30, out
+    assert out["faults_injected"] >= 1, out  # at least one bad window reached the planner mid-run
+    assert out["kept_placement"] >= out["faults_injected"], out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -22,13 +23,13 @@ from tiersched.bench import live_ab, live_arms
 from tiersched.bench.live_report import compare_arms, headline
 from tiersched.bench.live_requests import lengths_set, shared_prefix_set
 
-QUICK = {"deployments": ["dp2"], "repeats": 2, "requests": 60, "sets": ["shared-prefix"]}
+QUICK = {"deployments": ["dp2"], "repeats": 2, "requests": 40, "sets": ["shared-prefix"]}
 FULL = {"deployments": list(live_arms.DEPLOYMENTS), "repeats": 3, "requests": 150,
         "sets": ["shared-prefix", "lengths"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="dp2 only, 2 repeats, 60 requests (< 10 min)")
+    parser.add_argument("--quick", action="store_true", help="dp2 only, 2 repeats, 40 requests (< 10 min)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--deployments", default=None, help=f"comma list of {', '.join(live_arms.DEPLOYMENTS)}")
     parser.add_argument("--repeats", type=int, default=None)
@@ -86,7 +87,13 @@ def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir
     return out
 
 
+def _exit_on_sigterm() -> None:
+    """A plain SIGTERM (e.g. `timeout`) would skip the finally blocks that stop our servers; exit cleanly instead."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(args) -> int:
+    _exit_on_sigterm()
     plan = dict(QUICK if args.quick else FULL)
     if args.deployments:
         plan["deployments"] = [d.strip() for d in args.deployments.split(",") if d.strip()]

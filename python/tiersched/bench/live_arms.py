@@ -74,10 +74,21 @@ class Arm:
 
 
 def _merge(base: tuple[str, ...], *overrides: tuple[str, ...]) -> tuple[str, ...]:
-    """Later flags win: a flag given again replaces its earlier value (argparse keeps the last)."""
+    """`base` with each override flag replacing the same flag's value (or appended when base lacks it)."""
     out = list(base)
     for extra in overrides:
-        out.extend(extra)
+        i = 0
+        while i < len(extra):
+            flag = extra[i]
+            has_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
+            value = [extra[i + 1]] if has_value else []
+            if flag in out:
+                at = out.index(flag)
+                old_has_value = at + 1 < len(out) and not out[at + 1].startswith("--")
+                out[at:at + 1 + old_has_value] = [flag, *value]
+            else:
+                out.extend([flag, *value])
+            i += 1 + has_value
     return tuple(out)
 
 

@@ -85,14 +85,22 @@ def tiled(request_set: RequestSet, n: int, rate: float) -> RequestSet:
     return RequestSet(request_set.name, request_set.source, request_set.block_tokens, tuple(reqs))
 
 
-def load_run(model_dir: str, rate: float, duration_s: float, sample_s: float = 1.0, env: dict | None = None,
-             deployment: str = "dp2", timeout_s: float | None = None) -> dict:
-    """Drive the tiersched arm at `rate` for `duration_s`; errors, lost, RSS of the server's process group."""
+def load_run(model_dir: str, duration_s: float, rate: float | None = None, factor: float = 2.0,
+             sample_s: float = 1.0, env: dict | None = None, deployment: str = "dp2",
+             timeout_s: float | None = None) -> dict:
+    """Drive the tiersched arm for `duration_s` at `rate` req/s, or (rate None) at `factor` x the capacity measured
+    on the same server first; errors, lost, RSS of the server's process group."""
     arm = live_arms.tiersched_arm(deployment)
-    requests = tiled(shared_prefix_set(200, 1.0), max(1, int(rate * duration_s)), rate)
+    base = shared_prefix_set(200, 1.0)
+    out: dict = {}
     with launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm), env=env,
                        max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
         live_ab.check_tiers(srv, arm)
+        if rate is None:
+            capacity = live_ab.measure_capacity(srv.url, base, n=20)
+            rate = factor * capacity
+            out["capacity_req_s"] = round(capacity, 3)
+        requests = tiled(base, max(1, int(rate * duration_s)), rate)
         sampler = RssSampler(os.getpgid(srv.process.pid), sample_s)
         sampler.start()
         t0 = time.perf_counter()
@@ -100,10 +108,10 @@ def load_run(model_dir: str, rate: float, duration_s: float, sample_s: float = 1
         wall = time.perf_counter() - t0
         memory = sampler.stop()
         alive = srv.alive()
-    out = summarize(results)
+    out.update(summarize(results))
     out.update(memory)
-    out.update({"rate_req_s": rate, "duration_s": duration_s, "wall_s": round(wall, 1), "server_alive": alive,
-                "tiers": list(arm.tiers), "missing_tiers": arm.skipped_tiers})
+    out.update({"rate_req_s": round(rate, 3), "duration_s": duration_s, "wall_s": round(wall, 1),
+                "server_alive": alive, "tiers": list(arm.tiers), "missing_tiers": arm.skipped_tiers})
     return out
 
 
@@ -121,4 +129,35 @@ def drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: float = 
     out["drained_rank"] = drained_rank
     out["drain_logged"] = "drained" in log
     out["tiers"] = list(arm.tiers)
+    return out
+
+
+EXPERT_FAULT_ENV = "TIERSCHED_EXPERT_INJECT_BAD_STATS"  # the expert tier's test-only fault switch (expert_tier.py)
+
+
+def eplb_fault_run(model_dir: str, faults: str = "ok,nan,negative", rebalance_every: int = 16, n: int = 40,
+                   rate: float = 4.0) -> dict:
+    """ep2 with EPLB (tiersched's source_aware) rebalancing every `rebalance_every` forward passes; the i-th
+    rebalance gets the i-th fault of `faults` injected into its statistics. Reports what the server logged about
+    each rebalance (planned / kept the current placement) and whether any request failed or was lost."""
+    arm = live_arms.tiersched_arm("ep2")
+    if "expert" not in arm.tiers:
+        return {"status": "pending", "reason": arm.skipped_tiers.get("expert", "expert tier not in the arm")}
+    args = [*live_arms.server_args("ep2", arm), "--eplb-rebalance-num-iterations", str(rebalance_every)]
+    requests = shared_prefix_set(n, rate)
+    with launch_server(model_dir, extra_args=args, env={EXPERT_FAULT_ENV: faults},
+                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
+        live_ab.check_tiers(srv, arm)
+        results = drive(srv.url, requests.requests, timeout_s=400)
+        log = srv.log_tail(20000)
+        alive = srv.alive()
+    lines = [line for line in log.splitlines() if "tiersched expert tier:" in line]
+    out = summarize(results)
+    out.update({
+        "status": "ok", "server_alive": alive, "faults": faults,
+        "rebalances_planned": sum("planned" in line for line in lines),
+        "faults_injected": sum("test fault" in line for line in lines),
+        "kept_placement": sum("keeping the current placement" in line for line in lines),
+        "expert_log": lines[-12:],
+    })
     return out

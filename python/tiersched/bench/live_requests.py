@@ -4,9 +4,10 @@ Shared-prefix set (Mooncake conversation trace). Each Mooncake hash id names a 5
 mean equal prefixes. We map every hash id to a fixed pseudo-random block of `block_tokens` token ids (seeded by
 the id, drawn from the tiny tokenizer's ordinary vocabulary), so two prompts share exactly as many leading
 blocks as the trace says; the tail past the last full block is request-private. Lengths shrink by
-`block_tokens / 512`. Early in the trace most blocks are first sightings (a cold cache), so from the first
-`window` requests we keep those sharing at least `min_shared_blocks` blocks with another request in the window:
-the kept requests keep their own sharing structure and timestamps.
+`block_tokens / 512`. Early in the trace most blocks are first sightings (a cold cache) and a CPU run holds only
+tens of requests, so from the first `window` requests we group those sharing at least `min_shared_blocks` blocks
+with another request by the deepest such block (in practice: one conversation) and keep the largest groups until
+`n` requests: the kept requests keep the trace's own sharing structure, lengths and relative timestamps.
 
 Lengths set (Azure conversation trace): context/generated token counts scaled down by `length_scale`, private
 random prompts (no sharing). Synthetic fallback (no ../shared): conversations that grow turn by turn over a
@@ -19,7 +20,7 @@ Arrivals are rescaled to `rate` requests/s keeping the trace's inter-arrival sha
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,9 +121,17 @@ def mooncake_shared_prefix(n: int = 120, block_tokens: int = 8, rate: float = 4.
     trace = load_mooncake(limit=window)
     counts = Counter(h for blocks in trace.prefix_blocks for h in blocks)
     scale = block_tokens / MOONCAKE_BLOCK_TOKENS
-    keep = [i for i, blocks in enumerate(trace.prefix_blocks)
-            if sum(counts[h] >= 2 for h in blocks) >= min_shared_blocks
-            and trace.input_tokens[i] * scale <= max_input][:n]
+    groups: dict[int, list[int]] = defaultdict(list)  # deepest block shared with another request -> requests
+    for i, blocks in enumerate(trace.prefix_blocks):
+        shared = [h for h in blocks if counts[h] >= 2]
+        if len(shared) >= min_shared_blocks and trace.input_tokens[i] * scale <= max_input:
+            groups[shared[-1]].append(i)
+    keep: list[int] = []
+    for members in sorted(groups.values(), key=lambda g: (-len(g), g[0])):  # largest sharing groups first
+        keep.extend(members)
+        if len(keep) >= n:
+            break
+    keep = sorted(keep[:n])
     rng = np.random.default_rng(seed)
     is_ls = _classes(len(keep), ls_fraction, rng)
     outputs = _scaled_output(trace.output_tokens[keep], output_scale, 2, max_output)
