@@ -169,14 +169,16 @@ def plan(tokens_per_expert, num_physical: int, num_local_physical: int, num_node
     _state["history"].append(window)
     stats = history_stats(list(_state["history"]), num_logical)
     placement = rebalance(stats, num_physical, num_ranks, nodes, prev, config)
+    kept = placement is prev  # the core fell back (solver failure) and already logged why
     _update_pressure(placement, window, num_ranks)
     moved = float((placement.phy2log != prev.phy2log).mean()) if prev is not None else float("nan")
-    _state["last"] = {"n": _state["rebalances"], "kept": False, "problem": "", "source": source,
-                      "windows": stats.source_counts.shape[0], "sources": stats.source_counts.shape[2],
-                      "migrated_fraction": moved}
-    logger.info("tiersched expert tier: rebalance #%d planned %s (%d windows, %d sources, %s statistics); "
-                "migrated %.3f of slots", _state["rebalances"], algorithm.name, stats.source_counts.shape[0],
-                stats.source_counts.shape[2], source, moved)
+    _state["last"] = {"n": _state["rebalances"], "kept": kept, "problem": "planner failed" if kept else "",
+                      "source": source, "windows": stats.source_counts.shape[0],
+                      "sources": stats.source_counts.shape[2], "migrated_fraction": moved}
+    if not kept:
+        logger.info("tiersched expert tier: rebalance #%d planned %s (%d windows, %d sources, %s statistics); "
+                    "migrated %.3f of slots", _state["rebalances"], algorithm.name, stats.source_counts.shape[0],
+                    stats.source_counts.shape[2], source, moved)
     return placement.phy2log
 
 
