@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--baseline", default="shortest-prefill-first/total_requests/none")
     parser.add_argument("--ours", default="tiersched/tiersched/source_aware")
+    parser.add_argument("--sweep", default=None, help="a sweep results JSONL: draw only sweep_changes.png from it")
 
 
 def _policy(spec: str) -> PolicySet:
@@ -37,6 +38,35 @@ def _cdf(ax, values, label):
     ax.plot(v, np.arange(1, v.size + 1) / max(v.size, 1), label=label)
 
 
+def sweep_plot(results: str, out: Path) -> Path:
+    """Per metric, the relative change of tiersched vs the best upstream baseline in every sweep configuration."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from tiersched.bench.sweep import METRICS
+
+    rows = [json.loads(line) for line in Path(results).read_text().splitlines() if line.strip()]
+    presets = sorted({r["preset"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=100)
+    for j, preset in enumerate(presets):
+        for i, metric in enumerate(METRICS):
+            ch = [100 * (r["runs"]["tiersched"][metric] / r["runs"][r["upstream_best"]][metric] - 1) for r in rows
+                  if r["preset"] == preset and r["runs"][r["upstream_best"]].get(metric)]
+            x = i + (j - (len(presets) - 1) / 2) * 0.3 + np.linspace(-0.08, 0.08, len(ch))
+            ax.scatter(x, ch, s=6, alpha=0.6, color=f"C{j}", label=preset if i == 0 else None)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(range(len(METRICS)), list(METRICS), fontsize=7)
+    ax.set_ylabel("change vs best upstream (%)")
+    ax.set_title(f"sweep: {len(rows)} configurations (lower is better for latencies)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "sweep_changes.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(args) -> int:
     import matplotlib
 
@@ -45,6 +75,10 @@ def main(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        path = sweep_plot(args.sweep, out)
+        print(f"{path} ({path.stat().st_size // 1024} KB)")
+        return 0
     sc = Scenario(preset=args.preset, workload=args.workload, duration_s=args.duration)
     preset, work = build_preset(sc), build_workload(sc)
     runs = {name: simulate(preset, work, _policy(spec)) for name, spec in
