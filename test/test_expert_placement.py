@@ -194,3 +194,31 @@ def test_local_search_keeps_exact_loads_and_lowers_cost(num_sources):
     assert np.array_equal(np.sort(out, axis=1), np.sort(phy, axis=1))  # the same replicas, moved around
     after = search.cost(search.batch_loads(has, scen), has, unit_cost, **args)
     assert np.all(after <= before + 1e-9) and np.any(after < before - 1e-6)
+
+
+def test_colocation_follows_strong_dependencies_without_costing_balance():
+    """With a strong inter-layer dependency (each expert feeds one successor 12x more than average), the planner
+    puts successors on their predecessors' ranks: the tokens-stay-with-expert cross-rank share drops, while the
+    balance term is never raised (balancedness within noise of the plan without co-location)."""
+    from dataclasses import replace
+
+    from tiersched.sim.expert_routing import RoutingModel
+
+    model = RoutingModel.synthetic(num_layers=6, num_experts=32, top_k=2, num_sources=8, seed=3, source_skew=0.3)
+    model = replace(model, lift=12.0, successor=model.successor[..., :1])
+    stats = model.sample_window(np.full(8, 4000.0), np.random.default_rng(2), coactivation=True)
+    plain = rebalance(stats, 48, 8, 1, None, PlacementConfig(colocation_weight=0.0))
+    chained = rebalance(stats, 48, 8, 1, None, PlacementConfig(colocation_weight=1.0))
+    _check_structure(chained, 6, 32, 48, 8)
+    assert metrics.cross_rank_share_stay(chained, stats) < metrics.cross_rank_share_stay(plain, stats) - 0.01
+    assert metrics.balancedness(chained, stats) >= metrics.balancedness(plain, stats) - 1e-9
+
+
+def test_colocation_is_skipped_without_coactivation():
+    from tiersched.sim.expert_routing import RoutingModel
+
+    model = RoutingModel.synthetic(num_layers=4, num_experts=16, top_k=2, num_sources=4, seed=1)
+    stats = model.sample_window(np.full(4, 2000.0), np.random.default_rng(0))
+    a = rebalance(stats, 24, 4, 1, None, PlacementConfig(colocation_weight=0.0))
+    b = rebalance(stats, 24, 4, 1, None, PlacementConfig(colocation_weight=1.0))
+    np.testing.assert_array_equal(a.phy2log, b.phy2log)

@@ -58,7 +58,8 @@ class PlacementConfig:
     local_search_iters: int = 100  # swap-improvement steps (each one swap per layer, all layers at once)
     candidate_ranks: int = 4  # a swap pairs the peak rank with one of this many least loaded ranks
     spread_weight: float = 0.05  # weight of the sum of squared rank loads (moves past ties in the peak)
-    colocation_weight: float = 0.0  # weight of inter-layer co-location (only with coactivation statistics)
+    colocation_weight: float = 0.3  # weight of inter-layer co-location (only with coactivation statistics)
+    colocation_iters: int = 30  # co-location swap steps (each one swap per layer, all layers at once)
     use_milp: bool = True  # False: skip the reduced assignment of the hottest replicas (greedy only)
     hot_solver: str = "assignment"  # "assignment" (scipy linear_sum_assignment) or "highs" (same optimum)
     solver_time_limit_s: float = 30.0  # safety net per HiGHS call; hitting it keeps the current placement
@@ -74,8 +75,8 @@ class PlacementConfig:
             raise ValueError("expert.alpha and expert.beta are both 0; set at least one of them above 0.")
         if not self.window_half_life > 0:
             raise ValueError(f"expert.window_half_life must be > 0 windows, got {self.window_half_life!r}.")
-        if self.hot_slots_per_rank < 0 or self.local_search_iters < 0:
-            raise ValueError("expert.hot_slots_per_rank and expert.local_search_iters must be >= 0.")
+        if self.hot_slots_per_rank < 0 or self.local_search_iters < 0 or self.colocation_iters < 0:
+            raise ValueError("expert.hot_slots_per_rank, local_search_iters and colocation_iters must be >= 0.")
         if self.candidate_ranks < 1:
             raise ValueError(f"expert.candidate_ranks must be >= 1, got {self.candidate_ranks!r}.")
         if self.hot_solver not in ("assignment", "highs"):

@@ -102,12 +102,15 @@ def _balance(loads, weight, worst_weight, spread_weight, alpha):
 
 
 def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weight, iters, candidate_ranks=8,
-                 balance_slack=None):
+                 balance_slack=None, targets=None):
     """Improve phy int [B, P] in place by slot swaps; returns it. scen [B, Wp, S, E], unit_cost [B, R, E].
 
     Per layer and step: the rank carrying most of the balance term swaps one of its slots with a slot on one of
     the `candidate_ranks` least loaded ranks. balance_slack=None: minimise the whole cost; a number: only swaps
-    that raise the balance term by at most that much (used for co-location, which must not cost balance)."""
+    that raise the balance term by at most that much (used for co-location, which must not cost balance).
+    targets: optional object with choose(b, has, m) -> (rank a [nb], partner ranks [nb, m]) and
+    stuck(b) -> bool [len(b)] (layers that may go on after a step without an improving swap); default: the
+    peak rank and the least loaded ranks, and a layer stops when no swap improves it."""
     batch, num_slots = phy.shape
     _, num_windows, num_sources, num_logical = scen.shape
     num_ranks = unit_cost.shape[1]
@@ -122,6 +125,7 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
         remote = agg
     linear = (np.transpose(unit_cost, (0, 2, 1)) * (has > 0)).sum((1, 2))  # [B]
     current = _balance(loads, weight, worst_weight, spread_weight, alpha) + linear
+    replicas = np.maximum(has.sum(2), 1)  # [B, E]: swaps never change an expert's replica count
     live = np.arange(batch)
     tabu = np.zeros((batch, num_slots, num_slots), dtype=bool)  # swaps the exact loads rejected
     m = min(candidate_ranks, num_ranks - 1)
@@ -139,20 +143,22 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
         carried = np.zeros((nb, num_ranks))
         np.add.at(carried, (np.repeat(nbr, num_windows), top.reshape(-1)), (peaks * weight).reshape(-1))
         carried[nbr, top[nbr, worst]] += worst_weight * peaks[nbr, worst]
-        a = np.argmax(carried, axis=1)  # [nb] the rank carrying most of the balance term
-        mean_load = np.einsum("bwr,w->br", L, weight)
-        mean_load[nbr, a] = np.inf
-        low = np.argsort(mean_load, axis=1, kind="stable")[:, :m]  # [nb, m] candidate partner ranks
+        if targets is None:
+            a = np.argmax(carried, axis=1)  # [nb] the rank carrying most of the balance term
+            mean_load = np.einsum("bwr,w->br", L, weight)
+            mean_load[nbr, a] = np.inf
+            low = np.argsort(mean_load, axis=1, kind="stable")[:, :m]  # [nb, m] candidate partner ranks
+        else:
+            a, low = targets.choose(b, has[b], m)
         slot_a = a[:, None] * k + np.arange(k)[None]  # [nb, k]
         slot_q = (low[:, :, None] * k + np.arange(k)[None, None]).reshape(nb, m * k)  # [nb, Q]
         nq = slot_q.shape[1]
         rq = slot_q // k
         ei = np.take_along_axis(phy[b], slot_a, 1)  # [nb, k]
         eq = np.take_along_axis(phy[b], slot_q, 1)  # [nb, Q]
-        hb = has[b]
         bb = b[:, None]
-        bi = nbr[:, None]
-        cnt = np.maximum(hb.sum(2), 1)  # [nb, E]
+        bi = bb  # rows of the batch arrays (has, unit_cost) are indexed directly: no per-step copies
+        cnt = replicas[b]  # [nb, E]
         c_ei = np.take_along_axis(cnt, ei, 1)[:, :, None]
         c_eq = np.take_along_axis(cnt, eq, 1)[:, :, None]
         rem_ei = np.transpose(np.take_along_axis(remote[b], ei[:, None, :], 2), (0, 2, 1))  # [nb, k, Wp]
@@ -167,8 +173,8 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
             eq_at_a = src_a_eq + (rem_eq + src_q_eq - src_a_eq) / c_eq  # [nb, Q, Wp]
             ei_at_q = src_q_ei + (rem_ei[:, :, None] + src_a_ei[:, :, None] - src_q_ei) / c_ei[:, :, None]
             # the other replicas of a moved expert take (or give back) a share of the tokens that changed sides
-            hosts_i = (hb[bi, ei] > 0) & (ar[None, None] != a[:, None, None])  # [nb, k, R]
-            hosts_q = (hb[bi, eq] > 0) & (ar[None, None] != rq[:, :, None])  # [nb, Q, R]
+            hosts_i = (has[bi, ei] > 0) & (ar[None, None] != a[:, None, None])  # [nb, k, R]
+            hosts_q = (has[bi, eq] > 0) & (ar[None, None] != rq[:, :, None])  # [nb, Q, R]
             others_i = np.where(hosts_i[:, :, None, :], L[:, None], -np.inf).max(3)  # [nb, k, Wp]
             others_q = np.where(hosts_q[:, :, None, :], L[:, None], -np.inf).max(3)  # [nb, Q, Wp]
             shift_i = others_i[:, :, None] + (src_a_ei[:, :, None] - src_q_ei) / c_ei[:, :, None]  # [nb, k, Q, Wp]
@@ -191,21 +197,24 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
         balance = new_peaks @ weight + worst_weight * new_peaks.max(3)
         base_balance = peaks @ weight + worst_weight * peaks.max(1)
         spread = (new_a ** 2 + new_q ** 2 - La[:, None, None, :] ** 2 - Lq[:, None, :, :] ** 2) @ weight
-        uc = unit_cost[b]
+        uc = unit_cost
         d_linear = (uc[bi[:, :, None], rq[:, None, :], ei[:, :, None]] + uc[bi, a[:, None], eq][:, None, :]
                     - uc[bi, a[:, None], ei][:, :, None] - uc[bi[:, :, None], rq[:, None, :], eq[:, None, :]])
         d_balance = alpha * (balance - base_balance[:, None, None])
         delta = d_balance + spread_weight * spread + d_linear
         valid = (~tabu[b[:, None, None], slot_a[:, :, None], slot_q[:, None, :]]
                  & (ei[:, :, None] != eq[:, None, :])
-                 & (hb[bi[:, :, None], ei[:, :, None], rq[:, None, :]] == 0)
-                 & (hb[bi, eq, a[:, None]] == 0)[:, None, :])
+                 & (has[bi[:, :, None], ei[:, :, None], rq[:, None, :]] == 0)
+                 & (has[bi, eq, a[:, None]] == 0)[:, None, :])
         if balance_slack is not None:
             valid &= d_balance <= balance_slack
         delta = np.where(valid, delta, np.inf).reshape(nb, -1)
         pick = np.argmin(delta, axis=1)
         improving = delta[nbr, pick] < -1e-12
-        if not improving.any():
+        retry = np.zeros(nb, dtype=bool)
+        if targets is not None and not improving.all():
+            retry[~improving] = targets.stuck(b[~improving])
+        if not (improving | retry).any():
             break
         i, q = np.divmod(pick, nq)
         keep = b[improving]
@@ -233,5 +242,5 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
         good = ~worse
         phy[keep[good], sa[good]], phy[keep[good], sq[good]] = e2[good], e1[good]
         current[keep[good]] = new_cost[good]
-        live = keep
+        live = np.union1d(keep, b[retry])
     return phy
