@@ -61,3 +61,15 @@ def test_rebalance_sees_history_windows():
     assert len(rec.windows) >= 4
     assert rec.windows[:4] == [1, 2, 3, 3]
     assert isinstance(RoutingModel.synthetic(2, 8, 2, 2), RoutingModel)
+
+
+def test_decode_heavy_scenario_and_drift_settings_reach_the_preset():
+    from tiersched.bench.runner import Scenario, build_preset, build_workload
+
+    sc = Scenario(preset="deepseek-v3", workload="decode-heavy", rate=4.0, duration_s=10.0,
+                  eplb_rebalance_steps=50, routing_drift_steps=50, eplb_history_windows=4)
+    work = build_workload(sc)
+    assert work.input_tokens.min() >= 64 and work.input_tokens.max() <= 512
+    assert work.output_tokens.min() >= 256 and work.output_tokens.max() <= 1024
+    sched = build_preset(sc).scheduler
+    assert (sched.eplb_rebalance_steps, sched.routing_drift_steps, sched.eplb_history_windows) == (50, 50, 4)
