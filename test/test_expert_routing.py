@@ -59,3 +59,13 @@ def test_calibrated_on_shared_deepseek_counts():
     assert model.popularity.shape == (61, 256)
     assert np.all(model.popularity[:3] == 0)  # dense layers stay empty
     np.testing.assert_allclose(model.popularity[3:].sum(-1), 1.0)
+
+
+def test_model_has_a_name_that_says_where_popularity_came_from():
+    assert RoutingModel.synthetic(2, 8, 2, 2, seed=0).name == "synthetic-zipf"
+    counts = np.ones((2, 8))
+    assert RoutingModel.from_logical_counts(counts, 2).name == "logical-counts"
+    drifted = RoutingModel.synthetic(2, 8, 2, 2, seed=0).drift(np.random.default_rng(0))
+    assert drifted.name == "synthetic-zipf"
+    if deepseek_count_files():
+        assert RoutingModel.deepseek_v3(4).name == "deepseek-v3"

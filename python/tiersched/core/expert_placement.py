@@ -47,7 +47,7 @@ class PlacementConfig:
     The objective and the reasoning behind each knob are in docs/expert-tier.md."""
 
     alpha: float = 1.0  # weight of the peak rank load (normalised by the mean rank load)
-    beta: float = 0.3  # weight of cross-rank/cross-node traffic (share of token-expert assignments)
+    beta: float = 1.0  # weight of cross-rank/cross-node traffic (share of token-expert assignments)
     gamma: float = 0.5  # weight of migrated slots (share of slots whose expert changes)
     cross_node_weight: float = 1.0  # extra distance of a cross-node hop when no rank_distance is given
     window_half_life: float = 2.0  # windows; older windows weigh 2**(-age / half_life) in the estimate

@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     pe.add_argument("--source-skew", type=float, default=0.5, help="routing model source skew (0..1)")
     pe.add_argument("--tokens-per-source", type=float, default=20000.0, help="tokens per source per sampled window")
     pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--lift", type=float, default=None,
+                    help="routing model inter-layer lift on preferred successors (default 1.6, Mixtral-calibrated)")
     pe.add_argument("--json", action="store_true", help="print one JSON object")
     _common(pe)
     pp = sub.add_parser("plan", help="write a placement file for upstream --init-expert-location")
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
 
     num_logical = load_window(files[0]).source_counts.shape[3]
     result = evaluate(files, args.eval_stats, num_logical + args.redundant, args.num_ranks, args.num_nodes, config,
-                      args.source_skew, args.seed, args.tokens_per_source)
+                      args.source_skew, args.seed, args.tokens_per_source, args.lift)
     if args.json:
         print(json.dumps(result))
     else:

@@ -5,12 +5,14 @@ Two parts (docs/expert-tier.md has the reasoning):
   the one left out), or `--plan-stats`/`--eval-stats`; in-sample = on the planning windows themselves.
 * source-aware (issue 5): per-source windows drawn from RoutingModel calibrated on the same counts (all windows
   summed), R sources = R ranks; balancedness and cross-rank share on the planning window, migrated fraction of a
-  re-plan on the next stationary window, solve time of the whole model, and cross-rank share under both routing
-  models (combine every layer / tokens stay with their expert).
+  re-plan on the next stationary window, solve time of the whole model (wall and CPU seconds of this process,
+  ours and upstream's `deepseek` timed in the same run), and cross-rank share under both routing models
+  (combine every layer / tokens stay with their expert), for ours with and without inter-layer co-location.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -26,12 +28,17 @@ def _window(stats: ExpertStats, idx) -> ExpertStats:
     return ExpertStats(source_counts=stats.source_counts[idx])
 
 
+def _timed(fn, *args):
+    """(result, wall seconds, CPU seconds of this process)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
 def heldout(plan: ExpertStats, evals: Sequence[ExpertStats], num_physical: int, num_ranks: int, num_nodes: int,
             config: PlacementConfig) -> dict:
     """Balancedness of ours and deepseek planned on `plan`, on each of `evals` and in-sample."""
-    start = time.perf_counter()
-    ours = rebalance(plan, num_physical, num_ranks, num_nodes, None, config)
-    solve_s = time.perf_counter() - start
+    ours, solve_s, _ = _timed(rebalance, plan, num_physical, num_ranks, num_nodes, None, config)
     base = deepseek_placement(plan, num_physical, num_ranks, num_nodes)
     return {
         "ours": [metrics.balancedness(ours, e, num_ranks) for e in evals],
@@ -53,26 +60,27 @@ def heldout_summary(results: list[dict]) -> dict:
         "insample_balancedness": float(np.mean([r["ours_in"] for r in results])),
         "insample_balancedness_deepseek": float(np.mean([r["deepseek_in"] for r in results])),
         "heldout_solve_s_max": float(max(r["solve_s"] for r in results)),
+        "heldout_folds": [round(float(x), 4) for x in ours],
+        "heldout_folds_deepseek": [round(float(x), 4) for x in base],
     }
 
 
 def source_aware(counts: np.ndarray, num_physical: int, num_ranks: int, num_nodes: int, config: PlacementConfig,
-                 source_skew: float, seed: int, tokens_per_source: float) -> dict:
+                 source_skew: float, seed: int, tokens_per_source: float, lift: Optional[float] = None) -> dict:
     """counts float [L, E]: calibrates the routing model; returns the issue-5 fields."""
-    model = RoutingModel.from_logical_counts(counts, num_ranks, source_skew=source_skew, seed=seed)
+    extra = {} if lift is None else {"lift": lift}
+    model = RoutingModel.from_logical_counts(counts, num_ranks, source_skew=source_skew, seed=seed, **extra)
     rng = np.random.default_rng(seed)
     tokens = np.full(num_ranks, tokens_per_source)
     first = model.sample_window(tokens, rng, coactivation=True)
     second = model.sample_window(tokens, rng)  # stationary: same model, fresh sample
-    start = time.perf_counter()
-    ours = rebalance(first, num_physical, num_ranks, num_nodes, None, config)
-    solve_s = time.perf_counter() - start
-    start = time.perf_counter()
-    again = rebalance(second, num_physical, num_ranks, num_nodes, ours, config)
-    resolve_s = time.perf_counter() - start
-    base = deepseek_placement(first, num_physical, num_ranks, num_nodes)
+    ours, solve_s, solve_cpu = _timed(rebalance, first, num_physical, num_ranks, num_nodes, None, config)
+    again, resolve_s, resolve_cpu = _timed(rebalance, second, num_physical, num_ranks, num_nodes, ours, config)
+    base, base_s, base_cpu = _timed(deepseek_placement, first, num_physical, num_ranks, num_nodes)
     base_again = deepseek_placement(second, num_physical, num_ranks, num_nodes)
-    out = {
+    no_chain = rebalance(first, num_physical, num_ranks, num_nodes, None, replace(config, colocation_weight=0.0))
+    placements = {"ours": ours, "ours_without_colocation": no_chain, "deepseek": base}
+    return {
         "balancedness": metrics.balancedness(ours, first),
         "balancedness_deepseek": metrics.balancedness(base, first),
         "cross_rank_share": metrics.cross_rank_share(ours, first),
@@ -81,24 +89,22 @@ def source_aware(counts: np.ndarray, num_physical: int, num_ranks: int, num_node
         "migrated_fraction_deepseek": metrics.migrated_fraction(base_again, base),
         "balancedness_after_replan": metrics.balancedness(again, second),
         "solve_s": max(solve_s, resolve_s),
+        "solve_cpu_s": max(solve_cpu, resolve_cpu),
+        "solve_s_deepseek": base_s,
+        "solve_cpu_s_deepseek": base_cpu,
         "expert_pressure_max": float(metrics.expert_pressure(ours, first).max()),
         "routing_models": {
-            "combine_every_layer": {
-                "ours": metrics.cross_rank_share(ours, first),
-                "deepseek": metrics.cross_rank_share(base, first),
-            },
-            "tokens_stay_with_expert": {
-                "ours": metrics.cross_rank_share_stay(ours, first),
-                "deepseek": metrics.cross_rank_share_stay(base, first),
-            },
-            "colocation": "not implemented: the planner does not yet use coactivation",
+            "combine_every_layer": {k: metrics.cross_rank_share(p, first) for k, p in placements.items()},
+            "tokens_stay_with_expert": {k: metrics.cross_rank_share_stay(p, first) for k, p in placements.items()},
+            "balancedness": {k: metrics.balancedness(p, first) for k, p in placements.items()},
+            "inter_layer_lift": model.lift,
         },
     }
-    return out
 
 
 def evaluate(plan_files: Sequence[str], eval_files: Optional[Sequence[str]], num_physical: int, num_ranks: int,
-             num_nodes: int, config: PlacementConfig, source_skew: float, seed: int, tokens_per_source: float) -> dict:
+             num_nodes: int, config: PlacementConfig, source_skew: float, seed: int, tokens_per_source: float,
+             lift: Optional[float] = None) -> dict:
     windows = load_windows(plan_files)
     num_windows = windows.source_counts.shape[0]
     if eval_files:
@@ -117,7 +123,8 @@ def evaluate(plan_files: Sequence[str], eval_files: Optional[Sequence[str]], num
     if folds:
         result.update(heldout_summary(folds))
     aggregate = windows.source_counts.sum(axis=(0, 2))
-    sa = source_aware(aggregate, num_physical, num_ranks, num_nodes, config, source_skew, seed, tokens_per_source)
-    result.update({k: v for k, v in sa.items()})
-    result["source_model"] = {"source_skew": source_skew, "seed": seed, "tokens_per_source": tokens_per_source}
+    sa = source_aware(aggregate, num_physical, num_ranks, num_nodes, config, source_skew, seed, tokens_per_source, lift)
+    result.update(sa)
+    result["source_model"] = {"source_skew": source_skew, "seed": seed, "tokens_per_source": tokens_per_source,
+                              "inter_layer_lift": sa["routing_models"]["inter_layer_lift"]}
     return result

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tiersched.core.expert_placement import ExpertStats
+from tiersched.data import DEEPSEEK_EXPERT_COUNTS, shared_data_dir
 
 # Window-to-window std of log(p_window / p_mean) over MoE layers of the six DeepSeek-V3 windows (0.18-0.34,
 # mean 0.26); recomputed by calibrated_drift_sigma() when the data is present.
@@ -41,22 +41,11 @@ DEFAULT_DRIFT_SIGMA = 0.26
 DEFAULT_LIFT = 1.6
 
 
-def shared_data_dir() -> Optional[Path]:
-    """../shared/data relative to the repo root, or $TIERSCHED_SHARED_DATA; None when absent."""
-    env = os.environ.get("TIERSCHED_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
-
-
 def deepseek_count_files() -> list[str]:
     root = shared_data_dir()
     if root is None:
         return []
-    return sorted(glob.glob(str(root / "moe" / "deepseek_v3_expert_counts" / "*.json")))
+    return sorted(glob.glob(str(root / DEEPSEEK_EXPERT_COUNTS / "*.json")))
 
 
 def load_logical_counts(path: str) -> np.ndarray:
@@ -114,7 +103,8 @@ def _balanced_homes(popularity: np.ndarray, num_sources: int, rng: np.random.Gen
 @dataclass(frozen=True)
 class RoutingModel:
     """popularity float [L, E] (rows sum to 1, all-zero rows = dense layers); home int [L, E] in [0, S);
-    successor int [L-1, E, K] preferred experts at l+1 for e at l; skew in [0, 1); lift >= 1."""
+    successor int [L-1, E, K] preferred experts at l+1 for e at l; skew in [0, 1); lift >= 1; name says where
+    the popularity came from (the simulator prints it)."""
 
     popularity: np.ndarray
     home: np.ndarray
@@ -123,6 +113,7 @@ class RoutingModel:
     top_k: int
     skew: float
     lift: float
+    name: str = "logical-counts"
 
     @property
     def num_layers(self) -> int:
@@ -164,7 +155,8 @@ class RoutingModel:
         rng = np.random.default_rng(seed)
         ranks = np.argsort(rng.random((num_layers, num_experts)), axis=-1) + 1.0
         weights = ranks ** (-zipf * 0.6) * rng.lognormal(0.0, 0.3, size=ranks.shape)
-        return RoutingModel.from_logical_counts(weights, num_sources, source_skew, seed + 1, top_k)
+        model = RoutingModel.from_logical_counts(weights, num_sources, source_skew, seed + 1, top_k)
+        return replace(model, name="synthetic-zipf")
 
     @staticmethod
     def deepseek_v3(num_sources: int, source_skew: float = 0.5, seed: int = 0, window: Optional[int] = None):
@@ -174,7 +166,8 @@ class RoutingModel:
             return None
         counts = [load_logical_counts(f) for f in files]
         base = counts[window] if window is not None else np.sum(counts, axis=0)
-        return RoutingModel.from_logical_counts(base, num_sources, source_skew, seed)
+        model = RoutingModel.from_logical_counts(base, num_sources, source_skew, seed)
+        return replace(model, name="deepseek-v3" + (f"-window{window}" if window is not None else ""))
 
     # ---- expectations ----
     def source_distribution(self) -> np.ndarray:
