@@ -114,11 +114,21 @@ def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
     work = workloads.mixed_priority(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s, seed=seed)
     cfg = RequestTierConfig()
     no_cap = replace(cfg, be_chunk_tokens=NO_CAP)
+    # The previous per-rank rule: cap only the running BE chunk, only while THIS rank has LS waiting.
+    local_cap = replace(cfg, lockstep_chunk_cap=False, cap_be_admissions=False)
+    ideal = AgingPrefixOrdering(cfg)
+    ideal.lockstep_signal_lag_steps = 0  # same-step group signal (not available in SGLang; an upper bound)
+
+    def arm(ordering_cfg, ordering=None):
+        return PolicySet(ordering=ordering or AgingPrefixOrdering(ordering_cfg),
+                         preemption=LatencySensitivePreemption(ordering_cfg))
+
     arms = {
         "fcfs-priority": PolicySet(ordering="fcfs-priority"),  # + upstream PriorityPreemption (threshold 10)
-        "tiersched": PolicySet(ordering=AgingPrefixOrdering(cfg), preemption=LatencySensitivePreemption(cfg)),
-        "tiersched-no-chunk-cap": PolicySet(ordering=AgingPrefixOrdering(no_cap),
-                                            preemption=LatencySensitivePreemption(no_cap)),
+        "tiersched": arm(cfg),  # DP-wide signal, one step old (SGLang's MLP-sync all-gather), as the adapter
+        "tiersched-ideal-signal": arm(cfg, ideal),
+        "tiersched-local-cap": arm(local_cap),
+        "tiersched-no-chunk-cap": arm(no_cap),
     }
     results = {name: simulate(p, work, pol, seed) for name, pol in arms.items()}
     window = float(work.arrival_s[-1])
@@ -136,12 +146,21 @@ def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
         for cls, label in ((0, "ls"), (1, "be")):
             for k, v in _class_tokens_s(res, cls, window).items():
                 out[f"{label}_{k}_{key}"] = v
-    base, ours, uncapped = (out[f"be_total_tok_s_{k}"] for k in ("fcfs_priority", "tiersched", "tiersched_no_chunk_cap"))
+    base, ours, uncapped, local = (out[f"be_total_tok_s_{k}"] for k in (
+        "fcfs_priority", "tiersched", "tiersched_no_chunk_cap", "tiersched_local_cap"))
+    fcfs_p99 = out["ls_p99_ttft_s_fcfs_priority"]
     out.update({
-        "ls_p99_ttft_ratio": out["ls_p99_ttft_s_fcfs_priority"] / out["ls_p99_ttft_s_tiersched"],
+        "ls_p99_ttft_ratio": fcfs_p99 / out["ls_p99_ttft_s_tiersched"],
+        "ls_p99_ttft_ratio_local_cap": fcfs_p99 / out["ls_p99_ttft_s_tiersched_local_cap"],
+        "ls_p99_ttft_ratio_ideal_signal": fcfs_p99 / out["ls_p99_ttft_s_tiersched_ideal_signal"],
+        "ls_p99_ttft_ratio_no_chunk_cap": fcfs_p99 / out["ls_p99_ttft_s_tiersched_no_chunk_cap"],
         "be_throughput_loss": 1.0 - ours / base,  # BE tokens (prompt + output) per second, ours vs upstream
+        "be_throughput_loss_local_cap": 1.0 - local / base,
         "chunk_cap_be_throughput_cost": 1.0 - ours / uncapped,  # same measure, chunk cap on vs off
+        "lockstep_cap_be_throughput_cost": 1.0 - ours / local,  # DP-wide cap vs the per-rank cap
         "max_be_wait_s": out["max_be_wait_s_tiersched"],
+        "max_be_wait_s_local_cap": out["max_be_wait_s_tiersched_local_cap"],
+        "lockstep_signal_lag_steps": AgingPrefixOrdering.lockstep_signal_lag_steps,
         "sim_requests": int(len(work.input_tokens)),
         "sim_ls_requests": int((work.class_of == 0).sum()),
         "sim_duration_s": duration_s,

@@ -76,8 +76,17 @@ class RequestTierConfig:
     preemption_threshold: int = 0  # an LS request preempts a BE victim only if priority difference > this
     enable_preemption: bool = True
     preempt_on_kv_shortage: bool = True  # upstream preempts only when running slots are full
-    be_chunk_tokens: int = 256  # while LS work waits, a BE chunked prefill advances at most this many tokens
+    be_chunk_tokens: int = 512  # while LS work waits, a BE chunked prefill advances at most this many tokens
     min_chunk_tokens: int = 64  # a chunk is never capped below this (the long prefill always progresses)
+    # DP attention runs every rank's forward step in lockstep, so the BE cap applies on every rank of the group
+    # while ANY rank has LS work waiting (docs/request-tier.md, "Lockstep"); False: only this rank's LS waiters.
+    lockstep_chunk_cap: bool = True
+    # The LS cap also bounds BE requests newly admitted in the step (their first chunk), not only the running one.
+    cap_be_admissions: bool = True
+    # After the group last had LS work waiting, BE prefill stays capped this many seconds: the step already
+    # running when the NEXT LS request arrives cannot be shortened any more, so while LS traffic is active BE
+    # steps stay short (0: cap only while LS work is seen waiting).
+    ls_hold_s: float = 4.0
 
     def validate(self) -> None:
         if not (math.isfinite(self.aging_rate) and self.aging_rate >= 0):
@@ -90,6 +99,8 @@ class RequestTierConfig:
             raise ValueError(f"preemption_threshold must be >= 0, got {self.preemption_threshold!r}.")
         if self.min_chunk_tokens < 1:
             raise ValueError(f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens!r}.")
+        if not (math.isfinite(self.ls_hold_s) and self.ls_hold_s >= 0):
+            raise ValueError(f"ls_hold_s must be a finite number of seconds >= 0, got {self.ls_hold_s!r}.")
         if self.be_chunk_tokens < self.min_chunk_tokens:
             raise ValueError(
                 f"be_chunk_tokens ({self.be_chunk_tokens}) must be >= min_chunk_tokens ({self.min_chunk_tokens})."
@@ -150,13 +161,23 @@ class AgingPrefixOrdering:
         deferred = np.fromiter((w.shares_inflight_prefix for w in waiting), np.bool_, n)
         return order_keys(priority, arrival, np.maximum(uncached, 0.0), deferred, now_s, self.config).tolist()
 
+    # Steps between a rank publishing its LS-waiting count and the group using it: 1 = SGLang's per-step
+    # MLP-sync all-gather (what the adapter uses), 0 = the ideal same-step signal. Read by the simulator only.
+    lockstep_signal_lag_steps = 1
+
     def chunk_limit(self, chunked_priority: int, chunked_remaining: int, waiting_uncached, budget: int,
-                    page_size: int) -> int | None:
+                    page_size: int, group_ls_waiting: int = 0) -> int | None:
         """Cap on the running chunked prefill this step (request_preemption.chunk_token_limit)."""
         from tiersched.core.request_preemption import chunk_token_limit
 
         return chunk_token_limit(chunked_priority, chunked_remaining, waiting_uncached, budget, page_size,
-                                 self.config)
+                                 self.config, group_ls_waiting)
+
+    def be_admission_tokens(self, local_ls_waiting: int, group_ls_waiting: int, be_tokens_this_step: int) -> int | None:
+        """Tokens a newly admitted BE request may prefill this step (request_preemption.be_admission_budget)."""
+        from tiersched.core.request_preemption import be_admission_budget
+
+        return be_admission_budget(local_ls_waiting, group_ls_waiting, be_tokens_this_step, self.config)
 
 
 class FcfsPriorityOrdering:

@@ -35,14 +35,21 @@ _state: dict = {"config": RequestTierConfig(), "active": False, "low_values_firs
 def configure(config: RequestTierConfig) -> None:
     config.validate()
     _state["config"] = config
+    from tiersched.sglang import request_tier_lockstep
+
+    request_tier_lockstep.reset(config)
 
 
 def register_hooks(config) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from tiersched.sglang import request_tier_lockstep as lockstep
+
     configure(config.tier("request"))
     for target, type_name, fn_name in HOOKS:
         HookRegistry.register(target, globals()[fn_name], getattr(HookType, type_name))
+    for target, type_name, fn_name in lockstep.HOOKS:  # DP-attention lockstep signal (request_tier_lockstep.py)
+        HookRegistry.register(target, getattr(lockstep, fn_name), getattr(HookType, type_name))
 
 
 # ---- argument parsing and validation -------------------------------------------------------------------------
@@ -116,13 +123,24 @@ def chunk_limit(original_fn, self, chunked_req, waiting_queue, budget, page_size
     if not getattr(self, "tiersched_active", False):
         return original_fn(self, chunked_req, waiting_queue, budget, page_size, *args, **kwargs)
     from tiersched.core.request_preemption import chunk_token_limit
+    from tiersched.sglang import request_tier_lockstep as lockstep
 
     remaining = len(chunked_req.full_untruncated_fill_ids) - chunked_req.prefix_len
     waiting = [
         (normalised_priority(r), max(1, len(r.origin_input_ids) + len(r.output_ids) - r.num_matched_prefix_tokens))
         for r in waiting_queue
     ]
-    return chunk_token_limit(normalised_priority(chunked_req), remaining, waiting, budget, page_size, _state["config"])
+    group = lockstep.group_ls_signal()
+    cfg = _state["config"]
+    limit = chunk_token_limit(normalised_priority(chunked_req), remaining, waiting, budget, page_size, cfg, group)
+    if group and limit is not None and limit < remaining and not cfg.is_latency_sensitive(normalised_priority(chunked_req)):
+        local_ls = sum(1 for p, _ in waiting if cfg.is_latency_sensitive(p))
+        lockstep.counters["be_chunks_capped"] += 1
+        if not local_ls:  # the DP-wide case: no LS here, another rank of the lockstep group has LS work
+            lockstep.counters["be_chunks_capped_by_group"] += 1
+            logger.info("tiersched lockstep cap: BE chunk %s capped to %d of %d tokens (group LS signal=%d, "
+                        "no LS waiting on this rank)", chunked_req.rid, limit, remaining, group)
+    return limit
 
 
 # ---- preemption ----------------------------------------------------------------------------------------------
@@ -141,7 +159,12 @@ def preempt_for_slots(original_fn, self, req, *args, **kwargs):
 def preempt_for_kv(original_fn, self, req, *args, **kwargs):
     """Upstream never preempts on a KV shortage (add_one_req returns NO_TOKEN and the pass ends); an LS request
     that does not fit preempts BE victims and is admitted on one retry."""
-    result = original_fn(self, req, *args, **kwargs)
+    if _state["active"]:
+        from tiersched.sglang.request_tier_lockstep import capped_be_add
+
+        result = capped_be_add(original_fn, self, req, *args, **kwargs)
+    else:
+        result = original_fn(self, req, *args, **kwargs)
     if not _state["active"] or not _state["config"].preempt_on_kv_shortage:
         return result
     from sglang.srt.managers.schedule_policy import AddReqResult

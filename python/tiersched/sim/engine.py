@@ -79,6 +79,7 @@ class Simulation:
         self.history: list[np.ndarray] = []  # last eplb_history_windows windows, oldest first
         self.drifts = 0
         self.last_refresh = -np.inf
+        self._ls_signal_setup()
 
     # ---- engine tier ----------------------------------------------------------------------------------------
     def _pressure(self) -> np.ndarray:
@@ -179,6 +180,38 @@ class Simulation:
             self.acc["migrations"] += moved
             self.cost.set_placement(new)
 
+    # ---- request tier: lockstep LS signal -------------------------------------------------------------------
+    def _ls_signal_setup(self) -> None:
+        """All DP-attention ranks run each forward step in lockstep (one group). Orderings that declare
+        `lockstep_signal_lag_steps` get the group's largest LS-waiting count each step: lag 1 = what SGLang's
+        per-step MLP-sync all-gather delivers (counts taken after batch formation, used at the next step), lag 0
+        = the ideal same-step signal."""
+        lags = {getattr(rs.ordering, "lockstep_signal_lag_steps", None) for rs in self.ranks}
+        lag = lags.pop() if len(lags) == 1 else None
+        self.ls_signal_lag = lag if lag in (0, 1) else None
+        cfg = getattr(self.ranks[0].ordering, "config", None)
+        self.ls_min_priority = getattr(cfg, "ls_priority", 1)
+        self.ls_signal = None
+        if self.ls_signal_lag is not None:
+            from tiersched.core.request_preemption import LockstepLsSignal
+
+            self.ls_signal = LockstepLsSignal(cfg)
+
+    def _publish_ls_signal(self, batches=None) -> None:
+        """Each rank's count = LS requests waiting + LS requests in this step's prefill batch (incl. a chunked one)."""
+        t, best, ls = self.table, 0, self.ls_min_priority
+        for r, rs in enumerate(self.ranks):
+            n = sum(1 for rid, _, _ in batches[r] if t.priority[rid] >= ls) if batches else 0
+            if rs.waiting:
+                idx = np.fromiter(rs.waiting, dtype=np.int64, count=len(rs.waiting))
+                n += int((t.priority[idx] >= ls).sum())
+            if rs.chunked is not None and t.priority[rs.chunked] >= ls and not batches:
+                n += 1  # (with batches, a chunked LS request is in its rank's batch already)
+            best = max(best, n)
+        signal = self.ls_signal.observe(best, self.now)
+        for rs in self.ranks:
+            rs.group_ls_waiting = signal
+
     # ---- main loop ------------------------------------------------------------------------------------------
     def _record(self) -> None:
         if self.record_timeline:
@@ -197,9 +230,13 @@ class Simulation:
             while nxt < n and arrivals[nxt] <= self.now:
                 self._dispatch(nxt)
                 nxt += 1
+            if self.ls_signal_lag == 0:
+                self._publish_ls_signal()
             # A rank with nothing waiting and no chunk in flight cannot prefill: skip PrefillAdder entirely.
             batches = [rs.schedule_prefill(self.now) if (rs.waiting or rs.chunked is not None) else []
                        for rs in ranks]
+            if self.ls_signal_lag == 1:  # gathered with this step's batch, used by the next step's scheduling
+                self._publish_ls_signal(batches)
             any_prefill = any(batches)
             if not any_prefill and not any(rs.running for rs in ranks):
                 if nxt >= n:

@@ -56,6 +56,9 @@ class RankState:
         self.retractions = 0
         self.preemption_events = 0
         self.capped_chunks = 0  # steps whose chunked prefill the ordering's chunk_limit shortened
+        # Lockstep LS signal: the largest LS-waiting count of the DP-attention group, set by the engine each step
+        # for orderings with `lockstep_signal_lag_steps` (the request tier's DP-wide chunk cap).
+        self.group_ls_waiting = 0
 
     # ---- accounting -------------------------------------------------------------------------------------
     def free_for_alloc(self) -> int:
@@ -187,9 +190,13 @@ class RankState:
             rid = self.chunked
             remaining = int(t.fill_len[rid] - t.prefilled[rid])
             cap = budget_chunk
-            if limit_fn is not None and snaps:
+            if limit_fn is not None and (snaps or self.group_ls_waiting):
                 waiting_uncached = [(w.priority, max(1, w.input_tokens - w.cached_tokens)) for w in snaps]
-                limit = limit_fn(int(t.priority[rid]), remaining, waiting_uncached, budget_chunk, 1)
+                if self.group_ls_waiting:  # only lockstep-aware orderings get a nonzero signal
+                    limit = limit_fn(int(t.priority[rid]), remaining, waiting_uncached, budget_chunk, 1,
+                                     group_ls_waiting=self.group_ls_waiting)
+                else:
+                    limit = limit_fn(int(t.priority[rid]), remaining, waiting_uncached, budget_chunk, 1)
                 if limit is not None and limit < min(remaining, cap):
                     cap = limit
                     self.capped_chunks += 1
@@ -210,6 +217,11 @@ class RankState:
             snaps, matched = self._ordered_waiting(now_s)
         slots = s.max_running_requests - len(self.running) - len(batch)
         admitted: list[int] = []
+        # LS protection also bounds NEW best-effort admissions this step (request tier: be_admission_budget).
+        be_budget_fn = getattr(self.ordering, "be_admission_tokens", None)
+        is_ls = getattr(getattr(self.ordering, "config", None), "is_latency_sensitive", None)
+        local_ls = sum(1 for w in snaps if is_ls(w.priority)) if be_budget_fn is not None else 0
+        be_tokens = sum(e for r, e, _ in batch if not is_ls(int(t.priority[r]))) if be_budget_fn is not None else 0
         for pos, rid in enumerate(list(self.waiting)):  # preemption appends victims to self.waiting
             if pos >= len(snaps):
                 break
@@ -229,6 +241,13 @@ class RankState:
             if budget_chunk <= 0 or budget_input <= 0:
                 break
             extend = min(extend_total, budget_chunk)
+            if be_budget_fn is not None and not is_ls(int(t.priority[rid])):
+                be_left = be_budget_fn(local_ls, self.group_ls_waiting, be_tokens)
+                if be_left is not None:
+                    if be_left <= 0:
+                        break
+                    extend = min(extend, be_left)
+                    be_tokens += extend
             if extend < extend_total and chunk_unfinished:
                 break  # one chunked request at a time
             m = matched[pos]
