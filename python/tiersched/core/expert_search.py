@@ -76,11 +76,9 @@ def greedy(has, load, items_e, items_w, slots_per_rank, unit_cost, weight, alpha
     return has
 
 
-def _scen_of(scen, rows, experts):
-    """float [n, Wp, S]: scen[rows[i], :, :, experts[i]] without copying the whole batch."""
-    _, num_windows, num_sources, _ = scen.shape
-    return scen[rows[:, None, None], np.arange(num_windows)[None, :, None], np.arange(num_sources)[None, None, :],
-                experts[:, None, None]]
+def _scen_of(src, rows, experts):
+    """float [n, Wp, S]: the scenarios of expert experts[i] in layer rows[i]; src [B, S, E, Wp]."""
+    return np.transpose(src[rows, :, experts], (0, 2, 1))
 
 
 def _expert_state(scen_e, has_e, unit_cost_e, local_first):
@@ -126,6 +124,8 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
     linear = (np.transpose(unit_cost, (0, 2, 1)) * (has > 0)).sum((1, 2))  # [B]
     current = _balance(loads, weight, worst_weight, spread_weight, alpha) + linear
     replicas = np.maximum(has.sum(2), 1)  # [B, E]: swaps never change an expert's replica count
+    # [B, S, E, Wp]: the scenarios of one (source, expert) side by side, so gathers touch one cache line
+    src = np.ascontiguousarray(np.transpose(scen, (0, 2, 3, 1)))
     live = np.arange(batch)
     tabu = np.zeros((batch, num_slots, num_slots), dtype=bool)  # swaps the exact loads rejected
     m = min(candidate_ranks, num_ranks - 1)
@@ -164,10 +164,10 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
         rem_ei = np.transpose(np.take_along_axis(remote[b], ei[:, None, :], 2), (0, 2, 1))  # [nb, k, Wp]
         rem_eq = np.transpose(np.take_along_axis(remote[b], eq[:, None, :], 2), (0, 2, 1))  # [nb, Q, Wp]
         if local_first:
-            src_a_ei = scen[bb, :, a[:, None], ei]  # [nb, k, Wp]
-            src_a_eq = scen[bb, :, a[:, None], eq]  # [nb, Q, Wp]
-            src_q_eq = scen[bb, :, rq, eq]
-            src_q_ei = scen[b[:, None, None], :, rq[:, None, :], ei[:, :, None]]  # [nb, k, Q, Wp]
+            src_a_ei = src[bb, a[:, None], ei]  # [nb, k, Wp]
+            src_a_eq = src[bb, a[:, None], eq]  # [nb, Q, Wp]
+            src_q_eq = src[bb, rq, eq]
+            src_q_ei = src[b[:, None, None], rq[:, None, :], ei[:, :, None]]  # [nb, k, Q, Wp]
             item_i = src_a_ei + rem_ei / c_ei
             item_q = src_q_eq + rem_eq / c_eq
             eq_at_a = src_a_eq + (rem_eq + src_q_eq - src_a_eq) / c_eq  # [nb, Q, Wp]
@@ -223,12 +223,12 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
         r1, r2 = sa // k, sq // k
         old = (loads[keep].copy(), remote[keep].copy(), linear[keep].copy())
         for e in (e1, e2):  # exact incremental update: remove both experts' old state, add the new one
-            contrib, _, lin = _expert_state(_scen_of(scen, keep, e), has[keep, e], unit_cost[keep, :, e], local_first)
+            contrib, _, lin = _expert_state(_scen_of(src, keep, e), has[keep, e], unit_cost[keep, :, e], local_first)
             loads[keep] -= contrib
             linear[keep] -= lin
         has[keep, e1, r1] -= 1; has[keep, e2, r1] += 1; has[keep, e2, r2] -= 1; has[keep, e1, r2] += 1
         for e in (e1, e2):
-            contrib, rem, lin = _expert_state(_scen_of(scen, keep, e), has[keep, e], unit_cost[keep, :, e], local_first)
+            contrib, rem, lin = _expert_state(_scen_of(src, keep, e), has[keep, e], unit_cost[keep, :, e], local_first)
             loads[keep] += contrib
             linear[keep] += lin
             remote[keep, :, e] = rem
