@@ -22,7 +22,11 @@ def problems(draw):
     rng = np.random.default_rng(seed)
     counts = rng.gamma(0.7, 100.0, size=(num_windows, num_layers, num_sources, num_logical)).round()
     counts[..., 0, 0] += 1.0  # at least one token
-    return counts, num_physical, num_ranks
+    coact = None
+    if num_layers > 1 and draw(st.booleans()):  # exercises inter-layer co-location
+        coact = rng.gamma(0.5, 10.0, size=(num_layers - 1, num_logical, num_logical)).round()
+    hot = draw(st.integers(0, 2))
+    return counts, num_physical, num_ranks, coact, hot
 
 
 def _check_structure(placement, num_layers, num_logical, num_physical, num_ranks):
@@ -44,14 +48,16 @@ def _check_structure(placement, num_layers, num_logical, num_physical, num_ranks
 @settings(max_examples=25, deadline=None)
 @given(problems())
 def test_rebalance_structure_and_determinism(problem):
-    counts, num_physical, num_ranks = problem
-    stats = ExpertStats(source_counts=counts)
-    config = PlacementConfig()
-    first = rebalance(stats, num_physical, num_ranks, 1, None, config)
+    counts, num_physical, num_ranks, coact, hot = problem
+    stats = ExpertStats(source_counts=counts, coactivation=coact)
+    config = PlacementConfig(hot_slots_per_rank=hot)
+    from tiersched.core.expert_solver import solve  # called directly: a planner exception must fail the test
+
+    first = solve(stats, num_physical, num_ranks, 1, None, config)
     _check_structure(first, counts.shape[1], counts.shape[3], num_physical, num_ranks)
     again = rebalance(stats, num_physical, num_ranks, 1, None, config)
     np.testing.assert_array_equal(first.phy2log, again.phy2log)
-    with_prev = rebalance(stats, num_physical, num_ranks, 1, first, config)
+    with_prev = solve(stats, num_physical, num_ranks, 1, first, config)
     _check_structure(with_prev, counts.shape[1], counts.shape[3], num_physical, num_ranks)
 
 

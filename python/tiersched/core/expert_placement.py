@@ -54,7 +54,7 @@ class PlacementConfig:
     variance_weight: float = 1.0  # replicas are sized for mean + variance_weight * std of an expert's load
     prior_drift_sigma: float = 0.26  # assumed relative std of an expert's load between windows (DeepSeek-V3)
     worst_window_weight: float = 0.5  # balance term = mean over windows of peak + this * worst window's peak
-    hot_slots_per_rank: int = 1  # kept for config compatibility: the reduced assignment places the R hottest replicas
+    hot_slots_per_rank: int = 1  # the reduced assignment places the hottest hot_slots_per_rank * R replicas (0: off)
     local_search_iters: int = 100  # swap-improvement steps (each one swap per layer, all layers at once)
     candidate_ranks: int = 4  # a swap pairs the peak rank with one of this many least loaded ranks
     spread_weight: float = 0.05  # weight of the sum of squared rank loads (moves past ties in the peak)

@@ -3,8 +3,8 @@
 Pipeline per rebalance (deterministic, no wall-clock budget; every tie is broken by index):
   1. estimate (expert_estimate): planning scenarios = each window's load shares + a robust (mean + std) one;
   2. replica counts on the robust load (upstream's `replicate_experts` rule on mean + std instead of the mean);
-  3. reduced assignment (with per-source data or a previous placement): the R hottest replicas, one per rank,
-     to the ranks that maximise locality minus migration. It is an assignment problem (totally unimodular, so
+  3. reduced assignment (with per-source data or a previous placement): the hot_slots_per_rank * R hottest
+     replicas, R at a time, one per rank, to the ranks that maximise locality minus migration. It is an assignment problem (totally unimodular, so
      the MILP's LP relaxation is integral): solved exactly by scipy's linear_sum_assignment, or by HiGHS
      (`hot_solver = "highs"`, same optimum, slower);
   4. multi-scenario greedy (expert_search.greedy), all layers at once;
@@ -95,12 +95,17 @@ def solve(stats: ExpertStats, num_physical: int, num_ranks: int, num_nodes: int,
     order = np.argsort(-np.take_along_axis(per_replica, item_e, 1), axis=1, kind="stable")
     item_e = np.take_along_axis(item_e, order, 1)
     rows = np.arange(batch)[:, None]
-    if config.use_milp and (num_sources == num_ranks or prev is not None):
-        hot = item_e[:, :num_ranks]  # [B, R]: the R hottest replicas, one per rank
-        for b in range(batch):
-            ranks = assign_hot(unit_cost[b][:, hot[b]].T, config.hot_solver, config.solver_time_limit_s)
-            np.add.at(has[b], (hot[b], ranks), 1)
-        item_e = np.where(np.arange(num_physical)[None] < num_ranks, -1, item_e)
+    rounds = min(config.hot_slots_per_rank, k) if config.use_milp else 0
+    if rounds and (num_sources == num_ranks or prev is not None):
+        # round j places the j-th group of R hottest replicas, one per rank; a rank that already holds the
+        # expert is priced out, so replicas of one expert stay on distinct ranks
+        for j in range(rounds):
+            hot = item_e[:, j * num_ranks:(j + 1) * num_ranks]  # [B, R]
+            for b in range(batch):
+                table = unit_cost[b][:, hot[b]].T + np.where(has[b][hot[b]] > 0, 1e3, 0.0)  # [R replicas, R ranks]
+                ranks = assign_hot(table, config.hot_solver, config.solver_time_limit_s)
+                np.add.at(has[b], (hot[b], ranks), 1)
+        item_e = np.where(np.arange(num_physical)[None] < rounds * num_ranks, -1, item_e)
     items_w = np.transpose(np.take_along_axis(agg, np.maximum(item_e, 0)[:, None, :], 2), (0, 2, 1))
     items_w = items_w / np.take_along_axis(reps, np.maximum(item_e, 0), 1)[:, :, None]  # [B, n, Wp]
     load = (agg / reps[:, None, :]) @ has.astype(np.float64)
