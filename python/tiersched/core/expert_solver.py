@@ -111,7 +111,9 @@ def solve(stats: ExpertStats, num_physical: int, num_ranks: int, num_nodes: int,
     load = (agg / reps[:, None, :]) @ has.astype(np.float64)
     args = _search_args(config, est.weight)
     greedy(has, load, item_e, items_w, k, unit_cost, **args)
-    phy = np.stack([_align_slots(has[b], None, k) for b in range(batch)]) if batch else np.zeros((0, num_physical), dtype=np.int64)
+    # slot layout: each rank's experts ascending (counts from has [B, E, R], rank-major per layer)
+    phy = np.repeat(np.tile(np.arange(num_logical), batch * num_ranks),
+                    np.transpose(has, (0, 2, 1)).reshape(-1)).reshape(batch, num_physical)
     phy = local_search(phy, scen, unit_cost, iters=config.local_search_iters, candidate_ranks=config.candidate_ranks, **args)
     if prev_phy is not None:
         kept = local_search(prev_phy.copy(), scen, unit_cost, iters=config.local_search_iters,
@@ -126,7 +128,10 @@ def solve(stats: ExpertStats, num_physical: int, num_ranks: int, num_nodes: int,
         phy = colocate(phy, layers, scen, unit_cost, np.asarray(stats.coactivation, dtype=np.float64), config, args)
     out = (np.array(prev.phy2log, dtype=np.int64) if prev is not None
            else np.tile(np.arange(num_physical, dtype=np.int64) % num_logical, (num_layers, 1)))
-    for b, layer in enumerate(layers):
-        out[layer] = _align_slots(has_from_phy(phy[b:b + 1], num_logical, num_ranks)[0],
-                                  prev.phy2log[layer] if prev is not None else None, k)
+    if prev is None:
+        out[layers] = np.sort(phy.reshape(batch, num_ranks, k), axis=2).reshape(batch, num_physical)
+    else:
+        final_has = has_from_phy(phy, num_logical, num_ranks)
+        for b, layer in enumerate(layers):
+            out[layer] = _align_slots(final_has[b], prev.phy2log[layer], k)
     return placement_from_phy2log(out, num_logical)
