@@ -12,7 +12,7 @@ from tiersched.core import expert_metrics as metrics
 
 @st.composite
 def problems(draw):
-    num_ranks = draw(st.sampled_from([2, 4]))
+    num_ranks = draw(st.sampled_from([1, 2, 4]))
     num_logical = num_ranks * draw(st.integers(1, 4))
     num_physical = num_logical + num_ranks * draw(st.integers(0, 2))
     num_layers = draw(st.integers(1, 3))

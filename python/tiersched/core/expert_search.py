@@ -112,6 +112,8 @@ def local_search(phy, scen, unit_cost, weight, alpha, worst_weight, spread_weigh
     batch, num_slots = phy.shape
     _, num_windows, num_sources, num_logical = scen.shape
     num_ranks = unit_cost.shape[1]
+    if num_ranks < 2 or batch == 0:
+        return phy  # nothing to swap between
     k = num_slots // num_ranks
     local_first = num_sources == num_ranks
     has = has_from_phy(phy, num_logical, num_ranks)
