@@ -9,9 +9,10 @@ in each slot; slot p lives on rank p // (P / R)), against every planning scenari
 
 Rank loads follow the dispatch the objective assumes (local replica first when S == R, else even over the
 replicas); they are kept exact and updated incrementally per swap. Candidate swaps are scored with the moved
-replica's own load change (exact when S == 1; with S == R the other replicas of a moved expert also shift a
-little), then every applied swap is re-checked on the exact loads and undone when it did not lower the cost.
-Deterministic: ties go to the lowest index.
+replicas' load change (exact when S == 1; with S == R the tokens that change sides also shift the moved experts'
+other replicas, which enters the scored peak approximately), then every applied swap is re-checked on the exact
+loads, and undone and never retried (tabu) when it did not lower the cost. Deterministic: ties go to the lowest
+index.
 """
 from __future__ import annotations
 
