@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmark/sim_cpu_tiny_calibrate.py [--out python/tiersched/sim/calibration/cpu_tiny.json]
 
-Starts the tiny Qwen3-MoE (tiersched.rig) with `--dp-size 2` (tp1) and measures, on DP rank 0 (`routed_dp_rank`):
-  prefill: TTFT of single requests of n prompt tokens (n <= chunked_prefill_size, one output token), idle server;
-  decode:  TPOT of B simultaneous requests with prompt length P and 32 output tokens (one prefill batch, then
-           B-request decode steps; mean context per request P + 16).
+Starts the tiny Qwen3-MoE (tiersched.rig) with `--dp-size 2` (tp1) and measures, on both DP ranks at once with
+mirrored requests (`routed_dp_rank`; both ranks busy, as under real traffic, since the two ranks share the CPU):
+  prefill: TTFT of one request of n prompt tokens per rank (n <= chunked_prefill_size, one output token);
+  decode:  TPOT of B simultaneous requests per rank with prompt length P and 32 output tokens (one prefill batch,
+           then B-request decode steps; mean context per request P + 16).
 then fits the step-cost coefficients (tiersched.sim.fidelity.fit_prefill / fit_decode) and writes the JSON with the
 raw measurements, the server's scheduler settings (/get_server_info), the command, date and load average.
 The machine is shared: the load average before and after is recorded; calibrate when it is lowest.
@@ -44,9 +45,11 @@ def measure_prefill(url: str, reps: int, chunk: int) -> tuple[list[int], list[fl
         for n in PREFILL_LENGTHS:
             if n > chunk:
                 continue
-            sent, first, _, _, _ = fidelity.stream_generate(url, fidelity._prompt_ids(n, 7919 * rep + n), 1, 0)
-            lengths.append(n)
-            ttfts.append(first - sent)
+            res = fidelity.run_request_set(url, np.zeros(2), np.full(2, n), np.ones(2, dtype=int),
+                                           seed=7919 * rep + n, routed_dp_rank=[0, 1])
+            for r in res:
+                lengths.append(n)
+                ttfts.append(r.ttft_s)
     return lengths, ttfts
 
 
@@ -54,13 +57,12 @@ def measure_decode(url: str, reps: int) -> tuple[list[int], list[float], list[fl
     batches, ctx, steps = [], [], []
     for rep in range(reps):
         for b, p in DECODE_SETS:
-            n = np.arange(b)
-            res = fidelity.run_request_set(url, np.zeros(b), np.full(b, p), np.full(b, DECODE_OUTPUT),
-                                           seed=1000 + 17 * rep + b + p, routed_dp_rank=0)
-            batches.append(b)
-            ctx.append(float(b * (p + DECODE_OUTPUT / 2)))
-            steps.append(float(np.median([r.tpot_s for r in res])))
-            del n
+            res = fidelity.run_request_set(url, np.zeros(2 * b), np.full(2 * b, p), np.full(2 * b, DECODE_OUTPUT),
+                                           seed=1000 + 17 * rep + b + p, routed_dp_rank=[0] * b + [1] * b)
+            for rank in (0, 1):
+                batches.append(b)
+                ctx.append(float(b * (p + DECODE_OUTPUT / 2)))
+                steps.append(float(np.median([r.tpot_s for r in res[rank * b:(rank + 1) * b]])))
     return batches, ctx, steps
 
 

