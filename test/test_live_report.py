@@ -80,3 +80,16 @@ def test_missing_adapter_is_reported_not_silently_dropped(monkeypatch):
 def test_active_tiers_parsed_from_server_log():
     log = "x\n[tiersched] active tiers: cpu-fixes, request, engine (pid 12)\n[tiersched] active tiers: none (pid 3)\n"
     assert live_arms.active_tiers_in_log(log) == {"cpu-fixes", "request", "engine", "none"}
+
+
+def test_ablation_arms_one_tier_each_and_not_counted_as_upstream():
+    arms = live_arms.arms_for("dp2", ablate=True)
+    names = [a.name for a in arms]
+    assert names[-1] == "tiersched" and names[:2] == ["upstream-lpm", "upstream-priority"]
+    for arm in arms[2:-1]:
+        assert len(arm.tiers) == 1 and arm.name == f"tiersched-{arm.tiers[0]}-only"
+        for flag in live_arms.TIERSCHED_TIER_FLAGS[arm.tiers[0]]:
+            assert flag in arm.args
+    runs = {"tiersched": [{"cached_tokens": 10}], "tiersched-engine-only": [{"cached_tokens": 1}],
+            "upstream-lpm": [{"cached_tokens": 5}]}
+    assert compare_arms(runs, "tiersched")["cached_tokens"]["best_upstream"] == "upstream-lpm"

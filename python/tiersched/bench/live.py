@@ -23,13 +23,13 @@ from tiersched.bench import live_ab, live_arms
 from tiersched.bench.live_report import compare_arms, headline
 from tiersched.bench.live_requests import lengths_set, shared_prefix_set
 
-QUICK = {"deployments": ["dp2"], "repeats": 2, "requests": 40, "sets": ["shared-prefix"]}
+QUICK = {"deployments": ["dp2"], "repeats": 2, "requests": 30, "sets": ["shared-prefix"]}
 FULL = {"deployments": list(live_arms.DEPLOYMENTS), "repeats": 3, "requests": 150,
         "sets": ["shared-prefix", "lengths"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="dp2 only, 2 repeats, 40 requests (< 10 min)")
+    parser.add_argument("--quick", action="store_true", help="dp2 only, 2 repeats, 30 requests (< 10 min)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--deployments", default=None, help=f"comma list of {', '.join(live_arms.DEPLOYMENTS)}")
     parser.add_argument("--repeats", type=int, default=None)
@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-tokens", type=int, default=8, help="tokens per Mooncake 512-token block")
     parser.add_argument("--record", default=None, help="directory for per-run replay records (JSONL)")
     parser.add_argument("--replay", action="store_true", help="simulate the recorded tiersched run (needs --record)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also run one arm per tier alone (over upstream-lpm) to see which tier does what")
     parser.add_argument("--model", default=None, help="model dir (default: a freshly generated tiny MoE)")
 
 
@@ -55,7 +57,7 @@ def _request_sets(names, n: int, rate: float, block_tokens: int):
 def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir: str | None) -> dict:
     from tiersched.bench.live_replay import write_record
 
-    arms = live_arms.arms_for(deployment)
+    arms = live_arms.arms_for(deployment, ablate=args.ablate)
     out: dict = {"missing_tiers": arms[-1].skipped_tiers, "tiersched_tiers": list(arms[-1].tiers),
                  "arms": {a.name: " ".join(live_arms.server_args(deployment, a)) for a in arms}, "sets": {}}
     for tier, why in arms[-1].skipped_tiers.items():
@@ -64,7 +66,7 @@ def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir
         probe = shared_prefix_set(plan["requests"], 1.0, args.block_tokens)
         if args.rate is None:
             with live_ab.only_running(servers, arms[0].name) as srv:
-                capacity = live_ab.measure_capacity(srv.url, probe, n=min(40, plan["requests"]))
+                capacity = live_ab.measure_capacity(srv.url, probe, n=min(20, plan["requests"]))
             rate = max(0.2, args.load * capacity)
             out["capacity_req_s"] = round(capacity, 3)
         else:
@@ -84,6 +86,11 @@ def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir
                 "reusable_block_fraction": round(request_set.reusable_block_fraction(), 4),
                 "ratios": compare_arms(summaries, live_arms.TIERSCHED), "runs": summaries,
             }
+            ablation = {name: compare_arms({k: v for k, v in summaries.items() if not k.startswith(live_arms.TIERSCHED)
+                                            or k == name}, name)
+                        for name in summaries if name.startswith(live_arms.TIERSCHED + "-")}
+            if ablation:
+                out["sets"][request_set.name]["ablation_ratios"] = ablation
     return out
 
 

@@ -100,8 +100,18 @@ def tiersched_arm(deployment: str) -> Arm:
     return Arm(TIERSCHED, _merge(base, *(TIERSCHED_TIER_FLAGS[t] for t in active)), True, active, missing)
 
 
-def arms_for(deployment: str, upstream: tuple[str, ...] = tuple(UPSTREAM_ARMS)) -> list[Arm]:
+def single_tier_arms(deployment: str) -> list[Arm]:
+    """Ablation: one arm per available tier, that tier's flags alone over upstream-lpm (which tier does what)."""
+    full = tiersched_arm(deployment)
+    base = UPSTREAM_ARMS["upstream-lpm"]
+    return [Arm(f"{TIERSCHED}-{tier}-only", _merge(base, TIERSCHED_TIER_FLAGS[tier]), True, (tier,))
+            for tier in full.tiers] if len(full.tiers) > 1 else []
+
+
+def arms_for(deployment: str, upstream: tuple[str, ...] = tuple(UPSTREAM_ARMS), ablate: bool = False) -> list[Arm]:
     arms = [Arm(name, UPSTREAM_ARMS[name], True) for name in upstream]
+    if ablate:
+        arms.extend(single_tier_arms(deployment))
     arms.append(tiersched_arm(deployment))
     return arms
 

@@ -49,16 +49,16 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pgid, self.sample_s = pgid, sample_s
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         start = time.monotonic()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.samples.append((time.monotonic() - start, group_rss_bytes(self.pgid)))
-            self._stop.wait(self.sample_s)
+            self._halt.wait(self.sample_s)
 
     def stop(self) -> dict:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
         rss = [b for _, b in self.samples]
         if not rss:
@@ -72,16 +72,21 @@ class RssSampler(threading.Thread):
 
 
 def tiled(request_set: RequestSet, n: int, rate: float) -> RequestSet:
-    """`n` requests cycling through the set (fresh rids); the set's inter-arrival shape, mean rate `rate` req/s."""
+    """`n` requests cycling through the set (fresh rids), the set's inter-arrival shape, exactly `rate` req/s on
+    average over the whole run (the trace is bursty: its first gaps alone would give another rate)."""
     base = request_set.requests
     gaps = [base[i + 1].arrival_s - base[i].arrival_s for i in range(len(base) - 1)] or [1.0]
-    mean_gap = sum(gaps) / len(gaps) or 1.0
-    reqs, t = [], 0.0
+    raw, t = [], 0.0
+    for i in range(n):
+        raw.append(t)
+        t += gaps[i % len(gaps)]
+    scale = (n - 1) / rate / raw[-1] if n > 1 and raw[-1] > 0 else 0.0
+    reqs = []
     for i in range(n):
         r = base[i % len(base)]
-        reqs.append(LiveRequest(f"{r.rid}-t{i // len(base)}", t, r.input_ids, r.output_len, r.priority, r.cls,
+        at = raw[i] * scale if scale else i / rate
+        reqs.append(LiveRequest(f"{r.rid}-t{i // len(base)}", at, r.input_ids, r.output_len, r.priority, r.cls,
                                 r.prefix_blocks))
-        t += (gaps[i % len(gaps)] / mean_gap if mean_gap > 0 else 1.0) / rate
     return RequestSet(request_set.name, request_set.source, request_set.block_tokens, tuple(reqs))
 
 
@@ -110,7 +115,7 @@ def load_run(model_dir: str, duration_s: float, rate: float | None = None, facto
         alive = srv.alive()
     out.update(summarize(results))
     out.update(memory)
-    out.update({"rate_req_s": round(rate, 3), "duration_s": duration_s, "wall_s": round(wall, 1),
+    out.update({"rate_req_s": round(rate, 3), "arrival_span_s": round(requests.duration_s, 1), "wall_s": round(wall, 1),
                 "server_alive": alive, "tiers": list(arm.tiers), "missing_tiers": arm.skipped_tiers})
     return out
 

@@ -90,7 +90,7 @@ def pair_ratios(ours: Sequence[dict], upstream: Sequence[dict], metric: str) -> 
 def compare_arms(runs: dict[str, list[dict]], ours: str) -> dict:
     """metric -> upstream arm -> ratio dict; plus 'best' = against the upstream arm best on that metric."""
     out: dict = {}
-    upstream = [name for name in runs if name != ours]
+    upstream = [name for name in runs if name != ours and not name.startswith(ours)]  # ablation arms are ours too
     for metric in METRICS:
         per_arm = {name: pair_ratios(runs[ours], runs[name], metric) for name in upstream}
         per_arm = {k: v for k, v in per_arm.items() if v is not None}
