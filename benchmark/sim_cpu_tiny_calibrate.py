@@ -29,41 +29,9 @@ from tiersched.rig.tiny_model import make_tiny_moe
 from tiersched.sim import fidelity
 from tiersched.sim.cpu_tiny import calibration_path
 
-PREFILL_LENGTHS = (16, 128, 384, 768, 1152, 1536, 2048)
-DECODE_SETS = ((1, 64), (4, 64), (8, 64), (16, 64), (4, 512), (8, 384), (16, 256))
-DECODE_OUTPUT = 32
-
-
 def server_info(url: str) -> dict:
     with urllib.request.urlopen(url + "/get_server_info", timeout=60) as r:
         return json.loads(r.read())
-
-
-def measure_prefill(url: str, reps: int, chunk: int) -> tuple[list[int], list[float]]:
-    lengths, ttfts = [], []
-    for rep in range(reps):
-        for n in PREFILL_LENGTHS:
-            if n > chunk:
-                continue
-            res = fidelity.run_request_set(url, np.zeros(2), np.full(2, n), np.ones(2, dtype=int),
-                                           seed=7919 * rep + n, routed_dp_rank=[0, 1])
-            for r in res:
-                lengths.append(n)
-                ttfts.append(r.ttft_s)
-    return lengths, ttfts
-
-
-def measure_decode(url: str, reps: int) -> tuple[list[int], list[float], list[float]]:
-    batches, ctx, steps = [], [], []
-    for rep in range(reps):
-        for b, p in DECODE_SETS:
-            res = fidelity.run_request_set(url, np.zeros(2 * b), np.full(2 * b, p), np.full(2 * b, DECODE_OUTPUT),
-                                           seed=1000 + 17 * rep + b + p, routed_dp_rank=[0] * b + [1] * b)
-            for rank in (0, 1):
-                batches.append(b)
-                ctx.append(float(b * (p + DECODE_OUTPUT / 2)))
-                steps.append(float(np.median([r.tpot_s for r in res[rank * b:(rank + 1) * b]])))
-    return batches, ctx, steps
 
 
 def refit(path: str) -> int:
@@ -103,10 +71,8 @@ def main() -> int:
         info = server_info(srv.url)
         chunk = int(info.get("chunked_prefill_size") or 8192)
         fidelity.run_request_set(srv.url, np.zeros(4), np.full(4, 64), np.full(4, 8), seed=99)  # warm-up
-        lengths, ttfts = measure_prefill(srv.url, args.reps, chunk)
-        batches, ctx, steps = measure_decode(srv.url, args.reps)
-    prefill_fit = fidelity.fit_prefill(np.array(lengths), np.array(ttfts))
-    decode_fit = fidelity.fit_decode(np.array(batches), np.array(ctx), np.array(steps))
+        prof = fidelity.profile(srv.url, args.reps, chunk)
+    prefill_fit, decode_fit = prof["fits"]["prefill"], prof["fits"]["decode"]
     settings = {k: info.get(k) for k in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests",
                                          "schedule_policy", "load_balance_method", "max_total_tokens",
                                          "schedule_conservativeness", "page_size")}
@@ -120,11 +86,9 @@ def main() -> int:
         "profiling_wall_s": round(time.time() - started, 1),
         "server": {"args": "--dp-size 2 (tp1) " + " ".join(a for a in srv.args if a.startswith("--")),
                    "settings": settings, "max_total_num_tokens": internal.get("max_total_num_tokens")},
-        "measurements": {"prefill": {"input_tokens": lengths, "ttft_s": ttfts},
-                         "decode": {"batch": batches, "context_sum": ctx, "step_s": steps,
-                                    "output_tokens": DECODE_OUTPUT}},
-        "fits": {"prefill": prefill_fit, "decode": decode_fit},
-        "coefficients": fidelity.coefficients(prefill_fit, decode_fit),
+        "measurements": prof["measurements"],
+        "fits": prof["fits"],
+        "coefficients": prof["coefficients"],
         "dp": 2,
         "scheduler": {
             "chunked_prefill_size": chunk,

@@ -6,7 +6,8 @@ Starts the tiny Qwen3-MoE (`tiersched.rig`, `--dp-size 2`, tp1; or uses --url), 
 (Poisson arrivals, prompt 32-768 tokens as input_ids, 8-48 output tokens with ignore_eos), measures mean TTFT,
 TPOT and output throughput, then simulates the same requests (actual send times as arrivals, same lengths,
 the server's dispatch and ordering policies) on the calibrated `cpu-tiny` preset and prints both with the
-relative errors |sim - real| / real. Goal (issue 6): <= 10% each. The load average is printed with the result:
+relative errors |sim - real| / real. Goal (issue 6): <= 10% each. With --calibrate-first the same server is
+profiled (reduced set) right before the requests, so calibration and check see the same machine load. The load average is printed with the result:
 the real server shares this machine, the simulator does not model other processes.
 """
 from __future__ import annotations
@@ -26,6 +27,19 @@ SIM_DISPATCH = {"round_robin": "round_robin", "total_requests": "total_requests"
 SIM_ORDERING = {"fcfs": "fcfs", "lpm": "lpm", "lof": "fcfs", "random": "fcfs"}
 
 
+QUICK_PREFILL = (16, 384, 1152, 2048)
+QUICK_DECODE = ((1, 64), (8, 64), (8, 384), (16, 256))
+
+
+def calibrate_in_situ(url: str, calibration: dict) -> dict:
+    """A reduced profile of the same server, right before the fidelity requests (same load): the committed
+    calibration with its measurements, fits and coefficients replaced."""
+    chunk = int(calibration.get("scheduler", {}).get("chunked_prefill_size", 4096))
+    prof = fidelity.profile(url, 1, chunk, QUICK_PREFILL, QUICK_DECODE)
+    return {**calibration, **prof, "date": None, "load_average_before": fidelity.load_average(),
+            "in_situ": True}
+
+
 def compare(url: str, n: int, rate: float, seed: int, calibration: dict) -> dict:
     arrivals, inputs, outputs = fidelity.request_set(n, rate, seed)
     load_before = fidelity.load_average()
@@ -35,15 +49,18 @@ def compare(url: str, n: int, rate: float, seed: int, calibration: dict) -> dict
     settings = calibration.get("server", {}).get("settings", {})
     dispatch = SIM_DISPATCH.get(settings.get("load_balance_method") or "round_robin", "round_robin")
     ordering = SIM_ORDERING.get(settings.get("schedule_policy") or "fcfs", "fcfs")
+    from tiersched.sim.cpu_tiny import preset as cpu_tiny_preset
+
+    preset = cpu_tiny_preset(calibration=calibration)
     order = np.argsort([r.arrival_s for r in results], kind="stable")
     sent = np.array([results[i].arrival_s for i in order])
     lengths = ([results[i].input_tokens for i in order], [results[i].output_tokens for i in order])
     ranks = [results[i].dp_rank for i in order]
     # The real dp2 server runs its ranks independently: replay each rank's requests on its own (primary);
     # the lockstep multi-rank model with the server's dispatch policy is reported beside it.
-    sim = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering,
+    sim = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering, preset,
                                         ranks=ranks if None not in ranks else None)
-    lockstep = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering)
+    lockstep = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering, preset)
     errors = {f"{k}_rel_error": abs(sim[k] - real[k]) / real[k] for k in ("ttft_mean", "tpot_mean", "throughput")}
     return {"requests": n, "rate_req_s": rate, "seed": seed, "real": real, "sim": sim, "sim_lockstep": lockstep,
             "lockstep_rel_errors": {k: abs(lockstep[k] - real[k]) / real[k]
@@ -51,7 +68,9 @@ def compare(url: str, n: int, rate: float, seed: int, calibration: dict) -> dict
             "max_rel_error": max(errors.values()), "goal_rel_error": 0.10, "sim_policies": [dispatch, ordering],
             "real_wall_s": round(time.time() - start, 1), "load_average_before": load_before,
             "load_average_after": fidelity.load_average(),
-            "calibration": {"date": calibration.get("date"), "load_average": calibration.get("load_average_before")}}
+            "calibration": {"date": calibration.get("date"), "load_average": calibration.get("load_average_before"),
+                            "in_situ": bool(calibration.get("in_situ")),
+                            "coefficients": calibration.get("coefficients")}}
 
 
 def main() -> int:
@@ -61,6 +80,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--url", default=None, help="an already running server (default: start one)")
+    ap.add_argument("--calibrate-first", action="store_true",
+                    help="profile the same server (reduced set) right before the requests and use that fit")
     args = ap.parse_args()
     path = calibration_path()
     if not path.exists():
@@ -68,6 +89,8 @@ def main() -> int:
         return 2
     calibration = json.loads(path.read_text())
     if args.url:
+        if args.calibrate_first:
+            calibration = calibrate_in_situ(args.url, calibration)
         report = compare(args.url, args.requests, args.rate, args.seed, calibration)
     else:
         from tiersched.rig.server import launch_server
@@ -77,6 +100,8 @@ def main() -> int:
         max_total = int(calibration.get("server", {}).get("settings", {}).get("max_total_tokens") or 16384)
         with launch_server(model, extra_args=["--dp-size", "2"], timeout_s=480, max_total_tokens=max_total) as srv:
             fidelity.run_request_set(srv.url, np.zeros(4), np.full(4, 64), np.full(4, 8), seed=99)  # warm-up
+            if args.calibrate_first:
+                calibration = calibrate_in_situ(srv.url, calibration)
             report = compare(srv.url, args.requests, args.rate, args.seed, calibration)
     if args.json:
         print(json.dumps(report))

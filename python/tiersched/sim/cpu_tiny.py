@@ -23,16 +23,20 @@ def calibration_path() -> Path:
     return Path(__file__).resolve().parent / "calibration" / "cpu_tiny.json"
 
 
-def preset(path: Path | None = None):
+def preset(path: Path | None = None, calibration: dict | None = None):
+    """The preset from the committed calibration file (or `path`), or from a `calibration` dict with the file's
+    "coefficients" (and optional "dp", "scheduler") sections."""
     from tiersched.sim.presets import Hardware, ModelShape, Preset, SchedulerSettings
 
-    path = path or calibration_path()
-    if not path.exists():
-        raise ValueError(
-            "preset 'cpu-tiny' is not calibrated yet; run `python benchmark/sim_cpu_tiny_calibrate.py` to profile "
-            "the real CPU server first."
-        )
-    cal = json.loads(Path(path).read_text())
+    if calibration is None:
+        path = path or calibration_path()
+        if not path.exists():
+            raise ValueError(
+                "preset 'cpu-tiny' is not calibrated yet; run `python benchmark/sim_cpu_tiny_calibrate.py` to "
+                "profile the real CPU server first."
+            )
+        calibration = json.loads(Path(path).read_text())
+    cal = calibration
     c = cal["coefficients"]
     hbm = 1e12  # arbitrary unit: kv_bytes_per_token below is expressed against it
     model = ModelShape(name="tiny-qwen3-moe", moe_layers=2, num_experts=8, top_k=2, hidden=64, moe_intermediate=0,

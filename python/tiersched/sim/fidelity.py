@@ -164,6 +164,42 @@ def coefficients(prefill_fit: dict, decode_fit: dict) -> dict:
     }
 
 
+# ---- profiling (calibration) --------------------------------------------------------------------------------
+PREFILL_LENGTHS = (16, 128, 384, 768, 1152, 1536, 2048)
+DECODE_SETS = ((1, 64), (4, 64), (8, 64), (16, 64), (4, 512), (8, 384), (16, 256))  # (batch per rank, prompt)
+DECODE_OUTPUT = 32
+
+
+def profile(url: str, reps: int, chunk: int, prefill_lengths=PREFILL_LENGTHS, decode_sets=DECODE_SETS) -> dict:
+    """Measure a dp2 server with mirrored requests on both ranks (`routed_dp_rank`), fit, return
+    {"measurements", "fits", "coefficients"} (the calibration file's sections)."""
+    lengths, ttfts = [], []
+    for rep in range(reps):
+        for n in prefill_lengths:
+            if n > chunk:
+                continue
+            for r in run_request_set(url, np.zeros(2), np.full(2, n), np.ones(2, dtype=int), seed=7919 * rep + n,
+                                     routed_dp_rank=[0, 1]):
+                lengths.append(n)
+                ttfts.append(r.ttft_s)
+    batches, ctx, steps = [], [], []
+    for rep in range(reps):
+        for b, p in decode_sets:
+            res = run_request_set(url, np.zeros(2 * b), np.full(2 * b, p), np.full(2 * b, DECODE_OUTPUT),
+                                  seed=1000 + 17 * rep + b + p, routed_dp_rank=[0] * b + [1] * b)
+            for rank in (0, 1):
+                batches.append(b)
+                ctx.append(float(b * (p + DECODE_OUTPUT / 2)))
+                steps.append(float(np.median([r.tpot_s for r in res[rank * b:(rank + 1) * b]])))
+    prefill_fit = fit_prefill(np.array(lengths), np.array(ttfts))
+    decode_fit = fit_decode(np.array(batches), np.array(ctx), np.array(steps))
+    return {"measurements": {"prefill": {"input_tokens": lengths, "ttft_s": ttfts},
+                             "decode": {"batch": batches, "context_sum": ctx, "step_s": steps,
+                                        "output_tokens": DECODE_OUTPUT}},
+            "fits": {"prefill": prefill_fit, "decode": decode_fit},
+            "coefficients": coefficients(prefill_fit, decode_fit)}
+
+
 # ---- the simulator side of the fidelity check -----------------------------------------------------------------
 def _workload(arrivals, inputs, outputs):
     from tiersched.sim.workloads import Workload
