@@ -203,3 +203,62 @@ def test_drain_ranks_config_marks_ranks_inactive_through_upstream_status(control
     for i in range(5):
         routing.dispatch(gen_req(f"x{i}", [1, 2, 3]))
     assert controller.received(0) == [] and len(controller.received(1)) == 5
+
+
+def drain_req(**server_args):
+    from sglang.srt.managers.io_struct import SetInternalStateReq
+
+    return SetInternalStateReq(server_args=server_args)
+
+
+def test_runtime_drain_through_set_internal_state_and_back(controller, caplog):
+    """Upstream's /set_internal_state request object, as the controller's fallback forwards it: our keys change the
+    status and are removed (the schedulers see only upstream's keys); undrain restores dispatch to the rank."""
+    from tiersched.sglang.engine_tier_drain import drain_key
+
+    routing = engine_tier.ScoreRouting(controller, DispatchConfig(snapshot_refresh_s=0.0))
+    c = controller_with(routing)
+    for i in range(6):
+        routing.dispatch(gen_req(f"a{i}", [i + 1] * 30))
+    assert len(controller.received(0)) + len(controller.received(1)) == 6
+    caplog.set_level(logging.INFO, logger="tiersched.engine_tier")
+    req = drain_req(**{drain_key(1): 1, "pp_max_micro_batch_size": 4})
+    assert engine_tier.on_control_message(c, req) is None
+    assert req.server_args == {"pp_max_micro_batch_size": 4}  # ours applied and removed, upstream's kept
+    assert controller.status == [True, False] and controller._active_workers == [0, 1]  # control/health still reach 1
+    assert "DP ranks drained now: [1]" in caplog.text
+    for i in range(8):
+        routing.dispatch(gen_req(f"b{i}", [i + 50] * 30))
+    assert len(controller.received(0)) == 8 and controller.received(1) == []
+    # undrain: rank 1 is a candidate again and, being idle, gets work
+    engine_tier.on_control_message(c, drain_req(**{drain_key(1): 0}))
+    assert controller.status == [True, True]
+    for i in range(8):
+        routing.dispatch(gen_req(f"c{i}", [i + 100] * 30))
+    assert len(controller.received(1)) >= 1
+
+
+def test_runtime_drain_rejects_bad_keys_and_draining_every_rank(controller):
+    from tiersched.sglang.engine_tier_drain import drain_key
+
+    routing = engine_tier.ScoreRouting(controller, DispatchConfig(snapshot_refresh_s=0.0))
+    c = controller_with(routing)
+    for bad in ({drain_key(2): 1}, {drain_key(0): 3}, {drain_key(0): 1, drain_key(1): 1}):
+        req = drain_req(**bad)
+        engine_tier.on_control_message(c, req)
+        assert req.server_args == bad  # left in: the schedulers reject it, so the endpoint answers false
+        assert controller.status == [True, True]
+    # not the score method (no routing installed): passes straight through
+    plain = drain_req(**{drain_key(1): 1})
+    engine_tier.on_control_message(types.SimpleNamespace(status=[True, True]), plain)
+    assert plain.server_args == {drain_key(1): 1}
+
+
+def test_parse_drain_request_and_new_status():
+    from tiersched.sglang.engine_tier_drain import new_status, parse_drain_request
+
+    wanted, ok, bad = parse_drain_request({"tiersched_drain_dp_rank_1": 1, "tiersched_drain_dp_rank_0": 0,
+                                           "tiersched_drain_dp_rank_9": 1, "other": 5}, 2)
+    assert wanted == {1: True, 0: False} and sorted(ok) == ["tiersched_drain_dp_rank_0", "tiersched_drain_dp_rank_1"]
+    assert bad == ["tiersched_drain_dp_rank_9"]
+    assert new_status([False, True, True], {0: False, 2: True}) == [True, True, False]

@@ -9,7 +9,9 @@ Thin shell over tiersched.core.dispatch_score.ScoreDispatcher. Upstream seams (r
   (looked up per request by `dispatching_with_trace`) with the score dispatch, and read snapshots ourselves.
 - each scheduler's `publish_load_snapshot` also writes running decode tokens and expert pressure to a side file
   (engine_tier_loads.py); the controller translates both into RankLoad.
-- `send_control_message(FlushCacheReqInput)` also clears the controller's prefix index (caches were flushed).
+- `send_control_message(FlushCacheReqInput)` also clears the controller's prefix index (caches were flushed);
+  `send_control_message(SetInternalStateReq)` carrying `tiersched_drain_dp_rank_<r>` keys drains/undrains DP
+  ranks at runtime (upstream's `/set_internal_state` endpoint; engine_tier_drain.py).
 Every hook passes straight through unless the server was started with `--load-balance-method score`.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tiersched.core.dispatch import DispatchConfig, DispatchRequest
 from tiersched.core.dispatch_score import SCORER_NAMES, ScoreDispatcher
 from tiersched.core.prefix_index import chained_block_hashes
 from tiersched.sglang import engine_tier_loads as loads_io
+from tiersched.sglang.engine_tier_drain import apply_drain_request
 
 logger = logging.getLogger("tiersched.engine_tier")
 
@@ -31,7 +34,7 @@ HOOKS = (
     ("sglang.srt.server_args.ServerArgs.add_cli_args", "AFTER", "accept_method_choice"),
     (f"{DPC}.LoadBalanceMethod.from_str", "AROUND", "method_from_str"),
     (f"{DPC}.DataParallelController.__init__", "AFTER", "install_on_controller"),
-    (f"{DPC}.DataParallelController.send_control_message", "BEFORE", "forget_flushed_cache"),
+    (f"{DPC}.DataParallelController.send_control_message", "BEFORE", "on_control_message"),
     ("sglang.srt.managers.scheduler.Scheduler.publish_load_snapshot", "AFTER", "publish_extras"),
 )
 
@@ -83,6 +86,17 @@ def install_on_controller(result, controller, *args, **kwargs):
     logger.info("tiersched: DP dispatch by score over %d ranks (weights %s)", routing.num_ranks,
                 routing.dispatcher.config.weights())
     return result
+
+
+def on_control_message(controller, obj, *args, **kwargs):
+    """BEFORE send_control_message: a cache flush clears our prefix index; a drain request changes the status."""
+    from sglang.srt.managers.io_struct import SetInternalStateReq
+
+    forget_flushed_cache(controller, obj)
+    routing = getattr(controller, "tiersched_routing", None)
+    if routing is not None and isinstance(obj, SetInternalStateReq):
+        apply_drain_request(controller, obj, routing.num_ranks)  # removes the keys it applied
+    return None
 
 
 def forget_flushed_cache(controller, obj, *args, **kwargs):
