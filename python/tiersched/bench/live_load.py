@@ -7,16 +7,19 @@ final RSS, and the RSS growth between the first and last quarter of the run (a l
 
 Fault (DP rank drained): upstream marks a DP rank inactive through `DataParallelController.update_active_ranks`
 (an `ActiveRanksOutput` status list; elastic EP sends it when a rank dies) and only its round-robin path reads
-`status`; the engine tier's `score` reads the same status. From outside the server the only lever today is the
-engine tier's `drain_ranks` setting, applied at controller start (TIERSCHED_SET=engine.drain_ranks=N): that run
-checks the drained rank gets nothing and nothing is lost. A drain mid-run needs a runtime lever in the engine
-tier (pending; see docs/live-results.md).
+`status`; the engine tier's `score` reads the same status. Two levers: the `drain_ranks` setting, applied at
+controller start (`drain_run`, TIERSCHED_SET=engine.drain_ranks=N), and at runtime upstream's own
+`/set_internal_state` endpoint with `{"server_args": {"tiersched_drain_dp_rank_N": 1}}` (0 takes it back;
+engine_tier_drain.py). `midrun_drain_run` drains a rank in the middle of an open-loop stream and takes it back
+after it: requests sent after the drain call returned must all land elsewhere, and every request must finish.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+import urllib.request
 
 from tiersched.bench import live_ab, live_arms
 from tiersched.bench.live_driver import drive
@@ -134,6 +137,73 @@ def drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: float = 
     out["drained_rank"] = drained_rank
     out["drain_logged"] = "drained" in log
     out["tiers"] = list(arm.tiers)
+    return out
+
+
+def set_drain(url: str, rank: int, drained: bool) -> list:
+    """Upstream's /set_internal_state with the engine tier's drain key; returns the per-scheduler `updated` list."""
+    body = json.dumps({"server_args": {f"tiersched_drain_dp_rank_{rank}": int(drained)}}).encode()
+    req = urllib.request.Request(url + "/set_internal_state", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: float = 3.0, drain_after: int = 12,
+                     after_undrain: int = 6) -> dict:
+    """dp2 tiersched arm, open-loop stream of `n` requests; right after the `drain_after`-th send, drain
+    `drained_rank` over HTTP. When the stream has finished, take the rank back and send `after_undrain` more.
+    "While drained" = requests sent after the drain call returned (the driver stamps `sent_s` before the HTTP send,
+    so that split is conservative)."""
+    import dataclasses
+
+    arm = live_arms.tiersched_arm("dp2")
+    full = shared_prefix_set(n + after_undrain, rate).requests
+    stream, tail = full[:n], full[n:]
+    tail = tuple(dataclasses.replace(r, arrival_s=r.arrival_s - tail[0].arrival_s) for r in tail)
+    marks: dict = {}
+    threads: list[threading.Thread] = []
+
+    def drain(t0: float) -> None:
+        marks["drain_sent_s"] = time.perf_counter() - t0
+        try:
+            marks["drain_reply"] = set_drain(srv.url, drained_rank, True)
+        except Exception as exc:  # noqa: BLE001 - reported, and the test fails on it
+            marks["drain_reply"] = f"{type(exc).__name__}: {exc}"
+        marks["drain_done_s"] = time.perf_counter() - t0
+
+    def on_sent(i: int, elapsed: float) -> None:
+        if i == drain_after - 1:
+            t0 = time.perf_counter() - elapsed  # the driver's run start, on perf_counter
+            threads.append(threading.Thread(target=drain, args=(t0,), daemon=True))
+            threads[-1].start()
+
+    with launch_server(model_dir, extra_args=live_arms.server_args("dp2", arm),
+                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
+        live_ab.check_tiers(srv, arm)
+        results = drive(srv.url, stream, timeout_s=300, on_sent=on_sent)
+        for t in threads:
+            t.join(timeout=130)
+        marks["undrain_reply"] = set_drain(srv.url, drained_rank, False)
+        tail_results = drive(srv.url, tail, timeout_s=120) if tail else []
+        log = srv.log_tail(2000)
+        alive = srv.alive()
+    out = summarize(results + tail_results)
+    drain_sent = marks.get("drain_sent_s", float("inf"))
+    drain_done = marks.get("drain_done_s", float("inf"))
+    before = [r for r in results if r.sent_s < drain_sent]
+    out.update({
+        "server_alive": alive, "drained_rank": drained_rank, "tiers": list(arm.tiers),
+        **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in marks.items()},
+        "ranks_before_drain": [r.dp_rank for r in before],
+        "ranks_while_drained": [r.dp_rank for r in results if r.sent_s > drain_done],
+        "ranks_after_undrain": [r.dp_rank for r in tail_results],
+        # requests on the drained rank still running when the drain took effect: they must finish, not vanish
+        "finished_on_drained_rank_after_drain": sum(
+            1 for r in before if r.dp_rank == drained_rank and r.success and r.sent_s + r.latency > drain_done),
+        "drain_logged": "DP ranks drained now: [%d]" % drained_rank in log,
+        "undrain_logged": "DP ranks drained now: []" in log,
+    })
     return out
 
 
