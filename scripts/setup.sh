@@ -21,7 +21,9 @@ if [ -f "$stamp" ] && [ -x "$VENV/bin/python" ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+PIP=(pip_quiet "$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# Some machines' pip config names local index folders that do not exist; pip warns once per package about them.
+pip_quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
 # Never let pip swap in a CUDA torch: the CPU wheel is the only torch allowed.
 printf 'torch==2.13.0+cpu\n' > "$VENV/constraints-cpu.txt"
 say "installing the CPU runtime of sglang 0.5.23 and tiersched's dependencies (a few minutes the first time)"
