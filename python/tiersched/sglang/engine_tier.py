@@ -61,9 +61,9 @@ def _method() -> str | None:
 
 
 def accept_method_choice(result, parser, *args, **kwargs):
-    for action in parser._actions:
-        if action.dest == "load_balance_method" and action.choices is not None and METHOD not in action.choices:
-            action.choices = list(action.choices) + [METHOD]
+    from tiersched.sglang.cli_choices import add_choice
+
+    add_choice(parser, "load_balance_method", METHOD)
     return result
 
 

@@ -58,10 +58,10 @@ def register_hooks(config) -> None:
 def accept_policy_choice(original_fn, parser, *args, **kwargs):
     """Upstream builds `--schedule-policy` with fixed argparse `choices` (arg_groups/fields/schedule.py).
     Plugins load before `prepare_server_args` parses argv, so extending the built action is enough."""
+    from tiersched.sglang.cli_choices import add_choice
+
     result = original_fn(parser, *args, **kwargs)
-    for action in parser._actions:
-        if action.dest == "schedule_policy" and action.choices is not None and POLICY_NAME not in action.choices:
-            action.choices = list(action.choices) + [POLICY_NAME]
+    add_choice(parser, "schedule_policy", POLICY_NAME)
     return result
 
 
