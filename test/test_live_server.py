@@ -6,6 +6,7 @@ at load average 13 (not yet timed on an idle one). The 5-minute load run is behi
 TIERSCHED_LIVE_FULL_LOAD=1.
 """
 import os
+import statistics
 
 import pytest
 
@@ -15,8 +16,11 @@ from tiersched.bench.live_requests import shared_prefix_set
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-# Run-to-run noise of mean TTFT on this machine (two paired repeats): "not worse" allows this much.
-TTFT_NOISE = 1.15
+# "Not worse" compares medians over 4 alternating repeats (A B B A A B B A), so one disturbed run cannot decide
+# it. Mean TTFT of the SAME arm varies up to 2.3x between consecutive 7-second runs on this 2-core machine
+# (0.186 s vs 0.437 s measured for upstream-lpm); the median of 4 still moves ~20%, hence the allowance.
+TTFT_NOISE = 1.25
+AB_REPEATS = 4
 
 
 def _need(tiers):
@@ -27,22 +31,22 @@ def _need(tiers):
 
 @pytest.mark.timeout(600)
 def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(tiny_model_dir):
-    """Upstream's best flags for a shared-prefix set (lpm + total_tokens) vs all tiers, A B B A, 2 x 30 requests."""
+    """Upstream's best flags for a shared-prefix set (lpm + total_tokens) vs all tiers, A B B A A B B A, 30 requests."""
     _need(("request", "engine"))
     arms = [live_arms.Arm("upstream-lpm", live_arms.UPSTREAM_ARMS["upstream-lpm"]), live_arms.tiersched_arm("dp2")]
     request_set = shared_prefix_set(30, 1.0)
     with live_ab.servers_for(tiny_model_dir, "dp2", arms) as servers:
         with live_ab.only_running(servers, "upstream-lpm") as srv:
             capacity = live_ab.measure_capacity(srv.url, request_set, n=15)
-        runs = live_ab.run_ab(servers, arms, request_set.with_rate(max(0.5, 0.8 * capacity)), repeats=2)
+        runs = live_ab.run_ab(servers, arms, request_set.with_rate(max(0.5, 0.8 * capacity)), repeats=AB_REPEATS)
     ours, upstream = runs["tiersched"].summaries, runs["upstream-lpm"].summaries
     for s in ours + upstream:
         assert s["errors"] == 0 and s["lost"] == 0, s
     ours_cached = sum(s["cached_tokens"] for s in ours)
     up_cached = sum(s["cached_tokens"] for s in upstream)
     assert ours_cached >= up_cached, (ours, upstream)
-    ours_ls = sum(s["ls_ttft_mean_s"] for s in ours) / len(ours)
-    up_ls = sum(s["ls_ttft_mean_s"] for s in upstream) / len(upstream)
+    ours_ls = statistics.median(s["ls_ttft_mean_s"] for s in ours)
+    up_ls = statistics.median(s["ls_ttft_mean_s"] for s in upstream)
     assert ours_ls <= TTFT_NOISE * up_ls, (ours_ls, up_ls, ours, upstream)
 
 
