@@ -15,13 +15,7 @@ def common_prefix(a, b):
     return n
 
 
-def shared_blocks(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+shared_blocks = common_prefix  # the same count, over hash-id lists instead of token lists
 
 
 @given(st.integers(0, 2**40), st.integers(1, 64))
