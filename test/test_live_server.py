@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 from tiersched.bench import live_ab, live_arms
-from tiersched.bench.live_load import eplb_fault_run, load_run, midrun_drain_run
+from tiersched.bench.live_load import eplb_fault_run, load_run, midrun_drain_run, rss_bounded
 from tiersched.bench.live_requests import shared_prefix_set
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -72,7 +72,9 @@ def test_load_twice_capacity_ci_sized(tiny_model_dir):
 @pytest.mark.skipif(os.environ.get("TIERSCHED_LIVE_FULL_LOAD") != "1",
                     reason="the 5-minute load run; set TIERSCHED_LIVE_FULL_LOAD=1")
 def test_load_twice_capacity_five_minutes(tiny_model_dir):
-    _load(tiny_model_dir, 300)
+    out = _load(tiny_model_dir, 300)
+    # memory bounded: the group's RSS stops growing (3rd -> 4th quarter), see live_load.rss_bounded
+    assert rss_bounded(out), {k: v for k, v in out.items() if k.startswith("rss_")}
 
 
 @pytest.mark.timeout(400)

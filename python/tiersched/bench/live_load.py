@@ -1,9 +1,10 @@
 """Load and fault runs on one real dp2 server with every tier on.
 
 Load: the shared-prefix set tiled to `rate × duration` requests (tiles get fresh rids; prompts repeat, as chats
-do), sent open-loop; a sampler thread sums the RSS of every process in the server's process group (launcher,
-tokenizer, DP controller, schedulers, detokenizer) once per `sample_s`. Reports errors, lost requests, peak and
-final RSS, and the RSS growth between the first and last quarter of the run (a leak shows as steady growth).
+do), sent open-loop; a sampler thread reads the RSS of every process in the server's process group (launcher =
+tokenizer + HTTP server, DP controller, schedulers, detokenizer) once per `sample_s`. Reports errors, lost
+requests, peak and final RSS (group and per process), the quarter means, and the plateau measure: growth from
+the 3rd to the 4th quarter (a leak grows there as in any quarter; warm-up that has reached its bound does not).
 
 Fault (DP rank drained): upstream marks a DP rank inactive through `DataParallelController.update_active_ranks`
 (an `ActiveRanksOutput` status list; elastic EP sends it when a rank dies) and only its round-robin path reads
@@ -30,9 +31,26 @@ from tiersched.rig.server import launch_server
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def group_rss_bytes(pgid: int) -> int:
-    """Resident memory of every live process in process group `pgid` (from /proc/<pid>/stat)."""
-    total = 0
+def _proc_name(pid: str, leader: int) -> str:
+    """Upstream names its children with setproctitle (`sglang::scheduler_DP0`, `sglang::data_parallel_controller`,
+    `sglang::detokenizer`); the group leader is the launcher process, which runs the tokenizer manager and the HTTP
+    server. Anything else (e.g. multiprocessing's resource tracker) is named by its first command-line words."""
+    if int(pid) == leader:
+        return "tokenizer+http"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return f"pid{pid}"
+    if cmd.startswith("sglang::"):
+        return cmd.split()[0][len("sglang::"):]
+    return " ".join(cmd.split()[:3])[:60] or f"pid{pid}"
+
+
+def group_rss_by_process(pgid: int) -> dict[str, int]:
+    """Resident bytes of each live process in process group `pgid` (from /proc/<pid>/stat), keyed by its name
+    (`_proc_name`; a repeated name gets `#pid`)."""
+    out: dict[str, int] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -42,36 +60,86 @@ def group_rss_bytes(pgid: int) -> int:
         except OSError:
             continue
         # fields after the command: state(0) ppid(1) pgrp(2) ... rss is field 24 of stat = index 21 here
-        if int(fields[2]) == pgid:
-            total += int(fields[21]) * PAGE
-    return total
+        if int(fields[2]) != pgid:
+            continue
+        label = _proc_name(name, pgid)
+        if label in out:
+            label = f"{label}#{name}"
+        out[label] = int(fields[21]) * PAGE
+    return out
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every live process in process group `pgid`."""
+    return sum(group_rss_by_process(pgid).values())
+
+
+MIB = 1024 * 1024
+
+
+def quarter_means(values: list[float]) -> list[float]:
+    """Means of the four consecutive quarters of `values` (a time series sampled at a fixed period)."""
+    n = len(values)
+    if n < 4:
+        return [sum(values) / n] * 4 if n else []
+    cuts = [round(i * n / 4) for i in range(5)]
+    return [sum(values[a:b]) / (b - a) for a, b in zip(cuts, cuts[1:])]
+
+
+def memory_report(samples: list[tuple[float, dict[str, int]]]) -> dict:
+    """Peak/start/end RSS of the group and per process, quarter means, and the plateau measure: growth of the
+    4th quarter's mean over the 3rd's (a steady leak grows as much there as anywhere; a warm-up that has
+    filled its bound does not)."""
+    if not samples:
+        return {}
+    totals = [sum(by.values()) for _, by in samples]
+    q = quarter_means(totals)
+    names = sorted({n for _, by in samples for n in by}, key=lambda n: -max(by.get(n, 0) for _, by in samples))
+    per_process = {}
+    for name in names:
+        series = [by.get(name, 0) for _, by in samples]
+        pq = quarter_means(series)
+        per_process[name] = {"start_mib": round(series[0] / MIB, 1), "peak_mib": round(max(series) / MIB, 1),
+                             "end_mib": round(series[-1] / MIB, 1),
+                             "quarter_means_mib": [round(v / MIB, 1) for v in pq],
+                             "growth_q3_to_q4_mib": round((pq[3] - pq[2]) / MIB, 1)}
+    return {"rss_peak_mib": round(max(totals) / MIB, 1), "rss_start_mib": round(totals[0] / MIB, 1),
+            "rss_end_mib": round(totals[-1] / MIB, 1),
+            "rss_quarter_means_mib": [round(v / MIB, 1) for v in q],
+            "rss_growth_last_vs_first_quarter_mib": round((q[3] - q[0]) / MIB, 1),
+            "rss_growth_q3_to_q4_mib": round((q[3] - q[2]) / MIB, 1),
+            "rss_growth_q2_to_q3_mib": round((q[2] - q[1]) / MIB, 1),
+            "rss_samples": len(totals), "rss_per_process": per_process}
+
+
+def rss_bounded(report: dict, floor_mib: float = 64.0, fraction: float = 0.2) -> bool:
+    """The load run's memory criterion: the group's growth from the 3rd to the 4th quarter is at most `floor_mib`
+    or `fraction` of its growth from the 1st to the 4th. Steady growth at any rate puts a third of the total in
+    the last step, so it fails once the run grows more than 3 x `floor_mib`; growth that stops before the 3rd
+    quarter passes."""
+    step = report["rss_growth_q3_to_q4_mib"]
+    return step <= max(floor_mib, fraction * max(0.0, report["rss_growth_last_vs_first_quarter_mib"]))
 
 
 class RssSampler(threading.Thread):
+    """Samples every `sample_s` the RSS of each process in a process group (`group_rss_by_process`)."""
+
     def __init__(self, pgid: int, sample_s: float = 1.0) -> None:
         super().__init__(daemon=True)
         self.pgid, self.sample_s = pgid, sample_s
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, dict[str, int]]] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
         start = time.monotonic()
         while not self._halt.is_set():
-            self.samples.append((time.monotonic() - start, group_rss_bytes(self.pgid)))
+            self.samples.append((time.monotonic() - start, group_rss_by_process(self.pgid)))
             self._halt.wait(self.sample_s)
 
     def stop(self) -> dict:
         self._halt.set()
         self.join(timeout=5)
-        rss = [b for _, b in self.samples]
-        if not rss:
-            return {}
-        q = max(1, len(rss) // 4)
-        mib = 1024 * 1024
-        return {"rss_peak_mib": round(max(rss) / mib, 1), "rss_start_mib": round(rss[0] / mib, 1),
-                "rss_end_mib": round(rss[-1] / mib, 1),
-                "rss_growth_last_vs_first_quarter_mib": round((sum(rss[-q:]) / q - sum(rss[:q]) / q) / mib, 1),
-                "rss_samples": len(rss)}
+        return memory_report(self.samples)
 
 
 def tiled(request_set: RequestSet, n: int, rate: float) -> RequestSet:
@@ -95,10 +163,12 @@ def tiled(request_set: RequestSet, n: int, rate: float) -> RequestSet:
 
 def load_run(model_dir: str, duration_s: float, rate: float | None = None, factor: float = 2.0,
              sample_s: float = 1.0, env: dict | None = None, deployment: str = "dp2",
-             timeout_s: float | None = None) -> dict:
-    """Drive the tiersched arm for `duration_s` at `rate` req/s, or (rate None) at `factor` x the capacity measured
-    on the same server first; errors, lost, RSS of the server's process group."""
-    arm = live_arms.tiersched_arm(deployment)
+             timeout_s: float | None = None, arm_name: str = live_arms.TIERSCHED) -> dict:
+    """Drive the tiersched arm (or `arm_name`, an upstream arm, to compare memory) for `duration_s` at `rate`
+    req/s, or (rate None) at `factor` x the capacity measured on the same server first; errors, lost, RSS of
+    the server's process group and of each of its processes."""
+    arm = (live_arms.tiersched_arm(deployment) if arm_name == live_arms.TIERSCHED
+           else live_arms.Arm(arm_name, live_arms.UPSTREAM_ARMS[arm_name]))
     base = shared_prefix_set(200, 1.0)
     out: dict = {}
     with launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm), env=env,
@@ -119,7 +189,8 @@ def load_run(model_dir: str, duration_s: float, rate: float | None = None, facto
     out.update(summarize(results))
     out.update(memory)
     out.update({"rate_req_s": round(rate, 3), "arrival_span_s": round(requests.duration_s, 1), "wall_s": round(wall, 1),
-                "server_alive": alive, "tiers": list(arm.tiers), "missing_tiers": arm.skipped_tiers})
+                "server_alive": alive, "arm": arm.name, "tiers": list(arm.tiers),
+                "missing_tiers": arm.skipped_tiers})
     return out
 
 

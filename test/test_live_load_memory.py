@@ -1,0 +1,43 @@
+"""Memory report of the load run without a server: per-process RSS of a process group, quarter means, plateau."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tiersched.bench.live_load import MIB, group_rss_by_process, memory_report, quarter_means, rss_bounded
+
+
+def test_quarter_means_split_the_series_in_four_consecutive_parts():
+    assert quarter_means([1, 2, 3, 4, 5, 6, 7, 8]) == [1.5, 3.5, 5.5, 7.5]
+    assert quarter_means(list(range(10))) == pytest.approx([0.5, 3.0, 6.0, 8.5])  # 2, 3, 3, 2 samples
+
+
+def _series(values_mib):
+    return [(float(i), {"tokenizer+http": int(v * MIB), "scheduler_DP0": 100 * MIB}) for i, v in enumerate(values_mib)]
+
+
+def test_steady_growth_is_not_bounded_but_a_plateau_is():
+    leak = memory_report(_series([1000 + 2 * i for i in range(300)]))  # +2 MiB/s for the whole run
+    assert leak["rss_growth_q3_to_q4_mib"] == pytest.approx(150, abs=1)
+    assert not rss_bounded(leak)
+    warm = memory_report(_series([1000 + min(i, 150) * 4 for i in range(300)]))  # grows, then stays
+    assert warm["rss_growth_last_vs_first_quarter_mib"] > 400  # the old first-vs-last measure calls this growth
+    assert warm["rss_growth_q3_to_q4_mib"] == 0
+    assert rss_bounded(warm)
+    per = warm["rss_per_process"]
+    assert per["scheduler_DP0"]["growth_q3_to_q4_mib"] == 0 and per["tokenizer+http"]["peak_mib"] == 1600
+
+
+def test_group_rss_names_each_process_of_the_group():
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(48 * 2**20); time.sleep(30)"],
+                             start_new_session=True)
+    try:
+        time.sleep(1.5)
+        by = group_rss_by_process(os.getpgid(child.pid))
+        assert list(by) == ["tokenizer+http"]  # the group leader is the launcher's role in a real server
+        assert by["tokenizer+http"] >= 45 * MIB
+    finally:
+        child.kill()
+        child.wait()
