@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmark/sim_cpu_tiny_calibrate.py [--out python/tiersched/sim/calibration/cpu_tiny.json]
 
-Starts the tiny Qwen3-MoE (tiersched.rig) with `--dp-size 2` (tp1) and measures, on both DP ranks at once with
-mirrored requests (`routed_dp_rank`; both ranks busy, as under real traffic, since the two ranks share the CPU):
-  prefill: TTFT of one request of n prompt tokens per rank (n <= chunked_prefill_size, one output token);
-  decode:  TPOT of B simultaneous requests per rank with prompt length P and 32 output tokens (one prefill batch,
-           then B-request decode steps; mean context per request P + 16).
-then fits the step-cost coefficients (tiersched.sim.fidelity.fit_prefill / fit_decode) and writes the JSON with the
+Starts the tiny Qwen3-MoE (tiersched.rig) with `--dp-size 2 --enable-metrics` (tp1) and measures every point twice
+(`routed_dp_rank`): with rank 0 alone busy ("alone") and mirrored on both ranks at once ("both"):
+  prefill: one request of n prompt tokens per rank (n <= chunked_prefill_size, one output token): client TTFT and
+           the scheduler's own prefill time (meta_info prefill_finished_time - forward_entry_time);
+  decode:  B simultaneous requests per rank with prompt length P and 32 output tokens (one prefill batch, then
+           B-request decode steps; mean context per request P + 16): client TPOT and the server-side time per
+           output token ((request_finished_ts - prefill_finished_time) / (tokens - 1)).
+then fits (tiersched.sim.fidelity.fit_all) the step costs on the rank-alone server timings, the contention factors
+(both / alone) and the frontend latency (client TTFT - server prefill of lone prompts), and writes the JSON with the
 raw measurements, the server's scheduler settings (/get_server_info), the command, date and load average.
 The machine is shared: the load average before and after is recorded; calibrate when it is lowest.
 """
@@ -38,12 +41,11 @@ def refit(path: str) -> int:
     with open(path) as f:
         cal = json.load(f)
     m = cal["measurements"]
-    prefill_fit = fidelity.fit_prefill(np.array(m["prefill"]["input_tokens"]), np.array(m["prefill"]["ttft_s"]))
-    decode = m["decode"]
-    decode_fit = fidelity.fit_decode(np.array(decode["batch"]), np.array(decode["context_sum"]),
-                                     np.array(decode["step_s"]))
-    cal["fits"] = {"prefill": prefill_fit, "decode": decode_fit}
-    cal["coefficients"] = fidelity.coefficients(prefill_fit, decode_fit)
+    for part in m.values():  # calibrations before the alone/both split measured both ranks only
+        part.setdefault("mode", ["both"] * len(part.get("input_tokens", part.get("batch", []))))
+        if "alone" not in part["mode"]:
+            part["mode"] = ["alone"] * len(part["mode"])
+    cal["fits"], cal["coefficients"] = fidelity.fit_all(m)
     cal["refit"] = {"command": "benchmark/sim_cpu_tiny_calibrate.py --refit",
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with open(path, "w") as f:
@@ -66,13 +68,12 @@ def main() -> int:
     load_before = fidelity.load_average()
     model = make_tiny_moe(tempfile.mkdtemp(prefix="tiny-moe-cal-"))
     started = time.time()
-    with launch_server(model, extra_args=["--dp-size", "2"], timeout_s=480,
+    with launch_server(model, extra_args=list(fidelity.SERVER_ARGS), timeout_s=480,
                        max_total_tokens=args.max_total_tokens) as srv:
         info = server_info(srv.url)
         chunk = int(info.get("chunked_prefill_size") or 8192)
         fidelity.run_request_set(srv.url, np.zeros(4), np.full(4, 64), np.full(4, 8), seed=99)  # warm-up
         prof = fidelity.profile(srv.url, args.reps, chunk)
-    prefill_fit, decode_fit = prof["fits"]["prefill"], prof["fits"]["decode"]
     settings = {k: info.get(k) for k in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests",
                                          "schedule_policy", "load_balance_method", "max_total_tokens",
                                          "schedule_conservativeness", "page_size")}
@@ -84,7 +85,7 @@ def main() -> int:
         "load_average_after": fidelity.load_average(),
         "cpu_count": os.cpu_count(),
         "profiling_wall_s": round(time.time() - started, 1),
-        "server": {"args": "--dp-size 2 (tp1) " + " ".join(a for a in srv.args if a.startswith("--")),
+        "server": {"args": " ".join(fidelity.SERVER_ARGS) + " (tp1) " + " ".join(a for a in srv.args if a.startswith("--")),
                    "settings": settings, "max_total_num_tokens": internal.get("max_total_num_tokens")},
         "measurements": prof["measurements"],
         "fits": prof["fits"],

@@ -98,7 +98,8 @@ def main() -> int:
 
         model = make_tiny_moe(tempfile.mkdtemp(prefix="tiny-moe-fid-"))
         max_total = int(calibration.get("server", {}).get("settings", {}).get("max_total_tokens") or 16384)
-        with launch_server(model, extra_args=["--dp-size", "2"], timeout_s=480, max_total_tokens=max_total) as srv:
+        with launch_server(model, extra_args=list(fidelity.SERVER_ARGS), timeout_s=480,
+                           max_total_tokens=max_total) as srv:
             fidelity.run_request_set(srv.url, np.zeros(4), np.full(4, 64), np.full(4, 8), seed=99)  # warm-up
             if args.calibrate_first:
                 calibration = calibrate_in_situ(srv.url, calibration)

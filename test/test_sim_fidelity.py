@@ -76,7 +76,7 @@ def test_reduced_fidelity_against_the_real_cpu_server():
     spec.loader.exec_module(bench)
     cal = json.loads(calibration_path().read_text())
     model = make_tiny_moe(tempfile.mkdtemp(prefix="tiny-moe-fid-test-"))
-    with launch_server(model, extra_args=["--dp-size", "2"], timeout_s=480, max_total_tokens=16384) as srv:
+    with launch_server(model, extra_args=list(fidelity.SERVER_ARGS), timeout_s=480, max_total_tokens=16384) as srv:
         fidelity.run_request_set(srv.url, np.zeros(2), np.full(2, 32), np.full(2, 4), seed=99)  # warm-up
         cal = bench.calibrate_in_situ(srv.url, cal)  # same server, same load, right before the requests
         report = bench.compare(srv.url, 12, 0.5, 1, cal)  # the benchmark's rate, fewer requests

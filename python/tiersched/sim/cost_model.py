@@ -8,7 +8,8 @@ Attention-side work of rank r (tp GPUs, ideal TP split):
   dense: max(2 * tokens * dense_params / flops, dense_params * weight_bytes / hbm)    (compute- vs weight-bound)
   prefill attention: attn_flops_per_ctx_token * sum over chunks of chunk * (prefix + (chunk + 1) / 2) / flops
   decode attention: sum of decode contexts * kv_bytes_per_token / hbm                (KV reads)
-  cpu-tiny only: + prefill_overhead_s on a prefilling rank, + decode_token_extra_s per decoding request
+  cpu-tiny only: + prefill_overhead_s on a prefilling rank, + decode_token_extra_s per decoding request; the whole
+  step x (1 + contention_prefill or contention_decode) when more than one rank is busy (host-CPU contention)
 Expert work of GPU g at layer l: max(2 * expert_params * assignments / flops, active_slots * expert bytes / hbm),
 active slots = sum over g's slots of P(slot gets >= 1 token) = 1 - exp(-expected tokens) (Poisson arrivals).
 With `ideal_balance` every max over ranks/GPUs becomes a mean: the perfect-balance lower bound.
@@ -141,7 +142,8 @@ class StepCostModel:
         Returns (times, moe stats of one step)."""
         moe, stats = self.moe_time(tokens)
         attn0 = self.attention_time(tokens, prefill_pairs, decode_ctx)  # [R]
-        first = self.hw.step_overhead_s + float(self._reduce(attn0, 0)) + moe
+        scale = self.contention_scale(np.asarray(tokens) > 0, bool(np.any(np.asarray(prefill_pairs) > 0)))
+        first = (self.hw.step_overhead_s + float(self._reduce(attn0, 0)) + moe) * scale
         if horizon_s is not None and steps > 1:
             steps = max(1, min(steps, int(horizon_s / max(first, 1e-12)) + 2))
         if steps == 1 or ctx_growth is None:
@@ -149,4 +151,12 @@ class StepCostModel:
         # Only the KV-read term grows with the context (tokens, hence dense and expert work, are constant).
         i = np.arange(steps, dtype=float)[:, None]
         attn = attn0[None, :] + i * (ctx_growth * self.decode_ctx_time)[None, :]
-        return self.hw.step_overhead_s + self._reduce(attn, 1) + moe, stats
+        return (self.hw.step_overhead_s + self._reduce(attn, 1) + moe) * scale, stats
+
+    def contention_scale(self, busy: np.ndarray, prefill: bool, other_busy: bool = False) -> float:
+        """Step-time factor for host-CPU contention: 1 + contention_prefill / contention_decode when more than one
+        rank is busy (busy [R]) or, in a per-rank replay, when another rank is (other_busy); 1 on GPU presets."""
+        c = self.hw.contention_prefill if prefill else self.hw.contention_decode
+        if not c:
+            return 1.0
+        return 1.0 + c if other_busy or int(np.count_nonzero(busy)) > 1 else 1.0

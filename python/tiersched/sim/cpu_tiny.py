@@ -10,7 +10,10 @@ Mapping of the fitted coefficients (tiersched.sim.fidelity) onto the generic cos
 - dense per-token time = per_token_s  (flops = 2 / per_token_s with dense_params = 1, weight time 0);
 - prefill (query, context) pair time = per_prefill_pair_s; decode KV-read time per context token = per_decode_ctx_s;
 - step_overhead_s every step, plus prefill_overhead_s on a rank running a prefill, plus decode_token_extra_s per
-  decoding request (CPU decode is less efficient per token than batched prefill).
+  decoding request (CPU decode is less efficient per token than batched prefill);
+- contention_prefill / contention_decode: measured slowdown of a rank's step while the other rank is busy too;
+- frontend_latency_s: measured client TTFT minus the scheduler's own prefill time of a lone prompt.
+Calibrations made before these terms existed load with 0 for them.
 """
 from __future__ import annotations
 
@@ -46,7 +49,10 @@ def preset(path: Path | None = None, calibration: dict | None = None):
     model = replace(model, attn_flops_per_ctx_token=c["per_prefill_pair_s"] * flops)
     hardware = Hardware(flops=flops, hbm_bytes_s=hbm, gpus_per_node=64, a2a_latency_s=0.0,
                         step_overhead_s=c["step_overhead_s"], dispatch_bytes_per_elem=0.0,
-                        prefill_overhead_s=c["prefill_overhead_s"], decode_token_extra_s=c["decode_token_extra_s"])
+                        prefill_overhead_s=c["prefill_overhead_s"], decode_token_extra_s=c["decode_token_extra_s"],
+                        contention_prefill=c.get("contention_prefill", 0.0),
+                        contention_decode=c.get("contention_decode", 0.0),
+                        frontend_latency_s=c.get("frontend_latency_s", 0.0))
     return Preset(name="cpu-tiny", model=model, dp=int(cal.get("dp", 2)), tp=1, hardware=hardware,
                   scheduler=replace(SchedulerSettings(load_refresh_interval_s=0.0), **cal.get("scheduler", {})),
                   slo_ttft_s=5.0, slo_tpot_s=0.5,

@@ -7,6 +7,9 @@ rebalance), so results equal step-by-step simulation while costing one Python it
 Arrivals reach their rank at the first step boundary at or after their arrival time (SGLang's schedulers poll
 for new requests once per loop iteration); the dispatcher sees rank snapshots refreshed at most every
 `load_refresh_interval_s` (upstream DataParallelController.refresh_load_budget) and its own optimistic updates.
+Host-CPU contention (cpu-tiny only; 0 on GPU presets): with `co_busy` (intervals when OTHER ranks of the host are
+busy, from an earlier pass of a per-rank replay) a step that starts inside one is slower by the preset's
+contention factor, and macro steps end at the intervals' boundaries; `record_busy` returns this run's busy intervals.
 """
 from __future__ import annotations
 
@@ -40,12 +43,17 @@ class SimResult:
     wall_s: float = 0.0
     sim_s: float = 0.0
     steps: int = 0
+    busy: np.ndarray | None = None  # [K, 2] merged (start, end) intervals with a step in flight (record_busy)
 
 
 class Simulation:
     def __init__(self, preset: Preset, workload: Workload, policies: PolicySet, seed: int = 0,
-                 ideal_balance: bool = False, routing=None, record_timeline: bool = True):
+                 ideal_balance: bool = False, routing=None, record_timeline: bool = True,
+                 co_busy: np.ndarray | None = None, record_busy: bool = False):
         self.preset, self.workload, self.policies = preset, workload, policies
+        co = np.asarray(co_busy, dtype=float).reshape(-1, 2) if co_busy is not None else np.zeros((0, 2))
+        self.co_start, self.co_end = co[:, 0], co[:, 1]
+        self.busy: list[list[float]] | None = [] if record_busy else None
         self.table = RequestTable(workload)
         self.routing = routing if routing is not None else make_routing(preset, seed)
         self.cost = StepCostModel(preset, token_probs(self.routing, preset.dp), ideal_balance)
@@ -212,6 +220,23 @@ class Simulation:
         for rs in self.ranks:
             rs.group_ls_waiting = signal
 
+    # ---- host-CPU contention (per-rank replay) --------------------------------------------------------------
+    def _co_busy_at(self, now: float) -> tuple[bool, float | None]:
+        """(another rank busy at `now`, the next time that changes or None); intervals sorted and disjoint."""
+        i = int(np.searchsorted(self.co_end, now, side="right"))
+        if i >= self.co_end.size:
+            return False, None
+        inside = bool(self.co_start[i] <= now)
+        return inside, float(self.co_end[i] if inside else self.co_start[i])
+
+    def _record_busy(self, start: float, end: float) -> None:
+        if self.busy is None:
+            return
+        if self.busy and start <= self.busy[-1][1] + 1e-12:
+            self.busy[-1][1] = end
+        else:
+            self.busy.append([start, end])
+
     # ---- main loop ------------------------------------------------------------------------------------------
     def _record(self) -> None:
         if self.record_timeline:
@@ -262,20 +287,29 @@ class Simulation:
                     tokens[r] = growth[r] = idx.size
                     ctx[r] = float((t.input[idx] + gen).sum())
                     k = min(k, int((t.output[idx] - gen).min()), max(1, rs.free_for_alloc() // idx.size))
+            other_busy, co_change = self._co_busy_at(self.now) if self.co_end.size else (False, None)
             if any_prefill:
                 k = 1
                 times, stats = self.cost.step_times(tokens, pairs, ctx)
+                if other_busy:
+                    times = times * self.cost.contention_scale(tokens > 0, True, True)
             else:
                 for boundary in (self.next_rebalance, self.next_drift):
                     if boundary is not None:
                         k = max(1, min(k, boundary - self.steps))
-                # Price only the steps that can start before the next arrival (the run ends there anyway).
-                until_arrival = float(arrivals[nxt] - self.now) if nxt < n else None
-                times, stats = self.cost.step_times(tokens, pairs, ctx, growth, k, until_arrival)
+                # Price only the steps that can start before the next arrival or contention change (the run ends
+                # at the first of them anyway).
+                stops = [float(arrivals[nxt])] if nxt < n else []
+                stops += [co_change] if co_change is not None else []
+                until = min(stops) - self.now if stops else None
+                times, stats = self.cost.step_times(tokens, pairs, ctx, growth, k, until)
+                if other_busy:
+                    times = times * self.cost.contention_scale(tokens > 0, False, True)
                 k = min(k, times.size)
-                if nxt < n:
+                if stops:
                     ends = self.now + np.cumsum(times)
-                    k = min(k, int(np.searchsorted(ends, arrivals[nxt], side="left")) + 1)
+                    k = min(k, int(np.searchsorted(ends, min(stops), side="left")) + 1)
+            self._record_busy(self.now, self.now + float(times[:k].sum()))
             self.now += float(times[:k].sum())
             self.steps += k
             self._account_moe(stats, tokens, k)
@@ -287,22 +321,31 @@ class Simulation:
             self._record()
             self._maybe_rebalance()
             self._maybe_drift()
+        frontend = self.preset.hardware.frontend_latency_s
+        if frontend:  # a constant delay outside the ranks shifts every request's first token and finish alike
+            t.first_token += frontend
+            t.finish += frontend
+            self.now += frontend
 
 
 def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed: int = 0,
              duration_s: float | None = None, *, ideal_balance: bool = False, routing=None,
-             record_timeline: bool = True) -> SimResult:
-    """Simulate `workload` on `preset` (a Preset or its name) under `policies`; deterministic for a seed."""
+             record_timeline: bool = True, co_busy: np.ndarray | None = None,
+             record_busy: bool = False) -> SimResult:
+    """Simulate `workload` on `preset` (a Preset or its name) under `policies`; deterministic for a seed.
+    co_busy / record_busy: host-CPU contention of a per-rank replay (see the module docstring)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     policies = policies or PolicySet()
     if duration_s is not None:
         keep = int(np.searchsorted(workload.arrival_s, duration_s, side="right"))
         workload = _head(workload, max(1, keep))
     start = time.perf_counter()
-    sim = Simulation(preset, workload, policies, seed, ideal_balance, routing, record_timeline)
+    sim = Simulation(preset, workload, policies, seed, ideal_balance, routing, record_timeline, co_busy, record_busy)
     sim.run()
     wall = time.perf_counter() - start
     result = metrics_mod.build_result(sim, wall)
+    if sim.busy is not None:
+        result.busy = np.asarray(sim.busy, dtype=float).reshape(-1, 2)
     return result
 
 

@@ -32,6 +32,7 @@ class RequestResult:
     tpot_s: float
     finish_s: float  # relative to the run start
     dp_rank: int | None = None
+    server: dict | None = None  # server-side timings of the last chunk's meta_info (needs --enable-metrics)
 
 
 def _prompt_ids(n: int, seed: int, vocab: int = 200) -> list[int]:
@@ -40,9 +41,15 @@ def _prompt_ids(n: int, seed: int, vocab: int = 200) -> list[int]:
     return (rng.integers(10, vocab, size=n)).tolist()
 
 
+SERVER_TIME_KEYS = ("request_received_ts", "forward_entry_time", "prefill_finished_time", "request_finished_ts",
+                    "queue_time", "first_token_latency", "e2e_latency")
+
+
 def stream_generate(url: str, input_ids: list[int], max_new_tokens: int, routed_dp_rank: int | None = None,
-                    timeout_s: float = 600.0) -> tuple[float, float, float, int, int | None]:
-    """One streaming /generate; returns (send time, first chunk time, last chunk time, tokens, dp_rank)."""
+                    timeout_s: float = 600.0) -> tuple[float, float, float, int, int | None, dict]:
+    """One streaming /generate; returns (send time, first chunk time, last chunk time, tokens, dp_rank,
+    server timings): the last chunk's meta_info fields in SERVER_TIME_KEYS (wall-clock stamps of the scheduler
+    and tokenizer processes; present when the server runs with --enable-metrics)."""
     body = {"input_ids": input_ids, "stream": True,
             "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
     if routed_dp_rank is not None:
@@ -51,7 +58,7 @@ def stream_generate(url: str, input_ids: list[int], max_new_tokens: int, routed_
                                  headers={"Content-Type": "application/json"})
     sent = time.perf_counter()
     first = last = None
-    tokens, rank = 0, None
+    tokens, rank, server = 0, None, {}
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         for raw in resp:
             line = raw.decode(errors="replace").strip()
@@ -63,9 +70,10 @@ def stream_generate(url: str, input_ids: list[int], max_new_tokens: int, routed_
             meta = json.loads(line[5:]).get("meta_info", {})
             tokens = int(meta.get("completion_tokens", tokens))
             rank = meta.get("dp_rank", rank)
+            server.update({k: meta[k] for k in SERVER_TIME_KEYS if k in meta})
     if first is None:
         raise RuntimeError("server returned no streamed chunk")
-    return sent, first, last, tokens, rank
+    return sent, first, last, tokens, rank, server
 
 
 def run_request_set(url: str, arrivals: np.ndarray, inputs: np.ndarray, outputs: np.ndarray, seed: int = 0,
@@ -84,10 +92,11 @@ def run_request_set(url: str, arrivals: np.ndarray, inputs: np.ndarray, outputs:
             delay = start + float(arrivals[i]) - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            sent, first, last, tokens, rank = stream_generate(url, ids, int(outputs[i]), routed_dp_rank[i])
+            sent, first, last, tokens, rank, server = stream_generate(url, ids, int(outputs[i]), routed_dp_rank[i])
             tpot = (last - first) / (tokens - 1) if tokens > 1 else float("nan")
             # The actual send time is the arrival (threads may wake late on a loaded machine).
-            results[i] = RequestResult(sent - start, int(inputs[i]), tokens, first - sent, tpot, last - start, rank)
+            results[i] = RequestResult(sent - start, int(inputs[i]), tokens, first - sent, tpot, last - start, rank,
+                                       server or None)
         except BaseException as exc:  # reported after join
             errors.append(exc)
 
@@ -150,10 +159,12 @@ def fit_decode(batch: np.ndarray, context_sum: np.ndarray, step_s: np.ndarray) -
             "rel_rmse": float(np.sqrt(np.mean(((pred - step_s) / step_s) ** 2)))}
 
 
-def coefficients(prefill_fit: dict, decode_fit: dict) -> dict:
+def coefficients(prefill_fit: dict, decode_fit: dict, contention: dict | None = None,
+                 frontend_latency_s: float = 0.0) -> dict:
     """The cost-model coefficients of the cpu-tiny preset from the two fits (see cpu_tiny.preset)."""
     overhead = decode_fit["intercept_s"]
     per_token = prefill_fit["per_token_s"]
+    contention = contention or {}
     return {
         "step_overhead_s": overhead,
         "prefill_overhead_s": max(0.0, prefill_fit["intercept_s"] - overhead),
@@ -161,43 +172,109 @@ def coefficients(prefill_fit: dict, decode_fit: dict) -> dict:
         "decode_token_extra_s": max(0.0, decode_fit["per_request_s"] - per_token),
         "per_prefill_pair_s": prefill_fit["per_pair_s"],
         "per_decode_ctx_s": decode_fit["per_ctx_s"],
+        "contention_prefill": float(contention.get("prefill", 0.0)),
+        "contention_decode": float(contention.get("decode", 0.0)),
+        "frontend_latency_s": float(frontend_latency_s),
     }
+
+
+def contention_factor(keys: np.ndarray, mode: np.ndarray, values: np.ndarray) -> dict:
+    """Relative slowdown with both ranks busy: per distinct key, median(both) / median(alone) - 1; the median of
+    those (clipped at 0) and the per-key ratios."""
+    keys = np.asarray(keys, dtype=float).reshape(len(values), -1)
+    mode, values = np.asarray(mode), np.asarray(values, dtype=float)
+    ratios = []
+    for key in np.unique(keys, axis=0):
+        at = (keys == key).all(axis=1)
+        alone, both = values[at & (mode == "alone")], values[at & (mode == "both")]
+        if alone.size and both.size:
+            ratios.append(float(np.median(both) / np.median(alone)))
+    return {"factor": max(0.0, float(np.median(ratios)) - 1.0) if ratios else 0.0, "ratios": ratios}
+
+
+def fit_all(m: dict) -> tuple[dict, dict]:
+    """Fits and coefficients from the calibration's measurements (both modes; see `profile`).
+
+    Step costs are fitted on the rank-alone measurements, timed by the server where it reported its timestamps
+    (`server_*`: scheduler prefill time, server-side time per output token), else by the client; contention is
+    both-ranks / alone; the frontend latency is the median client TTFT minus server prefill time of lone prompts."""
+    pre, dec = m["prefill"], m["decode"]
+    pmode, dmode = np.asarray(pre["mode"]), np.asarray(dec["mode"])
+    p_server = np.asarray(pre.get("server_prefill_s", [np.nan] * len(pmode)), dtype=float)
+    d_server = np.asarray(dec.get("server_step_s", [np.nan] * len(dmode)), dtype=float)
+    timing = "server" if np.isfinite(p_server).all() and np.isfinite(d_server).all() else "client"
+    p_time = p_server if timing == "server" else np.asarray(pre["ttft_s"], dtype=float)
+    d_time = d_server if timing == "server" else np.asarray(dec["step_s"], dtype=float)
+    n, b, c = (np.asarray(x, dtype=float) for x in (pre["input_tokens"], dec["batch"], dec["context_sum"]))
+    pa, da = pmode == "alone", dmode == "alone"
+    prefill_fit = fit_prefill(n[pa], p_time[pa])
+    decode_fit = fit_decode(b[da], c[da], d_time[da])
+    contention = {"prefill": contention_factor(n, pmode, p_time), "decode": contention_factor(np.stack([b, c], 1),
+                                                                                              dmode, d_time)}
+    frontend = 0.0
+    if timing == "server":
+        frontend = max(0.0, float(np.median(np.asarray(pre["ttft_s"], dtype=float)[pa] - p_server[pa])))
+    fits = {"timing": timing, "prefill": prefill_fit, "decode": decode_fit, "contention": contention,
+            "frontend_latency_s": frontend}
+    coef = coefficients(prefill_fit, decode_fit, {k: v["factor"] for k, v in contention.items()}, frontend)
+    return fits, coef
 
 
 # ---- profiling (calibration) --------------------------------------------------------------------------------
 PREFILL_LENGTHS = (16, 128, 384, 768, 1152, 1536, 2048)
 DECODE_SETS = ((1, 64), (4, 64), (8, 64), (16, 64), (4, 512), (8, 384), (16, 256))  # (batch per rank, prompt)
 DECODE_OUTPUT = 32
+SERVER_ARGS = ("--dp-size", "2", "--enable-metrics")  # metrics: per-request server timestamps in meta_info
+
+
+def _server_prefill_s(r: RequestResult) -> float:
+    s = r.server or {}
+    if "prefill_finished_time" in s and "forward_entry_time" in s:
+        return float(s["prefill_finished_time"] - s["forward_entry_time"])
+    return float("nan")
+
+
+def _server_step_s(r: RequestResult) -> float:
+    s = r.server or {}
+    if "request_finished_ts" in s and "prefill_finished_time" in s and r.output_tokens > 1:
+        return float(s["request_finished_ts"] - s["prefill_finished_time"]) / (r.output_tokens - 1)
+    return float("nan")
 
 
 def profile(url: str, reps: int, chunk: int, prefill_lengths=PREFILL_LENGTHS, decode_sets=DECODE_SETS) -> dict:
-    """Measure a dp2 server with mirrored requests on both ranks (`routed_dp_rank`), fit, return
-    {"measurements", "fits", "coefficients"} (the calibration file's sections)."""
-    lengths, ttfts = [], []
+    """Measure a dp2 server, each point with rank 0 alone busy and mirrored on both ranks (`routed_dp_rank`),
+    fit, return {"measurements", "fits", "coefficients"} (the calibration file's sections)."""
+    pre = {k: [] for k in ("input_tokens", "mode", "ttft_s", "server_prefill_s")}
     for rep in range(reps):
         for n in prefill_lengths:
             if n > chunk:
                 continue
-            for r in run_request_set(url, np.zeros(2), np.full(2, n), np.ones(2, dtype=int), seed=7919 * rep + n,
-                                     routed_dp_rank=[0, 1]):
-                lengths.append(n)
-                ttfts.append(r.ttft_s)
-    batches, ctx, steps = [], [], []
+            for mode, ranks in (("alone", [0]), ("both", [0, 1])):
+                k = len(ranks)
+                for r in run_request_set(url, np.zeros(k), np.full(k, n), np.ones(k, dtype=int),
+                                         seed=7919 * rep + n + 31 * k, routed_dp_rank=ranks):
+                    pre["input_tokens"].append(n)
+                    pre["mode"].append(mode)
+                    pre["ttft_s"].append(r.ttft_s)
+                    pre["server_prefill_s"].append(_server_prefill_s(r))
+    dec = {k: [] for k in ("batch", "mode", "context_sum", "step_s", "server_step_s")}
     for rep in range(reps):
         for b, p in decode_sets:
-            res = run_request_set(url, np.zeros(2 * b), np.full(2 * b, p), np.full(2 * b, DECODE_OUTPUT),
-                                  seed=1000 + 17 * rep + b + p, routed_dp_rank=[0] * b + [1] * b)
-            for rank in (0, 1):
-                batches.append(b)
-                ctx.append(float(b * (p + DECODE_OUTPUT / 2)))
-                steps.append(float(np.median([r.tpot_s for r in res[rank * b:(rank + 1) * b]])))
-    prefill_fit = fit_prefill(np.array(lengths), np.array(ttfts))
-    decode_fit = fit_decode(np.array(batches), np.array(ctx), np.array(steps))
-    return {"measurements": {"prefill": {"input_tokens": lengths, "ttft_s": ttfts},
-                             "decode": {"batch": batches, "context_sum": ctx, "step_s": steps,
-                                        "output_tokens": DECODE_OUTPUT}},
-            "fits": {"prefill": prefill_fit, "decode": decode_fit},
-            "coefficients": coefficients(prefill_fit, decode_fit)}
+            for mode, ranks in (("alone", [0] * b), ("both", [0] * b + [1] * b)):
+                k = len(ranks)
+                res = run_request_set(url, np.zeros(k), np.full(k, p), np.full(k, DECODE_OUTPUT),
+                                      seed=1000 + 17 * rep + b + p + k, routed_dp_rank=ranks)
+                for rank in sorted(set(ranks)):
+                    mine = res[rank * b:(rank + 1) * b]
+                    dec["batch"].append(b)
+                    dec["mode"].append(mode)
+                    dec["context_sum"].append(float(b * (p + DECODE_OUTPUT / 2)))
+                    dec["step_s"].append(float(np.median([r.tpot_s for r in mine])))
+                    dec["server_step_s"].append(float(np.median([_server_step_s(r) for r in mine])))
+    dec["output_tokens"] = DECODE_OUTPUT
+    measurements = {"prefill": pre, "decode": dec}
+    fits, coef = fit_all(measurements)
+    return {"measurements": measurements, "fits": fits, "coefficients": coef}
 
 
 # ---- the simulator side of the fidelity check -----------------------------------------------------------------
@@ -211,13 +288,34 @@ def _workload(arrivals, inputs, outputs):
                     priority=np.zeros(n, dtype=np.int64), class_of=np.zeros(n, dtype=np.int64))
 
 
+def merge_intervals(intervals: list[np.ndarray]) -> np.ndarray:
+    """Union of [K, 2] (start, end) interval arrays as sorted disjoint intervals."""
+    iv = np.concatenate([np.asarray(x, dtype=float).reshape(-1, 2) for x in intervals]) if intervals else np.zeros((0, 2))
+    if iv.size == 0:
+        return np.zeros((0, 2))
+    iv = iv[np.argsort(iv[:, 0], kind="stable")]
+    out = [iv[0].copy()]
+    for a, b in iv[1:]:
+        if a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append(np.array([a, b]))
+    return np.array(out)
+
+
+CONTENTION_PASSES = 4
+
+
 def simulate_request_set(arrivals, inputs, outputs, dispatch: str = "round_robin", ordering: str = "fcfs",
-                         preset=None, ranks=None) -> dict:
+                         preset=None, ranks=None, passes: int = CONTENTION_PASSES) -> dict:
     """Mean TTFT / TPOT / throughput of the same request set in the simulator on the cpu-tiny preset.
 
     With `ranks` (the DP rank the real server gave each request), each rank is simulated on its own as a 1-rank
-    deployment: the real dp2 server without DP attention runs its ranks independently, not in lockstep.
-    Without it, the whole set runs on the lockstep multi-rank model with `dispatch`."""
+    deployment: the real dp2 server without DP attention runs its ranks independently, not in lockstep. Host-CPU
+    contention couples them: pass 0 replays every rank alone, each later pass replays every rank with the other
+    ranks' busy intervals of the previous pass (`co_busy`: steps that start inside are slower by the preset's
+    contention factors), `passes` times or until the busy timelines stop changing.
+    Without `ranks`, the whole set runs on the lockstep multi-rank model with `dispatch`."""
     from dataclasses import replace
 
     from tiersched.sim import PolicySet, get_preset, simulate
@@ -231,11 +329,29 @@ def simulate_request_set(arrivals, inputs, outputs, dispatch: str = "round_robin
                 "throughput": m["throughput"], "model": "lockstep"}
     ranks = np.asarray(ranks)
     single = replace(preset, dp=1)
+    hw = preset.hardware
+    uniq = np.unique(ranks)
+    contended = bool(hw.contention_prefill or hw.contention_decode) and uniq.size > 1
+    busy: dict = {}
+    done_passes = 0
+    for it in range(max(1, passes) if contended else 1):
+        recs, new_busy = {}, {}
+        for r in uniq:
+            sel = np.flatnonzero(ranks == r)
+            co = merge_intervals([busy[o] for o in uniq if o != r]) if it > 0 else None
+            res = simulate(single, _workload(arrivals[sel], inputs[sel], outputs[sel]), policies,
+                           record_timeline=False, co_busy=co, record_busy=True)
+            recs[r], new_busy[r] = res.records, res.busy
+        done_passes = it + 1
+        stable = it > 0 and all(new_busy[r].shape == busy[r].shape and np.allclose(new_busy[r], busy[r])
+                                for r in uniq)
+        busy = new_busy
+        if stable:
+            break
     ttft, tpot, finish, out = [], [], [], []
-    for r in np.unique(ranks):
+    for r in uniq:
         sel = np.flatnonzero(ranks == r)
-        rec = simulate(single, _workload(arrivals[sel], inputs[sel], outputs[sel]), policies,
-                       record_timeline=False).records
+        rec = recs[r]
         ttft.append(rec["ttft"])
         tpot.append(rec["tpot"])
         finish.append(rec["arrival"] + rec["e2e"])
@@ -243,9 +359,11 @@ def simulate_request_set(arrivals, inputs, outputs, dispatch: str = "round_robin
     ttft, tpot, finish, out = (np.concatenate(x) for x in (ttft, tpot, finish, out))
     done = np.isfinite(finish)
     span = float(finish[done].max() - arrivals.min())
+    both = merge_intervals([busy[r] for r in uniq])
     return {"requests": int(done.sum()), "ttft_mean": float(np.nanmean(ttft[done])),
             "tpot_mean": float(np.nanmean(tpot[done])), "throughput": float(out[done].sum() / span),
-            "model": "independent ranks"}
+            "model": "independent ranks" + (f", contention passes {done_passes}" if contended else ""),
+            "busy_s": float((both[:, 1] - both[:, 0]).sum()) if both.size else 0.0}
 
 
 def request_set(n: int, rate: float, seed: int, input_range=(32, 768), output_range=(8, 48)):

@@ -51,6 +51,14 @@ class Hardware:
     dispatch_bytes_per_elem: float = 2.0  # BF16 activations cross the all-to-all (both directions)
     prefill_overhead_s: float = 0.0  # extra per rank running a prefill (cpu-tiny calibration; 0 on GPU presets)
     decode_token_extra_s: float = 0.0  # extra per decoding request (cpu-tiny calibration; 0 on GPU presets)
+    # Host-CPU contention between DP ranks (cpu-tiny calibration; 0 on GPU presets): a rank's prefill / decode step
+    # is this much slower (relative) while another rank of the host is busy (ranks and the frontend processes share
+    # the host's cores).
+    contention_prefill: float = 0.0
+    contention_decode: float = 0.0
+    # Fixed latency a request spends outside the ranks (HTTP, tokenizer, DP controller, detokenizer), added to its
+    # first token and finish times (cpu-tiny calibration; 0 on GPU presets, whose step model starts at the rank).
+    frontend_latency_s: float = 0.0
 
 
 @dataclass(frozen=True)
