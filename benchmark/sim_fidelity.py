@@ -1,6 +1,8 @@
 """Fidelity of the simulator's `cpu-tiny` preset against the real CPU server on the same request set.
 
     .venv/bin/python benchmark/sim_fidelity.py [--json] [--requests 30] [--rate 0.5] [--seed 0] [--url URL]
+                                               [--save out/fidelity-run.json]
+    .venv/bin/python benchmark/sim_fidelity.py --replay out/fidelity-run.json [--json]   # no server
 
 Starts the tiny Qwen3-MoE (`tiersched.rig`, `--dp-size 2`, tp1; or uses --url), sends a seeded request set
 (Poisson arrivals, prompt 32-768 tokens as input_ids, 8-48 output tokens with ignore_eos), measures mean TTFT,
@@ -8,7 +10,9 @@ TPOT and output throughput, then simulates the same requests (actual send times 
 the server's dispatch and ordering policies) on the calibrated `cpu-tiny` preset and prints both with the
 relative errors |sim - real| / real. Goal (issue 6): <= 10% each. With --calibrate-first the same server is
 profiled (reduced set) right before the requests, so calibration and check see the same machine load. The load average is printed with the result:
-the real server shares this machine, the simulator does not model other processes.
+the real server shares this machine, the simulator does not model other processes. --save writes the report with
+every real request (send time, lengths, DP rank, TTFT, TPOT, finish); --replay re-simulates such a saved run with
+the committed calibration (to compare model changes on the same real measurements, without a server).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 
@@ -45,6 +50,15 @@ def compare(url: str, n: int, rate: float, seed: int, calibration: dict) -> dict
     load_before = fidelity.load_average()
     start = time.time()
     results = fidelity.run_request_set(url, arrivals, inputs, outputs, seed=seed)
+    real_wall = round(time.time() - start, 1)
+    report = compare_results(results, calibration)
+    report.update({"requests": n, "rate_req_s": rate, "seed": seed, "real_wall_s": real_wall,
+                   "load_average_before": load_before, "load_average_after": fidelity.load_average()})
+    return report
+
+
+def compare_results(results: list, calibration: dict) -> dict:
+    """Simulate the real run's requests (as sent) on the preset of `calibration`; real vs sim and the errors."""
     real = fidelity.summarize(results)
     settings = calibration.get("server", {}).get("settings", {})
     dispatch = SIM_DISPATCH.get(settings.get("load_balance_method") or "round_robin", "round_robin")
@@ -62,15 +76,23 @@ def compare(url: str, n: int, rate: float, seed: int, calibration: dict) -> dict
                                         ranks=ranks if None not in ranks else None)
     lockstep = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering, preset)
     errors = {f"{k}_rel_error": abs(sim[k] - real[k]) / real[k] for k in ("ttft_mean", "tpot_mean", "throughput")}
-    return {"requests": n, "rate_req_s": rate, "seed": seed, "real": real, "sim": sim, "sim_lockstep": lockstep,
+    return {"real": real, "sim": sim, "sim_lockstep": lockstep,
             "lockstep_rel_errors": {k: abs(lockstep[k] - real[k]) / real[k]
                                     for k in ("ttft_mean", "tpot_mean", "throughput")}, **errors,
             "max_rel_error": max(errors.values()), "goal_rel_error": 0.10, "sim_policies": [dispatch, ordering],
-            "real_wall_s": round(time.time() - start, 1), "load_average_before": load_before,
-            "load_average_after": fidelity.load_average(),
             "calibration": {"date": calibration.get("date"), "load_average": calibration.get("load_average_before"),
                             "in_situ": bool(calibration.get("in_situ")),
-                            "coefficients": calibration.get("coefficients")}}
+                            "coefficients": calibration.get("coefficients")},
+            "real_requests": [asdict(r) for r in results]}
+
+
+def replay(path: str, calibration: dict) -> dict:
+    """A saved run (--save) re-simulated with `calibration`; the saved run's own fields kept."""
+    saved = json.loads(open(path).read())
+    results = [fidelity.RequestResult(**r) for r in saved["real_requests"]]
+    keep = {k: saved[k] for k in ("requests", "rate_req_s", "seed", "real_wall_s", "load_average_before",
+                                  "load_average_after") if k in saved}
+    return {**keep, **compare_results(results, calibration), "replay_of": path}
 
 
 def main() -> int:
@@ -82,13 +104,17 @@ def main() -> int:
     ap.add_argument("--url", default=None, help="an already running server (default: start one)")
     ap.add_argument("--calibrate-first", action="store_true",
                     help="profile the same server (reduced set) right before the requests and use that fit")
+    ap.add_argument("--save", default=None, help="write the JSON report with every real request here")
+    ap.add_argument("--replay", default=None, help="re-simulate a saved run (no server)")
     args = ap.parse_args()
     path = calibration_path()
     if not path.exists():
         print(f"no calibration at {path}; run benchmark/sim_cpu_tiny_calibrate.py first", file=sys.stderr)
         return 2
     calibration = json.loads(path.read_text())
-    if args.url:
+    if args.replay:
+        report = replay(args.replay, calibration)
+    elif args.url:
         if args.calibrate_first:
             calibration = calibrate_in_situ(args.url, calibration)
         report = compare(args.url, args.requests, args.rate, args.seed, calibration)
@@ -104,13 +130,17 @@ def main() -> int:
             if args.calibrate_first:
                 calibration = calibrate_in_situ(srv.url, calibration)
             report = compare(srv.url, args.requests, args.rate, args.seed, calibration)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(report, f)
+    printed = {k: v for k, v in report.items() if k != "real_requests"}
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(printed))
     else:
         print(f"{'metric':<12}{'real':>12}{'sim':>12}{'rel.err':>10}")
         for k in ("ttft_mean", "tpot_mean", "throughput"):
             print(f"{k:<12}{report['real'][k]:>12.4f}{report['sim'][k]:>12.4f}{report[k + '_rel_error']:>10.1%}")
-        print(f"load average before/after: {report['load_average_before']} / {report['load_average_after']}")
+        print(f"load average before/after: {report.get('load_average_before')} / {report.get('load_average_after')}")
     return 0
 
 

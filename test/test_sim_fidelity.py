@@ -85,3 +85,30 @@ def test_reduced_fidelity_against_the_real_cpu_server():
     for key in ("ttft_mean", "tpot_mean"):
         ratio = report["sim"][key] / report["real"][key]
         assert 1 / LATENCY_FACTOR < ratio < LATENCY_FACTOR, (key, ratio, report)
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "sim_fidelity", Path(__file__).resolve().parents[1] / "benchmark" / "sim_fidelity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@calibrated
+def test_saved_run_replays_to_the_same_simulation(tmp_path):
+    """--save / --replay: a saved real run re-simulates to the same numbers (no server needed)."""
+    bench = _bench()
+    arrivals, inputs, outputs = fidelity.request_set(8, 0.5, 3)
+    results = [fidelity.RequestResult(float(a), int(i), int(o), 0.25, 0.02, float(a) + 0.25 + 0.02 * (o - 1), k % 2)
+               for k, (a, i, o) in enumerate(zip(arrivals, inputs, outputs))]
+    cal = json.loads(calibration_path().read_text())
+    report = bench.compare_results(results, cal)
+    assert report["real"]["ttft_mean"] == pytest.approx(0.25) and report["real"]["requests"] == 8
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({**report, "requests": 8}))
+    again = bench.replay(str(path), cal)
+    assert again["sim"] == report["sim"] and again["requests"] == 8
