@@ -183,3 +183,117 @@ def test_adapter_row_unchanged_when_tier_inactive(adapter):
     row = lockstep.append_local_ls(MLPSyncBatchInfo._get_local_tensor, _sync_info(8), device="cpu")
     assert int(row[-1]) == 0  # same width on every rank (all load the plugin), but no signal
     assert lockstep.group_ls_signal() == 0
+
+
+# ---- same-step signal: config, simulator lag, adapter all-reduce -----------------------------------------------
+def test_same_step_switch_sets_simulator_lag_and_validates():
+    assert RequestTierConfig().same_step_signal is True
+    assert AgingPrefixOrdering(CFG).lockstep_signal_lag_steps == 0
+    assert AgingPrefixOrdering(replace(CFG, same_step_signal=False)).lockstep_signal_lag_steps == 1
+    with pytest.raises(ValueError, match="same_step_signal"):
+        replace(CFG, same_step_signal="yes").validate()
+    from tiersched.config import load_config
+
+    cfg = load_config({"TIERSCHED_SET": "request.same_step_signal=false"}).tier("request")
+    assert cfg.same_step_signal is False
+
+
+def test_same_step_group_mirrors_upstream_mlp_sync_condition(adapter, monkeypatch):
+    from types import SimpleNamespace
+
+    import sglang.srt.layers.dp_attention as dp_attention
+    import sglang.srt.runtime_context as runtime_context
+
+    request_tier, lockstep = adapter
+    sentinel = object()
+    parallel = SimpleNamespace(attn_dp_enabled=True, num_dp_ranks=2, tp_group=SimpleNamespace(cpu_group=sentinel))
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: parallel)
+    monkeypatch.setattr(dp_attention, "world_dp_gather_enabled", lambda: False)
+    monkeypatch.delenv("SGLANG_SCHEDULER_SKIP_ALL_GATHER", raising=False)
+    sched = SimpleNamespace(require_mlp_sync=True)
+    assert lockstep.same_step_group(sched) is sentinel
+    assert lockstep.same_step_group(SimpleNamespace(require_mlp_sync=False)) is None  # no MLP sync: no reduce
+    parallel.num_dp_ranks = 1  # upstream finalises locally, no collective
+    assert lockstep.same_step_group(sched) is None
+    parallel.num_dp_ranks, parallel.attn_dp_enabled = 2, False
+    assert lockstep.same_step_group(sched) is None
+    parallel.attn_dp_enabled = True
+    monkeypatch.setattr(dp_attention, "world_dp_gather_enabled", lambda: True)  # elastic WORLD gather
+    assert lockstep.same_step_group(sched) is None
+    monkeypatch.setattr(dp_attention, "world_dp_gather_enabled", lambda: False)
+    request_tier.configure(replace(CFG, same_step_signal=False))
+    request_tier._state["active"] = True
+    assert lockstep.same_step_group(sched) is None
+    request_tier._state["active"] = False  # another policy: no rank reduces
+    request_tier.configure(CFG)
+    assert lockstep.same_step_group(sched) is None
+
+
+class _Scheduler:
+    pass
+
+
+def _lockstep_rank(rank, port, results):
+    """One DP rank: scheduler iterations through the real hook, each followed (inside get_next_batch_to_run, as
+    upstream) by an MLP-sync-like all-gather on the same group. Rank 0 chunk-prefills a BE request and never has LS
+    work; rank 1 is idle except in iterations 3 and 5, when an LS request waits."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from tiersched.sglang import request_tier
+    from tiersched.sglang import request_tier_lockstep as lockstep
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    request_tier.configure(replace(CFG, ls_hold_s=0.0))
+    request_tier._state["active"] = True
+    lockstep._state["same_step_group"] = dist.new_group([0, 1], backend="gloo")  # as same_step_group() decides
+    policy = SimpleNamespace(tiersched_active=True)
+    chunked = SimpleNamespace(rid="be", priority=0, full_untruncated_fill_ids=list(range(20_000)), prefix_len=0)
+    ls_req = SimpleNamespace(rid="ls", priority=5)
+    sched = _Scheduler()  # the hook keeps a weak reference: a plain object, as upstream's Scheduler
+    sched.waiting_queue, sched.chunked_req = [], chunked if rank == 0 else None
+    limits = []
+
+    def get_next_batch_to_run(self):
+        row = torch.tensor([rank, lockstep._state["same_step_ls"]], dtype=torch.int64)
+        rows = torch.empty(4, dtype=torch.int64)
+        dist.all_gather_into_tensor(rows, row)  # upstream's MLP sync, after ours, on every rank
+        if rank == 0:
+            return request_tier.chunk_limit(None, policy, chunked, [], 8192, 1)
+        return None
+
+    for it in range(1, 8):
+        if rank == 1:
+            sched.waiting_queue = [ls_req] if it in (3, 5) else []
+        limits.append(lockstep.track_iteration(get_next_batch_to_run, sched))
+    results[rank] = (limits, dict(lockstep.counters))
+    dist.destroy_process_group()
+
+
+def test_same_step_all_reduce_caps_other_rank_in_the_same_iteration():
+    import multiprocessing as mp
+    import socket
+
+    pytest.importorskip("torch.distributed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        procs = [ctx.Process(target=_lockstep_rank, args=(r, port, results)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]  # no hang, no crash
+        limits0, counters0 = results[0]
+        _, counters1 = results[1]
+    # rank 0 has no LS work; its BE chunk is capped exactly in the iterations where rank 1 has LS waiting
+    # (ls_hold_s = 0), i.e. the same step, not one later
+    assert [lim is not None for lim in limits0] == [False, False, True, False, True, False, False], limits0
+    assert limits0[2] == CFG.be_chunk_tokens and limits0[4] == CFG.be_chunk_tokens
+    assert counters0["same_step_reduces"] == counters1["same_step_reduces"] == 7
+    assert counters0["same_step_reduces_with_ls"] == 2 and counters0["be_chunks_capped_by_group"] == 2

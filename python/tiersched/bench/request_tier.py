@@ -7,6 +7,11 @@ match, as upstream does); upstream = its real `SchedulePolicy._sort_by_hrrn` ove
 the hrrn sort is what we time.) `core_order_ms_*`: the pure core over snapshots.
 Mixed-priority scenario (simulator, 20% LS, Poisson, 1.5x the deployment's measured capacity for the mix, 90 s):
 upstream fcfs-with-priority vs tiersched, and the LS-alone lower bound (the best ratio any scheduler could reach).
+Arms: `tiersched` = the defaults, i.e. the same-step DP-wide LS signal (`same_step_signal`, lag 0: the adapter's
+all-reduce before batch formation); `tiersched-lag1-signal` = `same_step_signal = false` (only upstream's MLP-sync
+gather, one step late); `tiersched-local-cap` = the per-rank rule; `tiersched-no-chunk-cap`. The `*_ideal_signal`
+keys of earlier versions named the same-step arm when SGLang could not deliver it; they are kept as aliases of
+the `tiersched` values.
 """
 from __future__ import annotations
 
@@ -143,17 +148,15 @@ def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
     no_cap = replace(cfg, be_chunk_tokens=NO_CAP)
     # The previous per-rank rule: cap only the running BE chunk, only while THIS rank has LS waiting.
     local_cap = replace(cfg, lockstep_chunk_cap=False, cap_be_admissions=False)
-    ideal = AgingPrefixOrdering(cfg)
-    ideal.lockstep_signal_lag_steps = 0  # same-step group signal (not available in SGLang; an upper bound)
+    lag1 = replace(cfg, same_step_signal=False)  # only the count in upstream's MLP-sync gather: one step late
 
-    def arm(ordering_cfg, ordering=None):
-        return PolicySet(ordering=ordering or AgingPrefixOrdering(ordering_cfg),
-                         preemption=LatencySensitivePreemption(ordering_cfg))
+    def arm(ordering_cfg):
+        return PolicySet(ordering=AgingPrefixOrdering(ordering_cfg), preemption=LatencySensitivePreemption(ordering_cfg))
 
     arms = {
         "fcfs-priority": PolicySet(ordering="fcfs-priority"),  # + upstream PriorityPreemption (threshold 10)
-        "tiersched": arm(cfg),  # DP-wide signal, one step old (SGLang's MLP-sync all-gather), as the adapter
-        "tiersched-ideal-signal": arm(cfg, ideal),
+        "tiersched": arm(cfg),  # defaults: DP-wide signal of the same step (the adapter's all-reduce)
+        "tiersched-lag1-signal": arm(lag1),
         "tiersched-local-cap": arm(local_cap),
         "tiersched-no-chunk-cap": arm(no_cap),
     }
@@ -184,7 +187,8 @@ def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
     out.update({
         "ls_p99_ttft_ratio": fcfs_p99 / out["ls_p99_ttft_s_tiersched"],
         "ls_p99_ttft_ratio_local_cap": fcfs_p99 / out["ls_p99_ttft_s_tiersched_local_cap"],
-        "ls_p99_ttft_ratio_ideal_signal": fcfs_p99 / out["ls_p99_ttft_s_tiersched_ideal_signal"],
+        "ls_p99_ttft_ratio_lag1_signal": fcfs_p99 / out["ls_p99_ttft_s_tiersched_lag1_signal"],
+        "ls_p99_ttft_ratio_ideal_signal": fcfs_p99 / out["ls_p99_ttft_s_tiersched"],  # alias (see docstring)
         "ls_p99_ttft_ratio_no_chunk_cap": fcfs_p99 / out["ls_p99_ttft_s_tiersched_no_chunk_cap"],
         "be_throughput_loss": 1.0 - ours / base,  # BE tokens (prompt + output) per second, ours vs upstream
         "be_throughput_loss_local_cap": 1.0 - local / base,
@@ -192,7 +196,9 @@ def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
         "lockstep_cap_be_throughput_cost": 1.0 - ours / local,  # DP-wide cap vs the per-rank cap
         "max_be_wait_s": out["max_be_wait_s_tiersched"],
         "max_be_wait_s_local_cap": out["max_be_wait_s_tiersched_local_cap"],
-        "lockstep_signal_lag_steps": AgingPrefixOrdering.lockstep_signal_lag_steps,
+        "be_throughput_loss_lag1_signal": 1.0 - out["be_total_tok_s_tiersched_lag1_signal"] / base,
+        "lockstep_signal_lag_steps": AgingPrefixOrdering(cfg).lockstep_signal_lag_steps,
+        "lockstep_signal_lag_steps_lag1_arm": AgingPrefixOrdering(lag1).lockstep_signal_lag_steps,
         "sim_requests": int(len(work.input_tokens)),
         "sim_ls_requests": int((work.class_of == 0).sum()),
         "sim_duration_s": duration_s,
@@ -222,6 +228,8 @@ def summarise_seeds(per_seed: dict[int, dict]) -> dict:
     # The best ratio any scheduler could reach on these seeds (median, as the headline ratio).
     out["ls_p99_ttft_ratio_upper_bound"] = statistics.median(r["ls_p99_ttft_ratio_upper_bound"]
                                                              for r in per_seed.values())
+    out["lockstep_signal_lag_steps"] = first["lockstep_signal_lag_steps"]
+    out["lockstep_signal_lag_steps_lag1_arm"] = first["lockstep_signal_lag_steps_lag1_arm"]
     out["sim_seeds"] = sorted(per_seed)
     out["per_seed"] = {str(seed): r for seed, r in sorted(per_seed.items())}
     return out

@@ -87,6 +87,11 @@ class RequestTierConfig:
     # running when the NEXT LS request arrives cannot be shortened any more, so while LS traffic is active BE
     # steps stay short (0: cap only while LS work is seen waiting).
     ls_hold_s: float = 4.0
+    # Under DP attention, all-reduce (MAX) each rank's LS count once per scheduler iteration BEFORE batch
+    # formation, so every rank's cap of THIS step sees LS work on any rank (one tiny extra collective per
+    # iteration, benchmark/request_tier_signal_cost.py). False: only the count carried by upstream's MLP-sync
+    # all-gather, which runs after batch formation and so reaches the other ranks one step late.
+    same_step_signal: bool = True
 
     def validate(self) -> None:
         if not (math.isfinite(self.aging_rate) and self.aging_rate >= 0):
@@ -101,6 +106,8 @@ class RequestTierConfig:
             raise ValueError(f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens!r}.")
         if not (math.isfinite(self.ls_hold_s) and self.ls_hold_s >= 0):
             raise ValueError(f"ls_hold_s must be a finite number of seconds >= 0, got {self.ls_hold_s!r}.")
+        if not isinstance(self.same_step_signal, bool):
+            raise ValueError(f"same_step_signal must be true or false, got {self.same_step_signal!r}.")
         if self.be_chunk_tokens < self.min_chunk_tokens:
             raise ValueError(
                 f"be_chunk_tokens ({self.be_chunk_tokens}) must be >= min_chunk_tokens ({self.min_chunk_tokens})."
@@ -150,6 +157,10 @@ class AgingPrefixOrdering:
 
     def __init__(self, config: RequestTierConfig | None = None):
         self.config = config or RequestTierConfig()
+        # Steps between a rank publishing its LS count and the group using it, read by the simulator: 0 = the
+        # same-step all-reduce before batch formation (`same_step_signal`, what the adapter does by default),
+        # 1 = only upstream's per-step MLP-sync all-gather, which runs after batch formation.
+        self.lockstep_signal_lag_steps = 0 if self.config.same_step_signal else 1
 
     def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
         n = len(waiting)
@@ -160,10 +171,6 @@ class AgingPrefixOrdering:
         uncached = np.fromiter((w.input_tokens - w.cached_tokens for w in waiting), np.float64, n)
         deferred = np.fromiter((w.shares_inflight_prefix for w in waiting), np.bool_, n)
         return order_keys(priority, arrival, np.maximum(uncached, 0.0), deferred, now_s, self.config).tolist()
-
-    # Steps between a rank publishing its LS-waiting count and the group using it: 1 = SGLang's per-step
-    # MLP-sync all-gather (what the adapter uses), 0 = the ideal same-step signal. Read by the simulator only.
-    lockstep_signal_lag_steps = 1
 
     def chunk_limit(self, chunked_priority: int, chunked_remaining: int, waiting_uncached, budget: int,
                     page_size: int, group_ls_waiting: int = 0) -> int | None:

@@ -139,7 +139,8 @@ def chunk_limit(original_fn, self, chunked_req, waiting_queue, budget, page_size
         if not local_ls:  # the DP-wide case: no LS here, another rank of the lockstep group has LS work
             lockstep.counters["be_chunks_capped_by_group"] += 1
             logger.info("tiersched lockstep cap: BE chunk %s capped to %d of %d tokens (group LS signal=%d, "
-                        "no LS waiting on this rank)", chunked_req.rid, limit, remaining, group)
+                        "source=%s, no LS waiting on this rank)", chunked_req.rid, limit, remaining, group,
+                        lockstep.signal_source())
     return limit
 
 

@@ -1,18 +1,29 @@
-"""prefix-aging under DP attention: the "LS work waiting" signal of the lockstep group, piggybacked on upstream's
-per-step MLP-sync all-gather.
+"""prefix-aging under DP attention: the "LS work waiting" signal of the lockstep group.
 
-With `--enable-dp-attention` every scheduler calls `prepare_mlp_sync_batch_raw`
-(sglang/srt/managers/scheduler_components/dp_attn.py) once per loop iteration, and `MLPSyncBatchInfo.all_gather`
-exchanges one small int64 row per rank (token counts, forward mode, ...) so the ranks agree on the lockstep step.
-We append one column to that row: this rank's LS count (LS requests waiting + LS requests in the batch just
-formed, incl. a chunked one). After the gather every rank holds the same per-rank counts, exactly, at no extra
-collective; their max feeds `tiersched.core.request_preemption.LockstepLsSignal`, and the next step's chunk cap
-(`chunk_token_limit(..., group_ls_waiting)`) and BE admission cap (`be_admission_budget`) read it.
+With `--enable-dp-attention` every rank's forward step is one lockstep step, so a BE chunk on rank B delays an
+LS request on rank A. Two channels carry each rank's LS count to the others:
 
-Lag: the row is gathered after the batch is formed, so the signal reaches the other ranks' NEXT step (the
-simulator models exactly this, `lockstep_signal_lag_steps = 1`). Stale reads: a count is used only in the
-iteration right after its gather; otherwise only the time-bounded hold (`ls_hold_s`) remains, and it runs out.
-Without DP attention (no gather) ranks are not in lockstep and only the per-rank rule applies.
+1. Same step (default, `same_step_signal`): at the start of `Scheduler.get_next_batch_to_run`, BEFORE batch
+   formation, every scheduler all-reduces (MAX) its LS count (LS requests waiting + an LS chunked prefill) over
+   the attention-DP CPU group (the tp group's gloo group, the one upstream's MLP sync uses with the overlap
+   scheduler). The chunk cap (`chunk_token_limit(..., group_ls_waiting)`) and the BE admission cap
+   (`be_admission_budget`) of THIS step read it. No deadlock: the collective runs exactly where upstream runs
+   its own per-iteration collective. Every call of `get_next_batch_to_run` with `scheduler.require_mlp_sync`
+   set reaches `prepare_mlp_sync_batch_raw` at least once on every code path (its last line calls
+   `maybe_prepare_mlp_sync_batch`, idle ranks included: they gather a fallback row and get an idle batch),
+   and that gathers over the same ranks unless `num_dp_ranks == 1` or `should_skip_scheduler_all_gather`. We
+   run ours under exactly that condition (decided once per process from global config, so identical on every
+   rank), before upstream's, so every rank issues the same sequence of collectives. The count itself never
+   raises (a failure counts 0), so no rank can skip its turn.
+2. One step late (always on; the only channel with `same_step_signal = false`, under elastic-EP WORLD gathers,
+   or in loops that do not call `get_next_batch_to_run`, e.g. PD disaggregation): one column appended to
+   upstream's per-step MLP-sync row (`MLPSyncBatchInfo._get_local_tensor` / `_get_fallback_tensor`, read after
+   `all_gather`): LS requests waiting + LS requests in the prefill batch just formed. The row is gathered after
+   batch formation, so it reaches the other ranks' NEXT step (simulator: `lockstep_signal_lag_steps = 1`).
+
+Either value feeds `tiersched.core.request_preemption.LockstepLsSignal` (the `ls_hold_s` hold). Stale reads: a
+count is used only in the iteration it was reduced in / right after its gather; otherwise only the hold
+remains, and it runs out. Without DP attention ranks are not in lockstep and only the per-rank rule applies.
 """
 from __future__ import annotations
 
@@ -37,14 +48,15 @@ UPSTREAM_SYNC_COLUMNS = 11  # width of MLPSyncBatchInfo._get_local_tensor in sgl
 
 # One scheduler per process. `counters` is read by tests and the log line.
 _state: dict = {"scheduler": None, "iteration": 0, "local_ls": 0, "group_ls": 0, "gathered_at": -1,
-                "signal": None}
-counters = {"gathers": 0, "gathers_with_ls": 0, "be_chunks_capped": 0, "be_chunks_capped_by_group": 0,
-            "be_admissions_capped": 0}
+                "signal": None, "same_step_group": None, "same_step_ls": 0, "reduced_at": -1}
+_UNDECIDED = object()  # same_step_group before the first iteration decided it
+counters = {"gathers": 0, "gathers_with_ls": 0, "same_step_reduces": 0, "same_step_reduces_with_ls": 0,
+            "be_chunks_capped": 0, "be_chunks_capped_by_group": 0, "be_admissions_capped": 0}
 
 
 def reset(config: RequestTierConfig) -> None:
     _state.update(scheduler=None, iteration=0, local_ls=0, group_ls=0, gathered_at=-1,
-                  signal=LockstepLsSignal(config))
+                  signal=LockstepLsSignal(config), same_step_group=_UNDECIDED, same_step_ls=0, reduced_at=-1)
     for k in counters:
         counters[k] = 0
 
@@ -71,14 +83,67 @@ def _tier_active() -> bool:
 
 
 def track_iteration(original_fn, self, *args, **kwargs):
-    """Remember this process's scheduler (its waiting queue) and count loop iterations (signal freshness)."""
+    """Remember this process's scheduler (its waiting queue), count loop iterations (signal freshness), and
+    run the same-step all-reduce before upstream forms the batch (module docstring: why it cannot deadlock)."""
     if _state["signal"] is None:
         reset(_config())
     sched = _state["scheduler"]
     if sched is None or sched() is not self:
         _state["scheduler"] = weakref.ref(self)
     _state["iteration"] += 1
+    if _state["same_step_group"] is _UNDECIDED:
+        _state["same_step_group"] = same_step_group(self)
+    if _state["same_step_group"] is not None:
+        reduce_same_step(self, _state["same_step_group"])
     return original_fn(self, *args, **kwargs)
+
+
+def same_step_group(scheduler):
+    """The process group of the same-step all-reduce, or None when it must not run. Mirrors when upstream's
+    MLP sync collects over ranks (`Scheduler.get_next_batch_to_run` -> `maybe_prepare_mlp_sync_batch` if
+    `require_mlp_sync`; `prepare_mlp_sync_batch_raw` gathers unless num_dp_ranks == 1 or
+    `should_skip_scheduler_all_gather`); only global config is read, so every rank decides the same."""
+    cfg = _config()
+    if not (_tier_active() and cfg.same_step_signal and getattr(scheduler, "require_mlp_sync", False)):
+        return None
+    from sglang.srt.layers.dp_attention import world_dp_gather_enabled
+    from sglang.srt.managers.scheduler_components.dp_attn import should_skip_scheduler_all_gather
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    if not parallel.attn_dp_enabled or parallel.num_dp_ranks <= 1:
+        return None  # only DP attention puts ranks in lockstep
+    if should_skip_scheduler_all_gather(parallel.num_dp_ranks) or world_dp_gather_enabled():
+        return None  # no per-iteration gather to mirror (elastic WORLD gathers resize: keep the lag-1 column)
+    logger.info("tiersched lockstep: same-step LS all-reduce over the attention-DP CPU group (%d DP ranks)",
+                parallel.num_dp_ranks)
+    return parallel.tp_group.cpu_group
+
+
+def safe_local_ls_count(scheduler) -> int:
+    """LS requests waiting + an LS chunked prefill on this rank; never raises (every rank must reduce)."""
+    try:
+        n = sum(1 for r in scheduler.waiting_queue if _is_ls(r))
+        chunked = getattr(scheduler, "chunked_req", None)
+        return n + (1 if chunked is not None and _is_ls(chunked) else 0)
+    except Exception:  # noqa: BLE001 -- a count of 0 only loses protection for one step; a skipped collective hangs
+        logger.exception("tiersched lockstep: LS count failed; publishing 0")
+        return 0
+
+
+def reduce_same_step(scheduler, group) -> int:
+    """All-reduce (MAX) this rank's LS count over `group`; the result is this iteration's group signal."""
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([safe_local_ls_count(scheduler)], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    group_ls = int(value.item())
+    _state.update(same_step_ls=group_ls, reduced_at=_state["iteration"])
+    counters["same_step_reduces"] += 1
+    counters["same_step_reduces_with_ls"] += group_ls > 0
+    _state["signal"].observe(group_ls, time.perf_counter())
+    return group_ls
 
 
 def local_ls_count(scheduler, local_batch) -> int:
@@ -136,15 +201,25 @@ def read_group_ls(original_fn, self, *args, **kwargs):
 
 
 def group_ls_signal() -> int:
-    """The signal this scheduling pass uses: the count gathered in the previous iteration (or 1 within the hold
-    after the last nonzero count); 0 when no gather ran recently (stale values expire through the hold)."""
+    """The signal this scheduling pass uses: this iteration's same-step count, else the count gathered in the
+    previous iteration, else 1 within the hold after the last nonzero count; 0 when nothing fresh was seen
+    (stale values expire through the hold)."""
     signal = _state["signal"]
     if signal is None or not _tier_active():
         return 0
-    now = time.perf_counter()
+    if _state["reduced_at"] == _state["iteration"] and _state["same_step_ls"] > 0:
+        _state["source"] = "same-step"
+        return _state["same_step_ls"]
     if _state["gathered_at"] == _state["iteration"] - 1 and _state["group_ls"] > 0:
+        _state["source"] = "gathered"
         return _state["group_ls"]
-    return signal.expire(now)
+    _state["source"] = "hold"
+    return signal.expire(time.perf_counter())
+
+
+def signal_source() -> str:
+    """Where the last `group_ls_signal()` value came from: same-step, gathered (one step old) or hold."""
+    return _state.get("source", "hold")
 
 
 def capped_be_add(original_fn, adder, req, *args, **kwargs):
