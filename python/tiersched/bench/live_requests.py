@@ -190,10 +190,11 @@ def synthetic_shared_prefix(n: int = 120, block_tokens: int = 8, rate: float = 4
 
 
 def shared_prefix_set(n: int, rate: float, block_tokens: int = 8, ls_fraction: float = 0.25,
-                      seed: int = 0) -> RequestSet:
+                      seed: int = 0, max_input: int = 1024) -> RequestSet:
     """The Mooncake-derived set when the shared traces are present, else the synthetic fallback."""
     if shared_path(MOONCAKE_CONV) is not None:
-        return mooncake_shared_prefix(n=n, block_tokens=block_tokens, rate=rate, ls_fraction=ls_fraction, seed=seed)
+        return mooncake_shared_prefix(n=n, block_tokens=block_tokens, rate=rate, ls_fraction=ls_fraction, seed=seed,
+                                      max_input=max_input)
     return synthetic_shared_prefix(n=n, block_tokens=block_tokens, rate=rate, ls_fraction=ls_fraction, seed=seed)
 
 
