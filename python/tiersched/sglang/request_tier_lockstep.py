@@ -21,9 +21,11 @@ LS request on rank A. Two channels carry each rank's LS count to the others:
    `all_gather`): LS requests waiting + LS requests in the prefill batch just formed. The row is gathered after
    batch formation, so it reaches the other ranks' NEXT step (simulator: `lockstep_signal_lag_steps = 1`).
 
-Either value feeds `tiersched.core.request_preemption.LockstepLsSignal` (the `ls_hold_s` hold). Stale reads: a
-count is used only in the iteration it was reduced in / right after its gather; otherwise only the hold
-remains, and it runs out. Without DP attention ranks are not in lockstep and only the per-rank rule applies.
+Where the same-step reduce ran, it subsumes the gathered count (an LS request in the batch just formed was
+counted by the same step's reduce; one still waiting is counted by the next), so the gathered value is then
+ignored, as the simulator's lag 0 does. The value used feeds `tiersched.core.request_preemption.
+LockstepLsSignal` (the `ls_hold_s` hold). Stale reads: a count is used only in the iteration it was reduced in /
+right after its gather; otherwise only the hold remains, and it runs out. Without DP attention ranks are not in lockstep and only the per-rank rule applies.
 """
 from __future__ import annotations
 
@@ -193,7 +195,8 @@ def read_group_ls(original_fn, self, *args, **kwargs):
         counters["gathers_with_ls"] += group > 0
         if _state["signal"] is None:
             reset(_config())
-        _state["signal"].observe(group, time.perf_counter())
+        if _state["reduced_at"] != _state["iteration"]:  # with the same-step reduce on, the hold follows it only
+            _state["signal"].observe(group, time.perf_counter())
     return result
 
 
@@ -207,10 +210,11 @@ def group_ls_signal() -> int:
     signal = _state["signal"]
     if signal is None or not _tier_active():
         return 0
-    if _state["reduced_at"] == _state["iteration"] and _state["same_step_ls"] > 0:
-        _state["source"] = "same-step"
-        return _state["same_step_ls"]
-    if _state["gathered_at"] == _state["iteration"] - 1 and _state["group_ls"] > 0:
+    if _state["reduced_at"] == _state["iteration"]:  # subsumes the gathered count (module docstring)
+        if _state["same_step_ls"] > 0:
+            _state["source"] = "same-step"
+            return _state["same_step_ls"]
+    elif _state["gathered_at"] == _state["iteration"] - 1 and _state["group_ls"] > 0:
         _state["source"] = "gathered"
         return _state["group_ls"]
     _state["source"] = "hold"
