@@ -130,13 +130,15 @@ def _medians(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def fit_prefill(lengths: np.ndarray, ttft_s: np.ndarray) -> dict:
     """Fit TTFT of single requests on an idle rank: intercept + per_token * n + per_pair * n(n+1)/2 (>= 0),
-    on the median TTFT per length; rel_rmse is over every measurement."""
+    on the median TTFT per length, minimising the relative error (the fidelity goal is relative; an absolute fit
+    lets the slow long-prompt points set an intercept that dwarfs short prompts); rel_rmse is over every
+    measurement."""
     from scipy.optimize import nnls
 
     ttft_s = np.asarray(ttft_s, dtype=float)
     design_of = lambda n: np.stack([np.ones_like(n), n, n * (n + 1) / 2], axis=1)
     uniq, med = _medians(lengths, ttft_s)
-    coef, _ = nnls(design_of(uniq[:, 0]), med)
+    coef, _ = nnls(design_of(uniq[:, 0]) / med[:, None], np.ones(len(med)))
     design = design_of(np.asarray(lengths, dtype=float))
     pred = design @ coef
     return {"intercept_s": float(coef[0]), "per_token_s": float(coef[1]), "per_pair_s": float(coef[2]),
@@ -144,15 +146,15 @@ def fit_prefill(lengths: np.ndarray, ttft_s: np.ndarray) -> dict:
 
 
 def fit_decode(batch: np.ndarray, context_sum: np.ndarray, step_s: np.ndarray) -> dict:
-    """Fit decode step time: intercept + per_request * B + per_ctx * C (>= 0), on the median per (B, C);
-    rel_rmse is over every measurement."""
+    """Fit decode step time: intercept + per_request * B + per_ctx * C (>= 0), on the median per (B, C),
+    minimising the relative error (as fit_prefill); rel_rmse is over every measurement."""
     from scipy.optimize import nnls
 
     b = np.asarray(batch, dtype=float)
     c = np.asarray(context_sum, dtype=float)
     step_s = np.asarray(step_s, dtype=float)
     uniq, med = _medians(np.stack([b, c], axis=1), step_s)
-    coef, _ = nnls(np.stack([np.ones(len(uniq)), uniq[:, 0], uniq[:, 1]], axis=1), med)
+    coef, _ = nnls(np.stack([np.ones(len(uniq)), uniq[:, 0], uniq[:, 1]], axis=1) / med[:, None], np.ones(len(med)))
     design = np.stack([np.ones_like(b), b, c], axis=1)
     pred = design @ coef
     return {"intercept_s": float(coef[0]), "per_request_s": float(coef[1]), "per_ctx_s": float(coef[2]),
