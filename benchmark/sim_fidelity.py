@@ -77,6 +77,7 @@ def compare_results(results: list, calibration: dict) -> dict:
     lockstep = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering, preset)
     errors = {f"{k}_rel_error": abs(sim[k] - real[k]) / real[k] for k in ("ttft_mean", "tpot_mean", "throughput")}
     return {"real": real, "sim": sim, "sim_lockstep": lockstep,
+            "real_tpot_by_other_rank": fidelity.tpot_by_other_rank(results),
             "lockstep_rel_errors": {k: abs(lockstep[k] - real[k]) / real[k]
                                     for k in ("ttft_mean", "tpot_mean", "throughput")}, **errors,
             "max_rel_error": max(errors.values()), "goal_rel_error": 0.10, "sim_policies": [dispatch, ordering],

@@ -109,3 +109,13 @@ def test_merge_intervals():
     got = fidelity.merge_intervals([np.array([[0, 1], [3, 4]]), np.array([[0.5, 2], [5, 6]])])
     assert got.tolist() == [[0, 2], [3, 4], [5, 6]]
     assert fidelity.merge_intervals([]).shape == (0, 2)
+
+
+def test_tpot_by_other_rank_splits_requests_by_the_other_ranks_activity():
+    R = fidelity.RequestResult
+    results = [R(0.0, 100, 11, 0.1, 0.01, 0.2, 0),      # decodes 0.1-0.2 s with rank 1 idle
+               R(1.0, 100, 11, 0.1, 0.04, 1.75, 0),     # decodes 1.1-1.75 s, rank 1 busy until 1.7 s (92%)
+               R(0.9, 100, 21, 0.1, 0.03, 1.7, 1)]      # rank 1: busy 0.9-1.7 s
+    got = fidelity.tpot_by_other_rank(results)
+    assert got["other_idle_n"] == 1 and got["other_idle_tpot_mean"] == pytest.approx(0.01)
+    assert got["other_busy_n"] == 2 and got["ratio"] == pytest.approx(0.035 / 0.01)

@@ -119,6 +119,28 @@ def summarize(results: list[RequestResult]) -> dict:
             "throughput": float(sum(r.output_tokens for r in results) / span)}
 
 
+def tpot_by_other_rank(results: list[RequestResult], idle_below: float = 0.2, busy_above: float = 0.8) -> dict:
+    """Real TPOT of requests whose decode ran while another DP rank had a request in flight for less than
+    idle_below / more than busy_above of the time (sampled at 40 points): the contention seen under traffic."""
+    groups: dict[str, list[float]] = {"other_idle": [], "other_busy": []}
+    for x in results:
+        first = x.arrival_s + x.ttft_s
+        if x.dp_rank is None or not np.isfinite(x.tpot_s) or x.finish_s <= first:
+            continue
+        others = [(y.arrival_s, y.finish_s) for y in results if y.dp_rank is not None and y.dp_rank != x.dp_rank]
+        ts = np.linspace(first, x.finish_s, 40)
+        share = float(np.mean([any(a <= t <= b for a, b in others) for t in ts]))
+        if share < idle_below:
+            groups["other_idle"].append(x.tpot_s)
+        elif share > busy_above:
+            groups["other_busy"].append(x.tpot_s)
+    out = {f"{k}_n": len(v) for k, v in groups.items()}
+    out.update({f"{k}_tpot_mean": float(np.mean(v)) if v else None for k, v in groups.items()})
+    if groups["other_idle"] and groups["other_busy"]:
+        out["ratio"] = out["other_busy_tpot_mean"] / out["other_idle_tpot_mean"]
+    return out
+
+
 # ---- fitting --------------------------------------------------------------------------------------------------
 def _medians(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Median of values per distinct key row: repetitions on a shared machine have heavy-tailed outliers."""
