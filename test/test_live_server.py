@@ -16,11 +16,17 @@ from tiersched.bench.live_requests import shared_prefix_set
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-# "Not worse" compares medians over 4 alternating repeats (A B B A A B B A), so one disturbed run cannot decide
-# it. Mean TTFT of the SAME arm varies up to 2.3x between consecutive 7-second runs on this 2-core machine
-# (0.186 s vs 0.437 s measured for upstream-lpm); the median of 4 still moves ~20%, hence the allowance.
+# "Not worse" compares medians over 5 alternating repeats (A B C C B A A B C ...), so one disturbed run cannot
+# decide it. Mean TTFT of the SAME arm varies up to 2.3x between consecutive 9-second runs on this 2-core machine
+# (0.27 s vs 0.85 s measured for upstream-lpm on this set); the median of 5 still moves ~20%, hence the allowance.
 TTFT_NOISE = 1.25
-AB_REPEATS = 4
+AB_REPEATS = 5
+# Mooncake blocks at 48 tokens (prompts ~180-2400 tokens, mean ~1.2k): long enough that a BE prefill step (up to
+# upstream's 4096-token chunk, ~1 s on this CPU) is what an arriving LS request waits behind. At 8 tokens per block
+# (prompts <= 400 tokens) no arm queues anything at 0.8x load and LS TTFT differs only by noise: measured with
+# `benchmark/live_ls_ablation.py --repeats 6` (docs/live-results.md), upstream-priority was then the "worst" arm.
+AB_BLOCK_TOKENS = 48
+AB_MAX_INPUT = 3072
 
 
 def _need(tiers):
@@ -29,25 +35,28 @@ def _need(tiers):
         pytest.skip("tier adapter(s) not in this build: " + "; ".join(missing.values()))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(tiny_model_dir):
-    """Upstream's best flags for a shared-prefix set (lpm + total_tokens) vs all tiers, A B B A A B B A, 30 requests."""
+    """All tiers vs upstream's best flags for each metric, 24 shared-prefix requests, 5 alternating repeats:
+    cached tokens vs the best of upstream-lpm / upstream-priority, LS TTFT vs the best of the two as well."""
     _need(("request", "engine"))
-    arms = [live_arms.Arm("upstream-lpm", live_arms.UPSTREAM_ARMS["upstream-lpm"]), live_arms.tiersched_arm("dp2")]
-    request_set = shared_prefix_set(30, 1.0)
+    upstream = ("upstream-lpm", "upstream-priority")
+    arms = [*(live_arms.Arm(n, live_arms.UPSTREAM_ARMS[n]) for n in upstream), live_arms.tiersched_arm("dp2")]
+    request_set = shared_prefix_set(24, 1.0, block_tokens=AB_BLOCK_TOKENS, max_input=AB_MAX_INPUT)
     with live_ab.servers_for(tiny_model_dir, "dp2", arms) as servers:
         with live_ab.only_running(servers, "upstream-lpm") as srv:
             capacity = live_ab.measure_capacity(srv.url, request_set, n=15)
         runs = live_ab.run_ab(servers, arms, request_set.with_rate(max(0.5, 0.8 * capacity)), repeats=AB_REPEATS)
-    ours, upstream = runs["tiersched"].summaries, runs["upstream-lpm"].summaries
-    for s in ours + upstream:
-        assert s["errors"] == 0 and s["lost"] == 0, s
-    ours_cached = sum(s["cached_tokens"] for s in ours)
-    up_cached = sum(s["cached_tokens"] for s in upstream)
-    assert ours_cached >= up_cached, (ours, upstream)
-    ours_ls = statistics.median(s["ls_ttft_mean_s"] for s in ours)
-    up_ls = statistics.median(s["ls_ttft_mean_s"] for s in upstream)
-    assert ours_ls <= TTFT_NOISE * up_ls, (ours_ls, up_ls, ours, upstream)
+    summaries = {name: runs[name].summaries for name in runs}
+    for name, arm_summaries in summaries.items():
+        for s in arm_summaries:
+            assert s["errors"] == 0 and s["lost"] == 0, (name, s)
+            assert s["ls_requests"] > 0, (name, s)
+    cached = {name: sum(s["cached_tokens"] for s in v) for name, v in summaries.items()}
+    ls_ttft = {name: statistics.median(s["ls_ttft_mean_s"] for s in v) for name, v in summaries.items()}
+    print("cached tokens:", cached, "LS TTFT medians:", ls_ttft)
+    assert cached["tiersched"] >= max(cached[n] for n in upstream), cached
+    assert ls_ttft["tiersched"] <= TTFT_NOISE * min(ls_ttft[n] for n in upstream), (ls_ttft, summaries)
 
 
 def _load(tiny_model_dir, duration_s):
@@ -72,6 +81,8 @@ def test_load_twice_capacity_ci_sized(tiny_model_dir):
 @pytest.mark.skipif(os.environ.get("TIERSCHED_LIVE_FULL_LOAD") != "1",
                     reason="the 5-minute load run; set TIERSCHED_LIVE_FULL_LOAD=1")
 def test_load_twice_capacity_five_minutes(tiny_model_dir):
+    """2x capacity for 300 s: 0 errors, 0 lost, and RSS bounded. Only the schedulers grow, and equally with
+    upstream's flags alone (docs/live-results.md), so the check is that the growth stops, not that it is zero."""
     out = _load(tiny_model_dir, 300)
     # memory bounded: the group's RSS stops growing (3rd -> 4th quarter), see live_load.rss_bounded
     assert rss_bounded(out), {k: v for k, v in out.items() if k.startswith("rss_")}
