@@ -8,6 +8,9 @@ shared-prefix request set (Mooncake-derived, LS/BE mix; synthetic without ../sha
 both against the upstream arm that is best on that metric, plus per-arm ratios with min/max over repeats,
 `errors` and `lost` summed over every run. `--record DIR` writes each run as a replay record; `--replay`
 simulates the recorded tiersched run (tiersched.bench.live_replay).
+
+Time on the 2-core development machine: the full mode is 18 runs of 150 requests per deployment (15-30 min each)
+and about an hour in all; run it one deployment at a time (`--deployments dpattn --requests 40`: 634 s).
 """
 from __future__ import annotations
 
