@@ -1,4 +1,5 @@
-"""Plugin-side fixes for three upstream SGLang 0.5.23 bugs met when serving on CPU (patches/cpu-fixes.md).
+"""Plugin-side fixes for upstream SGLang 0.5.23 bugs met when serving on CPU (patches/cpu-fixes.md): three that
+stop it from serving, and one that burns a core (the DP controller ignores `--sleep-on-idle`).
 
 Each is a hook on the upstream function that trips, so it is listed in patches/cpu-fixes.toml and disappears with
 the bug: when upstream fixes one, its hook becomes a no-op (the attribute exists, no -1 ids arrive on that path).
@@ -11,7 +12,9 @@ HOOKS = (
     ("sglang.srt.eplb.expert_distribution._StatAccumulator.dump", "BEFORE", "ensure_cpu_empty_cache"),
     ("sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater.update", "BEFORE", "ensure_cpu_empty_cache"),
     ("sglang.srt.layers.moe.fused_moe_native.moe_forward_native", "AROUND", "route_remote_slots_to_unused_local_experts"),
+    ("sglang.srt.managers.data_parallel_controller.DataParallelController.event_loop", "AROUND", "block_while_idle"),
 )
+IDLE_POLL_MS = 500  # the longest the DP controller blocks without feeding its soft watchdog
 
 
 def ensure_cpu_fill_value(forward_batch, model_runner, *args, **kwargs):
@@ -58,6 +61,32 @@ def route_remote_slots_to_unused_local_experts(original_fn, layer, x, topk_outpu
             used[rows, ids[:, j]] |= remote[:, j]
     fixed = topk_output._replace(topk_weights=topk_weights.masked_fill(remote, 0), topk_ids=ids.to(topk_ids.dtype))
     return original_fn(layer, x, fixed, moe_runner_config, *args, **kwargs)
+
+
+def block_while_idle(original_fn, self, *args, **kwargs):
+    """`DataParallelController.event_loop` receives with `zmq.NOBLOCK` in a bare loop, so an idle controller spins
+    a whole core; `--sleep-on-idle` ("Reduce CPU usage when sglang is idle") quiets the schedulers only. With that
+    flag, wait in `zmq.Poller.poll` until a request is readable (it wakes at once when one arrives, so dispatch is
+    not delayed), then drain exactly as upstream does: same `sock_recv`, same `_request_dispatcher`, watchdog fed."""
+    from sglang.srt.runtime_context import get_device
+
+    if not get_device().sleep_on_idle:
+        return original_fn(self, *args, **kwargs)
+    import zmq
+    from sglang.srt.managers import data_parallel_controller as dpc
+
+    poller = zmq.Poller()
+    poller.register(self.recv_from_tokenizer, zmq.POLLIN)
+    while True:
+        self.soft_watchdog.feed()
+        poller.poll(IDLE_POLL_MS)
+        while True:
+            self.soft_watchdog.feed()
+            try:
+                recv_req = dpc.sock_recv(self.recv_from_tokenizer, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            self._request_dispatcher(recv_req)
 
 
 def register_hooks(registry, hook_types) -> None:
