@@ -16,17 +16,19 @@ from tiersched.bench.live_requests import shared_prefix_set
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-# "Not worse" compares medians over 5 alternating repeats (A B C C B A A B C ...), so one disturbed run cannot
-# decide it. Mean TTFT of the SAME arm varies up to 2.3x between consecutive 9-second runs on this 2-core machine
-# (0.27 s vs 0.85 s measured for upstream-lpm on this set); the median of 5 still moves ~20%, hence the allowance.
+# LS TTFT is compared as the median over every LS request of all repeats pooled (~40 per arm), the runs alternating
+# (A B C C B A A B C ...). Per-run means are too noisy here: one queue build-up on this 2-core box (client, HTTP
+# server, detokenizer and two ranks share it) moves a run's LS mean up to 20x between repeats of the SAME arm
+# (upstream-priority 0.072-1.52 s measured, docs/live-results.md); a pooled median moves far less.
 TTFT_NOISE = 1.25
 AB_REPEATS = 5
-# Mooncake blocks at 48 tokens (prompts ~180-2400 tokens, mean ~1.2k): long enough that a BE prefill step (up to
-# upstream's 4096-token chunk, ~1 s on this CPU) is what an arriving LS request waits behind. At 8 tokens per block
-# (prompts <= 400 tokens) no arm queues anything at 0.8x load and LS TTFT differs only by noise: measured with
-# `benchmark/live_ls_ablation.py --repeats 6` (docs/live-results.md), upstream-priority was then the "worst" arm.
 AB_BLOCK_TOKENS = 48
 AB_MAX_INPUT = 3072
+# Arrival rate as a fraction of upstream-lpm's burst-measured capacity. With the idle DP controller no longer
+# spinning (cpu_fixes.block_while_idle), 0.8 put every arm past saturation in some runs (LS and BE mean TTFT alike
+# 2-2.5 s, upstream's priority order included: the queue's dynamics then decide the run, not the order); 0.5
+# keeps queues short, so what an LS request meets is the BE prefill step in flight (docs/live-results.md).
+AB_LOAD = 0.5
 
 
 def _need(tiers):
@@ -38,7 +40,7 @@ def _need(tiers):
 @pytest.mark.timeout(900)
 def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(tiny_model_dir):
     """All tiers vs upstream's best flags for each metric, 24 shared-prefix requests, 5 alternating repeats:
-    cached tokens vs the best of upstream-lpm / upstream-priority, LS TTFT vs the best of the two as well."""
+    cached tokens vs the better of upstream-lpm / upstream-priority, pooled median LS TTFT vs the better of the two."""
     _need(("request", "engine"))
     upstream = ("upstream-lpm", "upstream-priority")
     arms = [*(live_arms.Arm(n, live_arms.UPSTREAM_ARMS[n]) for n in upstream), live_arms.tiersched_arm("dp2")]
@@ -46,15 +48,19 @@ def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(tiny_model_
     with live_ab.servers_for(tiny_model_dir, "dp2", arms) as servers:
         with live_ab.only_running(servers, "upstream-lpm") as srv:
             capacity = live_ab.measure_capacity(srv.url, request_set, n=15)
-        runs = live_ab.run_ab(servers, arms, request_set.with_rate(max(0.5, 0.8 * capacity)), repeats=AB_REPEATS)
+        rate = max(0.5, AB_LOAD * capacity)
+        print(f"capacity {capacity:.2f} req/s, rate {rate:.2f} req/s")
+        runs = live_ab.run_ab(servers, arms, request_set.with_rate(rate), repeats=AB_REPEATS)
     summaries = {name: runs[name].summaries for name in runs}
     for name, arm_summaries in summaries.items():
         for s in arm_summaries:
             assert s["errors"] == 0 and s["lost"] == 0, (name, s)
             assert s["ls_requests"] > 0, (name, s)
     cached = {name: sum(s["cached_tokens"] for s in v) for name, v in summaries.items()}
-    ls_ttft = {name: statistics.median(s["ls_ttft_mean_s"] for s in v) for name, v in summaries.items()}
-    print("cached tokens:", cached, "LS TTFT medians:", ls_ttft)
+    ls_ttft = {name: statistics.median(r.ttft for results in runs[name].results for r in results
+                                       if r.success and r.cls == "ls") for name in runs}
+    print("cached tokens:", cached, "pooled LS TTFT medians:", ls_ttft, "per-run LS means:",
+          {name: [round(s["ls_ttft_mean_s"], 3) for s in v] for name, v in summaries.items()})
     assert cached["tiersched"] >= max(cached[n] for n in upstream), cached
     assert ls_ttft["tiersched"] <= TTFT_NOISE * min(ls_ttft[n] for n in upstream), (ls_ttft, summaries)
 
