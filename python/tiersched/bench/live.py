@@ -26,9 +26,13 @@ from tiersched.bench import live_ab, live_arms
 from tiersched.bench.live_report import compare_arms, headline
 from tiersched.bench.live_requests import lengths_set, shared_prefix_set
 
-QUICK = {"deployments": ["dp2"], "repeats": 2, "requests": 30, "sets": ["shared-prefix"]}
+# --quick uses the reduced A/B test's set (test_live_server.py): Mooncake blocks at 48 tokens (prompts long enough
+# that an LS request meets BE prefill steps) at 0.5x capacity; at 8 tokens per block nothing queues and LS TTFT
+# differs by noise only (docs/live-results.md). The full mode keeps the set its documented tables were run with.
+QUICK = {"deployments": ["dp2"], "repeats": 2, "requests": 30, "sets": ["shared-prefix"],
+         "block_tokens": 48, "max_input": 3072, "load": 0.5}
 FULL = {"deployments": list(live_arms.DEPLOYMENTS), "repeats": 3, "requests": 150,
-        "sets": ["shared-prefix", "lengths"]}
+        "sets": ["shared-prefix", "lengths"], "block_tokens": 8, "max_input": 1024, "load": 1.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deployments", default=None, help=f"comma list of {', '.join(live_arms.DEPLOYMENTS)}")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--requests", type=int, default=None, help="requests per run")
-    parser.add_argument("--load", type=float, default=1.0,
-                        help="arrival rate as a multiple of the measured capacity (default 1.0)")
+    parser.add_argument("--load", type=float, default=None,
+                        help="arrival rate as a multiple of the measured capacity (default: 0.5 quick, 1.0 full)")
     parser.add_argument("--rate", type=float, default=None, help="fixed arrival rate (req/s); skips measuring")
-    parser.add_argument("--block-tokens", type=int, default=8, help="tokens per Mooncake 512-token block")
+    parser.add_argument("--block-tokens", type=int, default=None,
+                        help="tokens per Mooncake 512-token block (default: 48 quick, 8 full)")
+    parser.add_argument("--max-input", type=int, default=None,
+                        help="leave out requests with longer scaled prompts (default: 3072 quick, 1024 full)")
     parser.add_argument("--record", default=None, help="directory for per-run replay records (JSONL)")
     parser.add_argument("--replay", action="store_true", help="simulate the recorded tiersched run (needs --record)")
     parser.add_argument("--ablate", action="store_true",
@@ -48,10 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model dir (default: a freshly generated tiny MoE)")
 
 
-def _request_sets(names, n: int, rate: float, block_tokens: int):
+def _request_sets(names, n: int, rate: float, block_tokens: int, max_input: int):
     sets = []
     for name in names:
-        s = shared_prefix_set(n, rate, block_tokens) if name == "shared-prefix" else lengths_set(n, rate)
+        s = (shared_prefix_set(n, rate, block_tokens, max_input=max_input) if name == "shared-prefix"
+             else lengths_set(n, rate))
         if s is not None:
             sets.append(s)
     return sets
@@ -66,16 +74,16 @@ def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir
     for tier, why in arms[-1].skipped_tiers.items():
         print(f"[live] WARNING {deployment}: tier {tier!r} not in the tiersched arm: {why}", file=sys.stderr)
     with live_ab.servers_for(model_dir, deployment, arms) as servers:
-        probe = shared_prefix_set(plan["requests"], 1.0, args.block_tokens)
+        probe = shared_prefix_set(plan["requests"], 1.0, plan["block_tokens"], max_input=plan["max_input"])
         if args.rate is None:
             with live_ab.only_running(servers, arms[0].name) as srv:
                 capacity = live_ab.measure_capacity(srv.url, probe, n=min(20, plan["requests"]))
-            rate = max(0.2, args.load * capacity)
+            rate = max(0.2, plan["load"] * capacity)
             out["capacity_req_s"] = round(capacity, 3)
         else:
             rate = args.rate
         out["rate_req_s"] = round(rate, 3)
-        for request_set in _request_sets(plan["sets"], plan["requests"], rate, args.block_tokens):
+        for request_set in _request_sets(plan["sets"], plan["requests"], rate, plan["block_tokens"], plan["max_input"]):
             def record(arm, repeat, results, request_set=request_set):
                 path = live_ab.record_path(record_dir, deployment, request_set.name, arm, repeat)
                 if path is not None:
@@ -113,6 +121,9 @@ def main(args) -> int:
             return 2
     plan["repeats"] = args.repeats or plan["repeats"]
     plan["requests"] = args.requests or plan["requests"]
+    for key in ("block_tokens", "max_input", "load"):
+        if getattr(args, key) is not None:
+            plan[key] = getattr(args, key)
     if args.replay and not args.record:
         args.record = tempfile.mkdtemp(prefix="tiersched-live-records-")
     t0 = time.monotonic()
@@ -121,7 +132,7 @@ def main(args) -> int:
         from tiersched.rig.tiny_model import make_tiny_moe
 
         model_dir = make_tiny_moe(tempfile.mkdtemp(prefix="tiersched-live-model-"))
-    report: dict = {"plan": plan, "load": args.load, "deployments": {}}
+    report: dict = {"plan": plan, "load": plan["load"], "deployments": {}}
     for deployment in plan["deployments"]:
         try:
             report["deployments"][deployment] = run_deployment(model_dir, deployment, args, plan, args.record)
