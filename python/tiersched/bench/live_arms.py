@@ -3,7 +3,8 @@
 Deployments (upstream flags for the parallel layout; CPU flags come from tiersched.rig.server):
   dp2     `--dp-size 2`                                   two DP ranks behind upstream's DataParallelController
   dpattn  `--tp 2 --dp 2 --enable-dp-attention`           DP attention, MoE layers across both ranks
-  ep2     `--tp 2 --ep-size 2 --enable-eplb`              expert parallel with upstream's EPLB rebalancer
+  ep2     `--tp 2 --ep-size 2 --enable-eplb`              expert parallel with upstream's EPLB rebalancer (every 50
+                                                          forward passes, so that it acts within a CPU-sized run)
 
 Upstream arms, each upstream's best setting for one goal (there is no single upstream flag set that gets both,
 because upstream's check_server_args allows `--enable-priority-scheduling` only with fcfs/lof policies):
@@ -23,7 +24,10 @@ from dataclasses import dataclass, field
 DEPLOYMENTS: dict[str, tuple[str, ...]] = {
     "dp2": ("--dp-size", "2"),
     "dpattn": ("--tp", "2", "--dp", "2", "--enable-dp-attention"),
-    "ep2": ("--tp", "2", "--ep-size", "2", "--enable-eplb", "--dtype", "float32"),
+    # Upstream rebalances every 1000 forward passes by default; a run here lasts a few hundred, so EPLB (and the
+    # expert tier) would never act: every 50, for every arm alike.
+    "ep2": ("--tp", "2", "--ep-size", "2", "--enable-eplb", "--eplb-rebalance-num-iterations", "50",
+            "--dtype", "float32"),
 }
 
 UPSTREAM_ARMS: dict[str, tuple[str, ...]] = {
