@@ -178,7 +178,8 @@ def load_run(model_dir: str, duration_s: float, rate: float | None = None, facto
             capacity = live_ab.measure_capacity(srv.url, base, n=20)
             rate = factor * capacity
             out["capacity_req_s"] = round(capacity, 3)
-        requests = tiled(base, max(1, int(rate * duration_s)), rate)
+        planned = max(1, int(rate * duration_s))
+        requests = tiled(base, planned, rate)
         sampler = RssSampler(os.getpgid(srv.process.pid), sample_s)
         sampler.start()
         t0 = time.perf_counter()
@@ -188,7 +189,7 @@ def load_run(model_dir: str, duration_s: float, rate: float | None = None, facto
         alive = srv.alive()
     out.update(summarize(results))
     out.update(memory)
-    out.update({"rate_req_s": round(rate, 3), "arrival_span_s": round(requests.duration_s, 1), "wall_s": round(wall, 1),
+    out.update({"rate_req_s": round(rate, 3), "planned_requests": planned, "arrival_span_s": round(requests.duration_s, 1), "wall_s": round(wall, 1),
                 "server_alive": alive, "arm": arm.name, "tiers": list(arm.tiers),
                 "missing_tiers": arm.skipped_tiers})
     return out
