@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tiersched.bench.live_load import RssSampler, group_rss_bytes, tiled
+from tiersched.bench.live_load import RssSampler, group_rss_by_process, group_rss_bytes, tiled
 from tiersched.bench.live_requests import synthetic_shared_prefix
 
 
@@ -27,6 +27,9 @@ def test_group_rss_counts_children_of_the_group():
         time.sleep(1.5)
         rss = group_rss_bytes(os.getpgid(child.pid))
         assert rss >= 60 * 2**20  # the child's 64 MiB buffer is resident
+        by_process = group_rss_by_process(os.getpgid(child.pid))
+        assert list(by_process) == ["tokenizer+http"]  # the group leader is the launcher's role in a real server
+        assert by_process["tokenizer+http"] >= 60 * 2**20
         sampler = RssSampler(os.getpgid(child.pid), 0.1)
         sampler.start()
         time.sleep(0.5)
