@@ -31,6 +31,12 @@ def process_titles(trace_path):
     return titles
 
 
+def main_thread_cores(pid):
+    """The CPU list a process's main thread may run on (/proc/PID/status, Cpus_allowed_list)."""
+    with open(f"/proc/{pid}/status") as f:
+        return f.read().split("Cpus_allowed_list:")[1].split()[0]
+
+
 def idle_cpu_seconds(titles, name, seconds):
     """CPU seconds the process titled `name` used over `seconds` of an idle server (None if not found)."""
     import time
@@ -53,6 +59,7 @@ def test_plugin_loaded_in_schedulers_and_generate_works(tiny_model_dir, tmp_path
         outputs = [generate(srv.url, f"Hello world {i}") for i in range(2 * schedulers)]
         titles = process_titles(trace)
         controller_idle_cpu_s = idle_cpu_seconds(titles, "data_parallel_controller", 2.0)
+        scheduler_cores = sorted(main_thread_cores(pid) for pid, (t, _) in titles.items() if "scheduler" in t)
         log = srv.log_tail(200)
     for out in outputs:
         assert out["meta_info"]["completion_tokens"] == 8 and len(out["output_ids"]) == 8, out
@@ -67,3 +74,6 @@ def test_plugin_loaded_in_schedulers_and_generate_works(tiny_model_dir, tmp_path
         # cpu_fixes.block_while_idle: with --sleep-on-idle the idle DP controller waits in zmq poll instead of
         # spinning (upstream's bare NOBLOCK loop used ~1 s of CPU per idle second here)
         assert controller_idle_cpu_s is not None and controller_idle_cpu_s < 0.3, controller_idle_cpu_s
+        # cpu_fixes.bind_threads_without_amx: SGLANG_CPU_OMP_THREADS_BIND="0|1" (set by the rig) reaches each
+        # rank's compute thread on a CPU without AMX; upstream leaves both ranks on all cores
+        assert scheduler_cores == ["0", "1"], scheduler_cores

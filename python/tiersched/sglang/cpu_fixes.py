@@ -1,5 +1,6 @@
 """Plugin-side fixes for upstream SGLang 0.5.23 bugs met when serving on CPU (patches/cpu-fixes.md): three that
-stop it from serving, and one that burns a core (the DP controller ignores `--sleep-on-idle`).
+stop it from serving, one that burns a core (the DP controller ignores `--sleep-on-idle`), and one that lets ranks
+oversubscribe the cores (`SGLANG_CPU_OMP_THREADS_BIND` is ignored on CPUs without AMX).
 
 Each is a hook on the upstream function that trips, so it is listed in patches/cpu-fixes.toml and disappears with
 the bug: when upstream fixes one, its hook becomes a no-op (the attribute exists, no -1 ids arrive on that path).
@@ -13,6 +14,7 @@ HOOKS = (
     ("sglang.srt.eplb.expert_location_updater.ExpertLocationUpdater.update", "BEFORE", "ensure_cpu_empty_cache"),
     ("sglang.srt.layers.moe.fused_moe_native.moe_forward_native", "AROUND", "route_remote_slots_to_unused_local_experts"),
     ("sglang.srt.managers.data_parallel_controller.DataParallelController.event_loop", "AROUND", "block_while_idle"),
+    ("sglang.srt.distributed.bootstrap._init_cpu_threads_env", "AROUND", "bind_threads_without_amx"),
 )
 IDLE_POLL_MS = 500  # the longest the DP controller blocks without feeding its soft watchdog
 
@@ -87,6 +89,41 @@ def block_while_idle(original_fn, self, *args, **kwargs):
             except zmq.ZMQError:
                 break
             self._request_dispatcher(recv_req)
+
+
+def parse_cpu_list(spec) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6] (the kernel's cpulist format, which SGLANG_CPU_OMP_THREADS_BIND uses)."""
+    cpus: list[int] = []
+    for part in str(spec).replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"not a CPU list: {spec!r}")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def bind_threads_without_amx(original_fn, *args, local_omp_cpuid=None, **kwargs):
+    """Upstream resolves each rank's cores from `SGLANG_CPU_OMP_THREADS_BIND` (numa_utils.init_threads_binding) but
+    applies them only through sgl_kernel, on AMX or arm64 CPUs; elsewhere it logs a warning and every rank's torch
+    keeps one OpenMP team over all cores. Two ranks on two cores then oversubscribe them, and OpenMP's spin-waiting
+    made a decode step ~20x slower whenever both ranks were busy. Where upstream skips the binding, do what it
+    asks for: as many torch threads as the rank's cores, and the rank's compute thread pinned to them."""
+    result = original_fn(*args, local_omp_cpuid=local_omp_cpuid, **kwargs)
+    from sglang.srt.distributed import bootstrap
+
+    if bootstrap._is_cpu_amx_available or bootstrap._is_cpu_arm64 or not local_omp_cpuid:
+        return result
+    import os
+
+    import torch
+
+    cpus = [c for c in parse_cpu_list(local_omp_cpuid) if c in os.sched_getaffinity(0)]
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # this thread: the scheduler's, which runs the forward passes
+        torch.set_num_threads(len(cpus))
+    return result
 
 
 def register_hooks(registry, hook_types) -> None:
