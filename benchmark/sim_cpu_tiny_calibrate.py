@@ -72,8 +72,11 @@ def main() -> int:
                        max_total_tokens=args.max_total_tokens) as srv:
         info = server_info(srv.url)
         chunk = int(info.get("chunked_prefill_size") or 8192)
-        fidelity.run_request_set(srv.url, np.zeros(4), np.full(4, 64), np.full(4, 8), seed=99)  # warm-up
-        prof = fidelity.profile(srv.url, args.reps, chunk)
+        seen = fidelity.warm_up(srv.url, args.max_total_tokens)
+        prof = fidelity.profile(srv.url, args.reps, chunk, seen_lengths=seen.get(0, []))
+    if info.get("disable_overlap_schedule"):  # results then come back in the step that computed them
+        prof["measurements"]["overlap_schedule"] = False
+        prof["fits"], prof["coefficients"] = fidelity.fit_all(prof["measurements"])
     settings = {k: info.get(k) for k in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests",
                                          "schedule_policy", "load_balance_method", "max_total_tokens",
                                          "schedule_conservativeness", "page_size")}

@@ -36,28 +36,30 @@ QUICK_PREFILL = (16, 384, 1152, 2048)
 QUICK_DECODE = ((1, 64), (8, 64), (8, 384), (16, 256))
 
 
-def calibrate_in_situ(url: str, calibration: dict) -> dict:
+def calibrate_in_situ(url: str, calibration: dict, seen: dict) -> dict:
     """A reduced profile of the same server, right before the fidelity requests (same load): the committed
     calibration with its measurements, fits and coefficients replaced."""
     chunk = int(calibration.get("scheduler", {}).get("chunked_prefill_size", 4096))
-    prof = fidelity.profile(url, 1, chunk, QUICK_PREFILL, QUICK_DECODE)
+    prof = fidelity.profile(url, 1, chunk, QUICK_PREFILL, QUICK_DECODE, seen_lengths=seen.get(0, []))
+    for rank, lengths in fidelity.profile_lengths(prof["measurements"]).items():
+        seen.setdefault(rank, []).extend(lengths)
     return {**calibration, **prof, "date": None, "load_average_before": fidelity.load_average(),
             "in_situ": True}
 
 
-def compare(url: str, n: int, rate: float, seed: int, calibration: dict) -> dict:
+def compare(url: str, n: int, rate: float, seed: int, calibration: dict, seen: dict | None = None) -> dict:
     arrivals, inputs, outputs = fidelity.request_set(n, rate, seed)
     load_before = fidelity.load_average()
     start = time.time()
     results = fidelity.run_request_set(url, arrivals, inputs, outputs, seed=seed)
     real_wall = round(time.time() - start, 1)
-    report = compare_results(results, calibration)
+    report = compare_results(results, calibration, seen)
     report.update({"requests": n, "rate_req_s": rate, "seed": seed, "real_wall_s": real_wall,
                    "load_average_before": load_before, "load_average_after": fidelity.load_average()})
     return report
 
 
-def compare_results(results: list, calibration: dict) -> dict:
+def compare_results(results: list, calibration: dict, seen: dict | None = None) -> dict:
     """Simulate the real run's requests (as sent) on the preset of `calibration`; real vs sim and the errors."""
     real = fidelity.summarize(results)
     settings = calibration.get("server", {}).get("settings", {})
@@ -73,8 +75,9 @@ def compare_results(results: list, calibration: dict) -> dict:
     # The real dp2 server runs its ranks independently: replay each rank's requests on its own (primary);
     # the lockstep multi-rank model with the server's dispatch policy is reported beside it.
     sim = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering, preset,
-                                        ranks=ranks if None not in ranks else None)
-    lockstep = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering, preset)
+                                        ranks=ranks if None not in ranks else None, seen_lengths=seen)
+    lockstep = fidelity.simulate_request_set(sent - sent[0], *lengths, dispatch, ordering, preset,
+                                             seen_lengths=seen)
     errors = {f"{k}_rel_error": abs(sim[k] - real[k]) / real[k] for k in ("ttft_mean", "tpot_mean", "throughput")}
     return {"real": real, "sim": sim, "sim_lockstep": lockstep,
             "real_tpot_by_other_rank": fidelity.tpot_by_other_rank(results),
@@ -84,7 +87,7 @@ def compare_results(results: list, calibration: dict) -> dict:
             "calibration": {"date": calibration.get("date"), "load_average": calibration.get("load_average_before"),
                             "in_situ": bool(calibration.get("in_situ")),
                             "coefficients": calibration.get("coefficients")},
-            "real_requests": [asdict(r) for r in results]}
+            "real_requests": [asdict(r) for r in results], "warm_up_lengths": seen or {}}
 
 
 def replay(path: str, calibration: dict) -> dict:
@@ -93,7 +96,7 @@ def replay(path: str, calibration: dict) -> dict:
     results = [fidelity.RequestResult(**r) for r in saved["real_requests"]]
     keep = {k: saved[k] for k in ("requests", "rate_req_s", "seed", "real_wall_s", "load_average_before",
                                   "load_average_after") if k in saved}
-    return {**keep, **compare_results(results, calibration), "replay_of": path}
+    return {**keep, **compare_results(results, calibration, saved.get("warm_up_lengths")), "replay_of": path}
 
 
 def main() -> int:
@@ -116,9 +119,10 @@ def main() -> int:
     if args.replay:
         report = replay(args.replay, calibration)
     elif args.url:
+        seen: dict = {}  # a running server: what it prefilled before is unknown
         if args.calibrate_first:
-            calibration = calibrate_in_situ(args.url, calibration)
-        report = compare(args.url, args.requests, args.rate, args.seed, calibration)
+            calibration = calibrate_in_situ(args.url, calibration, seen)
+        report = compare(args.url, args.requests, args.rate, args.seed, calibration, seen)
     else:
         from tiersched.rig.server import launch_server
         from tiersched.rig.tiny_model import make_tiny_moe
@@ -127,10 +131,10 @@ def main() -> int:
         max_total = int(calibration.get("server", {}).get("settings", {}).get("max_total_tokens") or 16384)
         with launch_server(model, extra_args=list(fidelity.SERVER_ARGS), timeout_s=480,
                            max_total_tokens=max_total) as srv:
-            fidelity.run_request_set(srv.url, np.zeros(4), np.full(4, 64), np.full(4, 8), seed=99)  # warm-up
+            seen = fidelity.warm_up(srv.url, max_total)
             if args.calibrate_first:
-                calibration = calibrate_in_situ(srv.url, calibration)
-            report = compare(srv.url, args.requests, args.rate, args.seed, calibration)
+                calibration = calibrate_in_situ(srv.url, calibration, seen)
+            report = compare(srv.url, args.requests, args.rate, args.seed, calibration, seen)
     if args.save:
         with open(args.save, "w") as f:
             json.dump(report, f)

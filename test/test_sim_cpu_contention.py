@@ -1,4 +1,4 @@
-"""cpu-tiny's host-CPU terms: contention between ranks, frontend latency, and their calibration fits.
+"""cpu-tiny's host-CPU terms: contention between ranks, frontend latency, the new-shape prefill cost, and their fits.
 
 GPU presets must carry 0 for both (their results are unchanged); the terms act only where a calibration sets them.
 """
@@ -31,6 +31,31 @@ def test_gpu_presets_have_no_host_cpu_terms():
     for name, make in PRESETS.items():
         hw = make().hardware
         assert hw.contention_prefill == hw.contention_decode == hw.frontend_latency_s == 0.0, name
+        assert hw.new_shape_s == hw.new_shape_per_token_s == 0.0, name
+
+
+def test_first_prefill_of_a_length_on_a_rank_pays_the_new_shape_cost_once():
+    p = replace(tiny(new_shape_s=0.004, new_shape_per_token_s=2e-5), dp=1)
+    base = replace(tiny(), dp=1)
+    two = fidelity._workload(np.array([0.0, 5.0, 10.0]), np.array([200, 200, 300]), np.array([4, 4, 4]))
+    plain = simulate(base, two, PolicySet(), record_timeline=False).records["ttft"]
+    got = simulate(p, two, PolicySet(), record_timeline=False).records["ttft"]
+    extra = got - plain
+    assert extra[0] == pytest.approx(0.004 + 2e-5 * 200)  # first 200-token prefill
+    assert extra[1] == pytest.approx(0.0)  # the same length again
+    assert extra[2] == pytest.approx(0.004 + 2e-5 * 300)  # a new length
+    warmed = simulate(p, two, PolicySet(), record_timeline=False, seen_prefill_shapes=[[300]]).records["ttft"]
+    assert warmed - plain == pytest.approx([0.004 + 2e-5 * 200, 0.0, 0.0])
+
+
+def test_new_shape_fit_recovers_intercept_and_slope():
+    n = np.array([40, 140, 240, 340, 440, 540])
+    repeat = 0.005 + 3e-5 * n
+    fit = fidelity.fit_new_shape({"input_tokens": n.tolist(), "fresh_s": (repeat + 0.003 + 1e-5 * n).tolist(),
+                                  "repeat_s": repeat.tolist()})
+    assert fit["new_shape_s"] == pytest.approx(0.003) and fit["new_shape_per_token_s"] == pytest.approx(1e-5)
+    assert fidelity.fit_new_shape(None)["new_shape_s"] == 0.0
+    assert fidelity.fresh_lengths(4, {37, 38, 278}) == [39, 279, 519, 760]
 
 
 def test_lockstep_step_is_slower_only_when_more_than_one_rank_is_busy():
@@ -119,3 +144,36 @@ def test_tpot_by_other_rank_splits_requests_by_the_other_ranks_activity():
     got = fidelity.tpot_by_other_rank(results)
     assert got["other_idle_n"] == 1 and got["other_idle_tpot_mean"] == pytest.approx(0.01)
     assert got["other_busy_n"] == 2 and got["ratio"] == pytest.approx(0.035 / 0.01)
+
+
+def test_first_token_reported_when_the_next_step_ends():
+    """Upstream's overlap loop on CPU: a prefill's result is processed after the next batch ran."""
+    w = fidelity._workload(np.array([0.0, 5.0]), np.array([200, 200]), np.array([5, 1]))
+    plain = simulate(replace(tiny(), dp=1), w, PolicySet(), record_timeline=False).records
+    late = simulate(replace(tiny(first_token_one_step_late=True), dp=1), w, PolicySet(), record_timeline=False).records
+    decode_step = (plain["e2e"][0] - plain["ttft"][0]) / 4  # lone request: its 4 decode steps differ by ~1 us
+    assert late["ttft"][0] == pytest.approx(plain["ttft"][0] + decode_step, rel=1e-4)
+    assert late["e2e"][0] == pytest.approx(plain["e2e"][0])  # the last token is not delayed
+    assert late["ttft"][1] == pytest.approx(plain["ttft"][1])  # one output token: nothing runs after it
+
+
+def test_decode_pays_per_touched_expert_and_the_fit_recovers_it():
+    from tiersched.sim.cost_model import expected_active_experts
+
+    assert expected_active_experts(1, 2, 8, 2) == pytest.approx(4.0)  # one token: top-2 in each of 2 layers
+    assert expected_active_experts(1000, 2, 8, 2) == pytest.approx(16.0)
+    p = replace(tiny(active_expert_s=1e-4), dp=1)
+    cost = StepCostModel(p, token_probs(make_routing(p, 0), p.dp))
+    base = StepCostModel(replace(tiny(), dp=1), token_probs(make_routing(p, 0), 1))
+    for b in (1, 4):
+        t, _ = cost.step_times(np.array([float(b)]), np.zeros(1), np.array([100.0 * b]))
+        t0, _ = base.step_times(np.array([float(b)]), np.zeros(1), np.array([100.0 * b]))
+        assert t[0] - t0[0] == pytest.approx(1e-4 * expected_active_experts(b, 2, 8, 2))
+    pre, _ = cost.step_times(np.array([100.0]), np.array([5050.0]), np.zeros(1))
+    pre0, _ = base.step_times(np.array([100.0]), np.array([5050.0]), np.zeros(1))
+    assert pre[0] == pytest.approx(pre0[0])  # prefill: inside the fitted intercept
+    b = np.array([1, 1, 4, 4, 8, 8, 16, 16], dtype=float)
+    c = b * np.array([80, 500] * 4)
+    step = 0.003 + 2e-4 * b + 1e-7 * c + 9e-5 * expected_active_experts(b, 2, 8, 2)
+    fit = fidelity.fit_decode(b, c, step)
+    assert fit["per_active_expert_s"] == pytest.approx(9e-5, rel=1e-3) and fit["intercept_s"] == pytest.approx(0.003)

@@ -79,9 +79,9 @@ def test_reduced_fidelity_against_the_real_cpu_server():
     cal = json.loads(calibration_path().read_text())
     model = make_tiny_moe(tempfile.mkdtemp(prefix="tiny-moe-fid-test-"))
     with launch_server(model, extra_args=list(fidelity.SERVER_ARGS), timeout_s=480, max_total_tokens=16384) as srv:
-        fidelity.run_request_set(srv.url, np.zeros(2), np.full(2, 32), np.full(2, 4), seed=99)  # warm-up
-        cal = bench.calibrate_in_situ(srv.url, cal)  # same server, same load, right before the requests
-        report = bench.compare(srv.url, 12, 0.5, 1, cal)  # the benchmark's rate, fewer requests
+        seen = fidelity.warm_up(srv.url, 16384, mixed_requests=30)
+        cal = bench.calibrate_in_situ(srv.url, cal, seen)  # same server, same load, right before the requests
+        report = bench.compare(srv.url, 12, 0.5, 1, cal, seen)  # the benchmark's rate, fewer requests
     assert report["real"]["requests"] == report["sim"]["requests"] == 12
     assert report["throughput_rel_error"] < THROUGHPUT_TOLERANCE, report
     for key in ("ttft_mean", "tpot_mean"):

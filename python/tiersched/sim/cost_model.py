@@ -44,6 +44,13 @@ def placement_from_phy2log(phy2log: np.ndarray, experts: int) -> Placement:
     return Placement(phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
 
 
+def expected_active_experts(tokens, layers: int, experts: int, top_k: int):
+    """Expected (layer, expert) pairs that receive at least one of `tokens` tokens, each routed to top_k distinct
+    experts of `experts` uniformly: layers x experts x (1 - (1 - top_k / experts) ** tokens). Array in, array out."""
+    tokens = np.asarray(tokens, dtype=float)
+    return layers * experts * -np.expm1(tokens * np.log1p(-top_k / experts))
+
+
 class StepCostModel:
     def __init__(self, preset, token_probs: np.ndarray, ideal_balance: bool = False):
         self.preset = preset
@@ -131,6 +138,10 @@ class StepCostModel:
         if self.hw.prefill_overhead_s or self.hw.decode_token_extra_s:  # calibrated CPU preset only
             prefill = prefill_pairs > 0
             attn = attn + np.where(prefill, self.hw.prefill_overhead_s, tokens * self.hw.decode_token_extra_s)
+        if self.hw.active_expert_s:  # cpu-tiny decode: per expert touched (a prefill's intercept includes all)
+            m = self.model
+            touched = expected_active_experts(tokens, m.moe_layers, m.num_experts, m.top_k)
+            attn = attn + np.where(prefill_pairs > 0, 0.0, touched * self.hw.active_expert_s)
         return attn
 
     def step_times(self, tokens: np.ndarray, prefill_pairs: np.ndarray, decode_ctx: np.ndarray,

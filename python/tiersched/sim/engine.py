@@ -10,6 +10,8 @@ for new requests once per loop iteration); the dispatcher sees rank snapshots re
 Host-CPU contention (cpu-tiny only; 0 on GPU presets): with `co_busy` (intervals when OTHER ranks of the host are
 busy, from an earlier pass of a per-rank replay) a step that starts inside one is slower by the preset's
 contention factor, and macro steps end at the intervals' boundaries; `record_busy` returns this run's busy intervals.
+New prefill shapes (cpu-tiny only): a rank's first prefill step of a token count costs the preset's new-shape extra;
+with `first_token_one_step_late` (cpu-tiny) a request's first token is reported when the rank's next step ends.
 """
 from __future__ import annotations
 
@@ -49,8 +51,11 @@ class SimResult:
 class Simulation:
     def __init__(self, preset: Preset, workload: Workload, policies: PolicySet, seed: int = 0,
                  ideal_balance: bool = False, routing=None, record_timeline: bool = True,
-                 co_busy: np.ndarray | None = None, record_busy: bool = False):
+                 co_busy: np.ndarray | None = None, record_busy: bool = False, seen_prefill_shapes=None):
         self.preset, self.workload, self.policies = preset, workload, policies
+        # Prefill token counts each rank has run (cpu-tiny's new-shape cost); seeded with a warm-up's.
+        self.seen_shapes = [set(s) for s in (seen_prefill_shapes or [()] * preset.dp)]
+        self.first_token_pending: list[list[int]] = [[] for _ in range(preset.dp)]  # first_token_one_step_late
         co = np.asarray(co_busy, dtype=float).reshape(-1, 2) if co_busy is not None else np.zeros((0, 2))
         self.co_start, self.co_end = co[:, 0], co[:, 1]
         self.busy: list[list[float]] | None = [] if record_busy else None
@@ -220,6 +225,27 @@ class Simulation:
         for rs in self.ranks:
             rs.group_ls_waiting = signal
 
+    def _report_pending_first_tokens(self, ranks, batches, first_step_s: float) -> None:
+        """cpu-tiny: first tokens of the last prefill on a rank are reported when this step ends on that rank."""
+        for r, (rs, batch) in enumerate(zip(ranks, batches)):
+            if self.first_token_pending[r] and (batch or rs.running):
+                self.table.first_token[self.first_token_pending[r]] = self.now + first_step_s
+                self.first_token_pending[r] = []
+
+    def _new_shape_cost(self, tokens: np.ndarray, batches) -> float:
+        """cpu-tiny: the first prefill of a token count on a rank costs new_shape_s + per-token extra. Ranks run in
+        lockstep here, so the step pays the largest such cost (exact for one rank, the per-rank replay)."""
+        hw = self.preset.hardware
+        if not (hw.new_shape_s or hw.new_shape_per_token_s):
+            return 0.0
+        extra = 0.0
+        for r, batch in enumerate(batches):
+            n = int(tokens[r])
+            if batch and n not in self.seen_shapes[r]:
+                self.seen_shapes[r].add(n)
+                extra = max(extra, hw.new_shape_s + hw.new_shape_per_token_s * n)
+        return extra
+
     # ---- host-CPU contention (per-rank replay) --------------------------------------------------------------
     def _co_busy_at(self, now: float) -> tuple[bool, float | None]:
         """(another rank busy at `now`, the next time that changes or None); intervals sorted and disjoint."""
@@ -293,6 +319,7 @@ class Simulation:
                 times, stats = self.cost.step_times(tokens, pairs, ctx)
                 if other_busy:
                     times = times * self.cost.contention_scale(tokens > 0, True, True)
+                times = times + self._new_shape_cost(tokens, batches)
             else:
                 for boundary in (self.next_rebalance, self.next_drift):
                     if boundary is not None:
@@ -309,13 +336,17 @@ class Simulation:
                 if stops:
                     ends = self.now + np.cumsum(times)
                     k = min(k, int(np.searchsorted(ends, min(stops), side="left")) + 1)
+            self._report_pending_first_tokens(ranks, batches, float(times[0]))
             self._record_busy(self.now, self.now + float(times[:k].sum()))
             self.now += float(times[:k].sum())
             self.steps += k
             self._account_moe(stats, tokens, k)
-            for rs, batch in zip(ranks, batches):
+            for r, (rs, batch) in enumerate(zip(ranks, batches)):
                 if batch:
                     rs.finish_prefill(batch, self.now)
+                    if self.preset.hardware.first_token_one_step_late:
+                        self.first_token_pending[r] = [rid for rid, _, _ in batch if t.first_token[rid] == self.now
+                                                       and np.isnan(t.finish[rid])]
                 elif rs.running:
                     rs.advance_decode(k, self.now)
             self._record()
@@ -331,16 +362,18 @@ class Simulation:
 def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed: int = 0,
              duration_s: float | None = None, *, ideal_balance: bool = False, routing=None,
              record_timeline: bool = True, co_busy: np.ndarray | None = None,
-             record_busy: bool = False) -> SimResult:
+             record_busy: bool = False, seen_prefill_shapes=None) -> SimResult:
     """Simulate `workload` on `preset` (a Preset or its name) under `policies`; deterministic for a seed.
-    co_busy / record_busy: host-CPU contention of a per-rank replay (see the module docstring)."""
+    co_busy / record_busy: host-CPU contention of a per-rank replay (see the module docstring);
+    seen_prefill_shapes: per rank, prefill token counts already run before the workload (cpu-tiny new-shape cost)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     policies = policies or PolicySet()
     if duration_s is not None:
         keep = int(np.searchsorted(workload.arrival_s, duration_s, side="right"))
         workload = _head(workload, max(1, keep))
     start = time.perf_counter()
-    sim = Simulation(preset, workload, policies, seed, ideal_balance, routing, record_timeline, co_busy, record_busy)
+    sim = Simulation(preset, workload, policies, seed, ideal_balance, routing, record_timeline, co_busy, record_busy,
+                     seen_prefill_shapes)
     sim.run()
     wall = time.perf_counter() - start
     result = metrics_mod.build_result(sim, wall)

@@ -110,6 +110,28 @@ def run_request_set(url: str, arrivals: np.ndarray, inputs: np.ndarray, outputs:
     return [r for r in results if r is not None]
 
 
+def warm_up(url: str, pool_tokens: int, ranks: int = 2, prompt_tokens: int = 2048, mixed_requests: int = 60,
+            seed: int = 424242) -> dict[int, list[int]]:
+    """Bring a fresh server to its steady state before anything is timed. A fresh server's prefills stay 2-5x
+    slower for its first few dozen requests (fidelity run 3-1: the first nine prefills 67-154 ms, later ones of
+    similar lengths 18-66 ms, identically on a second fresh server; writing the whole KV pool once did not remove
+    it), which the simulator does not model; upstream's own warm-up (skipped on CPU, `--skip-server-warmup`) is one
+    short request. So: on every rank, distinct prompts until the KV pool has been written once, then
+    `mixed_requests` requests of the fidelity set's kind (another seed) at 4 req/s.
+    Returns the prompt lengths each rank prefilled (the new-shape cost depends on them)."""
+    seen: dict[int, list[int]] = {r: [] for r in range(ranks)}
+    for i in range(-(-pool_tokens // prompt_tokens)):
+        run_request_set(url, np.zeros(ranks), np.full(ranks, prompt_tokens), np.ones(ranks, dtype=int),
+                        seed=seed + i, routed_dp_rank=list(range(ranks)))
+        for r in range(ranks):
+            seen[r].append(prompt_tokens)
+    if mixed_requests:
+        arrivals, inputs, outputs = request_set(mixed_requests, 4.0, seed)
+        for res in run_request_set(url, arrivals, inputs, outputs, seed=seed):
+            seen.setdefault(int(res.dp_rank or 0), []).append(res.input_tokens)
+    return seen
+
+
 def summarize(results: list[RequestResult]) -> dict:
     """Mean TTFT / TPOT and output throughput of a finished request set (metrics.py's definitions)."""
     ttft = np.array([r.ttft_s for r in results])
@@ -167,19 +189,29 @@ def fit_prefill(lengths: np.ndarray, ttft_s: np.ndarray) -> dict:
             "rel_rmse": float(np.sqrt(np.mean(((pred - ttft_s) / ttft_s) ** 2)))}
 
 
+def _touched_experts(batch: np.ndarray) -> np.ndarray:
+    from tiersched.sim.cost_model import expected_active_experts
+    from tiersched.sim.cpu_tiny import MOE_LAYERS, NUM_EXPERTS, TOP_K
+
+    return expected_active_experts(batch, MOE_LAYERS, NUM_EXPERTS, TOP_K)
+
+
 def fit_decode(batch: np.ndarray, context_sum: np.ndarray, step_s: np.ndarray) -> dict:
-    """Fit decode step time: intercept + per_request * B + per_ctx * C (>= 0), on the median per (B, C),
-    minimising the relative error (as fit_prefill); rel_rmse is over every measurement."""
+    """Fit decode step time: intercept + per_request * B + per_ctx * C + per_active_expert * A(B) (>= 0), A(B) the
+    expected (layer, expert) pairs B tokens touch (the torch-native MoE loops over them, so the cost is concave in
+    B), on the median per (B, C), minimising the relative error (as fit_prefill); rel_rmse is over every
+    measurement."""
     from scipy.optimize import nnls
 
     b = np.asarray(batch, dtype=float)
     c = np.asarray(context_sum, dtype=float)
     step_s = np.asarray(step_s, dtype=float)
     uniq, med = _medians(np.stack([b, c], axis=1), step_s)
-    coef, _ = nnls(np.stack([np.ones(len(uniq)), uniq[:, 0], uniq[:, 1]], axis=1) / med[:, None], np.ones(len(med)))
-    design = np.stack([np.ones_like(b), b, c], axis=1)
-    pred = design @ coef
+    columns = lambda bb, cc: np.stack([np.ones_like(bb), bb, cc, _touched_experts(bb)], axis=1)
+    coef, _ = nnls(columns(uniq[:, 0], uniq[:, 1]) / med[:, None], np.ones(len(med)))
+    pred = columns(b, c) @ coef
     return {"intercept_s": float(coef[0]), "per_request_s": float(coef[1]), "per_ctx_s": float(coef[2]),
+            "per_active_expert_s": float(coef[3]),
             "rel_rmse": float(np.sqrt(np.mean(((pred - step_s) / step_s) ** 2)))}
 
 
@@ -196,6 +228,7 @@ def coefficients(prefill_fit: dict, decode_fit: dict, contention: dict | None = 
         "decode_token_extra_s": max(0.0, decode_fit["per_request_s"] - per_token),
         "per_prefill_pair_s": prefill_fit["per_pair_s"],
         "per_decode_ctx_s": decode_fit["per_ctx_s"],
+        "active_expert_s": decode_fit.get("per_active_expert_s", 0.0),
         "contention_prefill": float(contention.get("prefill", 0.0)),
         "contention_decode": float(contention.get("decode", 0.0)),
         "frontend_latency_s": float(frontend_latency_s),
@@ -236,11 +269,19 @@ def fit_all(m: dict) -> tuple[dict, dict]:
     contention = {"prefill": contention_factor(n, pmode, p_time), "decode": contention_factor(np.stack([b, c], 1),
                                                                                               dmode, d_time)}
     frontend = 0.0
-    if timing == "server":
+    lone_streams = (b == 1) & da & np.isfinite(np.asarray(dec.get("server_prefill_s", [np.nan] * len(b)), dtype=float))
+    if timing == "server" and lone_streams.any():
+        # A streamed multi-token request, as served (the lone prompts above stop at their first token).
+        frontend = max(0.0, float(np.median(np.asarray(dec["ttft_s"], dtype=float)[lone_streams]
+                                            - np.asarray(dec["server_prefill_s"], dtype=float)[lone_streams])))
+    elif timing == "server":
         frontend = max(0.0, float(np.median(np.asarray(pre["ttft_s"], dtype=float)[pa] - p_server[pa])))
+    new_shape = fit_new_shape(m.get("new_shape"))
     fits = {"timing": timing, "prefill": prefill_fit, "decode": decode_fit, "contention": contention,
-            "frontend_latency_s": frontend}
+            "frontend_latency_s": frontend, "new_shape": new_shape}
     coef = coefficients(prefill_fit, decode_fit, {k: v["factor"] for k, v in contention.items()}, frontend)
+    coef.update(new_shape_s=new_shape["new_shape_s"], new_shape_per_token_s=new_shape["new_shape_per_token_s"],
+                first_token_one_step_late=bool(m.get("overlap_schedule", True)))  # upstream's default loop
     return fits, coef
 
 
@@ -265,9 +306,62 @@ def _server_step_s(r: RequestResult) -> float:
     return float("nan")
 
 
-def profile(url: str, reps: int, chunk: int, prefill_lengths=PREFILL_LENGTHS, decode_sets=DECODE_SETS) -> dict:
+def fresh_lengths(count: int, exclude, low: int = 37, high: int = 760) -> list[int]:
+    """`count` prompt lengths spread over [low, high] that are not in `exclude` (lengths a rank already ran)."""
+    taken = set(exclude)
+    out = []
+    for n in np.linspace(low, high, count).astype(int):
+        n = int(n)
+        while n in taken:
+            n += 1
+        taken.add(n)
+        out.append(n)
+    return out
+
+
+def measure_new_shape(url: str, lengths) -> dict:
+    """Rank 0 alone: each length prefilled for the first time ("fresh"), then twice more with other prompts of the
+    same length ("repeat", the smaller kept). The difference is the new-shape cost (fit_new_shape)."""
+    out = {"input_tokens": [], "fresh_s": [], "repeat_s": []}
+    for n in lengths:
+        times = [_server_prefill_s(run_request_set(url, np.zeros(1), np.full(1, n), np.ones(1, dtype=int),
+                                                   seed=5003 * k + n, routed_dp_rank=[0])[0]) for k in range(3)]
+        out["input_tokens"].append(int(n))
+        out["fresh_s"].append(times[0])
+        out["repeat_s"].append(min(times[1:]))
+    return out
+
+
+def profile_lengths(measurements: dict) -> dict[int, list[int]]:
+    """Prefill token counts a profile ran on each rank (they are no longer new shapes afterwards)."""
+    both = list(measurements["prefill"]["input_tokens"])
+    dec = measurements["decode"]
+    both += [int(b * (c / b - DECODE_OUTPUT / 2)) for b, c in zip(dec["batch"], dec["context_sum"])]  # B x P
+    return {0: both + list(measurements.get("new_shape", {}).get("input_tokens", [])), 1: both}
+
+
+def fit_new_shape(m: dict | None) -> dict:
+    """extra = new_shape_s + new_shape_per_token_s x n (>= 0, least squares) over fresh - repeat per length."""
+    if not m or not m.get("input_tokens"):
+        return {"new_shape_s": 0.0, "new_shape_per_token_s": 0.0, "extra_s": []}
+    from scipy.optimize import nnls
+
+    n = np.asarray(m["input_tokens"], dtype=float)
+    extra = np.asarray(m["fresh_s"], dtype=float) - np.asarray(m["repeat_s"], dtype=float)
+    coef, _ = nnls(np.stack([np.ones_like(n), n], axis=1), np.clip(extra, 0.0, None))
+    return {"new_shape_s": float(coef[0]), "new_shape_per_token_s": float(coef[1]), "extra_s": extra.tolist()}
+
+
+def profile(url: str, reps: int, chunk: int, prefill_lengths=PREFILL_LENGTHS, decode_sets=DECODE_SETS,
+            seen_lengths=(), new_shape_points: int = 8) -> dict:
     """Measure a dp2 server, each point with rank 0 alone busy and mirrored on both ranks (`routed_dp_rank`),
-    fit, return {"measurements", "fits", "coefficients"} (the calibration file's sections)."""
+    fit, return {"measurements", "fits", "coefficients"} (the calibration file's sections). Every prefill length
+    is run once on both ranks first (unmeasured), so the step fit sees lengths the ranks ran before; the new-shape
+    cost is measured on `new_shape_points` lengths neither in `prefill_lengths` nor in `seen_lengths`."""
+    for n in prefill_lengths:
+        if n <= chunk:
+            run_request_set(url, np.zeros(2), np.full(2, n), np.ones(2, dtype=int), seed=77 + n, routed_dp_rank=[0, 1])
+    new_shape = measure_new_shape(url, fresh_lengths(new_shape_points, set(prefill_lengths) | set(seen_lengths)))
     pre = {k: [] for k in ("input_tokens", "mode", "ttft_s", "server_prefill_s")}
     for rep in range(reps):
         for n in prefill_lengths:
@@ -281,7 +375,7 @@ def profile(url: str, reps: int, chunk: int, prefill_lengths=PREFILL_LENGTHS, de
                     pre["mode"].append(mode)
                     pre["ttft_s"].append(r.ttft_s)
                     pre["server_prefill_s"].append(_server_prefill_s(r))
-    dec = {k: [] for k in ("batch", "mode", "context_sum", "step_s", "server_step_s")}
+    dec = {k: [] for k in ("batch", "mode", "context_sum", "step_s", "server_step_s", "ttft_s", "server_prefill_s")}
     for rep in range(reps):
         for b, p in decode_sets:
             for mode, ranks in (("alone", [0] * b), ("both", [0] * b + [1] * b)):
@@ -295,8 +389,10 @@ def profile(url: str, reps: int, chunk: int, prefill_lengths=PREFILL_LENGTHS, de
                     dec["context_sum"].append(float(b * (p + DECODE_OUTPUT / 2)))
                     dec["step_s"].append(float(np.median([r.tpot_s for r in mine])))
                     dec["server_step_s"].append(float(np.median([_server_step_s(r) for r in mine])))
+                    dec["ttft_s"].append(float(np.median([r.ttft_s for r in mine])))
+                    dec["server_prefill_s"].append(float(np.median([_server_prefill_s(r) for r in mine])))
     dec["output_tokens"] = DECODE_OUTPUT
-    measurements = {"prefill": pre, "decode": dec}
+    measurements = {"prefill": pre, "decode": dec, "new_shape": new_shape}
     fits, coef = fit_all(measurements)
     return {"measurements": measurements, "fits": fits, "coefficients": coef}
 
@@ -331,7 +427,7 @@ CONTENTION_PASSES = 4
 
 
 def simulate_request_set(arrivals, inputs, outputs, dispatch: str = "round_robin", ordering: str = "fcfs",
-                         preset=None, ranks=None, passes: int = CONTENTION_PASSES) -> dict:
+                         preset=None, ranks=None, passes: int = CONTENTION_PASSES, seen_lengths=None) -> dict:
     """Mean TTFT / TPOT / throughput of the same request set in the simulator on the cpu-tiny preset.
 
     With `ranks` (the DP rank the real server gave each request), each rank is simulated on its own as a 1-rank
@@ -339,16 +435,20 @@ def simulate_request_set(arrivals, inputs, outputs, dispatch: str = "round_robin
     contention couples them: pass 0 replays every rank alone, each later pass replays every rank with the other
     ranks' busy intervals of the previous pass (`co_busy`: steps that start inside are slower by the preset's
     contention factors), `passes` times or until the busy timelines stop changing.
-    Without `ranks`, the whole set runs on the lockstep multi-rank model with `dispatch`."""
+    Without `ranks`, the whole set runs on the lockstep multi-rank model with `dispatch`.
+    `seen_lengths` {rank: prompt lengths the rank prefilled before the set (warm_up)} seeds the new-shape cost."""
     from dataclasses import replace
 
     from tiersched.sim import PolicySet, get_preset, simulate
 
+    seen_lengths = {int(k): v for k, v in (seen_lengths or {}).items()}  # JSON keeps the ranks as strings
     preset = preset or get_preset("cpu-tiny")
     arrivals, inputs, outputs = (np.asarray(a) for a in (arrivals, inputs, outputs))
     policies = PolicySet(ordering=ordering, dispatch=dispatch)
     if ranks is None:
-        m = simulate(preset, _workload(arrivals, inputs, outputs), policies, record_timeline=False).metrics
+        seen = [(seen_lengths or {}).get(r, ()) for r in range(preset.dp)]
+        m = simulate(preset, _workload(arrivals, inputs, outputs), policies, record_timeline=False,
+                     seen_prefill_shapes=seen).metrics
         return {"requests": m["finished"], "ttft_mean": m["ttft_mean"], "tpot_mean": m["tpot_mean"],
                 "throughput": m["throughput"], "model": "lockstep"}
     ranks = np.asarray(ranks)
@@ -364,7 +464,8 @@ def simulate_request_set(arrivals, inputs, outputs, dispatch: str = "round_robin
             sel = np.flatnonzero(ranks == r)
             co = merge_intervals([busy[o] for o in uniq if o != r]) if it > 0 else None
             res = simulate(single, _workload(arrivals[sel], inputs[sel], outputs[sel]), policies,
-                           record_timeline=False, co_busy=co, record_busy=True)
+                           record_timeline=False, co_busy=co, record_busy=True,
+                           seen_prefill_shapes=[(seen_lengths or {}).get(int(r), ())])
             recs[r], new_busy[r] = res.records, res.busy
         done_passes = it + 1
         stable = it > 0 and all(new_busy[r].shape == busy[r].shape and np.allclose(new_busy[r], busy[r])

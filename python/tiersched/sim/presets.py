@@ -59,6 +59,16 @@ class Hardware:
     # Fixed latency a request spends outside the ranks (HTTP, tokenizer, DP controller, detokenizer), added to its
     # first token and finish times (cpu-tiny calibration; 0 on GPU presets, whose step model starts at the rank).
     frontend_latency_s: float = 0.0
+    # First prefill step of a token count a rank has not run before: + new_shape_s + new_shape_per_token_s x tokens
+    # (cpu-tiny calibration; 0 on GPU presets). The real CPU server pays it once per distinct prefill length.
+    new_shape_s: float = 0.0
+    new_shape_per_token_s: float = 0.0
+    # Upstream's overlap loop processes a batch's results after launching the next batch; on CPU launching is
+    # computing, so a request's first token is reported at the end of the step after its prefill (cpu-tiny: True).
+    first_token_one_step_late: bool = False
+    # Fixed time per (MoE layer, expert) a decode step touches (cpu-tiny: upstream's torch-native MoE loops over the
+    # experts that received tokens; 0 on GPU presets). Expected count: cost_model.expected_active_experts.
+    active_expert_s: float = 0.0
 
 
 @dataclass(frozen=True)
