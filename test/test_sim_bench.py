@@ -40,6 +40,22 @@ def test_sweep_is_resumable(tmp_path, capsys):
     assert (tmp_path / "s.jsonl").read_text().splitlines() == lines
 
 
+def test_sweep_eplb_steps_make_eplb_act_and_are_part_of_the_key(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    argv = ["--results", str(tmp_path / "s.jsonl"), "--presets", "qwen3", "--shapes", "Average", "--load", "0.7",
+            "--seeds", "0", "--duration", "6", "--workers", "1", "--with-eplb", "--json"]
+    assert sweep.main(parser.parse_args(argv + ["--eplb-steps", "20"])) == 0
+    every20 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert every20["rebalances_upstream_best"]["min"] >= 1 and every20["rebalances_tiersched"]["min"] >= 1
+    assert sweep.main(parser.parse_args(argv)) == 0  # preset default (1000 steps): another configuration
+    default = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert default["rebalances_upstream_best"]["max"] < every20["rebalances_upstream_best"]["min"]
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        sweep.main(parser.parse_args(argv[:-2] + ["--json", "--eplb-steps", "20"]))  # without --with-eplb
+
+
 def _w(rid, prio=0, arrival=0.0, tokens=100, cached=0, defer=False):
     return WaitingRequest(rid, prio, arrival, tokens, cached, defer)
 

@@ -31,19 +31,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--with-eplb", action="store_true")
+    parser.add_argument("--eplb-steps", type=int, default=None,
+                        help="with --with-eplb: rebalance every N forward steps in every arm (upstream's "
+                             "--eplb-rebalance-num-iterations; default: the preset's, upstream's 1000)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--summary-only", action="store_true", help="summarise the results file, run nothing")
 
 
 def _config_key(c: dict) -> str:
-    return f"{c['preset']}|{c['shape']}|{c['load']}|{c['seed']}|{int(c['with_eplb'])}|{c['duration_s']}"
+    key = f"{c['preset']}|{c['shape']}|{c['load']}|{c['seed']}|{int(c['with_eplb'])}|{c['duration_s']}"
+    return key + (f"|eplb{c['eplb_steps']}" if c.get("eplb_steps") else "")  # older files: no suffix
 
 
 def run_config(c: dict) -> dict:
     from tiersched.sim import simulate
 
     preset = get_preset(c["preset"])
+    if c.get("eplb_steps"):
+        preset = preset.with_scheduler(eplb_rebalance_steps=int(c["eplb_steps"]))
     base = workloads.synthetic(c["shape"], rate=1.0, duration_s=10.0, seed=c["seed"])
     cap = workloads.nominal_capacity_req_s(preset, float(base.input_tokens.mean()), float(base.output_tokens.mean()))
     work = workloads.synthetic(c["shape"], rate=c["load"] * cap, duration_s=c["duration_s"], seed=c["seed"])
@@ -55,7 +61,8 @@ def run_config(c: dict) -> dict:
     runs["tiersched"] = simulate(preset, work, PolicySet(ordering="tiersched", dispatch="tiersched",
                                                          eplb="source_aware" if c["with_eplb"] else "none"),
                                  seed=c["seed"], record_timeline=False).metrics
-    keep = lambda m: {k: m.get(k) for k in (*METRICS, "cache_hit_rate", "balancedness", "finished", "requests")}
+    keep = lambda m: {k: m.get(k) for k in (*METRICS, "cache_hit_rate", "balancedness", "finished", "requests",
+                                            "rebalances", "migrations")}
     best = min(BASELINES, key=lambda od: runs[f"{od[0]}/{od[1]}"]["ttft_mean"])
     return {**c, "key": _config_key(c), "rate_req_s": c["load"] * cap, "upstream_best": "/".join(best),
             "runs": {k: keep(v) for k, v in runs.items()}}
@@ -77,6 +84,12 @@ def summarise(rows: list[dict]) -> dict:
         worst = ch.max() if sign < 0 else ch.min()
         out["metrics"][metric] = {"win_share": round(float(better.mean()), 4), "median_change": round(float(np.median(ch)), 4),
                                   "worst_change": round(float(worst), 4), "n": int(ch.size)}
+    # Did EPLB act? (rows written before these were kept have none)
+    for arm, pick in (("upstream_best", lambda r: r["runs"][r["upstream_best"]]), ("tiersched", lambda r: r["runs"]["tiersched"])):
+        counts = [pick(r).get("rebalances") for r in rows if pick(r).get("rebalances") is not None]
+        if counts:
+            out[f"rebalances_{arm}"] = {"median": float(np.median(counts)), "min": int(min(counts)),
+                                        "max": int(max(counts))}
     return out
 
 
@@ -91,8 +104,10 @@ def main(args) -> int:
             if line.strip():
                 row = json.loads(line)
                 done[row["key"]] = row
+    if args.eplb_steps is not None and (args.eplb_steps < 1 or not args.with_eplb):
+        raise SystemExit("--eplb-steps needs --with-eplb and a positive number of forward steps.")
     configs = [dict(preset=p, shape=s, load=float(l), seed=int(seed), duration_s=args.duration,
-                    with_eplb=args.with_eplb)
+                    with_eplb=args.with_eplb, eplb_steps=args.eplb_steps)
                for p in args.presets.split(",") for s in args.shapes.split(",") for l in args.load.split(",")
                for seed in args.seeds.split(",")]
     todo = [c for c in configs if _config_key(c) not in done]
@@ -117,4 +132,8 @@ def main(args) -> int:
         print(f"{'metric':<12}{'win share':>11}{'median change':>15}{'worst change':>14}")
         for k, v in summary["metrics"].items():
             print(f"{k:<12}{v['win_share']:>11.1%}{v['median_change']:>+15.1%}{v['worst_change']:>+14.1%}")
+        for arm in ("upstream_best", "tiersched"):
+            if f"rebalances_{arm}" in summary:
+                r = summary[f"rebalances_{arm}"]
+                print(f"EPLB rebalances per run, {arm}: median {r['median']:g} (min {r['min']}, max {r['max']})")
     return 0
