@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of mixed-scenario seeds; headline fields summarise all of them (median ratio, "
                              "mean loss, worst wait) so no single lucky seed is the result")
     parser.add_argument("--skip-sim", action="store_true", help="only the ordering microbenchmark")
+    parser.add_argument("--set", default="", metavar="request.KEY=VALUE,...",
+                        help="tiersched arms' tunables, as TIERSCHED_SET gives them to a server (e.g. "
+                             "request.ls_hold_s=30); default: the documented defaults")
 
 
 def _make_queue(n: int, seed: int):
@@ -134,7 +137,7 @@ def ls_alone_ttft_s(preset, work, seed: int):
     return np.asarray(out)
 
 
-def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
+def mixed_priority(duration_s: float, preset: str, seed: int, cfg=None) -> dict:
     from dataclasses import replace
 
     from tiersched.core.request_order import AgingPrefixOrdering, RequestTierConfig
@@ -144,7 +147,7 @@ def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
 
     p = get_preset(preset).with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
     work = workloads.mixed_priority(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s, seed=seed)
-    cfg = RequestTierConfig()
+    cfg = cfg or RequestTierConfig()
     no_cap = replace(cfg, be_chunk_tokens=NO_CAP)
     # The previous per-rank rule: cap only the running BE chunk, only while THIS rank has LS waiting.
     local_cap = replace(cfg, lockstep_chunk_cap=False, cap_be_admissions=False)
@@ -155,6 +158,9 @@ def mixed_priority(duration_s: float, preset: str, seed: int) -> dict:
 
     arms = {
         "fcfs-priority": PolicySet(ordering="fcfs-priority"),  # + upstream PriorityPreemption (threshold 10)
+        # Plain FCFS (no priority): on one server it minimises the longest wait, so its max BE wait says how far
+        # below the cap any order can keep the longest wait under this overload.
+        "fcfs": PolicySet(ordering="fcfs"),
         "tiersched": arm(cfg),  # defaults: DP-wide signal of the same step (the adapter's all-reduce)
         "tiersched-lag1-signal": arm(lag1),
         "tiersched-local-cap": arm(local_cap),
@@ -239,7 +245,13 @@ def main(args) -> int:
     from tiersched.core.request_order import RequestTierConfig
 
     t0 = time.perf_counter()
-    result: dict = {"aging_cap_s": RequestTierConfig().aging_cap_s}
+    from tiersched.config import ConfigError, load_config
+
+    try:
+        cfg = load_config({"TIERSCHED_SET": args.set}).request if args.set else RequestTierConfig()
+    except ConfigError as exc:
+        raise SystemExit(f"--set: {exc}") from None
+    result: dict = {"aging_cap_s": cfg.aging_cap_s, "request_tier_set": args.set or None}
     result.update(ordering_overhead(args.reps, args.seed))
     keys = ("ls_p99_ttft_ratio", "be_throughput_loss", "max_be_wait_s")
     if args.skip_sim:
@@ -247,7 +259,7 @@ def main(args) -> int:
     else:
         try:
             seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-            result.update(summarise_seeds({seed: mixed_priority(args.duration_s, args.preset, seed) for seed in seeds}))
+            result.update(summarise_seeds({seed: mixed_priority(args.duration_s, args.preset, seed, cfg) for seed in seeds}))
             result["sim_status"] = "ok"
         except Exception as exc:  # the simulator is a separate component; report why instead of a number
             result.update({k: None for k in keys}, sim_status=f"unavailable: {type(exc).__name__}: {exc}")

@@ -127,7 +127,8 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{summary['configs']} configurations ({path}); tiersched (ordering + dispatch) vs the best upstream "
+        ours = "ordering + dispatch + source-aware EPLB" if args.with_eplb else "ordering + dispatch"
+        print(f"{summary['configs']} configurations ({path}); tiersched ({ours}) vs the best upstream "
               f"baseline per configuration")
         print(f"{'metric':<12}{'win share':>11}{'median change':>15}{'worst change':>14}")
         for k, v in summary["metrics"].items():
