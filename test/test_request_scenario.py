@@ -54,3 +54,21 @@ def test_ls_alone_bound_is_below_every_simulated_ls_ttft(preset):
         assert ttft.shape == bound.shape and np.all(np.isfinite(ttft))
         assert np.all(ttft >= bound - 1e-9), float((ttft - bound).min())
     assert np.all(bound > 0)
+
+
+def test_request_tier_bench_takes_tunables_as_tiersched_set_gives_them(capsys):
+    """`request-tier --set request.KEY=VALUE`: the tiersched arms run with that config (the printed cap follows),
+    and a key the tier does not have stops the command with one sentence."""
+    import argparse
+    import json
+
+    from tiersched.bench import request_tier as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.main(parser.parse_args(["--skip-sim", "--reps", "2", "--json", "--set",
+                                         "request.aging_cap_s=12.5"])) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["aging_cap_s"] == 12.5 and out["request_tier_set"] == "request.aging_cap_s=12.5"
+    with pytest.raises(SystemExit, match="no key 'bogus'"):
+        bench.main(parser.parse_args(["--skip-sim", "--json", "--set", "request.bogus=1"]))

@@ -248,7 +248,7 @@ def main(args) -> int:
     from tiersched.config import ConfigError, load_config
 
     try:
-        cfg = load_config({"TIERSCHED_SET": args.set}).request if args.set else RequestTierConfig()
+        cfg = load_config({"TIERSCHED_SET": args.set}).tier("request") if args.set else RequestTierConfig()
     except ConfigError as exc:
         raise SystemExit(f"--set: {exc}") from None
     result: dict = {"aging_cap_s": cfg.aging_cap_s, "request_tier_set": args.set or None}
