@@ -336,7 +336,8 @@ class Simulation:
                 if stops:
                     ends = self.now + np.cumsum(times)
                     k = min(k, int(np.searchsorted(ends, min(stops), side="left")) + 1)
-            self._report_pending_first_tokens(ranks, batches, float(times[0]))
+            if self.preset.hardware.first_token_one_step_late:
+                self._report_pending_first_tokens(ranks, batches, float(times[0]))
             self._record_busy(self.now, self.now + float(times[:k].sum()))
             self.now += float(times[:k].sum())
             self.steps += k
