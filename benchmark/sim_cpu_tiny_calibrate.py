@@ -9,7 +9,7 @@ Starts the tiny Qwen3-MoE (tiersched.rig) with `--dp-size 2 --enable-metrics` (t
   decode:  B simultaneous requests per rank with prompt length P and 32 output tokens (one prefill batch, then
            B-request decode steps; mean context per request P + 16): client TPOT and the server-side time per
            output token ((request_finished_ts - prefill_finished_time) / (tokens - 1)).
-then fits (tiersched.sim.fidelity.fit_all) the step costs on the rank-alone server timings, the contention factors
+then fits (tiersched.sim.fidelity_fit.fit_all) the step costs on the rank-alone server timings, the contention factors
 (both / alone) and the frontend latency (client TTFT - server prefill of lone prompts), and writes the JSON with the
 raw measurements, the server's scheduler settings (/get_server_info), the command, date and load average.
 The machine is shared: the load average before and after is recorded; calibrate when it is lowest.
