@@ -31,7 +31,8 @@ def test_gpu_presets_have_no_host_cpu_terms():
     for name, make in PRESETS.items():
         hw = make().hardware
         assert hw.contention_prefill == hw.contention_decode == hw.frontend_latency_s == 0.0, name
-        assert hw.new_shape_s == hw.new_shape_per_token_s == 0.0, name
+        assert hw.new_shape_s == hw.new_shape_per_token_s == hw.active_expert_s == 0.0, name
+        assert hw.first_token_one_step_late is False, name
 
 
 def test_first_prefill_of_a_length_on_a_rank_pays_the_new_shape_cost_once():
