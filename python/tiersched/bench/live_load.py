@@ -222,15 +222,19 @@ def set_drain(url: str, rank: int, drained: bool) -> list:
 
 
 def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: float = 3.0, drain_after: int = 12,
-                     after_undrain: int = 6) -> dict:
+                     after_undrain: int = 6, in_flight: int = 6, in_flight_output: int = 400) -> dict:
     """dp2 tiersched arm, open-loop stream of `n` requests; right after the `drain_after`-th send, drain
     `drained_rank` over HTTP. When the stream has finished, take the rank back and send `after_undrain` more.
     "While drained" = requests sent after the drain call returned (the driver stamps `sent_s` before the HTTP send,
-    so that split is conservative)."""
+    so that split is conservative). The last `in_flight` requests before the drain generate `in_flight_output`
+    tokens (~1.5-2 s on the CPU rig), so requests are still running on both ranks when the drain lands: a request
+    of the usual 2-32 tokens is done in ~0.1 s, and whether one was in flight on the drained rank was a coin flip."""
     import dataclasses
 
     arm = live_arms.tiersched_arm("dp2")
-    full = shared_prefix_set(n + after_undrain, rate).requests
+    full = list(shared_prefix_set(n + after_undrain, rate).requests)
+    for i in range(max(0, drain_after - in_flight), drain_after):
+        full[i] = dataclasses.replace(full[i], output_len=in_flight_output)
     stream, tail = full[:n], full[n:]
     tail = tuple(dataclasses.replace(r, arrival_s=r.arrival_s - tail[0].arrival_s) for r in tail)
     marks: dict = {}
