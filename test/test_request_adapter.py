@@ -84,12 +84,31 @@ def test_in_queue_shared_prefix_is_deferred_like_lpm():
 
 
 def test_aged_request_is_promoted_above_ls():
-    request_tier.configure(RequestTierConfig(aging_cap_s=5.0))
+    request_tier.configure(RequestTierConfig(aging_cap_s=5.0, ls_overtake_burst=0, ls_overtakes_per_promoted=0.0))
     pol = make_policy("prefix-aging", RadixCache.create_simulated())
     now = time.perf_counter()
     queue = [make_req("ls", range(10), 10, now), make_req("be-old", range(20, 2020), 0, now - 6.0)]
     calc(pol, queue)
     assert [r.rid for r in queue] == ["be-old", "ls"]
+
+
+def test_ls_overtakes_a_promoted_request_within_the_policy_budget():
+    """Each scheduler's SchedulePolicy keeps its own overtake credit across steps: one LS request (burst 1) goes
+    ahead of the promoted one; once it left the queue (admitted), the next LS request does not."""
+    request_tier.configure(RequestTierConfig(aging_cap_s=5.0, ls_overtake_burst=1, ls_overtakes_per_promoted=0.0))
+    pol = make_policy("prefix-aging", RadixCache.create_simulated())
+    now = time.perf_counter()
+    queue = [make_req("be-old", range(20, 2020), 0, now - 6.0), make_req("ls1", range(10), 10, now),
+             make_req("ls2", range(30, 40), 10, now)]
+    calc(pol, queue)
+    assert [r.rid for r in queue] == ["ls1", "be-old", "ls2"]
+    queue.pop(0)  # ls1 admitted
+    calc(pol, queue)
+    assert [r.rid for r in queue] == ["be-old", "ls2"]
+    other = make_policy("prefix-aging", RadixCache.create_simulated())  # another scheduler: its own credit
+    queue2 = [make_req("be-old2", range(50, 2050), 0, now - 6.0), make_req("ls3", range(60, 70), 10, now)]
+    calc(other, queue2)
+    assert [r.rid for r in queue2] == ["ls3", "be-old2"]
 
 
 def test_low_priority_values_first_is_normalised():

@@ -61,11 +61,45 @@ def test_aging_rate_lifts_class_gradually():
 
 
 def test_promotion_at_cap_beats_every_class_and_is_fcfs():
-    cfg = RequestTierConfig(aging_rate=0.0, aging_cap_s=5.0)
+    cfg = RequestTierConfig(aging_rate=0.0, aging_cap_s=5.0, ls_overtake_burst=0, ls_overtakes_per_promoted=0.0)
     pol = AgingPrefixOrdering(cfg)
     waiting = [W("ls", 100, 9.0, 1), W("be-new", 0, 4.5, 1), W("be-b", 0, 3.0, 99999), W("be-a", 0, 2.0, 99999, shares=True)]
     # be-a and be-b waited >= 5 s: they lead, oldest first, regardless of size or deferral.
     assert ranked(pol, waiting, 9.0) == ["be-a", "be-b", "ls", "be-new"]
+    # With the default overtake budget the LS request goes ahead of them; the promoted pair keeps its order.
+    assert ranked(AgingPrefixOrdering(RequestTierConfig(aging_rate=0.0, aging_cap_s=5.0)), waiting, 9.0) == [
+        "ls", "be-a", "be-b", "be-new"]
+
+
+def _admit(waiting, rid):
+    return [w for w in waiting if w.rid != rid]
+
+
+def test_ls_overtakes_promoted_requests_only_within_the_budget():
+    """burst 2, one more LS per promoted request admitted: the credit is spent by LS admitted ahead of promoted
+    requests, earned back by promoted admissions, and reset when nothing promoted waits."""
+    cfg = RequestTierConfig(aging_rate=0.0, aging_cap_s=5.0, token_credit_per_s=0.0, ls_overtake_burst=2,
+                           ls_overtakes_per_promoted=1.0)
+    pol = AgingPrefixOrdering(cfg)
+    ls = [W(f"ls{i}", 10, 9.0 + i * 0.01, 100 + i) for i in range(4)]
+    old = [W("old-a", 0, 1.0, 9000), W("old-b", 0, 2.0, 9000)]
+    waiting = ls + old
+    assert ranked(pol, waiting, 10.0) == ["ls0", "ls1", "old-a", "old-b", "ls2", "ls3"]
+    waiting = _admit(_admit(waiting, "ls0"), "ls1")  # the two LS ahead were admitted: credit 2 -> 0
+    assert ranked(pol, waiting, 10.1) == ["old-a", "old-b", "ls2", "ls3"]
+    waiting = _admit(waiting, "old-a")  # a promoted admission earns one overtake
+    assert ranked(pol, waiting, 10.2) == ["ls2", "old-b", "ls3"]
+    waiting = _admit(waiting, "ls2")
+    assert ranked(pol, waiting, 10.3) == ["old-b", "ls3"]
+    assert pol.overtake.overtakes == 3
+    waiting = _admit(waiting, "old-b")  # nothing promoted waits: the credit is back at the burst
+    assert ranked(pol, waiting, 10.4) == ["ls3"]
+    assert pol.overtake.credit == 2.0
+    # An LS request that was ahead but is still waiting (not admitted this step) costs nothing.
+    waiting = [W("ls3", 10, 9.03, 103), W("ls4", 10, 10.4, 50), W("old-c", 0, 4.0, 9000)]
+    assert ranked(pol, waiting, 10.5)[:2] == ["ls4", "ls3"]
+    assert ranked(pol, waiting, 10.6)[:2] == ["ls4", "ls3"]
+    assert pol.overtake.credit == 2.0
 
 
 def test_shared_inflight_prefix_is_deferred_below_cap():
@@ -109,6 +143,10 @@ def test_order_1k_is_fast():
         ("preemption_threshold", -1, "preemption_threshold"),
         ("min_chunk_tokens", 0, "min_chunk_tokens"),
         ("be_chunk_tokens", 8, "be_chunk_tokens"),
+        ("ls_overtake_burst", -1, "ls_overtake_burst"),
+        ("ls_overtake_burst", 2.5, "ls_overtake_burst"),
+        ("ls_overtakes_per_promoted", -0.5, "ls_overtakes_per_promoted"),
+        ("ls_overtakes_per_promoted", float("nan"), "ls_overtakes_per_promoted"),
     ],
 )
 def test_validate_rejects_bad_values_with_one_sentence(field, value, fragment):

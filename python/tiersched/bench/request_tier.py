@@ -6,7 +6,9 @@ match, as upstream does); upstream = its real `SchedulePolicy._sort_by_hrrn` ove
 `calc_priority` itself turns hrrn into fcfs above 128 waiting and needs a published server runtime context, so
 the hrrn sort is what we time.) `core_order_ms_*`: the pure core over snapshots.
 Mixed-priority scenario (simulator, 20% LS, Poisson, 1.5x the deployment's measured capacity for the mix, 90 s):
-upstream fcfs-with-priority vs tiersched, and the LS-alone lower bound (the best ratio any scheduler could reach).
+upstream fcfs-with-priority vs tiersched, and the LS-alone lower bound (the best ratio any scheduler could reach);
+`long_overload`: the same run for `--long-duration-s` (default 120 s), where the promoted backlog never empties,
+with an arm that puts promoted requests strictly first (what the LS overtake budget prevents).
 Arms: `tiersched` = the defaults, i.e. the same-step DP-wide LS signal (`same_step_signal`, lag 0: the adapter's
 all-reduce before batch formation); `tiersched-lag1-signal` = `same_step_signal = false` (only upstream's MLP-sync
 gather, one step late); `tiersched-local-cap` = the per-rank rule; `tiersched-no-chunk-cap`. The `*_ideal_signal`
@@ -37,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of mixed-scenario seeds; headline fields summarise all of them (median ratio, "
                              "mean loss, worst wait) so no single lucky seed is the result")
     parser.add_argument("--skip-sim", action="store_true", help="only the ordering microbenchmark")
+    parser.add_argument("--long-duration-s", type=float, default=120.0,
+                        help="also run a longer sustained overload (fcfs-priority, tiersched, and tiersched with "
+                             "promoted requests strictly first) and report it under `long_overload`; 0 skips it")
     parser.add_argument("--set", default="", metavar="request.KEY=VALUE,...",
                         help="tiersched arms' tunables, as TIERSCHED_SET gives them to a server (e.g. "
                              "request.ls_hold_s=30); default: the documented defaults")
@@ -54,7 +59,8 @@ def _make_queue(n: int, seed: int):
         start = rng.randint(0, 1_000_000)
         r = Req(f"r{i}", "", array.array("q", range(start, start + length)), SamplingParams(max_new_tokens=64),
                 priority=rng.choice((0, 0, 0, 0, 10)))
-        r.time_stats.set_wait_queue_entry_time(now - rng.uniform(0.0, 10.0))
+        # Waits up to 30 s: about a third are past the default 20 s cap, so the LS overtake path is timed too.
+        r.time_stats.set_wait_queue_entry_time(now - rng.uniform(0.0, 30.0))
         r.arrival_processed_tokens = rng.randint(0, 100_000)
         queue.append(r)
     return queue
@@ -218,6 +224,46 @@ def mixed_priority(duration_s: float, preset: str, seed: int, cfg=None) -> dict:
     return out
 
 
+def sustained_overload(duration_s: float, preset: str, seeds, cfg) -> dict:
+    """The same scenario run longer: the promoted BE backlog never empties, so this shows what the LS overtake
+    budget (core/request_overtake.py) buys: arm `strict_promotion` = the same config with promoted requests always
+    first (ls_overtake_burst = ls_overtakes_per_promoted = 0). Headline = median over seeds, worst wait."""
+    from dataclasses import replace
+
+    from tiersched.core.request_order import AgingPrefixOrdering
+    from tiersched.core.request_preemption import LatencySensitivePreemption
+    from tiersched.sim import PolicySet, simulate, workloads
+    from tiersched.sim.presets import get_preset
+
+    p = get_preset(preset).with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
+    strict = replace(cfg, ls_overtake_burst=0, ls_overtakes_per_promoted=0.0)
+    per_seed = {}
+    for seed in seeds:
+        work = workloads.mixed_priority(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s, seed=seed)
+        row = {}
+        for name, pol in (("fcfs_priority", PolicySet(ordering="fcfs-priority")),
+                          ("tiersched", PolicySet(ordering=AgingPrefixOrdering(cfg),
+                                                  preemption=LatencySensitivePreemption(cfg))),
+                          ("strict_promotion", PolicySet(ordering=AgingPrefixOrdering(strict),
+                                                         preemption=LatencySensitivePreemption(strict)))):
+            per_class = simulate(p, work, pol, seed, record_timeline=False).metrics["per_class"]
+            row[f"ls_p99_ttft_s_{name}"] = per_class["LS"]["ttft_p99"]
+            row[f"max_be_wait_s_{name}"] = per_class["BE"]["max_wait_s"]
+        row["ls_p99_ttft_ratio"] = row["ls_p99_ttft_s_fcfs_priority"] / row["ls_p99_ttft_s_tiersched"]
+        row["ls_p99_ttft_ratio_strict_promotion"] = (row["ls_p99_ttft_s_fcfs_priority"]
+                                                     / row["ls_p99_ttft_s_strict_promotion"])
+        per_seed[str(seed)] = row
+    rows = per_seed.values()
+    return {
+        "duration_s": duration_s,
+        "ls_p99_ttft_ratio": statistics.median(r["ls_p99_ttft_ratio"] for r in rows),
+        "ls_p99_ttft_ratio_strict_promotion": statistics.median(r["ls_p99_ttft_ratio_strict_promotion"] for r in rows),
+        "max_be_wait_s": max(r["max_be_wait_s_tiersched"] for r in rows),
+        "max_be_wait_s_fcfs_priority": max(r["max_be_wait_s_fcfs_priority"] for r in rows),
+        "per_seed": per_seed,
+    }
+
+
 def summarise_seeds(per_seed: dict[int, dict]) -> dict:
     """Headline = median LS ratio, mean BE loss, worst BE wait over the seeds; every seed's numbers kept."""
     import statistics
@@ -260,6 +306,8 @@ def main(args) -> int:
         try:
             seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
             result.update(summarise_seeds({seed: mixed_priority(args.duration_s, args.preset, seed, cfg) for seed in seeds}))
+            if args.long_duration_s > 0:
+                result["long_overload"] = sustained_overload(args.long_duration_s, args.preset, seeds, cfg)
             result["sim_status"] = "ok"
         except Exception as exc:  # the simulator is a separate component; report why instead of a number
             result.update({k: None for k in keys}, sim_status=f"unavailable: {type(exc).__name__}: {exc}")
@@ -268,7 +316,9 @@ def main(args) -> int:
         print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}))
     else:
         for k, v in result.items():
-            if k != "per_seed":
+            if k == "long_overload":
+                print(f"{k:32s} " + json.dumps({x: y for x, y in v.items() if x != "per_seed"}))
+            elif k != "per_seed":
                 print(f"{k:32s} {v}")
     return 0
 

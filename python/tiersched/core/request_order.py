@@ -14,7 +14,9 @@ Order key of a waiting request w at time `now` (smallest first; docs/request-tie
     k3 arrival
 
 Promoted requests therefore run before everything else, first come first served among themselves, which is
-what bounds every wait (see `wait_bound_s`).
+what bounds every wait (see `wait_bound_s`), except that a bounded number of LS requests may overtake them
+(`LsOvertakeBudget` in request_overtake.py), so sustained overload does not turn LS into FCFS behind the
+promoted backlog.
 """
 from __future__ import annotations
 
@@ -92,6 +94,11 @@ class RequestTierConfig:
     # iteration, benchmark/request_tier_signal_cost.py). False: only the count carried by upstream's MLP-sync
     # all-gather, which runs after batch formation and so reaches the other ranks one step late.
     same_step_signal: bool = True
+    # Under sustained overload the promoted set never empties; these let LS requests overtake promoted ones, a
+    # bounded number (core/request_overtake.py): up to `ls_overtake_burst` at once, and per promoted request
+    # admitted `ls_overtakes_per_promoted` more. Both 0: promoted requests always go first.
+    ls_overtake_burst: int = 4
+    ls_overtakes_per_promoted: float = 1.0
 
     def validate(self) -> None:
         if not (math.isfinite(self.aging_rate) and self.aging_rate >= 0):
@@ -108,6 +115,11 @@ class RequestTierConfig:
             raise ValueError(f"ls_hold_s must be a finite number of seconds >= 0, got {self.ls_hold_s!r}.")
         if not isinstance(self.same_step_signal, bool):
             raise ValueError(f"same_step_signal must be true or false, got {self.same_step_signal!r}.")
+        if not (isinstance(self.ls_overtake_burst, int) and self.ls_overtake_burst >= 0):
+            raise ValueError(f"ls_overtake_burst must be an integer >= 0 (LS requests), got {self.ls_overtake_burst!r}.")
+        if not (math.isfinite(self.ls_overtakes_per_promoted) and self.ls_overtakes_per_promoted >= 0):
+            raise ValueError("ls_overtakes_per_promoted must be a finite number >= 0, "
+                             f"got {self.ls_overtakes_per_promoted!r}.")
         if self.be_chunk_tokens < self.min_chunk_tokens:
             raise ValueError(
                 f"be_chunk_tokens ({self.be_chunk_tokens}) must be >= min_chunk_tokens ({self.min_chunk_tokens})."
@@ -117,13 +129,22 @@ class RequestTierConfig:
         return priority >= self.ls_priority
 
 
-def wait_bound_s(aging_cap_s: float, max_step_s: float, older_backlog_s: float) -> float:
+def wait_bound_s(aging_cap_s: float, max_step_s: float, older_backlog_s: float, overtakes: float = 0.0,
+                 max_ls_service_s: float = 0.0) -> float:
     """Upper bound on a request's queueing wait (docs/request-tier.md, Theorem 1).
 
     aging_cap_s: config cap; max_step_s: the longest single scheduling step (non-preemptive service);
-    older_backlog_s: service time of requests that arrived earlier and still wait when this one is promoted.
+    older_backlog_s: service time of requests that arrived earlier and still wait when this one is promoted;
+    overtakes: LS requests allowed to overtake it after its promotion (`max_overtakes`); max_ls_service_s: the
+    longest LS service.
     """
-    return aging_cap_s + max_step_s + older_backlog_s
+    return aging_cap_s + max_step_s + older_backlog_s + overtakes * max_ls_service_s
+
+
+def max_overtakes(config: "RequestTierConfig", promoted_ahead: int) -> float:
+    """LS requests that can overtake a promoted request: the burst plus `ls_overtakes_per_promoted` per promoted
+    request admitted before it (those are older, so part of its backlog)."""
+    return config.ls_overtake_burst + config.ls_overtakes_per_promoted * promoted_ahead
 
 
 def order_keys(
@@ -153,10 +174,15 @@ def order_keys(
 
 
 class AgingPrefixOrdering:
-    """`prefix-aging`: priority class with aging, then uncached prefill minus aging credit, then arrival."""
+    """`prefix-aging`: priority class with aging, then uncached prefill minus aging credit, then arrival.
+    Stateful (the LS overtake credit): one instance per waiting queue."""
 
     def __init__(self, config: RequestTierConfig | None = None):
+        from tiersched.core.request_overtake import LsOvertakeBudget
+
         self.config = config or RequestTierConfig()
+        self.overtake = LsOvertakeBudget(self.config.ls_overtake_burst, self.config.ls_overtakes_per_promoted,
+                                         self.config.aging_cap_s)
         # Steps between a rank publishing its LS count and the group using it, read by the simulator: 0 = the
         # same-step all-reduce before batch formation (`same_step_signal`, what the adapter does by default),
         # 1 = only upstream's per-step MLP-sync all-gather, which runs after batch formation.
@@ -170,7 +196,9 @@ class AgingPrefixOrdering:
         arrival = np.fromiter((w.arrival_s for w in waiting), np.float64, n)
         uncached = np.fromiter((w.input_tokens - w.cached_tokens for w in waiting), np.float64, n)
         deferred = np.fromiter((w.shares_inflight_prefix for w in waiting), np.bool_, n)
-        return order_keys(priority, arrival, np.maximum(uncached, 0.0), deferred, now_s, self.config).tolist()
+        perm = order_keys(priority, arrival, np.maximum(uncached, 0.0), deferred, now_s, self.config)
+        is_ls = priority >= self.config.ls_priority
+        return self.overtake.reorder(perm, lambda i: waiting[i].rid, is_ls, arrival, now_s).tolist()
 
     def chunk_limit(self, chunked_priority: int, chunked_remaining: int, waiting_uncached, budget: int,
                     page_size: int, group_ls_waiting: int = 0) -> int | None:

@@ -99,6 +99,10 @@ def init_schedule_policy(original_fn, self, policy, tree_cache, *args, **kwargs)
     # Upstream LPM machinery (prefix matching, in-queue duplicate detection); falls back to fcfs without a cache.
     original_fn(self, BASE_POLICY, tree_cache, *args, **kwargs)
     self.tiersched_active = True
+    from tiersched.core.request_overtake import LsOvertakeBudget
+
+    cfg = _state["config"]
+    self.tiersched_overtake = LsOvertakeBudget(cfg.ls_overtake_burst, cfg.ls_overtakes_per_promoted, cfg.aging_cap_s)
     _state["active"] = True
     _state["low_values_first"] = bool(self.schedule_low_priority_values_first)
     logger.info("tiersched request tier active: %s", _state["config"])
@@ -115,7 +119,8 @@ def calc_priority(original_fn, self, waiting_queue, running_batch=None, processe
         return original_fn(self, waiting_queue, running_batch, processed_tokens, *args, **kwargs)
     from tiersched.sglang.request_tier_ordering import order_waiting_queue
 
-    order_waiting_queue(self, waiting_queue, _state["config"], time.perf_counter())
+    order_waiting_queue(self, waiting_queue, _state["config"], time.perf_counter(),
+                        getattr(self, "tiersched_overtake", None))
     return None
 
 

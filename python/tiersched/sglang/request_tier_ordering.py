@@ -5,6 +5,8 @@ Mirrors upstream SchedulePolicy.calc_priority for cache-aware policies (sglang/s
 the rids that share an uncached prefix with a request ahead of them in the queue (LPM's in-batch deferral).
 Above upstream's WAITING_QUEUE_PREFIX_MATCH_MAX waiting requests upstream skips matching (its LPM/HRRN turn into
 FCFS there); we skip matching too but still order by the core key, using each request's last match.
+Then the policy's `LsOvertakeBudget` (core/request_overtake.py; one per SchedulePolicy, i.e. per scheduler) lets
+a bounded number of LS requests go ahead of promoted ones.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import numpy as np
 from tiersched.core.request_order import RequestTierConfig, order_keys
 
 
-def order_waiting_queue(policy, waiting_queue: list, config: RequestTierConfig, now_s: float) -> None:
+def order_waiting_queue(policy, waiting_queue: list, config: RequestTierConfig, now_s: float, overtake=None) -> None:
     """Sort `waiting_queue` (a list of upstream Req) in place, most urgent first. `now_s`: time.perf_counter(),
-    the clock of Req.time_stats.wait_queue_entry_time."""
+    the clock of Req.time_stats.wait_queue_entry_time. `overtake`: the queue's LsOvertakeBudget (None: promoted
+    requests strictly first)."""
     from sglang.srt.managers.schedule_policy import WAITING_QUEUE_PREFIX_MATCH_MAX, CacheAwarePolicy
 
     from tiersched.sglang.request_tier import normalised_priority
@@ -36,4 +39,6 @@ def order_waiting_queue(policy, waiting_queue: list, config: RequestTierConfig, 
     else:
         deferred = np.zeros(n, dtype=np.bool_)
     perm = order_keys(priority, arrival, np.maximum(uncached, 0.0), deferred, now_s, config)
+    if overtake is not None:
+        perm = overtake.reorder(perm, lambda i: waiting_queue[i].rid, priority >= config.ls_priority, arrival, now_s)
     waiting_queue[:] = [waiting_queue[i] for i in perm]
