@@ -3,8 +3,9 @@
 Runs `request-tier`'s mixed-priority scenario (same workload, preset and arms) with the simulator's prefill
 steps logged (wrapping `RankState.schedule_prefill` / `finish_prefill`; nothing in the simulator changes), and
 splits every LS request's TTFT into
-  * `in_progress_s`: from its arrival to the end of the lockstep step already running when it arrived (steps are
-    non-preemptive: no scheduler can shorten it once chosen);
+  * `in_progress_s`: from its arrival to the end of the lockstep PREFILL step already running when it arrived
+    (steps are non-preemptive: no scheduler can shorten it once chosen); a decode-only step in progress is not
+    logged, so its remainder counts in `queued_s`;
   * `queued_steps` / `queued_s`: whole prefill steps that ran after that one and before the step that prefilled it
     (0 means it was admitted at the first scheduling point after arrival);
   * `own_s`: the step(s) that prefilled it, up to its first token;
