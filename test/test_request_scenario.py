@@ -94,3 +94,18 @@ def test_sustained_overload_does_not_turn_ls_into_fcfs_behind_promoted_requests(
     assert default["LS"]["ttft_p99"] < upstream["LS"]["ttft_p99"] / 5, (default["LS"], upstream["LS"])
     assert default["LS"]["max_wait_s"] < 1.0, default["LS"]
     assert default["BE"]["max_wait_s"] < upstream["BE"]["max_wait_s"], (default["BE"], upstream["BE"])
+
+
+def test_bench_reports_the_backlog_drain_and_the_long_overload_block():
+    """The request-tier JSON explains the longest BE wait by the backlog left at the last arrival: the last BE
+    request to start arrived by then, so the longest wait is at least the drain time in every arm."""
+    from tiersched.bench import request_tier as bench
+
+    out = bench.mixed_priority(30.0, "qwen3", 0)
+    for arm in ("fcfs", "fcfs_priority", "tiersched"):
+        assert out[f"max_be_wait_s_{arm}"] >= out[f"be_drain_s_{arm}"] - 1e-9
+        assert out[f"be_unstarted_at_last_arrival_{arm}"] >= 0
+    long = bench.sustained_overload(30.0, "qwen3", [0], RequestTierConfig())
+    row = long["per_seed"]["0"]
+    assert long["ls_p99_ttft_ratio"] == pytest.approx(row["ls_p99_ttft_s_fcfs_priority"] / row["ls_p99_ttft_s_tiersched"])
+    assert long["max_be_wait_s"] == row["max_be_wait_s_tiersched"] and long["duration_s"] == 30.0
