@@ -2,8 +2,8 @@
 
 Why. Promotion (wait >= aging_cap_s) is what bounds every wait, but under SUSTAINED overload the promoted set
 never empties: if promoted requests always went first, every LS request would wait until it was promoted itself,
-i.e. LS TTFT would grow to the cap (measured: LS P99 28-36 s after 120 s at 1.5x capacity, docs/request-tier.md,
-"Sustained overload"). And an admission step stops at the first request it cannot admit (upstream PrefillAdder:
+i.e. LS TTFT would grow to the cap (measured: LS P99 27.7-36.1 s after 120 s at 1.5x capacity, docs/request-tier.md,
+"LS overtakes"). And an admission step stops at the first request it cannot admit (upstream PrefillAdder:
 KV short, or a second chunked prefill), so a promoted 16k-token BE request at the head also blocks the small LS
 requests behind it. So LS requests may overtake promoted ones, but only a bounded number: promoted requests
 keep a guaranteed share of admissions, and the wait bound keeps an explicit LS term (Theorem 1 in the docs).
@@ -41,12 +41,12 @@ class LsOvertakeBudget:
         is_ls: bool[n]; arrival_s: float64[n] (the key's arrival). Returns the order with up to floor(credit)
         non-promoted LS requests moved ahead of the promoted ones. O(n) numpy; rids are read only for the few
         requests whose arrival equals that of one placed ahead last time."""
-        promoted = arrival_s <= now_s - self.aging_cap_s
+        promoted = (now_s - arrival_s) >= self.aging_cap_s  # the same test as order_keys (cap > 0)
         if self._ahead or self._promoted:
-            # Promoted last time and still here: arrival <= last_now - cap (waits only grow). Whatever else was
+            # Promoted last time and still here: last_now - arrival >= cap (waits only grow). Whatever else was
             # promoted last time left the queue. (A preempted request re-queued in between counts as still here,
             # which only earns less credit.)
-            still = int(np.count_nonzero(arrival_s <= self._last_now - self.aging_cap_s))
+            still = int(np.count_nonzero((self._last_now - arrival_s) >= self.aging_cap_s))
             gone_promoted = max(0, self._promoted - still)
             gone_ahead = 0
             if self._ahead:
