@@ -163,3 +163,23 @@ def test_defaults_validate_and_config_place_loads_request_section(tmp_path):
     assert (req.aging_rate, req.aging_cap_s, req.preemption_threshold) == (2.0, 7.5, 3)
     with pytest.raises(ConfigError, match=r"\[request\] aging_cap_s"):
         load_config({"TIERSCHED_SET": "request.aging_cap_s=-1"})
+
+
+def test_overtake_state_stays_bounded_over_many_steps():
+    """3000 scheduling steps with arrivals and admissions (some promoted): the budget remembers at most `burst`
+    request ids and its credit stays within [0, burst]."""
+    cfg = RequestTierConfig(aging_cap_s=2.0, ls_overtake_burst=3, ls_overtakes_per_promoted=1.0)
+    pol = AgingPrefixOrdering(cfg)
+    rng = np.random.default_rng(5)
+    waiting, now, next_id = [], 0.0, 0
+    for _ in range(3000):
+        now += 0.05
+        for _ in range(int(rng.poisson(1.2))):
+            waiting.append(W(f"r{next_id}", int(rng.choice([0, 0, 0, 10])), now, int(rng.integers(1, 4000))))
+            next_id += 1
+        order = pol.order(waiting, now)
+        assert sorted(order) == list(range(len(waiting)))
+        waiting = [waiting[i] for i in order][1:]  # the head is admitted (one per step, below the arrival rate)
+        assert len(pol.overtake._ahead) <= cfg.ls_overtake_burst
+        assert 0.0 <= pol.overtake.credit <= cfg.ls_overtake_burst
+    assert pol.overtake.overtakes > 0  # the overload really built a promoted backlog the LS requests overtook
