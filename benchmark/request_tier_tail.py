@@ -43,10 +43,11 @@ def _logged_run(preset, work, policies, seed):
         return batch
 
     def finish(self, batch, now_s):
-        for step in reversed(list(steps.values())[-4:]):
-            if step["batches"].get(self.rank) is batch or step["batches"].get(self.rank) == batch:
-                step["end"] = now_s
-                break
+        # The engine finishes every rank's batch of a lockstep step before scheduling the next one, so the step
+        # being finished is the last one logged.
+        last = steps[next(reversed(steps))]
+        assert last["batches"].get(self.rank) == batch, "prefill batch finished out of order"
+        last["end"] = now_s
         return orig_finish(self, batch, now_s)
 
     rank_mod.RankState.schedule_prefill, rank_mod.RankState.finish_prefill = schedule, finish
@@ -62,7 +63,7 @@ def decompose(work, result, steps, frontend_s: float) -> list[dict]:
     rec = result.records
     starts = np.array([s["start"] for s in steps])
     ends = np.array([s["end"] for s in steps])
-    prio = np.asarray(work.priority)
+    is_be = np.asarray(work.class_of) == 1
     first_step = {}
     for k, s in enumerate(steps):
         for batch in s["batches"].values():
@@ -72,7 +73,7 @@ def decompose(work, result, steps, frontend_s: float) -> list[dict]:
     rows, prev_arrival = [], None
 
     def be_tokens(s) -> int:
-        return max((sum(e for rid, e, _ in b if prio[rid] < prio.max()) for b in s["batches"].values()), default=0)
+        return max((sum(e for rid, e, _ in b if is_be[rid]) for b in s["batches"].values()), default=0)
 
     for i in ls_ids:
         a, ttft = float(rec["arrival"][i]), float(rec["ttft"][i])

@@ -109,3 +109,30 @@ def test_bench_reports_the_backlog_drain_and_the_long_overload_block():
     row = long["per_seed"]["0"]
     assert long["ls_p99_ttft_ratio"] == pytest.approx(row["ls_p99_ttft_s_fcfs_priority"] / row["ls_p99_ttft_s_tiersched"])
     assert long["max_be_wait_s"] == row["max_be_wait_s_tiersched"] and long["duration_s"] == 30.0
+
+
+def test_tail_decomposition_benchmark_accounts_for_every_ls_request():
+    """benchmark/request_tier_tail.py (quoted in docs/request-tier.md): one row per finished LS request, its P99
+    equals the simulator's LS P99, and each TTFT splits into non-negative parts: the prefill step in progress at
+    arrival, queued time, and its own prefill step(s), the last at least as long as the step it was admitted in."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "request_tier_tail", Path(__file__).resolve().parents[1] / "benchmark" / "request_tier_tail.py")
+    tail = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tail)
+    p = get_preset("qwen3").with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
+    w = workloads.mixed_priority(overload=1.5, preset=p, duration_s=20.0, seed=2)
+    cfg = RequestTierConfig()
+    result, steps = tail._logged_run(p, w, PolicySet(ordering=AgingPrefixOrdering(cfg),
+                                                     preemption=LatencySensitivePreemption(cfg)), 2)
+    rows = tail.decompose(w, result, steps, p.hardware.frontend_latency_s)
+    assert len(rows) == result.metrics["per_class"]["LS"]["finished"] > 10
+    ttft = np.array([r["ttft_s"] for r in rows])
+    assert np.percentile(ttft, 99) == pytest.approx(result.metrics["per_class"]["LS"]["ttft_p99"])
+    for r in rows:
+        assert r["in_progress_s"] >= 0 and r["queued_s"] >= 0 and r["own_s"] >= r["own_step_s"] - 1e-9 > 0, r
+        # Exact only if its own step started after the step in progress ended (none starts before its arrival).
+        parts = r["in_progress_s"] + r["queued_s"] + r["own_s"] + p.hardware.frontend_latency_s
+        assert parts == pytest.approx(r["ttft_s"], abs=1e-9), r
