@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 
-from tiersched.bench.live_arms import UPSTREAM_ARMS
-from tiersched.bench.live_load import drain_run, eplb_fault_run, load_run
+from tiersched.live.arms import UPSTREAM_ARMS
+from tiersched.live.load import drain_run, eplb_fault_run, load_run
 from tiersched.rig.tiny_model import make_tiny_moe
 
 

@@ -17,8 +17,8 @@ import statistics
 import sys
 import tempfile
 
-from tiersched.bench import live_ab, live_arms
-from tiersched.bench.live_requests import shared_prefix_set
+from tiersched.live import ab as live_ab, arms as live_arms
+from tiersched.live.requests import shared_prefix_set
 from tiersched.rig.server import launch_server
 from tiersched.rig.tiny_model import make_tiny_moe
 

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from tiersched.bench import request_tier
+from tiersched.bench import request as request_tier
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=request_tier.__doc__.splitlines()[0])

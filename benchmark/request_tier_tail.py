@@ -103,9 +103,9 @@ def decompose(work, result, steps, frontend_s: float) -> list[dict]:
 
 
 def run(seeds, arm: str, cfg, duration_s: float, preset_name: str, top: int) -> dict:
-    from tiersched.bench.request_tier import UPSTREAM_DEFAULT_MAX_RUNNING, ls_alone_ttft_s
-    from tiersched.core.request_order import AgingPrefixOrdering
-    from tiersched.core.request_preemption import LatencySensitivePreemption
+    from tiersched.bench.request import UPSTREAM_DEFAULT_MAX_RUNNING, ls_alone_ttft_s
+    from tiersched.core.request.ordering import AgingPrefixOrdering
+    from tiersched.core.request.preemption import LatencySensitivePreemption
     from tiersched.sim import PolicySet, workloads
     from tiersched.sim.presets import get_preset
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     from tiersched.config import ConfigError, load_config
-    from tiersched.core.request_order import RequestTierConfig
+    from tiersched.core.request.ordering import RequestTierConfig
 
     try:
         cfg = load_config({"TIERSCHED_SET": args.set}).tier("request") if args.set else RequestTierConfig()

@@ -1,6 +1,6 @@
 """Calibrate the simulator's `cpu-tiny` preset from a profiling run of the real CPU server.
 
-    .venv/bin/python benchmark/sim_cpu_tiny_calibrate.py [--out python/tiersched/sim/calibration/cpu_tiny.json]
+    .venv/bin/python benchmark/sim_cpu_tiny_calibrate.py [--out python/tiersched/sim/presets/cpu_tiny.json]
 
 Starts the tiny Qwen3-MoE (tiersched.rig) with `--dp-size 2 --enable-metrics` (tp1) and measures every point twice
 (`routed_dp_rank`): with rank 0 alone busy ("alone") and mirrored on both ranks at once ("both"):
@@ -9,7 +9,7 @@ Starts the tiny Qwen3-MoE (tiersched.rig) with `--dp-size 2 --enable-metrics` (t
   decode:  B simultaneous requests per rank with prompt length P and 32 output tokens (one prefill batch, then
            B-request decode steps; mean context per request P + 16): client TPOT and the server-side time per
            output token ((request_finished_ts - prefill_finished_time) / (tokens - 1)).
-then fits (tiersched.sim.fidelity_fit.fit_all) the step costs on the rank-alone server timings, the contention factors
+then fits (tiersched.live.fidelity_fit.fit_all) the step costs on the rank-alone server timings, the contention factors
 (both / alone) and the frontend latency (client TTFT - server prefill of lone prompts), and writes the JSON with the
 raw measurements, the server's scheduler settings (/get_server_info), the command, date and load average.
 The machine is shared: the load average before and after is recorded; calibrate when it is lowest.
@@ -29,8 +29,8 @@ import numpy as np
 
 from tiersched.rig.server import launch_server
 from tiersched.rig.tiny_model import make_tiny_moe
-from tiersched.sim import fidelity
-from tiersched.sim.cpu_tiny import calibration_path
+from tiersched.live import fidelity
+from tiersched.sim.presets.cpu_tiny import calibration_path
 
 def server_info(url: str) -> dict:
     with urllib.request.urlopen(url + "/get_server_info", timeout=60) as r:

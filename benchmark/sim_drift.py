@@ -10,7 +10,7 @@ strength 1 = the spread measured between recorded DeepSeek-V3 windows) and every
 interval, so each placement is planned on past windows and served on the next one (held-out, as in issue 8).
 Arms: no EPLB; upstream `deepseek` on the last window (its recorder default) and on the last 4 windows summed
 (a longer recorder buffer: its best setting is whichever of the two is better); ours (`source_aware`,
-tiersched.core.expert_placement.rebalance) on the last 4 windows; each with and without drift.
+tiersched.core.expert.placement.rebalance) on the last 4 windows; each with and without drift.
 """
 from __future__ import annotations
 

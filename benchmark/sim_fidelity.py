@@ -25,8 +25,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from tiersched.sim import fidelity
-from tiersched.sim.cpu_tiny import calibration_path
+from tiersched.live import fidelity
+from tiersched.sim.presets.cpu_tiny import calibration_path
 
 SIM_DISPATCH = {"round_robin": "round_robin", "total_requests": "total_requests", "total_tokens": "total_tokens"}
 SIM_ORDERING = {"fcfs": "fcfs", "lpm": "lpm", "lof": "fcfs", "random": "fcfs"}
@@ -65,7 +65,7 @@ def compare_results(results: list, calibration: dict, seen: dict | None = None) 
     settings = calibration.get("server", {}).get("settings", {})
     dispatch = SIM_DISPATCH.get(settings.get("load_balance_method") or "round_robin", "round_robin")
     ordering = SIM_ORDERING.get(settings.get("schedule_policy") or "fcfs", "fcfs")
-    from tiersched.sim.cpu_tiny import preset as cpu_tiny_preset
+    from tiersched.sim.presets.cpu_tiny import preset as cpu_tiny_preset
 
     preset = cpu_tiny_preset(calibration=calibration)
     order = np.argsort([r.arrival_s for r in results], kind="stable")

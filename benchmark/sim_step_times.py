@@ -6,7 +6,7 @@ import numpy as np
 
 from tiersched.sim.cost_model import StepCostModel
 from tiersched.sim.presets import get_preset
-from tiersched.sim.routing import make_routing, token_probs
+from tiersched.sim.moe_routing import make_routing, token_probs
 
 preset = get_preset("qwen3")
 model = StepCostModel(preset, token_probs(make_routing(preset, 0), preset.dp))

@@ -24,11 +24,11 @@ class ConfigError(ValueError):
 
 def _tier_config_classes() -> dict[str, type]:
     # Imported lazily: each tier owns its dataclass next to its policy (tiersched.core.*).
-    from tiersched.core.dispatch import DispatchConfig
-    from tiersched.core.expert_placement import PlacementConfig
-    from tiersched.core.request_order import RequestTierConfig
+    from tiersched.core.engine import EngineTierConfig
+    from tiersched.core.expert.placement import PlacementConfig
+    from tiersched.core.request.ordering import RequestTierConfig
 
-    return {"request": RequestTierConfig, "engine": DispatchConfig, "expert": PlacementConfig}
+    return {"request": RequestTierConfig, "engine": EngineTierConfig, "expert": PlacementConfig}
 
 
 @dataclass(frozen=True)

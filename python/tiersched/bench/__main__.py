@@ -1,4 +1,4 @@
-"""Entry point: `python -m tiersched.bench {compare,sweep,speed,request-tier,dispatch,plots,live} [--json] ...`.
+"""Entry point: `python -m tiersched.bench {compare,sweep,speed,request,engine,plots,live} [--json] ...`.
 
 Each subcommand lives in its own module tiersched.bench.<module> exposing
 `add_arguments(parser)` and `main(args) -> int`; modules are imported only when their subcommand runs, so a
@@ -14,11 +14,13 @@ SUBCOMMANDS = {
     "compare": ("compare", "simulate one scenario under every policy combination (the main job)"),
     "sweep": ("sweep", "simulate a grid of scenarios; resumable; win-share summary"),
     "speed": ("speed", "simulator speed: simulated seconds per wall second"),
-    "request-tier": ("request_tier", "request-tier ordering overhead and mixed-priority scenario"),
-    "dispatch": ("dispatch", "engine-tier dispatch decision latency and burst balance"),
+    "request": ("request", "request tier: ordering overhead and the mixed-priority scenario"),
+    "engine": ("engine", "engine tier: dispatch decision latency and burst balance"),
     "plots": ("plots", "PNG plots: TTFT/TPOT CDFs, per-rank load over time, expert-load heatmap"),
     "live": ("live", "A/B runs on real upstream SGLang servers on this CPU"),
 }
+# Earlier names of the tier subcommands, kept so scripts and documented checks keep working.
+ALIASES = {"request-tier": "request", "dispatch": "engine"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
+    name, rest = ALIASES.get(argv[0], argv[0]), argv[1:]
     if name not in SUBCOMMANDS:
         parser.error(f"unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)}")
     module = importlib.import_module(f"tiersched.bench.{SUBCOMMANDS[name][0]}")

@@ -1,13 +1,13 @@
 """`python -m tiersched.bench live [--quick] [--json]`: A/B of upstream's best flags vs tiersched on real servers.
 
 For each deployment (dp2, dpattn, ep2; `--quick`: dp2 only) one server per arm is started (tiny MoE on this CPU,
-flags from tiersched.bench.live_arms), the server's sustainable rate is measured with a burst, and the
+flags from tiersched.live.arms), the server's sustainable rate is measured with a burst, and the
 shared-prefix request set (Mooncake-derived, LS/BE mix; synthetic without ../shared) is replayed at
 `--load × capacity` on every arm, alternating runs. The JSON has the headline ratios (> 1 = tiersched better):
 `cached_tokens_ratio` = ours ÷ upstream cached tokens, `ls_ttft_ratio` = upstream ÷ ours LS-class mean TTFT,
 both against the upstream arm that is best on that metric, plus per-arm ratios with min/max over repeats,
 `errors` and `lost` summed over every run. `--record DIR` writes each run as a replay record; `--replay`
-simulates the recorded tiersched run (tiersched.bench.live_replay).
+simulates the recorded tiersched run (tiersched.live.replay).
 
 Time on the 2-core development machine: the full mode is 18 runs of 150 requests per deployment (15-30 min each)
 and about an hour in all; run it one deployment at a time (`--deployments dpattn --requests 40`: 634 s).
@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tiersched.bench import live_ab, live_arms
-from tiersched.bench.live_report import compare_arms, headline
-from tiersched.bench.live_requests import lengths_set, shared_prefix_set
+from tiersched.live import ab as live_ab, arms as live_arms
+from tiersched.live.report import compare_arms, headline
+from tiersched.live.requests import lengths_set, shared_prefix_set
 
-# --quick uses the reduced A/B test's set (test_live_server.py): Mooncake blocks at 48 tokens (prompts long enough
+# --quick uses the reduced A/B test's set (test/live/test_live_server.py): Mooncake blocks at 48 tokens (prompts long enough
 # that an LS request meets BE prefill steps) at 0.5x capacity; at 8 tokens per block nothing queues and LS TTFT
 # differs by noise only (docs/live-results.md). The full mode keeps the set its documented tables were run with.
 QUICK = {"deployments": ["dp2"], "repeats": 2, "requests": 30, "sets": ["shared-prefix"],
@@ -66,7 +66,7 @@ def _request_sets(names, n: int, rate: float, block_tokens: int, max_input: int)
 
 
 def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir: str | None) -> dict:
-    from tiersched.bench.live_replay import write_record
+    from tiersched.live.replay import write_record
 
     arms = live_arms.arms_for(deployment, ablate=args.ablate)
     out: dict = {"missing_tiers": arms[-1].skipped_tiers, "tiersched_tiers": list(arms[-1].tiers),
@@ -172,7 +172,7 @@ def _headlines(report: dict) -> None:
 
 
 def _replay_tiersched(record_dir: str, deployment: str) -> dict:
-    from tiersched.bench.live_replay import replay
+    from tiersched.live.replay import replay
 
     paths = sorted(Path(record_dir).glob(f"{deployment}-shared-prefix-{live_arms.TIERSCHED}-r*.jsonl"))
     if not paths:

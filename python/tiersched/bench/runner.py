@@ -104,7 +104,7 @@ def idle_cluster_bound(sc: Scenario) -> dict:
     """Lower bound: every request alone on an idle cluster (its whole prompt in one prefill step with its best
     possible cache hit = none assumed, then batch-1 decode steps)."""
     from tiersched.sim.cost_model import StepCostModel
-    from tiersched.sim.routing import make_routing, token_probs
+    from tiersched.sim.moe_routing import make_routing, token_probs
 
     preset = build_preset(sc)
     w = build_workload(sc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiersched.core.expert_placement import ExpertStats, Placement, placement_from_phy2log
+from tiersched.core.expert.placement import ExpertStats, Placement, placement_from_phy2log
 
 
 def deepseek_placement(stats: ExpertStats, num_physical: int, num_ranks: int, num_nodes: int = 1,

@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tiersched.core import expert_metrics as metrics
-from tiersched.core.expert_placement import ExpertStats, PlacementConfig, rebalance
+from tiersched.core.expert import metrics
+from tiersched.core.expert.placement import ExpertStats, PlacementConfig, rebalance
 from tiersched.eplb.baseline import deepseek_placement
 from tiersched.eplb.stats_io import load_windows
-from tiersched.sim.expert_routing import RoutingModel
+from tiersched.sim.moe_routing_model import RoutingModel
 
 
 def _window(stats: ExpertStats, idx) -> ExpertStats:
@@ -107,7 +107,7 @@ def source_aware(counts: np.ndarray, num_physical: int, num_ranks: int, num_node
 def evaluate(plan_files: Sequence[str], eval_files: Optional[Sequence[str]], num_physical: int, num_ranks: int,
              num_nodes: int, config: PlacementConfig, source_skew: float, seed: int, tokens_per_source: float,
              lift: Optional[float] = None) -> dict:
-    import tiersched.core.expert_solver  # noqa: F401  (imported up front: scipy's import time is not solve time)
+    import tiersched.core.expert.solver  # noqa: F401  (imported up front: scipy's import time is not solve time)
 
     windows = load_windows(plan_files)
     num_windows = windows.source_counts.shape[0]

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tiersched.core.expert_placement import Placement, PlacementConfig, placement_from_phy2log, rebalance
+from tiersched.core.expert.placement import Placement, PlacementConfig, placement_from_phy2log, rebalance
 from tiersched.eplb.stats_io import load_windows
 
 

@@ -17,8 +17,8 @@ from tiersched import SGLANG_PIN
 
 logger = logging.getLogger("tiersched")
 
-TIER_ADAPTERS = {"request": "tiersched.sglang.request_tier", "engine": "tiersched.sglang.engine_tier",
-                 "expert": "tiersched.sglang.expert_tier"}
+TIER_ADAPTERS = {"request": "tiersched.sglang.request.hooks", "engine": "tiersched.sglang.engine.hooks",
+                 "expert": "tiersched.sglang.expert.hooks"}
 _state: dict = {}
 
 

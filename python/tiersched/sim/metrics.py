@@ -37,7 +37,7 @@ def latency_metrics(records: dict, mask: np.ndarray, slo_ttft: float, slo_tpot: 
 
 
 def build_result(sim, wall_s: float):
-    from tiersched.sim.engine import SimResult
+    from tiersched.sim.loop import SimResult
 
     t, preset, w = sim.table, sim.preset, sim.workload
     ttft = t.first_token - t.arrival

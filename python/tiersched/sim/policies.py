@@ -68,7 +68,7 @@ def make_ordering(spec: Any, preset):
     if spec in ORDERING_BASELINES:
         return ORDERING_BASELINES[spec]()
     if spec == "tiersched":
-        cls = _core_class("tiersched.core.request_order", ("AgingPrefixOrdering",))
+        cls = _core_class("tiersched.core.request.ordering", ("AgingPrefixOrdering",))
         return cls()
     raise ValueError(f"unknown ordering {spec!r}; choose one of {', '.join([*ORDERING_BASELINES, 'tiersched'])}.")
 
@@ -88,7 +88,7 @@ def make_preemption(spec: Any, ordering_spec: Any, preset):
     if spec == "priority":
         return request_tier.PriorityPreemption(preset.scheduler.priority_preemption_threshold)
     if spec == "tiersched":
-        cls = _core_class("tiersched.core.request_preemption", ("LatencySensitivePreemption",))
+        cls = _core_class("tiersched.core.request.preemption", ("LatencySensitivePreemption",))
         return cls()
     raise ValueError(f"unknown preemption {spec!r}; choose none, priority, tiersched or auto.")
 
@@ -99,28 +99,28 @@ def make_dispatcher(spec: Any, preset):
     if spec in DISPATCH_BASELINES:
         return DISPATCH_BASELINES[spec]()
     if spec == "tiersched":
-        cls = _core_class("tiersched.core.dispatch_score", ("ScoreDispatcher",))
+        cls = _core_class("tiersched.core.engine.score", ("ScoreDispatcher",))
         return cls(preset.dp)
     raise ValueError(f"unknown dispatch {spec!r}; choose one of {', '.join([*DISPATCH_BASELINES, 'tiersched'])}.")
 
 
 class CoreRebalance:
-    """tiersched.core.expert_placement.rebalance(stats, ...) -> Placement, adapted to the simulator's plan()."""
+    """tiersched.core.expert.placement.rebalance(stats, ...) -> Placement, adapted to the simulator's plan()."""
 
     name = "source_aware"
 
     def __init__(self):
-        from tiersched.core import expert_placement
+        from tiersched.core.expert import placement as expert_placement
 
         if not hasattr(expert_placement, "rebalance"):
-            raise PolicyUnavailable("tiersched.core.expert_placement exports no rebalance() yet")
+            raise PolicyUnavailable("tiersched.core.expert.placement exports no rebalance() yet")
         self._rebalance = expert_placement.rebalance
         self._config = expert_placement.PlacementConfig()
 
     def plan(self, stats, num_slots, num_gpus, num_nodes, current=None):
         import numpy as np
 
-        from tiersched.core.expert_placement import ExpertStats
+        from tiersched.core.expert.placement import ExpertStats
 
         counts = stats.source_counts  # [W, L, S, E] with S = DP ranks; the planner's sources are GPUs
         per_rank = num_gpus // counts.shape[2]

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from tiersched.core.request_order import RunningRequest, WaitingRequest
+from tiersched.core.request.ordering import RunningRequest, WaitingRequest
 from tiersched.sim.prefix_cache import BlockLRUCache
 
 

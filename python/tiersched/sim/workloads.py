@@ -256,7 +256,7 @@ def nominal_capacity_req_s(preset, mean_input: float, mean_output: float, decode
     """Rough sustainable request rate: one rank's time per request (its prefill alone plus its share of decode
     steps at `decode_batch` running requests per rank, all ranks in lockstep), times dp ranks."""
     from tiersched.sim.cost_model import StepCostModel
-    from tiersched.sim.routing import ZipfRouting, token_probs
+    from tiersched.sim.moe_routing import ZipfRouting, token_probs
 
     m = preset.model
     probs = token_probs(ZipfRouting(m.moe_layers, preset.dp, m.num_experts, m.top_k, skew=0.0), preset.dp)
@@ -285,7 +285,7 @@ def measured_capacity_req_s(preset, ls_fraction: float = 0.2, ls_input=(128, 204
     once and decodes 64 requests; in lockstep DP attention one rank's long prefill step stalls all ranks, and the
     KV pool holds ~33 of these requests per rank, so the real capacity is about half of it (docs/request-tier.md).
     Cached per preset and mix (deterministic)."""
-    from tiersched.sim.engine import simulate
+    from tiersched.sim.loop import simulate
     from tiersched.sim.policies import PolicySet
 
     w = mixed_priority(ls_fraction, CAPACITY_OVERDRIVE, preset, CAPACITY_RUN_S, CAPACITY_SEED, ls_input, ls_output,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from tiersched.core.dispatch import Decision, DispatchRequest, RankLoad
+from tiersched.core.engine import Decision, DispatchRequest, RankLoad
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiersched.core.expert_placement import ExpertStats, Placement
+from tiersched.core.expert.placement import ExpertStats, Placement
 
 
 class DeepSeekEPLB:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tiersched.core.request_order import RunningRequest, WaitingRequest
-from tiersched.core.request_preemption import UpstreamPriorityPreemption
+from tiersched.core.request.ordering import RunningRequest, WaitingRequest
+from tiersched.core.request.preemption import UpstreamPriorityPreemption
 
 # schedule_policy.WAITING_QUEUE_PREFIX_MATCH_MAX: lpm/hrrn fall back to FCFS above this queue length.
 WAITING_QUEUE_PREFIX_MATCH_MAX = 128
@@ -115,7 +115,7 @@ class HRRNOrdering:
 
 
 class PriorityPreemption(UpstreamPriorityPreemption):
-    """PrefillAdder.preempt_to_schedule as upstream calls it: tiersched.core.request_preemption.
+    """PrefillAdder.preempt_to_schedule as upstream calls it: tiersched.core.request.preemption.
     UpstreamPriorityPreemption (slot-full only; victims' reserved decode tokens count, not their held KV)."""
 
     name = "priority-preemption"

@@ -1,0 +1,183 @@
+"""`python -m tiersched.bench dispatch [--json]`: engine-tier decision latency and burst balance.
+
+Measured in one run, on one synthetic shared-prefix workload (no data files needed):
+- decision latency of ScoreDispatcher.pick at 8 and 32 ranks with a prefix index held at ~100k (rank, page)
+  entries (each rank's KV capacity set so the index stays there),
+- upstream's own TOTAL_TOKENS selection (`DPBudget.dispatch` from sglang.srt.managers.data_parallel_controller,
+  called in-process) on the same requests, or our faithful mirror when sglang cannot be imported,
+  (wall clock per decision; `decision_p99_cpu_us_*` is the same on the thread's CPU clock, which leaves out time
+  the OS gave to other processes),
+- burst balance: 1,000 requests arriving within 50 ms over 8 ranks while every snapshot read returns the
+  pre-burst one (the stale-snapshot case upstream's 20 ms refresh throttle describes); work per rank = prompt
+  tokens it must prefill after what its cache (ground truth: the prompts already sent there) holds.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+from tiersched.core.engine import EngineTierConfig, DispatchRequest, RankLoad
+from tiersched.core.engine.upstream import RoundRobinDispatcher, TotalTokensDispatcher
+from tiersched.core.engine.score import ScoreDispatcher
+from tiersched.core.engine.prefix_index import PrefixIndex, chained_block_hashes
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: list[DispatchRequest]
+    arrivals_s: list[float]
+
+
+def shared_prefix_workload(n: int, seed: int, block_tokens: int, groups: int = 40, window_s: float = 0.05,
+                           prefix_tokens: tuple[int, int] = (256, 2048),
+                           suffix_tokens: tuple[int, int] = (16, 512)) -> Workload:
+    """n prompts = one of `groups` shared prefixes (Zipf-like popularity) + a unique suffix; arrivals uniform
+    in [0, window_s)."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(1, 150_000) for _ in range(rng.randint(*prefix_tokens))] for _ in range(groups)]
+    popularity = [1.0 / (g + 1) for g in range(groups)]
+    requests = []
+    for i in range(n):
+        prefix = rng.choices(prefixes, popularity)[0]
+        tokens = prefix + [rng.randrange(1, 150_000) for _ in range(rng.randint(*suffix_tokens))]
+        requests.append(DispatchRequest(rid=str(i), input_tokens=len(tokens),
+                                        prefix_blocks=chained_block_hashes(tokens, block_tokens)))
+    arrivals = sorted(rng.uniform(0.0, window_s) for _ in range(n))
+    return Workload(requests, arrivals)
+
+
+def _upstream_budget(num_ranks: int):
+    """Upstream's real DPBudget and its TOTAL_TOKENS member, or None if sglang is not importable."""
+    try:
+        from sglang.srt.managers.data_parallel_controller import DPBudget, LoadBalanceMethod
+    except Exception:  # noqa: BLE001 - any import failure means: measure the mirror instead
+        return None
+    return DPBudget(num_ranks), LoadBalanceMethod.TOTAL_TOKENS
+
+
+def _percentiles(samples_ns: list[int]) -> tuple[float, float]:
+    s = sorted(samples_ns)
+    return s[len(s) // 2] / 1e3, s[min(len(s) - 1, int(len(s) * 0.99))] / 1e3
+
+
+def decision_latency(num_ranks: int, index_entries: int, decisions: int, seed: int) -> dict[str, float]:
+    cfg = EngineTierConfig()
+    rng = random.Random(seed)
+    pages_per_rank = index_entries // num_ranks
+    dispatcher = ScoreDispatcher(num_ranks, cfg)
+    capacity = pages_per_rank * cfg.block_tokens
+    dispatcher.update_loads([
+        RankLoad(rank=r, kv_capacity_tokens=capacity, kv_used_tokens=rng.randint(0, capacity // 2),
+                 remaining_prefill_tokens=rng.randint(0, 8000), queue_len=rng.randint(0, 8),
+                 running_reqs=rng.randint(0, 32), running_decode_tokens=rng.randint(0, 50_000),
+                 expert_pressure=rng.uniform(0.8, 1.2), timestamp_s=1.0)
+        for r in range(num_ranks)], 1.0)
+    work = shared_prefix_workload(max(decisions, 2000), seed, cfg.block_tokens, groups=400)
+    # Fill the index to its bound: every rank holds many (partial) prefixes.
+    i = 0
+    while len(dispatcher.index) < index_entries - num_ranks:
+        keys = work.requests[i % len(work.requests)].prefix_blocks
+        dispatcher.index.insert(rng.randrange(num_ranks), keys[: rng.randint(1, len(keys))])
+        i += 1
+        if i > 50 * index_entries:
+            break
+    entries = len(dispatcher.index)
+    upstream = _upstream_budget(num_ranks)
+    mirror = TotalTokensDispatcher(num_ranks)
+    ours_ns, theirs_ns, ours_cpu_ns = [], [], []
+    gc.collect()
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
+    for k in range(decisions):
+        req = work.requests[k % len(work.requests)]
+        c0 = cpu_clock()
+        t0 = clock()
+        dispatcher.pick(req, 1.0)
+        t1 = clock()
+        ours_cpu_ns.append(cpu_clock() - c0)
+        if upstream is not None:
+            budget, method = upstream
+            t2 = clock()
+            budget.dispatch(method, estimated_tokens=req.input_tokens)
+            t3 = clock()
+        else:
+            t2 = clock()
+            mirror.pick(req, 1.0)
+            t3 = clock()
+        ours_ns.append(t1 - t0)
+        theirs_ns.append(t3 - t2)
+    p50, p99 = _percentiles(ours_ns)
+    t50, t99 = _percentiles(theirs_ns)
+    _, cpu99 = _percentiles(ours_cpu_ns)
+    return {"p50": p50, "p99": p99, "cpu_p99": cpu99, "tt_p50": t50, "tt_p99": t99, "entries": entries,
+            "upstream_real": upstream is not None}
+
+
+def _burst(dispatcher, work: Workload, num_ranks: int, block_tokens: int, refresh_s: float) -> float:
+    truth = PrefixIndex(num_ranks, max_blocks_per_rank=1 << 30)
+    stale = [RankLoad(rank=r, kv_capacity_tokens=1_000_000, timestamp_s=0.0) for r in range(num_ranks)]
+    dispatcher.update_loads(stale, 0.0)
+    work_done = [0] * num_ranks
+    next_refresh = refresh_s
+    for req, t in zip(work.requests, work.arrivals_s):
+        if t >= next_refresh:  # upstream re-reads the snapshot every 20 ms; mid-burst it is still the old one
+            dispatcher.update_loads(stale, t)
+            next_refresh += refresh_s
+        rank = dispatcher.pick(req, t).rank
+        hit = min(truth.match(req.prefix_blocks)[rank] * block_tokens, req.input_tokens)
+        work_done[rank] += req.input_tokens - hit
+        truth.insert(rank, req.prefix_blocks)
+    return max(work_done) / max(1, min(work_done))
+
+
+def burst_ratio(seed: int = 0, num_ranks: int = 8, n: int = 1000, window_s: float = 0.05) -> tuple[float, float]:
+    """(max/min dispatched work for ScoreDispatcher, the same for upstream total_tokens) on one burst."""
+    cfg = EngineTierConfig()
+    work = shared_prefix_workload(n, seed, cfg.block_tokens, window_s=window_s)
+    ours = _burst(ScoreDispatcher(num_ranks, cfg), work, num_ranks, cfg.block_tokens, cfg.snapshot_refresh_s)
+    theirs = _burst(TotalTokensDispatcher(num_ranks), work, num_ranks, cfg.block_tokens, cfg.snapshot_refresh_s)
+    return ours, theirs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--decisions", type=int, default=20_000, help="timed decisions per rank count")
+    parser.add_argument("--index-entries", type=int, default=100_000, help="prefix-index (rank, page) entries")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    out: dict[str, object] = {}
+    for ranks in (32, 8):
+        lat = decision_latency(ranks, args.index_entries, args.decisions, args.seed)
+        out[f"decision_p50_us_{ranks}"] = round(lat["p50"], 2)
+        out[f"decision_p99_us_{ranks}"] = round(lat["p99"], 2)
+        out[f"decision_p99_cpu_us_{ranks}"] = round(lat["cpu_p99"], 2)  # thread CPU time: excludes preemption
+        out[f"total_tokens_p50_us_{ranks}"] = round(lat["tt_p50"], 2)
+        out[f"total_tokens_p99_us_{ranks}"] = round(lat["tt_p99"], 2)
+        out[f"prefix_index_entries_{ranks}"] = lat["entries"]
+        out["total_tokens_source"] = (
+            "sglang DPBudget.dispatch(TOTAL_TOKENS), called in-process" if lat["upstream_real"]
+            else "tiersched.core.engine.upstream.TotalTokensDispatcher (mirror; sglang not importable)")
+    ours, theirs = burst_ratio(args.seed)
+    cfg = EngineTierConfig()
+    rr = _burst(RoundRobinDispatcher(8), shared_prefix_workload(1000, args.seed, cfg.block_tokens), 8,
+                cfg.block_tokens, cfg.snapshot_refresh_s)
+    out["burst_max_min_ratio"] = round(ours, 4)
+    out["burst_max_min_ratio_total_tokens"] = round(theirs, 4)
+    out["burst_max_min_ratio_round_robin"] = round(rr, 4)
+    out["decision_p99_goal_us"] = 100
+    out["load_average_1m"] = round(os.getloadavg()[0], 2)  # other processes on the box inflate wall-clock tails
+    out["cpu_count"] = os.cpu_count()
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for key, value in out.items():
+            print(f"{key:36s} {value}")
+    return 0

@@ -1,0 +1,1 @@
+"""Request tier (each SGLang scheduler): how one rank orders, admits and preempts its waiting requests."""

@@ -1,0 +1,139 @@
+"""A/B runs on real upstream servers: every arm's server stays up for the whole deployment, runs alternate.
+
+Order per repeat is counterbalanced (A B C, then C B A, ...), each run starts from a flushed cache, and all arms
+get the identical request set (same prompts, same arrival times), so machine drift and cache history cancel.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+from tiersched.live import arms as live_arms
+from tiersched.live.driver import RequestResult, drive, flush_cache
+from tiersched.live.report import summarize
+from tiersched.live.requests import RequestSet
+from tiersched.rig.server import Server, launch_server
+
+MAX_TOTAL_TOKENS = 16384  # per rank: the prefix cache must hold a few conversations' shared blocks
+
+
+class TierNotActive(RuntimeError):
+    pass
+
+
+@dataclass
+class ArmRuns:
+    arm: live_arms.Arm
+    summaries: list[dict] = field(default_factory=list)
+    results: list[list[RequestResult]] = field(default_factory=list)
+    log_tail: str = ""
+
+
+def check_tiers(server: Server, arm: live_arms.Arm) -> None:
+    """The plugin prints its active tiers in every process; a tier the arm needs but the log lacks is an error."""
+    active = live_arms.active_tiers_in_log(server.log_tail(5000))
+    missing = [t for t in arm.tiers if t not in active]
+    if missing:
+        raise TierNotActive(f"arm {arm.name}: tier(s) {', '.join(missing)} not active in the server (log says "
+                            f"{sorted(active) or 'nothing'}); refusing to report upstream as tiersched")
+
+
+@contextlib.contextmanager
+def servers_for(model_dir: str, deployment: str, arms: Sequence[live_arms.Arm], log_dir: str | None = None,
+                env: dict | None = None, timeout_s: float = 300.0):
+    """Start one server per arm (concurrently: start-up is mostly imports and waits), yield {arm: Server}, stop all."""
+    managers = {arm.name: launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm), env=env,
+                                        timeout_s=timeout_s, max_total_tokens=MAX_TOTAL_TOKENS, log_dir=log_dir)
+                for arm in arms}
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(arms)) as pool:
+        futures = {name: pool.submit(cm.__enter__) for name, cm in managers.items()}
+        servers, failure = {}, None
+        for name, future in futures.items():
+            try:
+                servers[name] = future.result()
+                stack.push(managers[name].__exit__)  # stopped however this block ends
+            except Exception as exc:  # the rig already stopped this one; keep collecting the others to stop them
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        for arm in arms:
+            check_tiers(servers[arm.name], arm)
+        print(f"[live] {deployment}: {len(arms)} servers up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        yield servers
+
+
+def measure_capacity(url: str, request_set: RequestSet, n: int = 40) -> float:
+    """Sustainable request rate of this server on this set: `n` requests sent at once, completions per second."""
+    burst = [replace(r, arrival_s=0.0) for r in request_set.requests[:n]]
+    start = time.perf_counter()
+    results = drive(url, burst, timeout_s=300.0)
+    elapsed = time.perf_counter() - start
+    flush_cache(url)
+    done = sum(r.success for r in results)
+    return done / elapsed if elapsed > 0 else 0.0
+
+
+@contextlib.contextmanager
+def only_running(servers: dict[str, Server], name: str):
+    """SIGSTOP every other arm's process group while `name` is driven, SIGCONT them after.
+
+    Upstream's DataParallelController polls its socket in a busy loop (event_loop with zmq.NOBLOCK) even when
+    idle, about a third of a core each here; paused servers cannot steal the measured server's CPU.
+    """
+    paused = [srv for other, srv in servers.items() if other != name and srv.alive()]
+    for srv in paused:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(srv.process.pid, signal.SIGSTOP)
+    try:
+        yield servers[name]
+    finally:
+        for srv in paused:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(srv.process.pid, signal.SIGCONT)
+
+
+def alternate(arms: Sequence[str], repeat: int) -> list[str]:
+    return list(arms) if repeat % 2 == 0 else list(reversed(arms))
+
+
+def run_ab(servers: dict[str, Server], arms: Sequence[live_arms.Arm], request_set: RequestSet, repeats: int,
+           timeout_s: float = 600.0, record=None) -> dict[str, ArmRuns]:
+    """Run the set `repeats` times on every arm, alternating; `record(arm, repeat, results)` is called per run."""
+    runs = {arm.name: ArmRuns(arm) for arm in arms}
+    for repeat in range(repeats):
+        for name in alternate([a.name for a in arms], repeat):
+            with only_running(servers, name) as srv:
+                flush_cache(srv.url)
+                t0 = time.perf_counter()
+                results = drive(srv.url, request_set.requests, send_priority=runs[name].arm.send_priority,
+                                timeout_s=timeout_s)
+            summary = summarize(results)
+            summary["wall_s"] = round(time.perf_counter() - t0, 2)
+            runs[name].summaries.append(summary)
+            runs[name].results.append(results)
+            if record is not None:
+                record(name, repeat, results)
+            print(f"[live] repeat {repeat} {name}: ttft {summary['ttft_mean_s']} ls_ttft {summary['ls_ttft_mean_s']} "
+                  f"cached {summary['cached_tokens']} errors {summary['errors']} lost {summary['lost']} "
+                  f"({summary['wall_s']} s)", file=sys.stderr)
+    for name, srv in servers.items():
+        runs[name].log_tail = srv.log_tail(40)
+        if not srv.alive():
+            raise RuntimeError(f"server of arm {name} died during the runs; log tail:\n{runs[name].log_tail}")
+    return runs
+
+
+def record_path(out_dir: str | Path | None, deployment: str, set_name: str, arm: str, repeat: int) -> Path | None:
+    if out_dir is None:
+        return None
+    path = Path(out_dir) / f"{deployment}-{set_name}-{arm}-r{repeat}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""Engine-tier adapter: `--load-balance-method score` in upstream's DP controller."""

@@ -1,0 +1,227 @@
+"""Engine-tier adapter: `--load-balance-method score` in upstream SGLang's DP controller.
+
+Thin shell over tiersched.core.engine.score.ScoreDispatcher. Upstream seams (rows in patches/engine-tier.toml):
+- argument parsing: `--load-balance-method` has fixed argparse choices (arg_groups/fields/parallel.py); the
+  plugin loads before `prepare_server_args` parses argv (sglang/launch_server.py), so extending the built
+  action after `ServerArgs.add_cli_args` is enough. Nothing else validates the value.
+- `LoadBalanceMethod.from_str("score")` answers TOTAL_TOKENS, so DataParallelController.__init__ builds its
+  load-snapshot reader and DPBudget as for a load-aware method; after __init__ we replace `self.dispatching`
+  (looked up per request by `dispatching_with_trace`) with the score dispatch, and read snapshots ourselves.
+- each scheduler's `publish_load_snapshot` also writes running decode tokens and expert pressure to a side file
+  (engine_tier_loads.py); the controller translates both into RankLoad.
+- `send_control_message(FlushCacheReqInput)` also clears the controller's prefix index (caches were flushed);
+  `send_control_message(SetInternalStateReq)` carrying `tiersched_drain_dp_rank_<r>` keys drains/undrains DP
+  ranks at runtime (upstream's `/set_internal_state` endpoint; engine_tier_drain.py).
+Every hook passes straight through unless the server was started with `--load-balance-method score`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from tiersched.core.engine import EngineTierConfig, DispatchRequest
+from tiersched.core.engine.score import SCORER_NAMES, ScoreDispatcher
+from tiersched.core.engine.prefix_index import chained_block_hashes
+from tiersched.sglang.engine import loads as loads_io
+from tiersched.sglang.engine.drain import apply_drain_request
+
+logger = logging.getLogger("tiersched.engine_tier")
+
+METHOD = "score"
+DPC = "sglang.srt.managers.data_parallel_controller"
+HOOKS = (
+    ("sglang.srt.server_args.ServerArgs.add_cli_args", "AFTER", "accept_method_choice"),
+    (f"{DPC}.LoadBalanceMethod.from_str", "AROUND", "method_from_str"),
+    (f"{DPC}.DataParallelController.__init__", "AFTER", "install_on_controller"),
+    (f"{DPC}.DataParallelController.send_control_message", "BEFORE", "on_control_message"),
+    ("sglang.srt.managers.scheduler.Scheduler.publish_load_snapshot", "AFTER", "publish_extras"),
+)
+
+_state: dict = {"config": EngineTierConfig(), "method": None, "side": None, "side_failed": False}
+
+
+def register_hooks(config) -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    _state["config"] = config.tier("engine")
+    for target, type_name, fn_name in HOOKS:
+        HookRegistry.register(target, globals()[fn_name], getattr(HookType, type_name))
+
+
+def _method() -> str | None:
+    if _state["method"] is None:
+        from sglang.srt.runtime_context import get_parallel
+
+        _state["method"] = str(get_parallel().load_balance_method).lower()
+    return _state["method"]
+
+
+# ---- argument parsing -----------------------------------------------------------------------------------------
+
+
+def accept_method_choice(result, parser, *args, **kwargs):
+    from tiersched.sglang.cli_choices import add_choice
+
+    add_choice(parser, "load_balance_method", METHOD)
+    return result
+
+
+def method_from_str(original_fn, cls, method, *args, **kwargs):
+    if str(method).lower() == METHOD:
+        return cls.TOTAL_TOKENS  # builds the snapshot reader; the dispatch itself is replaced after __init__
+    return original_fn(cls, method, *args, **kwargs)
+
+
+# ---- controller side ------------------------------------------------------------------------------------------
+
+
+def install_on_controller(result, controller, *args, **kwargs):
+    if _method() != METHOD:
+        return result
+    routing = ScoreRouting(controller, _state["config"])
+    controller.tiersched_routing = routing
+    controller.dispatching = routing.dispatch
+    controller.refresh_load_budget_on_dispatch = False  # we read the snapshot ourselves, same 20 ms throttle
+    logger.info("tiersched: DP dispatch by score over %d ranks (weights %s)", routing.num_ranks,
+                routing.dispatcher.config.weights())
+    return result
+
+
+def on_control_message(controller, obj, *args, **kwargs):
+    """BEFORE send_control_message: a cache flush clears our prefix index; a drain request changes the status."""
+    from sglang.srt.managers.io_struct import SetInternalStateReq
+
+    forget_flushed_cache(controller, obj)
+    routing = getattr(controller, "tiersched_routing", None)
+    if routing is not None and isinstance(obj, SetInternalStateReq):
+        apply_drain_request(controller, obj, routing.num_ranks)  # removes the keys it applied
+    return None
+
+
+def forget_flushed_cache(controller, obj, *args, **kwargs):
+    from sglang.srt.managers.io_struct import FlushCacheReqInput
+
+    routing = getattr(controller, "tiersched_routing", None)
+    if routing is not None and isinstance(obj, FlushCacheReqInput):
+        routing.dispatcher.forget_cache()
+    return None
+
+
+def session_key(req) -> str | None:
+    key = getattr(req, "routing_key", None)
+    if key:
+        return str(key)
+    params = getattr(req, "session_params", None)
+    sid = getattr(params, "id", None) if params is not None else None
+    return str(sid) if sid else None
+
+
+def to_dispatch_request(req, block_tokens: int) -> DispatchRequest:
+    ids = req.input_ids if req.input_ids is not None else ()
+    return DispatchRequest(rid=str(req.rid), input_tokens=len(ids), prefix_blocks=chained_block_hashes(ids, block_tokens),
+                           session_key=session_key(req), priority=int(getattr(req, "priority", None) or 0))
+
+
+def format_scores(decision) -> str:
+    parts = []
+    for rank, terms in sorted(decision.scores.items()):
+        body = " ".join(f"{n}={terms[n]:.0f}" for n in SCORER_NAMES if terms[n])
+        parts.append(f"r{rank}: total={terms['total']:.0f} {body}".rstrip())
+    parts += [f"r{rank}: {why}" for rank, why in sorted(decision.filtered.items())]
+    return " | ".join(parts)
+
+
+class ScoreRouting:
+    """The score dispatch state living in one DataParallelController."""
+
+    def __init__(self, controller, config: EngineTierConfig) -> None:
+        self.controller = controller
+        self.config = config
+        self.num_ranks = len(controller.workers)
+        self.dispatcher = ScoreDispatcher(self.num_ranks, config)
+        reader = controller.load_snapshot_reader
+        shm_path = getattr(reader, "path", None) or getattr(reader, "_shm_path", None)
+        dp_size = getattr(reader, "dp_size", self.num_ranks)
+        self.side = loads_io.SideChannel(loads_io.side_path(shm_path), dp_size, writable=False) if shm_path else None
+        self.share = loads_io.RoutedTokenShare(self.num_ranks)
+        self._last_refresh = float("-inf")
+        self._status: list[bool] = []
+        try:
+            from tiersched.sglang.engine.metrics import DispatchMetrics
+
+            self.metrics = DispatchMetrics()
+        except Exception as exc:  # noqa: BLE001 - metrics are optional; dispatch must still work
+            logger.warning("tiersched: dispatch metrics disabled (%s)", exc)
+            self.metrics = None
+        drained = [r for r in config.drained() if r < self.num_ranks]
+        if drained:
+            from sglang.srt.managers.io_struct import ActiveRanksOutput
+
+            # upstream's own status path (what elastic EP uses to take ranks out)
+            controller.update_active_ranks(
+                ActiveRanksOutput(status=[r not in drained for r in range(len(controller.status))]))
+            logger.info("tiersched: DP ranks %s drained (marked inactive)", drained)
+
+    def status(self) -> list[bool]:
+        c = self.controller
+        return [bool(c.status[i] and c.dp_active[i] and c.workers[i] is not None) for i in range(self.num_ranks)]
+
+    def refresh(self, now: float) -> None:
+        status = self.status()
+        fresh = time.perf_counter()
+        if fresh - self._last_refresh >= self.config.snapshot_refresh_s:
+            self._last_refresh = fresh
+            snapshots = self.controller.load_snapshot_reader.read_all()
+            self.dispatcher.update_loads(loads_io.to_rank_loads(snapshots, status, self.side, self.share), now)
+            self._status = status
+        elif status != self._status:  # a status change applies at once, not at the next snapshot read
+            self.dispatcher.update_loads(
+                [dataclasses.replace(self.dispatcher.loads[r], active=status[r]) for r in range(self.num_ranks)], now)
+            self._status = status
+
+    def dispatch(self, req) -> None:
+        from sglang.srt.managers.io_struct import sock_send
+
+        controller = self.controller
+        now = time.time()  # same clock as the schedulers' snapshot timestamps
+        dreq = to_dispatch_request(req, self.config.block_tokens)
+        if controller.maybe_external_dp_rank_routing(req):  # explicit routed_dp_rank: upstream sent it
+            if 0 <= req.routed_dp_rank < self.num_ranks:
+                self.dispatcher.record(req.routed_dp_rank, dreq, now)
+            return
+        self.refresh(now)
+        decision = self.dispatcher.pick(dreq, now)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("tiersched dispatch rid=%s tokens=%d -> dp_rank=%d expected_cached=%d | %s", dreq.rid,
+                         dreq.input_tokens, decision.rank, decision.expected_cached_tokens, format_scores(decision))
+        if self.metrics is not None:
+            self.metrics.observe(decision.rank, dreq.input_tokens, decision.expected_cached_tokens,
+                                 self.dispatcher.pending_work(), self._status or self.status())
+        sock_send(controller.workers[decision.rank], req)
+
+
+# ---- scheduler side -------------------------------------------------------------------------------------------
+
+
+def publish_extras(result, scheduler, *args, **kwargs):
+    """After upstream published this rank's LoadSnapshot, write what the score adds (side channel)."""
+    if result is None or _state["side_failed"] or _method() != METHOD:
+        return None
+    try:
+        side = _state["side"]
+        if side is None:
+            from sglang.srt.runtime_context import get_parallel
+
+            path = getattr(scheduler.load_snapshot_writer, "path", None)
+            if path is None:  # zmq transport (multi-node): no shared file to sit next to
+                _state["side_failed"] = True
+                logger.warning("tiersched: load snapshots go over zmq; score dispatch runs on upstream fields only")
+                return None
+            side = _state["side"] = loads_io.SideChannel(loads_io.side_path(path), get_parallel().num_dp_ranks, True)
+        side.write(result.dp_rank, result.timestamp, loads_io.running_decode_tokens(scheduler),
+                   loads_io.expert_pressure_of(scheduler))
+    except Exception:  # noqa: BLE001 - never take a scheduler down for a load estimate
+        _state["side_failed"] = True
+        logger.exception("tiersched: engine-tier load publishing disabled")
+    return None

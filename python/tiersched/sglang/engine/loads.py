@@ -1,0 +1,171 @@
+"""Engine tier, load plumbing: what each DP rank publishes beyond upstream's load snapshot, and the translation
+of both into tiersched.core.engine.RankLoad.
+
+Upstream (sglang/srt/managers/load_snapshot.py) already publishes per rank, through a /dev/shm file, most of
+what the score needs: `num_waiting_uncached_tokens` (LoadInquirer.get_num_waiting_uncached_tokens: uncached
+waiting work plus the rest of a chunked prefill, i.e. our remaining prefill), `num_used_tokens`,
+`max_total_num_tokens`, `num_waiting_reqs`, `num_running_reqs`, and cumulative/rate counters. It lacks the
+context tokens of running decodes and any expert pressure, so each rank's scheduler also writes a small
+side file next to upstream's (same name with `tiersched_engine_` instead of `sglang_loads_`), one fixed
+slot per DP rank, guarded by a sequence number so a reader never takes a torn slot.
+
+Expert pressure interface (explicit, for the expert tier): `set_expert_pressure_provider(fn)` in the
+scheduler process, `fn(scheduler) -> float | None` = the MoE load this rank's tokens put on experts relative
+to the mean (1.0 neutral). Until a provider is set (or when it returns None) the controller falls back to
+the rank's recent routed-token share (`RoutedTokenShare`): its tokens per second through the MoE layers
+(prefilled uncached tokens + generated tokens) over the ranks' mean.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from typing import Any, Callable, Sequence
+
+from tiersched.core.engine import RankLoad
+
+SLOT = struct.Struct("<Qddd")  # sequence, snapshot timestamp, running decode context tokens, expert pressure (NaN: none)
+
+ExpertPressureProvider = Callable[[Any], "float | None"]
+_provider: list[ExpertPressureProvider | None] = [None]
+
+
+def set_expert_pressure_provider(fn: ExpertPressureProvider | None) -> None:
+    """Expert tier: supply this rank's expert pressure (called in the scheduler at each load publish)."""
+    _provider[0] = fn
+
+
+def expert_pressure_of(scheduler) -> float:
+    fn = _provider[0]
+    if fn is None:
+        return math.nan
+    value = fn(scheduler)
+    return math.nan if value is None else float(value)
+
+
+def side_path(upstream_shm_path: str) -> str:
+    head, name = os.path.split(upstream_shm_path)
+    return os.path.join(head, name.replace("sglang_loads_", "tiersched_engine_", 1))
+
+
+class SideChannel:
+    """One mmap'd file of `dp_size` fixed slots; each scheduler writes its own, the controller reads all."""
+
+    def __init__(self, path: str, dp_size: int, writable: bool) -> None:
+        self.path, self.dp_size, self.writable = path, dp_size, writable
+        self._map: mmap.mmap | None = None
+        self._seq = 0
+        size = SLOT.size * dp_size
+        if writable:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                self._map = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+            finally:
+                os.close(fd)
+
+    def _attach(self) -> bool:
+        if self._map is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.fstat(fd).st_size < SLOT.size * self.dp_size:
+                return False
+            self._map = mmap.mmap(fd, SLOT.size * self.dp_size, access=mmap.ACCESS_READ)
+            return True
+        finally:
+            os.close(fd)
+
+    def write(self, dp_rank: int, timestamp: float, running_decode_tokens: int, expert_pressure: float) -> None:
+        offset = dp_rank * SLOT.size
+        self._seq += 2
+        SLOT.pack_into(self._map, offset, self._seq - 1, timestamp, running_decode_tokens, expert_pressure)
+        SLOT.pack_into(self._map, offset, self._seq, timestamp, running_decode_tokens, expert_pressure)
+
+    def read(self, dp_rank: int) -> tuple[float, int, float] | None:
+        """(timestamp, running decode tokens, expert pressure or NaN), or None if absent/being written."""
+        if not self._attach() or not 0 <= dp_rank < self.dp_size:
+            return None
+        offset = dp_rank * SLOT.size
+        for _ in range(3):
+            seq, ts, decode, pressure = SLOT.unpack_from(self._map, offset)
+            if seq == 0:
+                return None
+            if seq % 2 == 0 and SLOT.unpack_from(self._map, offset)[0] == seq:
+                return ts, int(decode), pressure
+        return None
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def running_decode_tokens(scheduler) -> int:
+    """Context tokens of the rank's running batch (the KV every decode step reads)."""
+    batch = getattr(scheduler, "running_batch", None)
+    reqs = getattr(batch, "reqs", None) or []
+    return int(sum(req.seqlen for req in reqs))
+
+
+class RoutedTokenShare:
+    """Default expert pressure: each rank's recent tokens/s through the MoE layers over the ranks' mean.
+
+    rate = d(total_prefill_uncached_tokens)/dt + gen_throughput, from upstream's snapshot fields, smoothed."""
+
+    def __init__(self, dp_size: int, smoothing: float = 0.5) -> None:
+        self.rates = [0.0] * dp_size
+        self._last: list[tuple[float, int] | None] = [None] * dp_size
+        self.smoothing = smoothing
+
+    def observe(self, dp_rank: int, timestamp: float, prefill_tokens_total: int, gen_throughput: float) -> None:
+        last = self._last[dp_rank]
+        self._last[dp_rank] = (timestamp, prefill_tokens_total)
+        if last is None or timestamp <= last[0]:
+            return
+        rate = max(0, prefill_tokens_total - last[1]) / (timestamp - last[0]) + max(0.0, gen_throughput)
+        a = self.smoothing
+        self.rates[dp_rank] = a * rate + (1 - a) * self.rates[dp_rank]
+
+    def pressure(self, dp_rank: int) -> float:
+        mean = sum(self.rates) / len(self.rates)
+        return self.rates[dp_rank] / mean if mean > 0 else 1.0
+
+
+def to_rank_loads(snapshots: Sequence[Any], status: Sequence[bool], side: SideChannel | None,
+                  share: RoutedTokenShare) -> list[RankLoad]:
+    """Upstream LoadSnapshot structs (+ side-channel extras, + controller status) -> RankLoad per rank.
+
+    A rank without a snapshot yet still gets a RankLoad carrying its status (an empty rank is a fine target)."""
+    by_rank = {snap.dp_rank: snap for snap in snapshots}
+    for snap in by_rank.values():
+        if 0 <= snap.dp_rank < len(share.rates):
+            share.observe(snap.dp_rank, snap.timestamp, snap.total_prefill_uncached_tokens, snap.gen_throughput)
+    loads = []
+    for rank, up in enumerate(status):
+        snap = by_rank.get(rank)
+        if snap is None:
+            loads.append(RankLoad(rank=rank, active=bool(up)))
+            continue
+        extra = side.read(rank) if side is not None else None
+        decode = extra[1] if extra is not None else 0
+        pressure = extra[2] if extra is not None and not math.isnan(extra[2]) else share.pressure(rank)
+        loads.append(RankLoad(
+            rank=rank,
+            active=bool(up),
+            kv_capacity_tokens=int(snap.max_total_num_tokens),
+            kv_used_tokens=int(snap.num_used_tokens),
+            remaining_prefill_tokens=int(snap.num_waiting_uncached_tokens),
+            queue_len=int(snap.num_waiting_reqs),
+            running_reqs=int(snap.num_running_reqs),
+            running_decode_tokens=int(decode),
+            expert_pressure=float(pressure),
+            timestamp_s=float(snap.timestamp),
+            waiting_tokens=max(0, int(snap.num_total_tokens) - int(snap.num_used_tokens)),
+        ))
+    return loads

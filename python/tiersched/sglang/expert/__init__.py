@@ -1,0 +1,1 @@
+"""Expert-tier adapter: `--eplb-algorithm source_aware` in upstream's EPLB manager."""

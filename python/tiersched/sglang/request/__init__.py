@@ -1,0 +1,1 @@
+"""Request-tier adapter: `--schedule-policy prefix-aging` in each upstream scheduler."""

@@ -1,0 +1,96 @@
+"""prefix-aging preemption inside upstream's PrefillAdder, with the victim's computed prefix kept in the tree.
+
+Mirrors upstream PrefillAdder.preempt_to_schedule (sglang/srt/managers/schedule_policy.py) for the bookkeeping
+(memory_budget.total_offset, running_batch.filter_batch, preempt_list, which the scheduler re-queues), but:
+  * victims come from tiersched.core.request.preemption.LatencySensitivePreemption (slots OR KV shortfall);
+  * each victim is released with `release_kv_cache(checkpoint=True)` instead of upstream's
+    ScheduleBatch.release_req -> release_req, which passes checkpoint=False ("TODO: for preempted requests, we
+    may want to insert into the tree"); so the victim's computed tokens stay in the radix cache (unlocked,
+    evictable) and it resumes from them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from tiersched.core.request.ordering import RequestTierConfig, RunningRequest, WaitingRequest
+from tiersched.core.request.preemption import LatencySensitivePreemption
+
+logger = logging.getLogger("tiersched.request_tier")
+# Process-wide counters (one scheduler per process): read by tests and by the log line below.
+preemption_counts = {"slots": 0, "kv": 0, "victims": 0}
+
+
+def _kv_shortfall(adder, req) -> int:
+    """Upstream's own estimate in preempt_to_schedule: what the candidate needs minus rem_total_tokens."""
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+    need = (
+        len(req.full_untruncated_fill_ids)
+        - req.prefix_len
+        + min(req.sampling_params.max_new_tokens, CLIP_MAX_NEW_TOKENS)
+        + adder._request_slot_reserve_for_req(req)
+        + adder.page_size
+    )
+    return int(max(0, need - adder.rem_total_tokens))
+
+
+def snapshot_running(adder) -> list:
+    """(RunningRequest, Req) for running requests that may be preempted now (upstream skips finished and
+    already-preempted ones: their KV may already be freed)."""
+    from tiersched.sglang.request.hooks import normalised_priority
+
+    out = []
+    for r in adder.running_batch.reqs:
+        if r in adder.preempt_list or r.finished():
+            continue
+        held = len(r.origin_input_ids) + len(r.output_ids)
+        freed = int(held + adder._get_running_request_total_token_offset(r))
+        out.append((RunningRequest(r.rid, normalised_priority(r), r.time_stats.wait_queue_entry_time, freed, held), r))
+    return out
+
+
+def release_with_prefix_cached(req, tree_cache) -> None:
+    """Upstream release_req with checkpoint=True: insert the computed prefix into the tree, then free."""
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    release_kv_cache(req, tree_cache, checkpoint=True)
+    req.reset_for_retract()
+
+
+def preempt(adder, req, config: RequestTierConfig, slots_short: int) -> bool:
+    """Preempt for `req` if the core policy allows; True when room was made (the caller then admits it)."""
+    from tiersched.sglang.request.hooks import normalised_priority
+
+    kv_short = _kv_shortfall(adder, req)
+    candidate = WaitingRequest(
+        req.rid, normalised_priority(req), req.time_stats.wait_queue_entry_time, len(req.full_untruncated_fill_ids)
+    )
+    running = snapshot_running(adder)
+    victims = LatencySensitivePreemption(config).choose_victims(
+        candidate, [s for s, _ in running], slots_short, kv_short, time.perf_counter()
+    )
+    if not victims:
+        return False
+    chosen = {rid for rid in victims}
+    batch = adder.running_batch
+    keep, released = [], []
+    for i, r in enumerate(batch.reqs):
+        if r.rid in chosen and r not in adder.preempt_list and not r.finished():
+            adder.memory_budget.total_offset -= adder._get_running_request_total_token_offset(r)
+            release_with_prefix_cached(r, batch.tree_cache)
+            released.append(r)
+        else:
+            keep.append(i)
+    batch.filter_batch(keep_indices=keep)
+    adder.preempt_list.extend(released)
+    if released:
+        reason = "slots" if slots_short > 0 else "kv"
+        preemption_counts[reason] += 1
+        preemption_counts["victims"] += len(released)
+        logger.info(
+            "tiersched preempted %d request(s) [%s] for %s (reason=%s, kv_short=%d, victim computed tokens=%s)",
+            len(released), ",".join(str(r.rid) for r in released), req.rid, reason, kv_short,
+            ",".join(str(len(r.origin_input_ids) + len(r.output_ids)) for r in released),
+        )
+    return bool(released)

@@ -1,0 +1,257 @@
+"""Engine tier, pure core: filters -> scorers -> picker, prefix index, stickiness, optimistic accounting."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiersched.core.engine import EngineTierConfig, DispatchRequest, RankLoad
+from tiersched.core.engine.upstream import TotalRequestsDispatcher
+from tiersched.core.engine.score import SCORER_NAMES, ScoreDispatcher
+from tiersched.core.engine.prefix_index import PrefixIndex, chained_block_hashes
+
+ONLY = {f"weight_{n}": 0.0 for n in SCORER_NAMES}
+
+
+def only(**weights) -> EngineTierConfig:
+    return EngineTierConfig(**{**ONLY, **weights})
+
+
+def loads(n, **kw):
+    return [RankLoad(rank=r, **kw) for r in range(n)]
+
+
+def test_ties_go_to_lowest_rank_and_are_deterministic():
+    picks = []
+    for _ in range(2):
+        d = ScoreDispatcher(4)
+        d.update_loads(loads(4, kv_capacity_tokens=10_000, timestamp_s=1.0), 1.0)
+        picks.append(d.pick(DispatchRequest("a", 100), 1.0).rank)
+    assert picks == [0, 0]
+
+
+def test_tie_between_middle_ranks_prefers_lower_index():
+    d = ScoreDispatcher(4, only(weight_prefill=1.0))
+    d.update_loads([RankLoad(rank=r, remaining_prefill_tokens=p, timestamp_s=1.0)
+                    for r, p in enumerate([50, 10, 10, 30])], 1.0)
+    dec = d.pick(DispatchRequest("a", 5), 1.0)
+    assert dec.rank == 1
+    assert set(dec.scores) == {0, 1, 2, 3}
+    assert dec.scores[1]["prefill"] == 10 and dec.scores[2]["total"] == dec.scores[1]["total"]
+
+
+def test_scores_hold_every_scorer_and_total_is_their_sum():
+    d = ScoreDispatcher(3)
+    d.update_loads([RankLoad(rank=r, kv_capacity_tokens=1000, kv_used_tokens=100 * r, remaining_prefill_tokens=7 * r,
+                             queue_len=r, running_reqs=1, running_decode_tokens=20 * r, expert_pressure=1.0 + r / 4,
+                             timestamp_s=1.0) for r in range(3)], 1.0)
+    dec = d.pick(DispatchRequest("a", 64, session_key="s"), 1.0)
+    for r, terms in dec.scores.items():
+        assert set(terms) == set(SCORER_NAMES) | {"total"}
+        assert terms["total"] == pytest.approx(sum(terms[n] for n in SCORER_NAMES))
+    assert dec.rank == min(dec.scores, key=lambda r: (dec.scores[r]["total"], r))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    active=st.lists(st.booleans(), min_size=2, max_size=12).filter(any),
+    seed=st.integers(0, 10_000),
+)
+def test_inactive_rank_never_chosen(active, seed):
+    rng = random.Random(seed)
+    n = len(active)
+    d = ScoreDispatcher(n)
+    d.update_loads([RankLoad(rank=r, active=a, kv_capacity_tokens=1000, kv_used_tokens=rng.randint(0, 1000),
+                             remaining_prefill_tokens=rng.randint(0, 500), timestamp_s=1.0)
+                    for r, a in enumerate(active)], 1.0)
+    for i in range(30):
+        keys = tuple(rng.randrange(5) for _ in range(rng.randint(0, 4)))
+        dec = d.pick(DispatchRequest(str(i), rng.randint(1, 300), prefix_blocks=keys,
+                                     session_key=str(rng.randrange(3))), 1.0)
+        assert active[dec.rank]
+        assert all(active[r] for r in dec.scores)
+        assert all(dec.filtered[r] == "inactive" for r in range(n) if not active[r])
+
+
+def test_no_active_rank_raises():
+    d = ScoreDispatcher(2)
+    d.update_loads(loads(2, active=False), 1.0)
+    with pytest.raises(RuntimeError):
+        d.pick(DispatchRequest("a", 1), 1.0)
+
+
+def test_kv_overloaded_rank_filtered_unless_all_are():
+    d = ScoreDispatcher(2, only(weight_prefill=1.0))
+    d.update_loads([RankLoad(rank=0, kv_capacity_tokens=100, kv_used_tokens=99, timestamp_s=1.0),
+                    RankLoad(rank=1, kv_capacity_tokens=100, kv_used_tokens=10, remaining_prefill_tokens=500,
+                             timestamp_s=1.0)], 1.0)
+    dec = d.pick(DispatchRequest("a", 1), 1.0)
+    assert dec.rank == 1 and dec.filtered == {0: "kv_overloaded"}
+    d.update_loads([RankLoad(rank=r, kv_capacity_tokens=100, kv_used_tokens=99, remaining_prefill_tokens=500 * r,
+                             timestamp_s=2.0) for r in range(2)], 2.0)
+    dec = d.pick(DispatchRequest("b", 1), 2.0)  # overload escape: both full, the cheaper one still serves
+    assert dec.rank == 0 and dec.filtered == {}
+
+
+def test_prefix_goes_where_cached_unless_that_rank_is_overloaded():
+    cfg = EngineTierConfig(block_tokens=16)
+    d = ScoreDispatcher(4, cfg)
+    d.update_loads(loads(4, kv_capacity_tokens=100_000, timestamp_s=1.0), 1.0)
+    keys = chained_block_hashes(list(range(1000)), 16)
+    d.index.insert(2, keys)
+    dec = d.pick(DispatchRequest("a", 1000, prefix_blocks=keys), 1.0)
+    assert dec.rank == 2 and dec.expected_cached_tokens == len(keys) * 16
+    # the cached rank now carries far more queued prefill than a miss would cost elsewhere
+    d.update_loads([RankLoad(rank=r, kv_capacity_tokens=100_000, remaining_prefill_tokens=5000 if r == 2 else 0,
+                             timestamp_s=2.0) for r in range(4)], 2.0)
+    dec = d.pick(DispatchRequest("b", 1000, prefix_blocks=keys), 2.0)
+    assert dec.rank != 2 and dec.expected_cached_tokens == 0
+
+
+def test_session_stickiness_and_its_overload_escape():
+    cfg = only(weight_prefill=1.0, weight_session=1.0)
+    d = ScoreDispatcher(3, cfg)
+    d.update_loads(loads(3, kv_capacity_tokens=10_000, timestamp_s=1.0), 1.0)
+    first = d.pick(DispatchRequest("t1", 800, session_key="user"), 1.0).rank
+    # the sticky rank now has 800 optimistic tokens queued; the bonus (800) holds it against a 500-token gap
+    d.update_loads([RankLoad(rank=r, kv_capacity_tokens=10_000, remaining_prefill_tokens=500 if r == first else 0,
+                             timestamp_s=2.0) for r in range(3)], 2.0)
+    assert d.pick(DispatchRequest("t2", 800, session_key="user"), 2.0).rank == first
+    # escape: the sticky rank falls 1,000 tokens behind (more than the session's 800-token bonus)
+    d.update_loads([RankLoad(rank=r, kv_capacity_tokens=10_000, remaining_prefill_tokens=3000 if r == first else 0,
+                             timestamp_s=3.0 + r) for r in range(3)], 9.0)
+    moved = d.pick(DispatchRequest("t3", 800, session_key="user"), 9.0).rank
+    assert moved != first
+    # escape: the new sticky rank goes inactive
+    d.update_loads([RankLoad(rank=moved, active=False, timestamp_s=20.0)], 20.0)
+    assert d.pick(DispatchRequest("t4", 800, session_key="user"), 20.0).rank not in (moved,)
+
+
+def test_queue_only_weights_reduce_to_upstream_total_requests():
+    rng = random.Random(7)
+    n = 8
+    ours = ScoreDispatcher(n, only(weight_queue=1.0))
+    mirror = TotalRequestsDispatcher(n)
+    for step in range(20):
+        snap = [RankLoad(rank=r, queue_len=rng.randint(0, 5), running_reqs=rng.randint(0, 5),
+                         timestamp_s=float(step + 1)) for r in range(n)]
+        ours.update_loads(snap, step + 1.0)
+        mirror.update_loads(snap, step + 1.0)
+        for i in range(rng.randint(1, 12)):
+            req = DispatchRequest(f"{step}-{i}", rng.randint(1, 999))
+            assert ours.pick(req, step + 1.0).rank == mirror.pick(req, step + 1.0).rank
+
+
+def test_queue_only_matches_real_upstream_dpbudget():
+    dpc = pytest.importorskip("sglang.srt.managers.data_parallel_controller")
+
+    class Snap:  # the LoadSnapshot fields DPBudget.update_budget reads
+        def __init__(self, dp_rank, running, waiting, ts):
+            self.dp_rank, self.num_running_reqs, self.num_waiting_reqs = dp_rank, running, waiting
+            self.num_total_tokens, self.timestamp = 0, ts
+
+    rng = random.Random(3)
+    n = 6
+    budget = dpc.DPBudget(n)
+    ours = ScoreDispatcher(n, only(weight_queue=1.0))
+    for step in range(15):
+        counts = [(rng.randint(0, 4), rng.randint(0, 4)) for _ in range(n)]
+        budget.update_budget([Snap(r, a, b, step + 1.0) for r, (a, b) in enumerate(counts)])
+        ours.update_loads([RankLoad(rank=r, running_reqs=a, queue_len=b, timestamp_s=step + 1.0)
+                           for r, (a, b) in enumerate(counts)], step + 1.0)
+        for i in range(rng.randint(1, 10)):
+            assert ours.pick(DispatchRequest(str(i), 10), step + 1.0).rank == \
+                budget.dispatch(dpc.LoadBalanceMethod.TOTAL_REQUESTS)
+
+
+def test_prefill_only_weights_pick_least_pending_prefill():
+    d = ScoreDispatcher(3, only(weight_prefill=1.0))
+    d.update_loads([RankLoad(rank=r, remaining_prefill_tokens=p, timestamp_s=1.0)
+                    for r, p in enumerate([300, 100, 200])], 1.0)
+    assert [d.pick(DispatchRequest(str(i), 150), 1.0).rank for i in range(4)] == [1, 2, 1, 0]
+
+
+def test_stale_snapshot_keeps_optimistic_charges_and_fresh_one_replaces_them():
+    d = ScoreDispatcher(2, only(weight_prefill=1.0), )
+    d.update_loads(loads(2, timestamp_s=1.0), 1.0)
+    assert d.pick(DispatchRequest("a", 100), 1.00).rank == 0
+    d.update_loads(loads(2, timestamp_s=1.0), 1.02)  # same snapshot read again: rank 0 still owes 100
+    assert d.pending_work() == [100, 0]
+    assert d.pick(DispatchRequest("b", 100), 1.02).rank == 1
+    # a snapshot taken after both requests arrived: its own numbers replace the charges
+    d.update_loads([RankLoad(rank=0, remaining_prefill_tokens=40, timestamp_s=1.5),
+                    RankLoad(rank=1, remaining_prefill_tokens=90, timestamp_s=1.5)], 1.5)
+    assert d.pending_work() == [40, 90]
+    # a charge made after that snapshot survives it
+    d.pick(DispatchRequest("c", 10), 1.6)
+    d.update_loads([RankLoad(rank=0, remaining_prefill_tokens=40, timestamp_s=1.55)], 1.6)
+    assert d.pending_work()[0] == 50
+
+
+def test_burst_1000_requests_in_50ms_over_8_ranks_is_balanced():
+    """Work = uncached prefill tokens dispatched (prompt tokens minus the expected cache hit)."""
+    from tiersched.bench.engine import burst_ratio
+
+    ratio, baseline = burst_ratio(seed=0)
+    assert ratio <= 1.25, ratio
+    assert ratio < baseline  # upstream total_tokens on the same burst, for scale
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="weight_queue"):
+        EngineTierConfig(weight_queue=-1).validate()
+    with pytest.raises(ValueError, match="all weights"):
+        EngineTierConfig(**ONLY).validate()
+    with pytest.raises(ValueError, match="drain_ranks"):
+        EngineTierConfig(drain_ranks="a,b").validate()
+    assert EngineTierConfig(drain_ranks="1, 3").drained() == (1, 3)
+    EngineTierConfig().validate()
+
+
+# --- prefix index ---------------------------------------------------------------------------------------
+
+
+def test_chained_hashes_share_prefix_only():
+    a = chained_block_hashes(list(range(100)), 16)
+    b = chained_block_hashes(list(range(64)) + [9] * 36, 16)
+    assert len(a) == 6 and a[:4] == b[:4] and a[4] != b[4]
+    assert chained_block_hashes([1, 2, 3], 16) == ()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 7), st.integers(1, 9)), min_size=1, max_size=40),
+    cap=st.integers(1, 30),
+)
+def test_index_match_equals_brute_force_and_respects_capacity(ops, cap):
+    """Prompts are chains over a small tree (prefix p of length k); eviction keeps each rank prefix-closed."""
+    index = PrefixIndex(5, max_blocks_per_rank=cap)
+    chains = {p: tuple(hash((p, i)) for i in range(9)) for p in range(8)}
+    for rank, p, k in ops:
+        index.insert(rank, chains[p][:k])
+        assert index.blocks_on(rank) <= cap
+    held = [set(lru) for lru in index._lru]
+    for p, chain in chains.items():
+        expect = []
+        for r in range(5):
+            d = 0
+            while d < len(chain) and chain[d] in held[r]:
+                d += 1
+            expect.append(d)
+        assert index.match(chain) == expect
+    for r in range(5):  # prefix-closed: every held page's parent is held
+        for p, chain in chains.items():
+            for i in range(1, len(chain)):
+                if chain[i] in held[r]:
+                    assert chain[i - 1] in held[r]
+
+
+def test_index_capacity_follows_rank_kv_and_clear():
+    d = ScoreDispatcher(2, EngineTierConfig(block_tokens=10))
+    d.update_loads(loads(2, kv_capacity_tokens=50, timestamp_s=1.0), 1.0)  # 5 pages per rank
+    d.index.insert(0, tuple(range(8)))
+    assert d.index.blocks_on(0) == 5 and d.index.match(tuple(range(8)))[0] == 5  # leaves evicted first
+    d.forget_cache(0)
+    assert d.index.match(tuple(range(8))) == [0, 0] and len(d.index) == 0

@@ -1,0 +1,54 @@
+"""Metric functions on hand-computed cases."""
+import numpy as np
+import pytest
+
+from tiersched.core.expert import metrics
+from tiersched.core.expert.placement import ExpertStats, placement_from_phy2log
+
+# 2 ranks, 4 slots (2 per rank), 3 experts: rank 0 holds {0, 1}, rank 1 holds {0, 2}
+PLACE = placement_from_phy2log(np.array([[0, 1, 0, 2]]), 3)
+
+
+def test_balancedness_aggregate_spreads_over_replicas():
+    stats = ExpertStats(source_counts=np.array([[[[40.0, 10.0, 30.0]]]]))  # S == 1
+    # rank0 = 40/2 + 10 = 30, rank1 = 40/2 + 30 = 50 -> mean 40 / max 50
+    assert metrics.balancedness(PLACE, stats, num_ranks=2) == pytest.approx(0.8)
+
+
+def test_local_replica_first_dispatch_and_cross_rank_share():
+    # source 0 sends 40 to e0 (local on rank 0), 10 to e2 (remote); source 1 sends 20 to e0 (local), 10 to e1 (remote)
+    counts = np.array([[[[40.0, 0.0, 10.0], [20.0, 10.0, 0.0]]]])
+    stats = ExpertStats(source_counts=counts)
+    loads = metrics.rank_loads(metrics.replica_matrix(PLACE.phy2log, 3, 2), counts[0])
+    np.testing.assert_allclose(loads, [[50.0, 30.0]])  # rank0 = 40 + 10(e1), rank1 = 20 + 10(e2)
+    assert metrics.balancedness(PLACE, stats) == pytest.approx(40.0 / 50.0)
+    assert metrics.cross_rank_share(PLACE, stats) == pytest.approx(20.0 / 80.0)
+    np.testing.assert_allclose(metrics.expert_pressure(PLACE, stats), [50.0 / 40.0, 30.0 / 40.0])
+
+
+def test_all_zero_layers_are_skipped():
+    place = placement_from_phy2log(np.array([[0, 1, 0, 2], [0, 1, 2, 0]]), 3)
+    counts = np.zeros((1, 2, 1, 3))
+    counts[0, 0, 0] = [40.0, 10.0, 30.0]
+    assert metrics.balancedness(place, ExpertStats(source_counts=counts), num_ranks=2) == pytest.approx(0.8)
+
+
+def test_migrated_fraction():
+    other = placement_from_phy2log(np.array([[0, 1, 2, 0]]), 3)
+    assert metrics.migrated_fraction(other, PLACE) == pytest.approx(0.5)
+    assert metrics.migrated_fraction(PLACE, None) == 0.0
+
+
+def test_cross_rank_share_when_tokens_stay_with_their_expert():
+    # layer 0: source 0 sends 10 to e1 (rank 0 only). layer 1 places e2 on rank 1 only: the pair (e1 -> e2) hops.
+    place = placement_from_phy2log(np.array([[0, 1, 0, 2], [0, 1, 0, 2]]), 3)
+    counts = np.zeros((1, 2, 2, 3))
+    counts[0, 0, 0, 1] = 10.0
+    counts[0, 1, 0, 2] = 10.0
+    coact = np.zeros((1, 3, 3))
+    coact[0, 1, 2] = 10.0
+    stats = ExpertStats(source_counts=counts, coactivation=coact)
+    # layer 0: local (10 of 10); hop e1@rank0 -> e2@rank1: cross (10 of 10) -> 10 / 20
+    assert metrics.cross_rank_share_stay(place, stats) == pytest.approx(0.5)
+    # combine model: layer 1 source 0 -> e2 on rank 1 is remote as well -> 10 / 20
+    assert metrics.cross_rank_share(place, stats) == pytest.approx(0.5)

@@ -1,0 +1,128 @@
+"""Real-server evidence (issue 7), CI-sized: reduced A/B, load at 2x capacity, DP rank drained mid-run.
+
+Each test starts real upstream servers (tiny MoE on this CPU). Budget on an otherwise idle 2-core machine:
+about 2.5 min (A/B), 3 min (load), 1.5 min (EPLB fault); the mid-run drain test took 180 s on the shared box
+at load average 13 (not yet timed on an idle one). The 5-minute load run is behind
+TIERSCHED_LIVE_FULL_LOAD=1.
+"""
+import os
+import statistics
+
+import pytest
+from scipy.stats import mannwhitneyu
+
+from tiersched.live import ab as live_ab, arms as live_arms
+from tiersched.live.load import eplb_fault_run, load_run, midrun_drain_run, rss_bounded
+from tiersched.live.requests import shared_prefix_set
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+# "Not worse" on LS TTFT is a one-sided Mann-Whitney U test over every LS request of all repeats pooled (~30 per
+# arm; the runs alternate A B C C B A A B C ...) against the upstream arm with the lower median: the test fails
+# when ours is worse with p < 0.01. A point comparison of medians is a coin flip here: on this 2-core box (client,
+# HTTP server, detokenizer and two ranks share it) runs of the SAME arm split between queue-free (LS ~0.05 s) and
+# queue-bound (0.3-1.0 s), and which runs fell where decided the earlier versions of this test
+# (docs/live-results.md: it failed CI twice, with ours ahead in other runs of the same code).
+WORSE_P_VALUE = 0.01
+AB_REPEATS = 5
+AB_BLOCK_TOKENS = 48
+AB_MAX_INPUT = 3072
+# A fixed, light arrival rate. The burst-measured capacity is itself too noisy to scale by: 1.89, 5.70 and 6.16
+# req/s in three runs on this machine; at 0.5x of 6.16 (3.08 req/s) every arm's runs split between queue-free
+# (LS ~0.05 s) and queue-bound (0.5-1.0 s), and which runs fell where decided the comparison (docs/live-results.md).
+# 1 req/s is 0.16-0.5x of those measurements: an LS request meets BE prefill in flight, not a standing queue.
+AB_RATE_REQ_S = 1.0
+
+
+def _need(tiers):
+    missing = live_arms.missing_tiers(tiers)
+    if missing:
+        pytest.skip("tier adapter(s) not in this build: " + "; ".join(missing.values()))
+
+
+@pytest.mark.timeout(900)
+def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(tiny_model_dir):
+    """All tiers vs upstream's best flags for each metric, 24 shared-prefix requests, 5 alternating repeats
+    at 1 req/s: cached tokens >= the better of upstream-lpm / upstream-priority; LS TTFT not significantly worse than the better."""
+    _need(("request", "engine"))
+    upstream = ("upstream-lpm", "upstream-priority")
+    arms = [*(live_arms.Arm(n, live_arms.UPSTREAM_ARMS[n]) for n in upstream), live_arms.tiersched_arm("dp2")]
+    request_set = shared_prefix_set(24, 1.0, block_tokens=AB_BLOCK_TOKENS, max_input=AB_MAX_INPUT)
+    with live_ab.servers_for(tiny_model_dir, "dp2", arms) as servers:
+        runs = live_ab.run_ab(servers, arms, request_set.with_rate(AB_RATE_REQ_S), repeats=AB_REPEATS)
+    summaries = {name: runs[name].summaries for name in runs}
+    for name, arm_summaries in summaries.items():
+        for s in arm_summaries:
+            assert s["errors"] == 0 and s["lost"] == 0, (name, s)
+            assert s["ls_requests"] > 0, (name, s)
+    cached = {name: sum(s["cached_tokens"] for s in v) for name, v in summaries.items()}
+    ls_ttft = {name: statistics.median(r.ttft for results in runs[name].results for r in results
+                                       if r.success and r.cls == "ls") for name in runs}
+    print("cached tokens:", cached, "pooled LS TTFT medians:", ls_ttft, "per-run LS means:",
+          {name: [round(s["ls_ttft_mean_s"], 3) for s in v] for name, v in summaries.items()})
+    assert cached["tiersched"] >= max(cached[n] for n in upstream), cached
+    best = min(upstream, key=ls_ttft.get)
+    ls_samples = {name: [r.ttft for results in runs[name].results for r in results if r.success and r.cls == "ls"]
+                  for name in (best, "tiersched")}
+    worse = mannwhitneyu(ls_samples["tiersched"], ls_samples[best], alternative="greater")
+    print(f"LS TTFT ours vs {best}: one-sided Mann-Whitney p = {worse.pvalue:.4f}")
+    assert worse.pvalue >= WORSE_P_VALUE, (best, worse.pvalue, ls_ttft, summaries)
+
+
+def _load(tiny_model_dir, duration_s):
+    _need(("request", "engine"))
+    out = load_run(tiny_model_dir, duration_s=duration_s, factor=2.0)
+    print("load run:", out)
+    assert out["server_alive"]
+    assert out["errors"] == 0 and out["lost"] == 0, out
+    # planned = int(rate x duration) from the unrounded rate (the printed rate is rounded to 3 decimals)
+    assert out["completed"] == out["requests"] == out["planned_requests"] > 0, out
+    assert out["arrival_span_s"] >= 0.9 * duration_s
+    assert out["rss_samples"] >= duration_s / 2
+    assert out["rss_peak_mib"] < 8 * 1024, out  # the whole dp2 process group (5 processes)
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_load_twice_capacity_ci_sized(tiny_model_dir):
+    _load(tiny_model_dir, 60)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(os.environ.get("TIERSCHED_LIVE_FULL_LOAD") != "1",
+                    reason="the 5-minute load run; set TIERSCHED_LIVE_FULL_LOAD=1")
+def test_load_twice_capacity_five_minutes(tiny_model_dir):
+    """2x capacity for 300 s: 0 errors, 0 lost, and RSS bounded. Only the schedulers grow, and equally with
+    upstream's flags alone (docs/live-results.md), so the check is that the growth stops, not that it is zero."""
+    out = _load(tiny_model_dir, 300)
+    # memory bounded: the group's RSS stops growing (3rd -> 4th quarter), see live_load.rss_bounded
+    assert rss_bounded(out), {k: v for k, v in out.items() if k.startswith("rss_")}
+
+
+@pytest.mark.timeout(400)
+def test_rank_drained_mid_run_gets_no_more_requests_and_none_are_lost(tiny_model_dir):
+    """Issue 7 fault test: drain DP rank 1 over HTTP in the middle of a stream; take it back after the stream."""
+    _need(("request", "engine"))
+    n, tail = 30, 6
+    out = midrun_drain_run(tiny_model_dir, drained_rank=1, n=n, rate=3.0, drain_after=12, after_undrain=tail)
+    print("mid-run drain:", out)
+    assert out["server_alive"]
+    assert out["errors"] == 0 and out["lost"] == 0 and out["completed"] == n + tail, out
+    assert out["drain_reply"] and all(x is True for x in out["drain_reply"]), out
+    assert out["undrain_reply"] and all(x is True for x in out["undrain_reply"]), out
+    assert 1 in out["ranks_before_drain"], out  # rank 1 was serving before the fault
+    assert out["finished_on_drained_rank_after_drain"] >= 1, out  # its in-flight requests finished there
+    assert out["ranks_while_drained"] and set(out["ranks_while_drained"]) == {0}, out
+    assert out["drain_logged"] and out["undrain_logged"], out
+    assert 1 in out["ranks_after_undrain"], out  # taken back: it receives requests again
+
+
+@pytest.mark.timeout(400)
+def test_bad_eplb_statistics_mid_run_keep_the_placement(tiny_model_dir):
+    _need(("request", "expert"))
+    out = eplb_fault_run(tiny_model_dir, faults="ok,nan,negative", rebalance_every=16, n=30)
+    print("eplb fault run:", out)
+    assert out["status"] == "ok" and out["server_alive"]
+    assert out["errors"] == 0 and out["lost"] == 0 and out["completed"] == 30, out
+    assert out["faults_injected"] >= 1, out  # at least one bad window reached the planner mid-run
+    assert out["kept_placement"] >= out["faults_injected"], out

@@ -1,0 +1,98 @@
+"""The bench commands built on the simulator: JSON shape of compare, resumable sweep, baselines' behaviour."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from tiersched.bench import compare, sweep
+from tiersched.bench.runner import Scenario
+from tiersched.core.request.ordering import RunningRequest, WaitingRequest
+from tiersched.sim.baselines import engine_tier, request_tier
+
+
+def test_compare_json_has_required_policies_and_fields():
+    report = compare.compare(Scenario(workload="synthetic:Random", rate=20.0, duration_s=4.0), workers=1)
+    json.dumps(report, default=compare._json_default)
+    for name in ("upstream-best", "tiersched", "dispatch-only", "ordering-only", "expert-only",
+                 "tiersched+feedback", "bound:perfect-balance", "bound:idle-cluster"):
+        entry = report["policies"][name]
+        assert "error" not in entry, entry
+        for key in ("ttft_mean", "ttft_p99", "tpot_mean", "throughput"):
+            assert key in entry
+    best = report["policies"]["upstream-best"]["ttft_mean"]
+    upstream = [e["ttft_mean"] for k, e in report["policies"].items() if k.startswith("upstream:")]
+    assert best == min(upstream)
+    assert report["policies"]["bound:idle-cluster"]["ttft_mean"] <= best
+
+
+def test_sweep_is_resumable(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    argv = ["--results", str(tmp_path / "s.jsonl"), "--presets", "qwen3", "--shapes", "Average", "--load", "0.5",
+            "--seeds", "0,1", "--duration", "3", "--workers", "1", "--json"]
+    assert sweep.main(parser.parse_args(argv)) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = (tmp_path / "s.jsonl").read_text().splitlines()
+    assert first["configs"] == 2 and len(lines) == 2
+    assert sweep.main(parser.parse_args(argv)) == 0  # nothing left to run: the file does not grow
+    assert (tmp_path / "s.jsonl").read_text().splitlines() == lines
+
+
+def test_sweep_eplb_steps_make_eplb_act_and_are_part_of_the_key(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    argv = ["--results", str(tmp_path / "s.jsonl"), "--presets", "qwen3", "--shapes", "Average", "--load", "0.7",
+            "--seeds", "0", "--duration", "6", "--workers", "1", "--with-eplb", "--json"]
+    assert sweep.main(parser.parse_args(argv + ["--eplb-steps", "20"])) == 0
+    every20 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert every20["rebalances_upstream_best"]["min"] >= 1 and every20["rebalances_tiersched"]["min"] >= 1
+    assert sweep.main(parser.parse_args(argv)) == 0  # preset default (1000 steps): another configuration
+    default = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert default["rebalances_upstream_best"]["max"] < every20["rebalances_upstream_best"]["min"]
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        sweep.main(parser.parse_args(argv[:-2] + ["--json", "--eplb-steps", "20"]))  # without --with-eplb
+
+
+def _w(rid, prio=0, arrival=0.0, tokens=100, cached=0, defer=False):
+    return WaitingRequest(rid, prio, arrival, tokens, cached, defer)
+
+
+def test_upstream_orderings_hand_cases():
+    q = [_w("a", arrival=0, tokens=900, cached=0), _w("b", arrival=1, tokens=500, cached=400),
+         _w("c", prio=5, arrival=2, tokens=50, cached=0, defer=True)]
+    assert request_tier.FCFSOrdering().order(q, 3) == [0, 1, 2]
+    assert request_tier.FCFSPriorityOrdering().order(q, 3) == [2, 0, 1]
+    assert request_tier.LPMOrdering().order(q, 3) == [1, 0, 2]  # most cached first, deferred last
+    assert request_tier.ShortestPrefillFirstOrdering().order(q, 3) == [1, 0, 2]  # uncached 100 < 900; deferred last
+    hrrn = request_tier.HRRNOrdering()
+    hrrn.order(q[:1], 0)  # a seen at processed 0
+    hrrn.observe_prefill_tokens(1000)
+    assert hrrn.order(q[:2], 1) == [0, 1]  # a waited 1000 tokens / 900 uncached; b just arrived
+
+
+def test_upstream_priority_preemption_threshold_and_order():
+    pre = request_tier.PriorityPreemption(threshold=10)
+    running = [RunningRequest("old", 0, 0.0, 300, 300), RunningRequest("new", 0, 5.0, 200, 200),
+               RunningRequest("mid", 8, 1.0, 100, 100)]
+    assert pre.choose_victims(_w("x", prio=20), running, 1, 0, 6.0) == ["new"]  # newest of the lowest first
+    assert pre.choose_victims(_w("x", prio=20), running, 0, 450, 6.0) is None  # upstream: never on KV shortage alone
+    assert pre.choose_victims(_w("x", prio=15), running, 3, 0, 6.0) is None  # 15 - 8 <= 10: cannot cover
+
+
+def test_upstream_dispatchers_follow_snapshots_and_optimistic_updates():
+    from tiersched.core.engine import DispatchRequest
+
+    loads = [engine_tier.SimRankLoad(rank=0, running_reqs=3, queue_len=0, kv_used_tokens=100, waiting_prompt_tokens=0),
+             engine_tier.SimRankLoad(rank=1, running_reqs=1, queue_len=1, kv_used_tokens=900, waiting_prompt_tokens=50)]
+    req = DispatchRequest("r", 400)
+    tr = engine_tier.TotalRequestsDispatcher(); tr.update_loads(loads, 0)
+    assert [tr.pick(req, 0).rank for _ in range(3)] == [1, 0, 1]  # 2 vs 3, then +1 optimistic each
+    tt = engine_tier.TotalTokensDispatcher(); tt.update_loads(loads, 0)
+    assert [tt.pick(req, 0).rank for _ in range(4)] == [0, 0, 0, 1]  # 100, 500, 900 < 950; then 1300 > 950
+    v = engine_tier.VLLMDPDispatcher(); v.update_loads(loads, 0)
+    assert [v.pick(req, 0).rank for _ in range(2)] == [0, 1]  # scores 3 vs 5 -> 7 vs 5
+    rr = engine_tier.RoundRobinDispatcher(); rr.update_loads(loads, 0)
+    assert [rr.pick(req, 0).rank for _ in range(3)] == [0, 1, 0]
