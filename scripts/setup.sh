@@ -10,8 +10,8 @@ PY=${PYTHON:-python3}
 say() { echo "[tiersched setup] $*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
-"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
-  || die "Python >= 3.10 is needed; set PYTHON=/path/to/python3.10+ and run again."
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+  || die "Python >= 3.11 is needed (sglang 0.5.23 requires it); set PYTHON=/path/to/python3.11+ and run again."
 
 inputs_hash=$(cat "$ROOT/scripts/setup.sh" "$ROOT/requirements/"*.txt "$ROOT/pyproject.toml" \
   "$ROOT/cpu/shims/"*.py "$ROOT/cpu/sgl_kernel_stub/sgl_kernel/__init__.py" | sha256sum | cut -c1-16)

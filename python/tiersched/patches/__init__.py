@@ -1,6 +1,6 @@
 """The patch manifest: every upstream SGLang target tiersched hooks, with a fingerprint of its source.
 
-Rows live in `<repo>/patches/*.toml` (one file per patch group, next to that group's PR write-up):
+Rows live in the repository's `patches/*.toml` (one file per patch group, next to that group's PR write-up):
 
     [[patch]]
     target = "sglang.srt.layers.moe.fused_moe_native.moe_forward_native"  # dotted path given to HookRegistry
@@ -11,6 +11,10 @@ Rows live in `<repo>/patches/*.toml` (one file per patch group, next to that gro
 
 `check()` proves each target still exists in the installed sglang with the recorded fingerprint, and that the rows
 and the hooks the plugin registers are the same set. docs/rebase.md is the pin-bump procedure built on it.
+
+The manifests are not package data: they are reviewed with their write-ups and `update --write` edits them, so they
+stay in the checkout. `patches_dir()` finds them there; an installed wheel must be told where they are
+(`--patches-dir` or $TIERSCHED_PATCHES_DIR).
 """
 from __future__ import annotations
 
@@ -40,19 +44,30 @@ class ManifestError(ValueError):
     pass
 
 
-def patches_dir() -> str:
-    env = os.environ.get("TIERSCHED_PATCHES_DIR")
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))  # <repo>/python/tiersched/patches
-    return os.path.normpath(os.path.join(here, "..", "..", "..", "patches"))
+def patches_dir(directory: str | None = None) -> str:
+    """The manifest folder: `directory` if given, else $TIERSCHED_PATCHES_DIR, else the source checkout's
+    `patches/` (this package imported from `<repo>/python/tiersched`, with `<repo>/pyproject.toml` beside it)."""
+    chosen = directory or os.environ.get("TIERSCHED_PATCHES_DIR")
+    if chosen:
+        if not os.path.isdir(chosen):
+            raise ManifestError(f"patch manifest folder {chosen} does not exist.")
+        return chosen
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../tiersched
+    root = os.path.dirname(os.path.dirname(package))  # <repo> when imported from <repo>/python/tiersched
+    candidate = os.path.join(root, "patches")
+    if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(candidate):
+        return candidate
+    raise ManifestError(
+        f"tiersched is imported from {package}, not from a source checkout, so there is no {candidate}; the patch "
+        "manifests live in the repository's patches/ folder: pass --patches-dir DIR or set TIERSCHED_PATCHES_DIR."
+    )
 
 
 def load_manifest(directory: str | None = None) -> list[PatchRow]:
-    directory = directory or patches_dir()
+    directory = patches_dir(directory)
     files = sorted(glob.glob(os.path.join(directory, "*.toml")))
     if not files:
-        raise ManifestError(f"no patch manifest (*.toml) found in {directory}; set TIERSCHED_PATCHES_DIR to the repo's patches/.")
+        raise ManifestError(f"no patch manifest (*.toml) found in {directory}.")
     rows, seen = [], {}
     for path in files:
         with open(path, "rb") as f:
@@ -122,8 +137,8 @@ def registered_hooks() -> set[tuple[str, str]]:
     return recorded
 
 
-def check(rows: list[PatchRow] | None = None, with_registry: bool = True) -> CheckResult:
-    rows = load_manifest() if rows is None else rows
+def check(rows: list[PatchRow] | None = None, with_registry: bool = True, directory: str | None = None) -> CheckResult:
+    rows = load_manifest(directory) if rows is None else rows
     ok, problems = [], []
     for row in rows:
         try:

@@ -1,22 +1,23 @@
-"""`python -m tiersched.patches {check,list,fingerprint TARGET...,update}` — see tiersched.patches and docs/rebase.md."""
+"""`python -m tiersched.patches {check,list,fingerprint TARGET...,update} [--patches-dir DIR]` — see tiersched.patches
+and docs/rebase.md."""
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import re
 import sys
 
 from tiersched.patches import ManifestError, check, fingerprint, load_manifest, patches_dir
 
 
-def _update(write: bool) -> int:
+def _update(write: bool, directory: str) -> int:
     """Print (or with --write, apply) new fingerprints for rows whose upstream source changed."""
-    import glob
-    import os
-
+    rows = load_manifest(directory)
     changed = 0
-    for path in sorted(glob.glob(os.path.join(patches_dir(), "*.toml"))):
+    for path in sorted(glob.glob(os.path.join(directory, "*.toml"))):
         text = open(path).read()
-        for row in [r for r in load_manifest() if r.source_file == os.path.basename(path)]:
+        for row in [r for r in rows if r.source_file == os.path.basename(path)]:
             try:
                 new = fingerprint(row.target)
             except Exception as exc:
@@ -35,12 +36,17 @@ def _update(write: bool) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tiersched.patches", description=__doc__)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--patches-dir", metavar="DIR",
+                       help="the repository's patches/ folder (default: $TIERSCHED_PATCHES_DIR, else the source "
+                            "checkout this package is imported from)")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check", help="verify every manifest target exists with its fingerprint; exit 1 otherwise")
-    sub.add_parser("list", help="print the manifest")
+    sub.add_parser("check", parents=[where],
+                   help="verify every manifest target exists with its fingerprint; exit 1 otherwise")
+    sub.add_parser("list", parents=[where], help="print the manifest")
     fp = sub.add_parser("fingerprint", help="print the fingerprint of upstream targets")
     fp.add_argument("targets", nargs="+")
-    up = sub.add_parser("update", help="recompute fingerprints after a reviewed pin bump")
+    up = sub.add_parser("update", parents=[where], help="recompute fingerprints after a reviewed pin bump")
     up.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -48,13 +54,14 @@ def main(argv=None) -> int:
             for t in args.targets:
                 print(f"{t} {fingerprint(t)}")
             return 0
+        directory = patches_dir(args.patches_dir)
         if args.cmd == "list":
-            for r in load_manifest():
+            for r in load_manifest(directory):
                 print(f"{r.hook:8s} {r.target}  [{r.source_file}] {r.purpose}")
             return 0
         if args.cmd == "update":
-            return _update(args.write)
-        result = check()
+            return _update(args.write, directory)
+        result = check(directory=directory)
     except ManifestError as exc:
         print(f"patches: {exc}", file=sys.stderr)
         return 2
