@@ -1,4 +1,4 @@
-"""Entry point: `python -m tiersched.bench {compare,sweep,speed,request,engine,plots,live} [--json] ...`.
+"""Entry point: `python -m tiersched.bench {compare,sweep,speed,request,engine,expert,plots,live} [--json] ...`.
 
 Each subcommand lives in its own module tiersched.bench.<module> exposing
 `add_arguments(parser)` and `main(args) -> int`; modules are imported only when their subcommand runs, so a
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "speed": ("speed", "simulator speed: simulated seconds per wall second"),
     "request": ("request", "request tier: ordering overhead and the mixed-priority scenario"),
     "engine": ("engine", "engine tier: dispatch decision latency and burst balance"),
+    "expert": ("expert_recorder", "expert tier: per-source recorder cost per forward pass against upstream's gatherer"),
     "plots": ("plots", "PNG plots: TTFT/TPOT CDFs, per-rank load over time, expert-load heatmap"),
     "live": ("live", "A/B runs on real upstream SGLang servers on this CPU"),
 }

@@ -1,4 +1,4 @@
-"""Recorder cost per forward pass, in-process on this machine's CPU: `python -m tiersched.bench.expert_recorder`.
+"""Expert tier: per-source recorder cost per forward pass, in-process on this CPU (`python -m tiersched.bench expert`).
 
 Times one forward pass worth of recording (every MoE layer's top-k ids, then the pass end) for upstream's own
 `stat` gatherer (the real `_SelectExpertsSinglePassGatherer.on_select_experts`, built without a server) and for
@@ -69,16 +69,14 @@ def measure(name: str, tokens: int, repeats: int, seed: int = 0) -> dict:
             "recorder_memory_mb": round((recorder.counts.numel() + recorder.coactivation.numel()) * 4 / 2**20, 1)}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512])
-    parser.add_argument("--repeats", type=int, default=20)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512], help="tokens per forward pass")
+    parser.add_argument("--repeats", type=int, default=20, help="timed passes per point (the median is printed)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     for shape in args.shapes:
         for tokens in args.tokens:
             print(json.dumps(measure(shape, tokens, args.repeats)), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

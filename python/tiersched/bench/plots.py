@@ -1,15 +1,12 @@
 """PNG plots of one scenario: TTFT/TPOT CDFs, per-rank load over time, expert-load heatmap.
 
-    python -m tiersched.bench.plots --out docs/img [--preset qwen3] [--workload auto] [--baseline ORD/DISP/EPLB]
+    python -m tiersched.bench plots --out docs/img [--preset qwen3] [--workload auto] [--baseline ORD/DISP/EPLB]
 
-(`plots` is not a registered `python -m tiersched.bench` subcommand yet; this module runs on its own.)
 Compares one upstream combination (default: the one `compare` picked as upstream-best on the default scenario,
 passed explicitly so the plot is reproducible) with tiersched's three tiers.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,9 +125,3 @@ def main(args) -> int:
     for p in written:
         print(f"{p} ({p.stat().st_size // 1024} KB)")
     return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m tiersched.bench.plots", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
