@@ -2,6 +2,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,12 @@ def test_duplicate_and_malformed_rows_rejected(tmp_path):
     (tmp_path / "a.toml").write_text('[[patch]]\ntarget = "x.y"\n')
     with pytest.raises(ManifestError, match="lacks hook"):
         load_manifest(str(tmp_path))
+
+
+def test_manifest_folder_is_the_checkouts_patches_unless_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("TIERSCHED_PATCHES_DIR", raising=False)
+    repo = Path(__file__).resolve().parents[1]
+    assert Path(patches_dir()) == repo / "patches"
+    assert patches_dir(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ManifestError, match="does not exist"):
+        patches_dir(str(tmp_path / "missing"))
