@@ -3,7 +3,7 @@ gather every DP-attention scheduler already runs each iteration.
 
 Two local processes (DP ranks), one gloo group, as the attention-DP CPU group of a `--tp 2 --dp 2
 --enable-dp-attention` server. Timed per iteration, median and mean over `--iters`:
-  same_step_allreduce_us: ours, `all_reduce(MAX)` of one int64 (request_tier_lockstep.reduce_same_step);
+  same_step_allreduce_us: ours, `all_reduce(MAX)` of one int64 (sglang/request/lockstep.py: reduce_same_step);
   mlp_sync_gather_us:     upstream's per-iteration row exchange at two ranks (dp_attn.exchange_sync_rows ->
                           torch.distributed.all_gather_single of the 12-column row);
   both_us:                the two back to back, as a scheduler iteration now issues them.

@@ -1,4 +1,4 @@
-"""Issue 8 at scale: does planning EPLB on a history of windows pay off in TPOT when routing drifts?
+"""Expert tier under routing drift, at scale: does planning EPLB on a history of windows pay off in TPOT?
 
     .venv/bin/python benchmark/sim_drift.py [--json] [--duration 120] [--rate 16] [--steps 200]
 
@@ -7,7 +7,7 @@ DeepSeek-V3 on 32 ranks (32 redundant slots), total_tokens dispatch, fcfs; defau
 prefill chunk and TPOT measures prefill stalls, not expert balance (synthetic:Random shows that).
 The routing drifts to a fresh window every --steps forward steps (RoutingModel.drift around the base model,
 strength 1 = the spread measured between recorded DeepSeek-V3 windows) and every EPLB rebalances on the same
-interval, so each placement is planned on past windows and served on the next one (held-out, as in issue 8).
+interval, so each placement is planned on past windows and served on the next one (held out).
 Arms: no EPLB; upstream `deepseek` on the last window (its recorder default) and on the last 4 windows summed
 (a longer recorder buffer: its best setting is whichever of the two is better); ours (`source_aware`,
 tiersched.core.expert.placement.rebalance) on the last 4 windows; each with and without drift.

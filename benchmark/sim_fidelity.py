@@ -8,7 +8,7 @@ Starts the tiny Qwen3-MoE (`tiersched.rig`, `--dp-size 2`, tp1; or uses --url), 
 (Poisson arrivals, prompt 32-768 tokens as input_ids, 8-48 output tokens with ignore_eos), measures mean TTFT,
 TPOT and output throughput, then simulates the same requests (actual send times as arrivals, same lengths,
 the server's dispatch and ordering policies) on the calibrated `cpu-tiny` preset and prints both with the
-relative errors |sim - real| / real. Goal (issue 6): <= 10% each. With --calibrate-first the same server is
+relative errors |sim - real| / real. Goal: <= 10% each. With --calibrate-first the same server is
 profiled (reduced set) right before the requests, so calibration and check see the same machine load. The load average is printed with the result:
 the real server shares this machine, the simulator does not model other processes. --save writes the report with
 every real request (send time, lengths, DP rank, TTFT, TPOT, finish); --replay re-simulates such a saved run with

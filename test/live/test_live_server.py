@@ -1,4 +1,4 @@
-"""Real-server evidence (issue 7), CI-sized: reduced A/B, load at 2x capacity, DP rank drained mid-run.
+"""Real-server evidence, CI-sized: reduced A/B, load at 2x capacity, DP rank drained mid-run.
 
 Each test starts real upstream servers (tiny MoE on this CPU). Budget on an otherwise idle 2-core machine:
 about 2.5 min (A/B), 3 min (load), 1.5 min (EPLB fault); the mid-run drain test took 180 s on the shared box
@@ -95,13 +95,13 @@ def test_load_twice_capacity_five_minutes(tiny_model_dir):
     """2x capacity for 300 s: 0 errors, 0 lost, and RSS bounded. Only the schedulers grow, and equally with
     upstream's flags alone (docs/live-results.md), so the check is that the growth stops, not that it is zero."""
     out = _load(tiny_model_dir, 300)
-    # memory bounded: the group's RSS stops growing (3rd -> 4th quarter), see live_load.rss_bounded
+    # memory bounded: the group's RSS stops growing (3rd -> 4th quarter), see live.load.rss_bounded
     assert rss_bounded(out), {k: v for k, v in out.items() if k.startswith("rss_")}
 
 
 @pytest.mark.timeout(400)
 def test_rank_drained_mid_run_gets_no_more_requests_and_none_are_lost(tiny_model_dir):
-    """Issue 7 fault test: drain DP rank 1 over HTTP in the middle of a stream; take it back after the stream."""
+    """Fault test: drain DP rank 1 over HTTP in the middle of a stream; take it back after the stream."""
     _need(("request", "engine"))
     n, tail = 30, 6
     out = midrun_drain_run(tiny_model_dir, drained_rank=1, n=n, rate=3.0, drain_after=12, after_undrain=tail)

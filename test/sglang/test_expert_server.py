@@ -1,4 +1,4 @@
-"""Expert tier on a real CPU server (issue 5 evidence): `--tp 2 --ep-size 2 --enable-eplb --eplb-algorithm
+"""Expert tier on a real CPU server: `--tp 2 --ep-size 2 --enable-eplb --eplb-algorithm
 source_aware` with the skewed tiny router. Rebalances run (log lines), greedy tokens equal a tp2 ep2 run without
 EPLB in float32, and bad statistics injected into some rebalances (test-only env TIERSCHED_EXPERT_INJECT_BAD_STATS,
 i-th entry -> i-th rebalance) keep the current placement while the server keeps serving. Two servers in all."""

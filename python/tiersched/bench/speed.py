@@ -1,6 +1,6 @@
 """`python -m tiersched.bench speed [--json]`: simulator speed, simulated seconds per wall second.
 
-Scenarios (issue 6): Qwen3-30B-A3B DP4·EP4 at 4 req/s and DeepSeek-V3 on 32 ranks, both on the built-in
+Scenarios: Qwen3-30B-A3B DP4·EP4 at 4 req/s and DeepSeek-V3 on 32 ranks, both on the built-in
 synthetic workload (Random shape, shared system prompts) so the numbers do not depend on ../shared. Wall time
 covers the whole `simulate()` call (routing model construction included); no EPLB (its solver time is a policy
 cost, not the simulator's). The machine may be shared: besides wall-clock factors the report gives the

@@ -11,7 +11,7 @@ Fault (DP rank drained): upstream marks a DP rank inactive through `DataParallel
 `status`; the engine tier's `score` reads the same status. Two levers: the `drain_ranks` setting, applied at
 controller start (`drain_run`, TIERSCHED_SET=engine.drain_ranks=N), and at runtime upstream's own
 `/set_internal_state` endpoint with `{"server_args": {"tiersched_drain_dp_rank_N": 1}}` (0 takes it back;
-engine_tier_drain.py). `midrun_drain_run` drains a rank in the middle of an open-loop stream and takes it back
+sglang/engine/drain.py). `midrun_drain_run` drains a rank in the middle of an open-loop stream and takes it back
 after it: requests sent after the drain call returned must all land elsewhere, and every request must finish.
 """
 from __future__ import annotations
@@ -283,7 +283,7 @@ def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: f
     return out
 
 
-EXPERT_FAULT_ENV = "TIERSCHED_EXPERT_INJECT_BAD_STATS"  # the expert tier's test-only fault switch (expert_tier.py)
+EXPERT_FAULT_ENV = "TIERSCHED_EXPERT_INJECT_BAD_STATS"  # the expert tier's test-only fault switch (sglang/expert/hooks.py)
 
 
 def eplb_fault_run(model_dir: str, faults: str = "ok,nan,negative", rebalance_every: int = 16, n: int = 40,

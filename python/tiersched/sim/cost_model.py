@@ -1,4 +1,4 @@
-"""Lockstep step-time model of a DP-attention + EP forward step (issue 6's definition).
+"""Lockstep step-time model of a DP-attention + EP forward step.
 
 step time = overhead + max over DP ranks of attention-side work
           + sum over MoE layers of (max over GPUs of expert work for the tokens routed there)

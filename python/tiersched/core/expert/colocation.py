@@ -1,4 +1,4 @@
-"""Expert tier, inter-layer co-location (issue 5 item 3): bring e' at layer l to the ranks where the experts
+"""Expert tier, inter-layer co-location: bring e' at layer l to the ranks where the experts
 that feed it at layer l-1 run, through swaps that do not raise the balance term.
 
 Why it can only help one routing model: with SGLang's usual dispatch + combine, every token returns to its
