@@ -1,17 +1,17 @@
 """The expert-tier planner behind `tiersched.core.expert.placement.rebalance` (formulation: docs/expert-tier.md).
 
 Pipeline per rebalance (deterministic, no wall-clock budget; every tie is broken by index):
-  1. estimate (expert_estimate): planning scenarios = each window's load shares + a robust (mean + std) one;
+  1. estimate (estimate.py): planning scenarios = each window's load shares + a robust (mean + std) one;
   2. replica counts on the robust load (upstream's `replicate_experts` rule on mean + std instead of the mean);
   3. reduced assignment (with per-source data or a previous placement): the hot_slots_per_rank * R hottest
      replicas, R at a time, one per rank, to the ranks that maximise locality minus migration. It is an assignment problem (totally unimodular, so
      the MILP's LP relaxation is integral): solved exactly by scipy's linear_sum_assignment, or by HiGHS
      (`hot_solver = "highs"`, same optimum, slower);
-  4. multi-scenario greedy (expert_search.greedy), all layers at once;
-  5. swap local search (expert_search.local_search) on every scenario, all layers at once; with a previous
+  4. multi-scenario greedy (search.greedy), all layers at once;
+  5. swap local search (search.local_search) on every scenario, all layers at once; with a previous
      placement the search also starts from it and the cheaper result wins per layer (bounds migration);
   6. co-location (when coactivation is given and colocation_weight > 0): swaps that do not raise the balance
-     term and bring e' at l+1 to the ranks where its predecessors at l run (expert_colocation);
+     term and bring e' at l+1 to the ranks where its predecessors at l run (colocation.py);
   7. slots aligned to the previous placement within each rank (moving within a rank is not a migration).
 Units: per layer, load shares scaled so the mean rank load is 1; traffic and migration are shares in [0, 1].
 """
