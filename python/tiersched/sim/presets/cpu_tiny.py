@@ -25,18 +25,18 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from tiersched.sim.presets.base import Hardware, ModelShape, Preset, SchedulerSettings
 
 MOE_LAYERS, NUM_EXPERTS, TOP_K = 2, 8, 2  # tiersched.rig.tiny_model's Qwen3-MoE
+
 
 def calibration_path() -> Path:
     return Path(__file__).resolve().parent / "cpu_tiny.json"
 
 
-def preset(path: Path | None = None, calibration: dict | None = None):
+def preset(path: Path | None = None, calibration: dict | None = None) -> Preset:
     """The preset from the committed calibration file (or `path`), or from a `calibration` dict with the file's
     "coefficients" (and optional "dp", "scheduler") sections."""
-    from tiersched.sim.presets import Hardware, ModelShape, Preset, SchedulerSettings
-
     if calibration is None:
         path = path or calibration_path()
         if not path.exists():
