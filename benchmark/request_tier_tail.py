@@ -106,13 +106,14 @@ def run(seeds, arm: str, cfg, duration_s: float, preset_name: str, top: int) -> 
     from tiersched.bench.request import UPSTREAM_DEFAULT_MAX_RUNNING, ls_alone_ttft_s
     from tiersched.core.request.ordering import AgingPrefixOrdering
     from tiersched.core.request.preemption import LatencySensitivePreemption
-    from tiersched.sim import PolicySet, workloads
+    from tiersched.sim import PolicySet, capacity
     from tiersched.sim.presets import get_preset
 
     p = get_preset(preset_name).with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
     out = {}
     for seed in seeds:
-        work = workloads.mixed_priority(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s, seed=seed)
+        work = capacity.mixed_priority_at_overload(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s,
+                                                   seed=seed)
         pol = (PolicySet(ordering=arm) if arm != "tiersched" else
                PolicySet(ordering=AgingPrefixOrdering(cfg), preemption=LatencySensitivePreemption(cfg)))
         result, steps = _logged_run(p, work, pol, seed)

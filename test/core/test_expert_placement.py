@@ -118,7 +118,7 @@ def test_config_validation(field, value):
 
 def test_source_aware_plan_is_local_and_stable():
     """A strongly skewed workload: ours keeps tokens local, balances, and re-plans with few migrations."""
-    from tiersched.sim.moe_routing_model import RoutingModel
+    from tiersched.sim.moe_routing import RoutingModel
 
     model = RoutingModel.synthetic(num_layers=3, num_experts=32, top_k=4, num_sources=8, seed=2, source_skew=0.6)
     rng = np.random.default_rng(0)
@@ -153,7 +153,7 @@ def test_result_does_not_depend_on_machine_speed(monkeypatch):
     wall-clock budget decides what the planner does."""
     import time as time_module
 
-    from tiersched.sim.moe_routing_model import RoutingModel
+    from tiersched.sim.moe_routing import RoutingModel
 
     model = RoutingModel.synthetic(num_layers=6, num_experts=32, top_k=4, num_sources=8, seed=5, source_skew=0.5)
     stats = model.sample_window(np.full(8, 4000.0), np.random.default_rng(1))
@@ -208,7 +208,7 @@ def test_colocation_follows_strong_dependencies_without_costing_balance():
     balance term is never raised (balancedness within noise of the plan without co-location)."""
     from dataclasses import replace
 
-    from tiersched.sim.moe_routing_model import RoutingModel
+    from tiersched.sim.moe_routing import RoutingModel
 
     model = RoutingModel.synthetic(num_layers=6, num_experts=32, top_k=2, num_sources=8, seed=3, source_skew=0.3)
     model = replace(model, lift=12.0, successor=model.successor[..., :1])
@@ -221,7 +221,7 @@ def test_colocation_follows_strong_dependencies_without_costing_balance():
 
 
 def test_colocation_is_skipped_without_coactivation():
-    from tiersched.sim.moe_routing_model import RoutingModel
+    from tiersched.sim.moe_routing import RoutingModel
 
     model = RoutingModel.synthetic(num_layers=4, num_experts=16, top_k=2, num_sources=4, seed=1)
     stats = model.sample_window(np.full(4, 2000.0), np.random.default_rng(0))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tiersched.sim.moe_routing_model import RoutingModel, deepseek_count_files
+from tiersched.sim.moe_routing import RoutingModel, deepseek_count_files
 
 
 def _write_windows(tmp_path, num_windows=3):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tiersched.sim.moe_routing_model import RoutingModel, calibrated_lift, deepseek_count_files, load_logical_counts
+from tiersched.sim.moe_routing import RoutingModel, calibrated_lift, deepseek_count_files, load_logical_counts
 
 
 def test_aggregate_of_sources_is_layer_popularity():

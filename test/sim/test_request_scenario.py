@@ -7,7 +7,7 @@ import pytest
 from tiersched.bench.request import UPSTREAM_DEFAULT_MAX_RUNNING, ls_alone_ttft_s
 from tiersched.core.request.ordering import AgingPrefixOrdering, RequestTierConfig
 from tiersched.core.request.preemption import LatencySensitivePreemption
-from tiersched.sim import PolicySet, simulate, workloads
+from tiersched.sim import PolicySet, capacity, simulate, workloads
 from tiersched.sim.presets import get_preset
 
 
@@ -17,16 +17,21 @@ def preset():
 
 
 def _ttft_by_arrival_third(preset, overload: float) -> tuple[float, float]:
-    w = workloads.mixed_priority(overload=overload, preset=preset, duration_s=60.0, seed=7)
+    w = capacity.mixed_priority_at_overload(overload=overload, preset=preset, duration_s=60.0, seed=7)
     ttft = simulate(preset, w, PolicySet(ordering="fcfs"), 7, record_timeline=False).records["ttft"]
     third = len(w) // 3
     return float(np.nanmean(ttft[:third])), float(np.nanmean(ttft[-third:]))
 
 
 def test_measured_capacity_is_what_the_deployment_sustains(preset):
-    measured = workloads.measured_capacity_req_s(preset)
-    w = workloads.mixed_priority(overload=1.0, preset=preset, duration_s=1.0, seed=0)
+    measured = capacity.measured_capacity_req_s(preset)
+    w = capacity.mixed_priority_at_overload(overload=1.0, preset=preset, duration_s=1.0, seed=0)
     assert w.meta["capacity_method"] == "measured" and w.meta["nominal_capacity_req_s"] == pytest.approx(measured)
+    # The capacity only sets the rate: the pure generator at that rate draws the same requests.
+    pure = workloads.mixed_priority(w.meta["rate"], duration_s=1.0, seed=0)
+    for name in ("arrival_s", "input_tokens", "output_tokens", "priority", "class_of"):
+        np.testing.assert_array_equal(getattr(pure, name), getattr(w, name))
+    assert pure.prefix_blocks == w.prefix_blocks
     # The closed-form estimate assumes all DP ranks prefill at once and 64 decoding requests per rank; in lockstep
     # one rank's long prefill stalls every rank, so it overestimates the mix's capacity (docs/request-tier.md).
     assert measured < 0.7 * w.meta["analytic_capacity_req_s"]
@@ -40,11 +45,11 @@ def test_measured_capacity_is_what_the_deployment_sustains(preset):
 
 def test_capacity_choice_is_validated(preset):
     with pytest.raises(ValueError, match="capacity must be"):
-        workloads.mixed_priority(preset=preset, duration_s=1.0, capacity="guess")
+        capacity.mixed_priority_at_overload(preset=preset, duration_s=1.0, capacity="guess")
 
 
 def test_ls_alone_bound_is_below_every_simulated_ls_ttft(preset):
-    w = workloads.mixed_priority(overload=1.5, preset=preset, duration_s=20.0, seed=3)
+    w = capacity.mixed_priority_at_overload(overload=1.5, preset=preset, duration_s=20.0, seed=3)
     cfg = RequestTierConfig()
     bound = ls_alone_ttft_s(preset, w, 3)
     ls = np.flatnonzero(w.class_of == 0)
@@ -79,7 +84,7 @@ def test_sustained_overload_does_not_turn_ls_into_fcfs_behind_promoted_requests(
     first (overtake budget 0), every LS request would wait until it was promoted itself (LS P99 > the 20 s cap,
     measured 28 s here); with the default budget LS requests overtake them a bounded number of times and stay
     far below upstream fcfs-with-priority, while the longest BE wait stays below upstream's."""
-    w = workloads.mixed_priority(overload=1.5, preset=preset, duration_s=120.0, seed=1)
+    w = capacity.mixed_priority_at_overload(overload=1.5, preset=preset, duration_s=120.0, seed=1)
 
     def run(policies):
         return simulate(preset, w, policies, 1, record_timeline=False).metrics["per_class"]
@@ -123,7 +128,7 @@ def test_tail_decomposition_benchmark_accounts_for_every_ls_request():
     tail = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tail)
     p = get_preset("qwen3").with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
-    w = workloads.mixed_priority(overload=1.5, preset=p, duration_s=20.0, seed=2)
+    w = capacity.mixed_priority_at_overload(overload=1.5, preset=p, duration_s=20.0, seed=2)
     cfg = RequestTierConfig()
     result, steps = tail._logged_run(p, w, PolicySet(ordering=AgingPrefixOrdering(cfg),
                                                      preemption=LatencySensitivePreemption(cfg)), 2)

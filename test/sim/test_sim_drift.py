@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tiersched.sim import PolicySet, get_preset, simulate
 from tiersched.sim.loop import Simulation
-from tiersched.sim.moe_routing_model import RoutingModel
+from tiersched.sim.moe_routing import MoeRouting, RoutingModel, ZipfRouting, make_routing
 from tiersched.sim.workloads import synthetic
 
 
@@ -73,3 +74,30 @@ def test_decode_heavy_scenario_and_drift_settings_reach_the_preset():
     assert work.output_tokens.min() >= 256 and work.output_tokens.max() <= 1024
     sched = build_preset(sc).scheduler
     assert (sched.eplb_rebalance_steps, sched.routing_drift_steps, sched.eplb_history_windows) == (50, 50, 4)
+
+
+def test_a_fixed_routing_with_drift_steps_is_rejected_at_start_up():
+    p = _preset(routing_drift_steps=200)
+    m = p.model
+    fixed = ZipfRouting(m.moe_layers, p.dp, m.num_experts, m.top_k)
+    assert not fixed.can_drift and make_routing(p).can_drift
+    with pytest.raises(ValueError, match="routing that drifts|routing model that drifts"):
+        Simulation(p, synthetic("Random", rate=1.0, duration_s=1.0), PolicySet(), routing=fixed)
+    with pytest.raises(TypeError, match="cannot drift"):
+        fixed.drift(np.random.default_rng(0))
+    assert Simulation(_preset(), synthetic("Random", rate=1.0, duration_s=1.0), PolicySet(),
+                      routing=fixed).notes == ["routing model: zipf"]
+
+
+def test_a_routing_model_must_give_expected_counts():
+    class NoCounts(MoeRouting):
+        name = "incomplete"
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoCounts()
+    model = make_routing(_preset(), seed=4)
+    assert isinstance(model, RoutingModel) and model.name == "synthetic-zipf"
+    tokens = np.array([1.0, 2.0, 0.0, 3.0])
+    counts = model.expected_counts(tokens)  # [L, S, E]
+    assert counts.shape == (model.num_layers, 4, model.num_experts)
+    np.testing.assert_allclose(counts.sum(-1), np.tile(tokens * model.top_k, (model.num_layers, 1)))

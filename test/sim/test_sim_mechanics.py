@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tiersched.sim import PolicySet, simulate
+from tiersched.sim.moe_routing import MoeRouting
 from tiersched.sim.presets import Hardware, ModelShape, Preset, SchedulerSettings
 from tiersched.sim.workloads import Workload
 
@@ -17,7 +18,7 @@ HW = Hardware(flops=1e6, hbm_bytes_s=1e6, intra_node_bytes_s=1e6, inter_node_byt
               a2a_latency_s=1e-4, step_overhead_s=1e-3, dispatch_bytes_per_elem=2.0)
 
 
-class UniformRouting:
+class UniformRouting(MoeRouting):
     name = "uniform"
 
     def __init__(self, layers, sources, experts, top_k):

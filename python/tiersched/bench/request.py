@@ -148,11 +148,12 @@ def mixed_priority(duration_s: float, preset: str, seed: int, cfg=None) -> dict:
 
     from tiersched.core.request.ordering import AgingPrefixOrdering, RequestTierConfig
     from tiersched.core.request.preemption import LatencySensitivePreemption
-    from tiersched.sim import PolicySet, simulate, workloads
+    from tiersched.sim import PolicySet, capacity, simulate
     from tiersched.sim.presets import get_preset
 
     p = get_preset(preset).with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
-    work = workloads.mixed_priority(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s, seed=seed)
+    work = capacity.mixed_priority_at_overload(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s,
+                                               seed=seed)
     cfg = cfg or RequestTierConfig()
     no_cap = replace(cfg, be_chunk_tokens=NO_CAP)
     # The previous per-rank rule: cap only the running BE chunk, only while THIS rank has LS waiting.
@@ -239,14 +240,15 @@ def sustained_overload(duration_s: float, preset: str, seeds, cfg) -> dict:
 
     from tiersched.core.request.ordering import AgingPrefixOrdering
     from tiersched.core.request.preemption import LatencySensitivePreemption
-    from tiersched.sim import PolicySet, simulate, workloads
+    from tiersched.sim import PolicySet, capacity, simulate
     from tiersched.sim.presets import get_preset
 
     p = get_preset(preset).with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
     strict = replace(cfg, ls_overtake_burst=0, ls_overtakes_per_promoted=0.0)
     per_seed = {}
     for seed in seeds:
-        work = workloads.mixed_priority(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s, seed=seed)
+        work = capacity.mixed_priority_at_overload(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s,
+                                                   seed=seed)
         row = {}
         for name, pol in (("fcfs_priority", PolicySet(ordering="fcfs-priority")),
                           ("tiersched", PolicySet(ordering=AgingPrefixOrdering(cfg),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tiersched.data import shared_data_dir
-from tiersched.sim import PolicySet, PolicyUnavailable, get_preset, simulate, workloads
+from tiersched.sim import PolicySet, PolicyUnavailable, capacity, get_preset, simulate, workloads
 
 HEADLINE = ("ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99", "e2e_mean", "throughput", "goodput",
             "cache_hit_rate", "balancedness", "cross_rank_share", "migrations")
@@ -50,7 +50,7 @@ def build_workload(sc: Scenario):
     if kind == "servegen":
         return workloads.servegen(duration_s=sc.duration_s, seed=sc.seed)
     if kind == "mixed-priority":
-        return workloads.mixed_priority(preset=sc.preset, duration_s=sc.duration_s, seed=sc.seed)
+        return capacity.mixed_priority_at_overload(preset=sc.preset, duration_s=sc.duration_s, seed=sc.seed)
     if kind == "decode-heavy":  # short prompts, long answers: decode steps (and expert balance) dominate
         return workloads.synthetic("Random", rate=sc.rate or 16.0, duration_s=sc.duration_s, seed=sc.seed,
                                    input_range=(64, 512), output_range=(256, 1024))

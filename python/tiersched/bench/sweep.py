@@ -1,7 +1,7 @@
 """`python -m tiersched.bench sweep`: a grid of scenarios, resumable, with a win-share summary.
 
 Grid (issue 6): 5 length shapes x rates x seeds x presets (default 5 x 4 x 3 x 2 = 120 configurations). Rates are
-fractions of each preset's nominal capacity (workloads.nominal_capacity_req_s). In every configuration the
+fractions of each preset's nominal capacity (capacity.nominal_capacity_req_s). In every configuration the
 upstream baselines {fcfs/round_robin, lpm/total_tokens, shortest-prefill-first/total_requests,
 hrrn/total_tokens} run and the best one (lowest mean TTFT) is compared with tiersched's ordering + dispatch
 (`--with-eplb` adds DeepSeek EPLB to the baselines and source-aware placement to tiersched; slower).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiersched.sim import PolicySet, get_preset, workloads
+from tiersched.sim import PolicySet, capacity, get_preset, workloads
 
 BASELINES = (("fcfs", "round_robin"), ("lpm", "total_tokens"), ("shortest-prefill-first", "total_requests"),
              ("hrrn", "total_tokens"))
@@ -51,7 +51,7 @@ def run_config(c: dict) -> dict:
     if c.get("eplb_steps"):
         preset = preset.with_scheduler(eplb_rebalance_steps=int(c["eplb_steps"]))
     base = workloads.synthetic(c["shape"], rate=1.0, duration_s=10.0, seed=c["seed"])
-    cap = workloads.nominal_capacity_req_s(preset, float(base.input_tokens.mean()), float(base.output_tokens.mean()))
+    cap = capacity.nominal_capacity_req_s(preset, float(base.input_tokens.mean()), float(base.output_tokens.mean()))
     work = workloads.synthetic(c["shape"], rate=c["load"] * cap, duration_s=c["duration_s"], seed=c["seed"])
     eplb = "deepseek" if c["with_eplb"] else "none"
     runs = {}

@@ -6,7 +6,7 @@ import json
 import sys
 
 from tiersched.config import ConfigError, load_config
-from tiersched.sim.moe_routing_model import deepseek_count_files
+from tiersched.sim.moe_routing import deepseek_count_files
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from tiersched.core.expert import metrics
 from tiersched.core.expert.placement import ExpertStats, PlacementConfig, rebalance
 from tiersched.eplb.baseline import deepseek_placement
 from tiersched.eplb.stats_io import load_windows
-from tiersched.sim.moe_routing_model import RoutingModel
+from tiersched.sim.moe_routing import RoutingModel
 
 
 def _window(stats: ExpertStats, idx) -> ExpertStats:

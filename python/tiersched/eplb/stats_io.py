@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from tiersched.core.expert.placement import ExpertStats
-from tiersched.sim.moe_routing_model import load_logical_counts
+from tiersched.sim.moe_routing import load_logical_counts
 
 
 def load_window(path: str) -> ExpertStats:

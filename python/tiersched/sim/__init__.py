@@ -6,10 +6,10 @@
 
 Imports the core (tiersched.core), never the SGLang adapters. Model and assumptions: docs/simulator.md.
 """
-from tiersched.sim import workloads
+from tiersched.sim import capacity, workloads
 from tiersched.sim.loop import SimResult, simulate
 from tiersched.sim.policies import PolicySet, PolicyUnavailable
 from tiersched.sim.presets import Preset, get_preset, preset_names
 
 __all__ = ["simulate", "SimResult", "PolicySet", "PolicyUnavailable", "get_preset", "preset_names", "Preset",
-           "workloads"]
+           "workloads", "capacity"]

@@ -16,41 +16,28 @@ with `first_token_one_step_late` (cpu-tiny) a request's first token is reported 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from tiersched.core.engine import DispatchRequest
 from tiersched.core.expert.placement import ExpertStats
-from tiersched.sim import metrics as metrics_mod
+from tiersched.sim.metrics import SimResult, build_result
 from tiersched.sim.baselines.engine_tier import SimRankLoad
 from tiersched.sim.cost_model import StepCostModel
 from tiersched.sim.policies import PolicySet, make_dispatcher, make_eplb, make_ordering, make_preemption
 from tiersched.sim.presets import Preset, get_preset
 from tiersched.sim.rank import RankState, RequestTable
-from tiersched.sim.moe_routing import make_routing, token_probs
+from tiersched.sim.moe_routing import MoeRouting, make_routing, token_probs
 from tiersched.sim.workloads import Workload
 
 MAX_MACRO_STEPS = 4096
 DRAIN_LIMIT_S = 1800.0  # stop this long after the last arrival even if requests remain (reported as unfinished)
 
 
-@dataclass
-class SimResult:
-    metrics: dict
-    records: dict  # per request arrays: arrival, rank, ttft, tpot, e2e, cached_tokens, input, output, class, ...
-    timeline: dict = field(default_factory=dict)  # time [T], running/waiting/kv_used [T, R]
-    expert_load: np.ndarray | None = None  # [L, G] token-expert assignments per GPU over the run
-    notes: list[str] = field(default_factory=list)
-    wall_s: float = 0.0
-    sim_s: float = 0.0
-    steps: int = 0
-    busy: np.ndarray | None = None  # [K, 2] merged (start, end) intervals with a step in flight (record_busy)
-
-
 class Simulation:
     def __init__(self, preset: Preset, workload: Workload, policies: PolicySet, seed: int = 0,
-                 ideal_balance: bool = False, routing=None, record_timeline: bool = True,
+                 ideal_balance: bool = False, routing: MoeRouting | None = None, record_timeline: bool = True,
                  co_busy: np.ndarray | None = None, record_busy: bool = False, seen_prefill_shapes=None):
         self.preset, self.workload, self.policies = preset, workload, policies
         # Prefill token counts each rank has run (cpu-tiny's new-shape cost); seeded with a warm-up's.
@@ -70,7 +57,7 @@ class Simulation:
         self.dispatcher = make_dispatcher(policies.dispatch, preset)
         self.eplb = make_eplb(policies.eplb, preset)
         self.record_timeline = record_timeline
-        self.notes: list[str] = [f"routing model: {getattr(self.routing, 'name', type(self.routing).__name__)}"]
+        self.notes: list[str] = [f"routing model: {self.routing.name}"]
         L, G = preset.model.moe_layers, preset.num_gpus
         self.expert_load = np.zeros((L, G))
         self.recent_gpu_load = np.full((L, G), 1.0)
@@ -81,12 +68,15 @@ class Simulation:
         self.now = 0.0
         self.steps = 0
         self.next_rebalance = preset.scheduler.eplb_rebalance_steps if self.eplb is not None else None
-        # Routing drift (issue 8): every routing_drift_steps steps the routing becomes a fresh draw around the
-        # base model (RoutingModel.drift: popularity x exp(strength * sigma * N(0, 1)), sigma measured between
-        # recorded DeepSeek-V3 windows), so a placement planned on one window is served on the next one.
+        # Routing drift: every routing_drift_steps steps the routing becomes a fresh draw around the base model
+        # (RoutingModel.drift: popularity x exp(strength * sigma * N(0, 1)), sigma measured between recorded
+        # DeepSeek-V3 windows), so a placement planned on one window is served on the next one.
         sched = preset.scheduler
         self.base_routing = self.routing
         self.next_drift = sched.routing_drift_steps if sched.routing_drift_steps > 0 else None
+        if self.next_drift is not None and not self.routing.can_drift:
+            raise ValueError(f"routing_drift_steps > 0 needs a routing model that drifts; {self.routing.name!r} "
+                             "is fixed over time (use moe_routing.RoutingModel).")
         self.drift_rng = np.random.default_rng(seed + 7919)
         self.window_counts = None  # float [L, S, E] expected assignments since the last rebalance
         self.history: list[np.ndarray] = []  # last eplb_history_windows windows, oldest first
@@ -159,8 +149,6 @@ class Simulation:
             return
         sched = self.preset.scheduler
         self.next_drift = self.steps + sched.routing_drift_steps
-        if not hasattr(self.base_routing, "drift"):
-            raise ValueError(f"routing model {type(self.base_routing).__name__} cannot drift; use RoutingModel.")
         if self.eplb is not None:
             self._flush_window()
         self.routing = self.base_routing.drift(self.drift_rng, sched.routing_drift_strength)
@@ -361,7 +349,7 @@ class Simulation:
 
 
 def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed: int = 0,
-             duration_s: float | None = None, *, ideal_balance: bool = False, routing=None,
+             duration_s: float | None = None, *, ideal_balance: bool = False, routing: MoeRouting | None = None,
              record_timeline: bool = True, co_busy: np.ndarray | None = None,
              record_busy: bool = False, seen_prefill_shapes=None) -> SimResult:
     """Simulate `workload` on `preset` (a Preset or its name) under `policies`; deterministic for a seed.
@@ -377,7 +365,7 @@ def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed
                      seen_prefill_shapes)
     sim.run()
     wall = time.perf_counter() - start
-    result = metrics_mod.build_result(sim, wall)
+    result = build_result(sim, wall)
     if sim.busy is not None:
         result.busy = np.asarray(sim.busy, dtype=float).reshape(-1, 2)
     return result

@@ -8,7 +8,22 @@ cross_rank_share = share of (token, expert) assignments served on a GPU outside 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+
+
+@dataclass
+class SimResult:
+    metrics: dict
+    records: dict  # per request arrays: arrival, rank, ttft, tpot, e2e, cached_tokens, input, output, class, ...
+    timeline: dict = field(default_factory=dict)  # time [T], running/waiting/kv_used [T, R]
+    expert_load: np.ndarray | None = None  # [L, G] token-expert assignments per GPU over the run
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    sim_s: float = 0.0
+    steps: int = 0
+    busy: np.ndarray | None = None  # [K, 2] merged (start, end) intervals with a step in flight (record_busy)
 
 
 def _summary(prefix: str, x: np.ndarray) -> dict:
@@ -36,9 +51,8 @@ def latency_metrics(records: dict, mask: np.ndarray, slo_ttft: float, slo_tpot: 
     return out
 
 
-def build_result(sim, wall_s: float):
-    from tiersched.sim.loop import SimResult
-
+def build_result(sim, wall_s: float) -> SimResult:
+    """The result of a finished `loop.Simulation` that ran for `wall_s` seconds of wall time."""
     t, preset, w = sim.table, sim.preset, sim.workload
     ttft = t.first_token - t.arrival
     e2e = t.finish - t.arrival
@@ -67,7 +81,7 @@ def build_result(sim, wall_s: float):
     m["cross_rank_share"] = float(acc["cross"] / acc["assign"]) if acc["assign"] > 0 else None
     m["migrations"] = int(acc["migrations"])
     m["rebalances"] = int(acc["rebalances"])
-    m["routing_drifts"] = int(getattr(sim, "drifts", 0))
+    m["routing_drifts"] = int(sim.drifts)
     m["migration_stall_s"] = float(acc["stall_s"])
     m["preemptions"] = int(t.preemptions.sum())
     m["retractions"] = int(sum(r.retractions for r in sim.ranks))

@@ -4,10 +4,10 @@ Synthetic length shapes follow the multi-layer scheduling paper's five distribut
 Random (uniform), Central (normal around the middle), Descending (density falls linearly: many short, few long),
 Two-end (half near each end), Average (every request the mean). Arrivals: Poisson or Gamma-bursty (ServeGen's
 per-client model: Gamma inter-arrivals with a coefficient of variation cv). Priority classes: higher = more urgent.
+Generators only: nothing here runs the simulator (capacity.py measures a deployment's capacity).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -163,51 +163,32 @@ def with_priority_classes(workload: Workload, ls_fraction: float, seed: int = 0,
                    class_of=np.where(is_ls, 0, 1).astype(np.int64), class_names=("LS", "BE"))
 
 
-def mixed_priority(ls_fraction: float = 0.2, overload: float = 1.5, preset="qwen3", duration_s: float = 60.0,
-                   seed: int = 0, ls_input: tuple[int, int] = (128, 2048), ls_output: tuple[int, int] = (16, 256),
+def mixed_priority(rate: float, ls_fraction: float = 0.2, duration_s: float = 60.0, seed: int = 0,
+                   ls_input: tuple[int, int] = (128, 2048), ls_output: tuple[int, int] = (16, 256),
                    be_input: tuple[int, int] = (4096, 16384), be_output: tuple[int, int] = (128, 1024),
-                   prefix_groups: int = 8, prefix_tokens: int = 1024, block_tokens: int = 64,
-                   capacity: str = "measured") -> Workload:
-    """Issue 3's mixed-priority scenario: `ls_fraction` latency-sensitive (LS, priority 20) requests among
-    best-effort (BE, priority 0) ones, one Poisson stream at `overload` x the capacity for this length mix:
-    `capacity="measured"` (default) = the simulated deployment's saturated throughput for this mix under upstream
-    FCFS (measured_capacity_req_s); `"analytic"` = the older closed-form estimate (nominal_capacity_req_s), which
-    overestimates it ~2x for this mix (docs/request-tier.md, "What 1.5x overload means").
+                   prefix_groups: int = 8, prefix_tokens: int = 1024, block_tokens: int = 64) -> Workload:
+    """The mixed-priority scenario at `rate` requests/s: `ls_fraction` latency-sensitive (LS, priority 20) requests
+    among best-effort (BE, priority 0) ones, one Poisson stream. capacity.mixed_priority_at_overload picks `rate` as
+    a multiple of the simulated deployment's capacity for this mix.
 
     LS = interactive chat turns (uniform 128-2048-token prompts, 16-256-token answers); BE = long-document /
     batch jobs (uniform 4k-16k-token prompts, so they are chunk-prefilled at upstream's 8192-token chunks, and
     128-1024-token outputs). Every request starts with one of `prefix_groups` shared system prompts. With long
     BE prompts the KV pool, not the running-request limit, is what runs out under overload (docs/request-tier.md).
     """
-    from tiersched.sim.presets import get_preset
-
-    preset = get_preset(preset) if isinstance(preset, str) else preset
     rng = np.random.default_rng(seed)
-    mean_in = ls_fraction * np.mean(ls_input) + (1 - ls_fraction) * np.mean(be_input)
-    mean_out = ls_fraction * np.mean(ls_output) + (1 - ls_fraction) * np.mean(be_output)
-    analytic = nominal_capacity_req_s(preset, float(mean_in), float(mean_out))
-    if capacity == "measured":
-        capacity_req_s = measured_capacity_req_s(preset, ls_fraction, ls_input, ls_output, be_input, be_output,
-                                                 prefix_groups, prefix_tokens, block_tokens)
-    elif capacity == "analytic":
-        capacity_req_s = analytic
-    else:
-        raise ValueError(f"capacity must be 'measured' or 'analytic', got {capacity!r}.")
-    rate = overload * capacity_req_s
     n = max(1, int(rate * duration_s))
     arrivals = poisson_arrivals(rate, n, rng)
     is_ls = rng.uniform(0, 1, n) < ls_fraction
     inp = np.where(is_ls, sample_shape("Random", n, *ls_input, rng), sample_shape("Random", n, *be_input, rng))
     out = np.where(is_ls, sample_shape("Random", n, *ls_output, rng), sample_shape("Random", n, *be_output, rng))
     blocks = _shared_prefix_blocks(n, inp, prefix_groups, prefix_tokens, block_tokens, rng)
-    return Workload(f"mixed-priority-ls{ls_fraction:g}-x{overload:g}", arrivals, inp, out,
+    return Workload(f"mixed-priority-ls{ls_fraction:g}-{rate:g}rps", arrivals, inp, out,
                     priority=np.where(is_ls, LS_PRIORITY, BE_PRIORITY).astype(np.int64),
                     class_of=np.where(is_ls, 0, 1).astype(np.int64), class_names=("LS", "BE"),
                     prefix_blocks=blocks, block_tokens=block_tokens,
-                    meta={"rate": float(rate), "overload": overload, "nominal_capacity_req_s": float(capacity_req_s),
-                          "capacity_method": capacity, "analytic_capacity_req_s": float(analytic),
-                          "ls_fraction": ls_fraction, "ls_input": ls_input, "ls_output": ls_output,
-                          "be_input": be_input, "be_output": be_output, "seed": seed})
+                    meta={"rate": float(rate), "ls_fraction": ls_fraction, "ls_input": ls_input,
+                          "ls_output": ls_output, "be_input": be_input, "be_output": be_output, "seed": seed})
 
 
 def servegen(clients: int = 8, duration_s: float = 60.0, window_start_s: float | None = None, seed: int = 0,
@@ -250,48 +231,3 @@ def servegen(clients: int = 8, duration_s: float = 60.0, window_start_s: float |
                     priority=np.where(is_ls, LS_PRIORITY, BE_PRIORITY).astype(np.int64),
                     class_of=np.where(is_ls, 0, 1).astype(np.int64), class_names=("LS", "BE"),
                     session=tenant_all, meta={"trace": "servegen", "window": int(starts[w]), "clients": len(ranked)})
-
-
-def nominal_capacity_req_s(preset, mean_input: float, mean_output: float, decode_batch: int = 64) -> float:
-    """Rough sustainable request rate: one rank's time per request (its prefill alone plus its share of decode
-    steps at `decode_batch` running requests per rank, all ranks in lockstep), times dp ranks."""
-    from tiersched.sim.cost_model import StepCostModel
-    from tiersched.sim.moe_routing import ZipfRouting, token_probs
-
-    m = preset.model
-    probs = token_probs(ZipfRouting(m.moe_layers, preset.dp, m.num_experts, m.top_k, skew=0.0), preset.dp)
-    cost = StepCostModel(preset, probs)
-    dp = preset.dp
-    prefill = cost.step_times(np.full(dp, mean_input), np.full(dp, mean_input * (mean_input + 1) / 2), np.zeros(dp))[0][0]
-    decode = cost.step_times(np.full(dp, float(decode_batch)), np.zeros(dp),
-                             np.full(dp, decode_batch * (mean_input + mean_output / 2)))[0][0]
-    per_request_s = prefill + mean_output * decode / decode_batch
-    return dp / per_request_s
-
-
-# Saturation run that defines "capacity" for mixed_priority: its own seed (not an evaluation seed), offered load far
-# above capacity, completions counted after the warm-up.
-CAPACITY_SEED, CAPACITY_RUN_S, CAPACITY_WARMUP_S, CAPACITY_OVERDRIVE = 12345, 40.0, 10.0, 3.0
-
-
-@functools.lru_cache(maxsize=32)
-def measured_capacity_req_s(preset, ls_fraction: float = 0.2, ls_input=(128, 2048), ls_output=(16, 256),
-                            be_input=(4096, 16384), be_output=(128, 1024), prefix_groups: int = 8,
-                            prefix_tokens: int = 1024, block_tokens: int = 64) -> float:
-    """Saturated throughput (requests/s) of the simulated deployment for the mixed_priority length mix under
-    upstream FCFS: a Poisson stream at CAPACITY_OVERDRIVE x the analytic estimate for CAPACITY_RUN_S seconds; the
-    rate at which requests complete between CAPACITY_WARMUP_S and the last arrival (the queue never empties, so
-    this is what the deployment sustains). Why not the analytic estimate: it assumes every DP rank prefills at
-    once and decodes 64 requests; in lockstep DP attention one rank's long prefill step stalls all ranks, and the
-    KV pool holds ~33 of these requests per rank, so the real capacity is about half of it (docs/request-tier.md).
-    Cached per preset and mix (deterministic)."""
-    from tiersched.sim.loop import simulate
-    from tiersched.sim.policies import PolicySet
-
-    w = mixed_priority(ls_fraction, CAPACITY_OVERDRIVE, preset, CAPACITY_RUN_S, CAPACITY_SEED, ls_input, ls_output,
-                       be_input, be_output, prefix_groups, prefix_tokens, block_tokens, capacity="analytic")
-    result = simulate(preset, w, PolicySet(ordering="fcfs"), CAPACITY_SEED, record_timeline=False)
-    finish = w.arrival_s + result.records["e2e"]
-    end = float(w.arrival_s[-1])
-    done = np.isfinite(finish) & (finish >= CAPACITY_WARMUP_S) & (finish < end)
-    return float(done.sum()) / (end - CAPACITY_WARMUP_S)
