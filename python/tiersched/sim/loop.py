@@ -22,13 +22,13 @@ import numpy as np
 
 from tiersched.core.engine import DispatchRequest
 from tiersched.core.expert.placement import ExpertStats
-from tiersched.sim.metrics import SimResult, build_result
 from tiersched.sim.baselines.engine_tier import SimRankLoad
 from tiersched.sim.cost_model import StepCostModel
+from tiersched.sim.metrics import SimResult, build_result
+from tiersched.sim.moe_routing import MoeRouting, make_routing, token_probs
 from tiersched.sim.policies import PolicySet, make_dispatcher, make_eplb, make_ordering, make_preemption
 from tiersched.sim.presets import Preset, get_preset
 from tiersched.sim.rank import RankState, RequestTable
-from tiersched.sim.moe_routing import MoeRouting, make_routing, token_probs
 from tiersched.sim.workloads import Workload
 
 MAX_MACRO_STEPS = 4096

@@ -76,7 +76,7 @@ def deepseek_count_files() -> list[str]:
 def load_logical_counts(path: str) -> np.ndarray:
     """float64 [L, E] from an upstream `logical_count` file (.json or .pt; a leading window axis is summed)."""
     if path.endswith(".pt"):
-        import torch  # only for upstream's .pt dumps
+        import torch  # deferred: heavy, and only upstream's .pt dumps need it
 
         data = torch.load(path, weights_only=True, map_location="cpu")
         counts = data["logical_count"]
