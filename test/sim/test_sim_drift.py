@@ -1,4 +1,4 @@
-"""Routing drift over time in the simulator (issue 8) and EPLB history windows."""
+"""Routing drift over time in the simulator and EPLB history windows."""
 from __future__ import annotations
 
 import numpy as np

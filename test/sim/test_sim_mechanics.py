@@ -1,4 +1,4 @@
-"""The simulator's mechanics against hand-computed cases (issue 6's evidence)."""
+"""The simulator's mechanics against hand-computed cases."""
 from __future__ import annotations
 
 import math

@@ -29,7 +29,7 @@ class Scenario:
     duration_s: float = 60.0
     seed: int = 0
     eplb_rebalance_steps: int | None = None
-    routing_drift_steps: int = 0  # 0 = fixed routing; else a drifted routing every this many steps (issue 8)
+    routing_drift_steps: int = 0  # 0 = fixed routing; else a drifted routing every this many steps
     eplb_history_windows: int = 1
     extra: dict = field(default_factory=dict)
 

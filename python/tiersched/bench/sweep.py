@@ -1,6 +1,6 @@
 """`python -m tiersched.bench sweep`: a grid of scenarios, resumable, with a win-share summary.
 
-Grid (issue 6): 5 length shapes x rates x seeds x presets (default 5 x 4 x 3 x 2 = 120 configurations). Rates are
+Grid: 5 length shapes x rates x seeds x presets (default 5 x 4 x 3 x 2 = 120 configurations). Rates are
 fractions of each preset's nominal capacity (capacity.nominal_capacity_req_s). In every configuration the
 upstream baselines {fcfs/round_robin, lpm/total_tokens, shortest-prefill-first/total_requests,
 hrrn/total_tokens} run and the best one (lowest mean TTFT) is compared with tiersched's ordering + dispatch

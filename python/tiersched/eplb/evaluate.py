@@ -1,13 +1,15 @@
 """`python -m tiersched.eplb evaluate`: our planner next to upstream's `deepseek`, in the same run.
 
 Two parts (docs/expert-tier.md has the reasoning):
-* held-out (issue 8): aggregate `logical_count` windows; leave-one-window-out (plan on the others, evaluate on
-  the one left out), or `--plan-stats`/`--eval-stats`; in-sample = on the planning windows themselves.
-* source-aware (issue 5): per-source windows drawn from RoutingModel calibrated on the same counts (all windows
-  summed), R sources = R ranks; balancedness and cross-rank share on the planning window, migrated fraction of a
-  re-plan on the next stationary window, solve time of the whole model (wall and CPU seconds of this process,
-  ours and upstream's `deepseek` timed in the same run), and cross-rank share under both routing models
-  (combine every layer / tokens stay with their expert), for ours with and without inter-layer co-location.
+* held-out (does a plan made on past windows hold on the next?): aggregate `logical_count` windows;
+  leave-one-window-out (plan on the others, evaluate on the one left out), or `--plan-stats`/`--eval-stats`;
+  in-sample = on the planning windows themselves.
+* source-aware (what per-source statistics buy): per-source windows drawn from RoutingModel calibrated on the
+  same counts (all windows summed), R sources = R ranks; balancedness and cross-rank share on the planning
+  window, migrated fraction of a re-plan on the next stationary window, solve time of the whole model (wall and
+  CPU seconds of this process, ours and upstream's `deepseek` timed in the same run), and cross-rank share under
+  both routing models (combine every layer / tokens stay with their expert), for ours with and without
+  inter-layer co-location.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def heldout_summary(results: list[dict]) -> dict:
 
 def source_aware(counts: np.ndarray, num_physical: int, num_ranks: int, num_nodes: int, config: PlacementConfig,
                  source_skew: float, seed: int, tokens_per_source: float, lift: Optional[float] = None) -> dict:
-    """counts float [L, E]: calibrates the routing model; returns the issue-5 fields."""
+    """counts float [L, E]: calibrates the routing model; returns the source-aware fields above."""
     extra = {} if lift is None else {"lift": lift}
     model = RoutingModel.from_logical_counts(counts, num_ranks, source_skew=source_skew, seed=seed, **extra)
     rng = np.random.default_rng(seed)
