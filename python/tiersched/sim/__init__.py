@@ -4,10 +4,12 @@
     result = simulate("qwen3", workloads.synthetic("Random", rate=4.0), PolicySet(dispatch="total_tokens"))
     result.metrics["ttft_mean"]
 
-Imports the core (tiersched.core), never the SGLang adapters. Model and assumptions: docs/simulator.md.
+Imports the core (tiersched.core), never the SGLang adapters or the live tools; no module of this package imports
+the package itself (this file only re-exports). Model and assumptions: docs/simulator.md.
 """
 from tiersched.sim import capacity, workloads
-from tiersched.sim.loop import SimResult, simulate
+from tiersched.sim.loop import simulate
+from tiersched.sim.metrics import SimResult
 from tiersched.sim.policies import PolicySet, PolicyUnavailable
 from tiersched.sim.presets import Preset, get_preset, preset_names
 
