@@ -9,7 +9,11 @@ import pytest
 from tiersched.bench import compare, sweep
 from tiersched.bench.runner import Scenario
 from tiersched.core.request.ordering import RunningRequest, WaitingRequest
-from tiersched.sim.baselines import engine_tier, request_tier
+from tiersched.core.engine import Dispatcher
+from tiersched.core.engine.upstream import TotalTokensDispatcher
+from tiersched.sim import PolicySet, get_preset, simulate, workloads
+from tiersched.sim.baselines import request_tier
+from tiersched.sim.policies import DISPATCHERS, make_dispatcher
 
 
 def test_compare_json_has_required_policies_and_fields():
@@ -82,17 +86,38 @@ def test_upstream_priority_preemption_threshold_and_order():
     assert pre.choose_victims(_w("x", prio=15), running, 3, 0, 6.0) is None  # 15 - 8 <= 10: cannot cover
 
 
-def test_upstream_dispatchers_follow_snapshots_and_optimistic_updates():
-    from tiersched.core.engine import DispatchRequest
+def test_simulator_builds_dispatchers_from_the_registry():
+    preset = get_preset("qwen3")
+    assert set(DISPATCHERS) == {"round_robin", "total_requests", "total_tokens", "vllm-dp", "tiersched"}
+    for name, cls in DISPATCHERS.items():
+        d = make_dispatcher(name, preset)
+        assert type(d) is cls and isinstance(d, Dispatcher) and d.name == name and d.num_ranks == preset.dp
+    mine = TotalTokensDispatcher(preset.dp)
+    copied = make_dispatcher(mine, preset)
+    assert type(copied) is TotalTokensDispatcher and copied is not mine  # objects are deep-copied, not shared
+    with pytest.raises(ValueError, match="round_robin, total_requests, total_tokens, vllm-dp, tiersched"):
+        make_dispatcher("least_loaded", preset)
+    with pytest.raises(TypeError, match="Dispatcher"):
+        make_dispatcher(object(), preset)
 
-    loads = [engine_tier.SimRankLoad(rank=0, running_reqs=3, queue_len=0, kv_used_tokens=100, waiting_prompt_tokens=0),
-             engine_tier.SimRankLoad(rank=1, running_reqs=1, queue_len=1, kv_used_tokens=900, waiting_prompt_tokens=50)]
-    req = DispatchRequest("r", 400)
-    tr = engine_tier.TotalRequestsDispatcher(); tr.update_loads(loads, 0)
-    assert [tr.pick(req, 0).rank for _ in range(3)] == [1, 0, 1]  # 2 vs 3, then +1 optimistic each
-    tt = engine_tier.TotalTokensDispatcher(); tt.update_loads(loads, 0)
-    assert [tt.pick(req, 0).rank for _ in range(4)] == [0, 0, 0, 1]  # 100, 500, 900 < 950; then 1300 > 950
-    v = engine_tier.VLLMDPDispatcher(); v.update_loads(loads, 0)
-    assert [v.pick(req, 0).rank for _ in range(2)] == [0, 1]  # scores 3 vs 5 -> 7 vs 5
-    rr = engine_tier.RoundRobinDispatcher(); rr.update_loads(loads, 0)
-    assert [rr.pick(req, 0).rank for _ in range(3)] == [0, 1, 0]
+
+def test_simulator_publishes_waiting_tokens_to_the_dispatcher():
+    """The simulator's snapshot carries upstream's num_total_tokens ingredients: KV in use + waiting prompt tokens
+    (RankLoad.waiting_tokens), with the request counts DPBudget adds up."""
+    seen = []
+
+    class Spy(TotalTokensDispatcher):
+        name = "spy"
+
+        def update_loads(self, loads, now_s):
+            seen.extend(loads)
+            super().update_loads(loads, now_s)
+
+    preset = get_preset("qwen3")
+    work = workloads.synthetic("Random", rate=200.0, duration_s=2.0, seed=1)  # overloaded: queues form
+    result = simulate(preset, work, PolicySet(dispatch=Spy(preset.dp)), duration_s=2.0)
+    assert any(load.queue_len > 0 for load in seen)
+    for load in seen:  # every waiting prompt has at least 128 tokens (the workload's input range)
+        assert (load.waiting_tokens == 0) if load.queue_len == 0 else (load.waiting_tokens >= 128 * load.queue_len)
+    same = simulate(preset, work, PolicySet(dispatch="total_tokens"), duration_s=2.0)
+    assert list(result.records["rank"]) == list(same.records["rank"])  # the object runs as its registry name does

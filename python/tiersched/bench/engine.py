@@ -1,10 +1,11 @@
-"""`python -m tiersched.bench dispatch [--json]`: engine-tier decision latency and burst balance.
+"""`python -m tiersched.bench engine [--json]`: engine-tier decision latency and burst balance.
 
 Measured in one run, on one synthetic shared-prefix workload (no data files needed):
 - decision latency of ScoreDispatcher.pick at 8 and 32 ranks with a prefix index held at ~100k (rank, page)
   entries (each rank's KV capacity set so the index stays there),
 - upstream's own TOTAL_TOKENS selection (`DPBudget.dispatch` from sglang.srt.managers.data_parallel_controller,
-  called in-process) on the same requests, or our faithful mirror when sglang cannot be imported,
+  called in-process) on the same requests, or its copy tiersched.core.engine.upstream.TotalTokensDispatcher (the
+  one the simulator runs) when sglang cannot be imported,
   (wall clock per decision; `decision_p99_cpu_us_*` is the same on the thread's CPU clock, which leaves out time
   the OS gave to other processes),
 - burst balance: 1,000 requests arriving within 50 ms over 8 ranks while every snapshot read returns the
@@ -163,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
         out[f"prefix_index_entries_{ranks}"] = lat["entries"]
         out["total_tokens_source"] = (
             "sglang DPBudget.dispatch(TOTAL_TOKENS), called in-process" if lat["upstream_real"]
-            else "tiersched.core.engine.upstream.TotalTokensDispatcher (mirror; sglang not importable)")
+            else "tiersched.core.engine.upstream.TotalTokensDispatcher (sglang not importable)")
     ours, theirs = burst_ratio(args.seed)
     cfg = EngineTierConfig()
     rr = _burst(RoundRobinDispatcher(8), shared_prefix_workload(1000, args.seed, cfg.block_tokens), 8,

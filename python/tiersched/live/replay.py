@@ -23,7 +23,7 @@ import numpy as np
 
 from tiersched.live.driver import RequestResult
 from tiersched.live.requests import RequestSet
-from tiersched.core.engine import Decision, DispatchRequest, RankLoad
+from tiersched.core.engine import Decision, Dispatcher, DispatchRequest, RankLoad
 
 # Which simulator policies mirror each live arm (names from tiersched.sim.policies).
 ARM_POLICIES = {
@@ -100,7 +100,7 @@ def to_workload(meta: dict, rows: Sequence[dict]):
     ), rows
 
 
-class RecordedDispatch:
+class RecordedDispatch(Dispatcher):
     """Dispatcher that sends simulator request i where the live controller sent it (simulator rids are indices)."""
 
     name = "recorded"

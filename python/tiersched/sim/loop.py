@@ -20,9 +20,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from tiersched.core.engine import DispatchRequest
+from tiersched.core.engine import DispatchRequest, RankLoad
 from tiersched.core.expert.placement import ExpertStats
-from tiersched.sim.baselines.engine_tier import SimRankLoad
 from tiersched.sim.cost_model import StepCostModel
 from tiersched.sim.metrics import SimResult, build_result
 from tiersched.sim.moe_routing import MoeRouting, make_routing, token_probs
@@ -93,7 +92,7 @@ class Simulation:
         per_token = self.cost.gpu_probs  # [L, S, G]
         return np.einsum("lsg,lg->s", per_token, load) / np.maximum(per_token.sum(axis=(0, 2)), 1e-12)
 
-    def _snapshot(self) -> list[SimRankLoad]:
+    def _snapshot(self) -> list[RankLoad]:
         t = self.table
         pressure = self._pressure()
         loads = []
@@ -102,12 +101,12 @@ class Simulation:
             remaining = int((t.fill_len[waiting] - np.maximum(t.prefilled[waiting], 0)).sum()) if waiting.size else 0
             if rs.chunked is not None:
                 remaining += int(t.fill_len[rs.chunked] - t.prefilled[rs.chunked])
-            loads.append(SimRankLoad(
+            loads.append(RankLoad(
                 rank=rs.rank, kv_capacity_tokens=rs.s.kv_capacity_tokens, kv_used_tokens=rs.kv_used(),
                 remaining_prefill_tokens=remaining, queue_len=len(rs.waiting),
                 running_reqs=len(rs.running) + (rs.chunked is not None), running_decode_tokens=rs.decode_context(),
                 expert_pressure=float(pressure[rs.rank]), timestamp_s=self.now,
-                waiting_prompt_tokens=int(t.fill_len[waiting].sum()) if waiting.size else 0,
+                waiting_tokens=int(t.fill_len[waiting].sum()) if waiting.size else 0,
             ))
         return loads
 

@@ -13,7 +13,10 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from tiersched.sim.baselines import engine_tier, expert_tier, request_tier
+from tiersched.core.engine import Dispatcher
+from tiersched.core.engine.score import ScoreDispatcher
+from tiersched.core.engine.upstream import BASELINES as UPSTREAM_DISPATCHERS
+from tiersched.sim.baselines import expert_tier, request_tier
 
 ORDERING_BASELINES = {
     "fcfs": request_tier.FCFSOrdering,
@@ -22,12 +25,7 @@ ORDERING_BASELINES = {
     "hrrn": request_tier.HRRNOrdering,
     "shortest-prefill-first": request_tier.ShortestPrefillFirstOrdering,
 }
-DISPATCH_BASELINES = {
-    "round_robin": engine_tier.RoundRobinDispatcher,
-    "total_requests": engine_tier.TotalRequestsDispatcher,
-    "total_tokens": engine_tier.TotalTokensDispatcher,
-    "vllm-dp": engine_tier.VLLMDPDispatcher,
-}
+DISPATCHERS: dict[str, type[Dispatcher]] = {**UPSTREAM_DISPATCHERS, ScoreDispatcher.name: ScoreDispatcher}
 EPLB_NAMES = ("none", "deepseek", "deepseek-hierarchical", "source_aware")
 
 
@@ -47,7 +45,8 @@ class PolicySet:
         def name(x):
             return x if isinstance(x, str) else getattr(x, "name", type(x).__name__)
 
-        parts = [name(self.ordering), name(self.dispatch), name(self.eplb)]
+        dispatch = self.dispatch if isinstance(self.dispatch, str) else self.dispatch.name  # a Dispatcher
+        parts = [name(self.ordering), dispatch, name(self.eplb)]
         return "/".join(parts) + ("+feedback" if self.expert_feedback else "")
 
 
@@ -93,15 +92,15 @@ def make_preemption(spec: Any, ordering_spec: Any, preset):
     raise ValueError(f"unknown preemption {spec!r}; choose none, priority, tiersched or auto.")
 
 
-def make_dispatcher(spec: Any, preset):
-    if not isinstance(spec, str):
+def make_dispatcher(spec: Any, preset) -> Dispatcher:
+    """A registry name -> a fresh dispatcher over the preset's DP ranks; a Dispatcher object -> a deep copy."""
+    if isinstance(spec, Dispatcher):
         return copy.deepcopy(spec)
-    if spec in DISPATCH_BASELINES:
-        return DISPATCH_BASELINES[spec]()
-    if spec == "tiersched":
-        cls = _core_class("tiersched.core.engine.score", ("ScoreDispatcher",))
-        return cls(preset.dp)
-    raise ValueError(f"unknown dispatch {spec!r}; choose one of {', '.join([*DISPATCH_BASELINES, 'tiersched'])}.")
+    if not isinstance(spec, str):
+        raise TypeError(f"dispatch {spec!r} is neither a name nor a Dispatcher (tiersched.core.engine).")
+    if spec not in DISPATCHERS:
+        raise ValueError(f"unknown dispatch {spec!r}; choose one of {', '.join(DISPATCHERS)}.")
+    return DISPATCHERS[spec](preset.dp)
 
 
 class CoreRebalance:

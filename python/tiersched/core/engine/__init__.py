@@ -1,12 +1,16 @@
-"""Engine tier: score-based DP dispatch (filters -> weighted scorers -> picker).
+"""Engine tier: which DP rank gets each request (the DP controller's choice).
 
-CONTRACT (kept stable; the simulator and the DP-controller adapter code against it).
+This module is the tier's interface: the snapshot a rank publishes (RankLoad), the request as the dispatcher sees
+it (DispatchRequest), its answer (Decision), the `Dispatcher` ABC every policy implements, and EngineTierConfig.
+Policies: score.ScoreDispatcher (tiersched's), upstream.* (SGLang's --load-balance-method choices, vLLM's DP
+balancer). The simulator and the DP-controller adapter call only what `Dispatcher` declares.
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import ClassVar, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +18,7 @@ class RankLoad:
     """What one DP rank's scheduler publishes (a superset of upstream's shared-memory load snapshot)."""
 
     rank: int
-    active: bool = True  # upstream status/active set; inactive ranks never receive requests
+    active: bool = True  # upstream's per-rank status; upstream's total_requests/total_tokens do not read it
     kv_capacity_tokens: int = 0
     kv_used_tokens: int = 0
     remaining_prefill_tokens: int = 0  # uncached waiting work + what is left of chunked prefills
@@ -43,12 +47,40 @@ class Decision:
     filtered: dict[int, str] = field(default_factory=dict)  # rank -> why it was not a candidate
 
 
-class Dispatcher(Protocol):
-    def update_loads(self, loads: Sequence[RankLoad], now_s: float) -> None:
-        """A fresh snapshot from the ranks (replaces optimistic estimates made since the last one)."""
+class Dispatcher(abc.ABC):
+    """A DP dispatch policy over `num_ranks` ranks: snapshots in, one rank per request out.
 
+    Call order: `update_loads` whenever the caller reads the ranks' snapshots (the simulator and the adapter do it
+    at most every `snapshot_refresh_s`, as upstream's DataParallelController.refresh_load_budget), then `pick` once
+    per request. Between snapshots a dispatcher accounts for its own picks (optimistic updates), so a burst does
+    not herd onto the rank that looked idlest. Subclasses set `name` (the registry and report name) and take the
+    rank count as their first constructor argument.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def update_loads(self, loads: Sequence[RankLoad], now_s: float) -> None:
+        """Take the ranks' snapshots (any subset of ranks). A snapshot whose `timestamp_s` equals the last one seen
+        from that rank is the same publication read again: it holds none of the picks made since."""
+
+    @abc.abstractmethod
     def pick(self, req: DispatchRequest, now_s: float) -> Decision:
-        """Choose a rank and account for the request optimistically until the next snapshot."""
+        """Choose a rank and account for the request optimistically until a newer snapshot covers it.
+        Raises RuntimeError when no rank can take it."""
+
+    def record(self, rank: int, req: DispatchRequest, now_s: float) -> int:
+        """A request someone else sent to `rank` (upstream's explicit `routed_dp_rank`); returns the cached tokens
+        the dispatcher expected there. Default: nothing to account (upstream's DPBudget ignores such requests)."""
+        return 0
+
+    def forget_cache(self, rank: int | None = None) -> None:
+        """The rank's (or every rank's) prefix cache was flushed. Default: nothing to forget (no cache model)."""
+
+    def pending_work(self) -> list[int] | None:
+        """Per-rank uncached prefill tokens the dispatcher believes are queued (last snapshot plus its own picks),
+        for the imbalance metric. Default: None, this dispatcher keeps no such estimate."""
+        return None
 
 
 @dataclass(frozen=True)

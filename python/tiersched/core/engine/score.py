@@ -25,14 +25,16 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Sequence
 
-from tiersched.core.engine import Decision, EngineTierConfig, DispatchRequest, RankLoad
+from tiersched.core.engine import Decision, Dispatcher, DispatchRequest, EngineTierConfig, RankLoad
 from tiersched.core.engine.prefix_index import PrefixIndex
 
 SCORER_NAMES = ("prefill", "prefix", "decode", "kv", "queue", "expert", "session")
 
 
-class ScoreDispatcher:
-    """Dispatcher over `num_ranks` DP ranks (implements tiersched.core.engine.Dispatcher)."""
+class ScoreDispatcher(Dispatcher):
+    """tiersched's dispatch over `num_ranks` DP ranks (`--load-balance-method score`)."""
+
+    name = "tiersched"
 
     def __init__(self, num_ranks: int, config: EngineTierConfig | None = None) -> None:
         self.config = config or EngineTierConfig()
@@ -45,7 +47,6 @@ class ScoreDispatcher:
         self._opt_reqs = [0] * num_ranks
         self._charges: list[deque[tuple[float, int, int]]] = [deque() for _ in range(num_ranks)]
         self._sessions: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (rank, context tokens)
-        self.dispatched_prefill = [0] * num_ranks  # cumulative uncached tokens sent (for imbalance metrics)
         # Per-rank terms that do not depend on the request, refreshed when a snapshot or a charge changes them
         # (keeps a decision to one cheap pass over the ranks).
         self._pending = [0] * num_ranks
@@ -172,7 +173,6 @@ class ScoreDispatcher:
         self._opt_kv[rank] += uncached
         self._opt_reqs[rank] += 1
         self._charges[rank].append((now_s, uncached, uncached))
-        self.dispatched_prefill[rank] += uncached
         self._refresh(rank)
         if req.prefix_blocks:
             self.index.insert(rank, req.prefix_blocks)
