@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tiersched.core.expert import metrics
-from tiersched.core.expert.placement import ExpertStats, placement_from_phy2log
+from tiersched.core.expert import ExpertStats, placement_from_phy2log
 
 # 2 ranks, 4 slots (2 per rank), 3 experts: rank 0 holds {0, 1}, rank 1 holds {0, 2}
 PLACE = placement_from_phy2log(np.array([[0, 1, 0, 2]]), 3)

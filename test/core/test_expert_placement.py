@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tiersched.core.expert.placement import (ExpertStats, PlacementConfig, placement_from_phy2log, rebalance,
-                                             trivial_placement)
-from tiersched.core.expert import metrics
+from tiersched.core.expert import ExpertStats, PlacementConfig, placement_from_phy2log, trivial_placement
+from tiersched.core.expert import metrics, placement, search, solver
+from tiersched.core.expert.placement import rebalance
 
 
 @st.composite
@@ -51,13 +51,12 @@ def test_rebalance_structure_and_determinism(problem):
     counts, num_physical, num_ranks, coact, hot = problem
     stats = ExpertStats(source_counts=counts, coactivation=coact)
     config = PlacementConfig(hot_slots_per_rank=hot)
-    from tiersched.core.expert.solver import solve  # called directly: a planner exception must fail the test
-
-    first = solve(stats, num_physical, num_ranks, 1, None, config)
+    # solver.solve, not rebalance: a planner exception must fail the test, not fall back
+    first = solver.solve(stats, num_physical, num_ranks, 1, None, config)
     _check_structure(first, counts.shape[1], counts.shape[3], num_physical, num_ranks)
     again = rebalance(stats, num_physical, num_ranks, 1, None, config)
     np.testing.assert_array_equal(first.phy2log, again.phy2log)
-    with_prev = solve(stats, num_physical, num_ranks, 1, first, config)
+    with_prev = solver.solve(stats, num_physical, num_ranks, 1, first, config)
     _check_structure(with_prev, counts.shape[1], counts.shape[3], num_physical, num_ranks)
 
 
@@ -90,14 +89,12 @@ def test_bad_statistics_without_prev_give_trivial_placement():
 
 
 def test_solver_failure_keeps_prev(monkeypatch, caplog):
-    import tiersched.core.expert.solver as solver
-
     prev = trivial_placement(2, 8, 12)
 
     def boom(*args, **kwargs):
         raise RuntimeError("HiGHS gave up")
 
-    monkeypatch.setattr(solver, "solve", boom)
+    monkeypatch.setattr(placement, "solve", boom)
     with caplog.at_level(logging.WARNING):
         assert rebalance(_stats(), 12, 4, 1, prev, PlacementConfig()) is prev
     assert "HiGHS gave up" in caplog.text
@@ -142,10 +139,23 @@ def test_core_imports_neither_sglang_nor_torch():
     import subprocess
     import sys
 
-    code = ("import sys, tiersched.core.expert.placement, tiersched.core.expert.solver, tiersched.core.expert.metrics;"
-            "print('torch' in sys.modules or 'sglang' in sys.modules)")
+    modules = ", ".join(f"tiersched.core.expert.{m}" for m in
+                        ("placement", "solver", "estimate", "search", "colocation", "metrics"))
+    code = f"import sys, {modules}; print('torch' in sys.modules or 'sglang' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_package_interface_imports_none_of_its_submodules():
+    """tiersched.core.expert is the interface every planner module imports; it imports none of them back."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tiersched.core.expert as e; "
+            "print(sorted(m for m in sys.modules if m.startswith('tiersched.core.expert.')), sorted(e.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("[] ['ExpertPlanner', 'ExpertStats', 'Placement', 'PlacementConfig', 'check_stats', "
+                   "'placement_from_phy2log', 'trivial_placement']")
 
 
 def test_result_does_not_depend_on_machine_speed(monkeypatch):
@@ -169,10 +179,8 @@ def test_result_does_not_depend_on_machine_speed(monkeypatch):
 @given(st.integers(1, 8), st.integers(0, 2**16))
 def test_hot_assignment_matches_highs_optimum(num_hot, seed):
     """The reduced problem is an assignment problem: scipy's exact solver and HiGHS reach the same optimum."""
-    from tiersched.core.expert.solver import assign_hot
-
     cost = np.random.default_rng(seed).normal(size=(num_hot, 8))
-    fast, highs = assign_hot(cost, "assignment"), assign_hot(cost, "highs")
+    fast, highs = solver.assign_hot(cost, "assignment"), solver.assign_hot(cost, "highs")
     assert len(set(fast.tolist())) == num_hot and len(set(highs.tolist())) == num_hot  # distinct ranks
     rows = np.arange(num_hot)
     assert cost[rows, fast].sum() == pytest.approx(cost[rows, highs].sum(), abs=1e-9)
@@ -182,8 +190,6 @@ def test_hot_assignment_matches_highs_optimum(num_hot, seed):
 def test_local_search_keeps_exact_loads_and_lowers_cost(num_sources):
     """The incremental load bookkeeping of the batched swap search matches a fresh computation, and the cost
     never rises (swaps the exact loads do not confirm are undone)."""
-    from tiersched.core.expert import search
-
     rng = np.random.default_rng(num_sources)
     batch, num_windows, num_logical, num_ranks, k = 3, 3, 12, 4, 4
     scen = rng.gamma(0.8, 1.0, size=(batch, num_windows, num_sources, num_logical))

@@ -6,6 +6,9 @@ import json
 import sys
 
 from tiersched.config import ConfigError, load_config
+from tiersched.eplb.evaluate import evaluate
+from tiersched.eplb.plan import plan
+from tiersched.eplb.stats_io import load_window
 from tiersched.sim.moe_routing import deepseek_count_files
 
 
@@ -41,10 +44,6 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.cmd == "plan":
-        from tiersched.eplb.plan import plan
-
-        from tiersched.eplb.stats_io import load_window
-
         num_logical = load_window(args.stats[0]).source_counts.shape[3]
         placement = plan(args.stats, args.out, num_logical + args.redundant, args.num_ranks, args.num_nodes,
                          config, args.prev)
@@ -56,9 +55,6 @@ def main(argv=None) -> int:
         print("error: no statistics: pass --plan-stats FILES (../shared/data or TIERSCHED_SHARED_DATA not found).",
               file=sys.stderr)
         return 2
-    from tiersched.eplb.evaluate import evaluate
-    from tiersched.eplb.stats_io import load_window
-
     num_logical = load_window(files[0]).source_counts.shape[3]
     result = evaluate(files, args.eval_stats, num_logical + args.redundant, args.num_ranks, args.num_nodes, config,
                       args.source_skew, args.seed, args.tokens_per_source, args.lift)

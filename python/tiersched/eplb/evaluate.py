@@ -20,10 +20,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tiersched.core.expert import metrics
-from tiersched.core.expert.placement import ExpertStats, PlacementConfig, rebalance
-from tiersched.eplb.baseline import deepseek_placement
+from tiersched.core.expert import ExpertStats, PlacementConfig
+from tiersched.core.expert.placement import rebalance
 from tiersched.eplb.stats_io import load_windows
 from tiersched.sim.moe_routing import RoutingModel
+from tiersched.sim.upstream_eplb import deepseek_rebalance
 
 
 def _window(stats: ExpertStats, idx) -> ExpertStats:
@@ -41,7 +42,7 @@ def heldout(plan: ExpertStats, evals: Sequence[ExpertStats], num_physical: int, 
             config: PlacementConfig) -> dict:
     """Balancedness of ours and deepseek planned on `plan`, on each of `evals` and in-sample."""
     ours, solve_s, solve_cpu = _timed(rebalance, plan, num_physical, num_ranks, num_nodes, None, config)
-    base = deepseek_placement(plan, num_physical, num_ranks, num_nodes)
+    base = deepseek_rebalance(plan, num_physical, num_ranks, num_nodes)
     return {
         "ours": [metrics.balancedness(ours, e, num_ranks) for e in evals],
         "deepseek": [metrics.balancedness(base, e, num_ranks) for e in evals],
@@ -80,8 +81,8 @@ def source_aware(counts: np.ndarray, num_physical: int, num_ranks: int, num_node
     second = model.sample_window(tokens, rng)  # stationary: same model, fresh sample
     ours, solve_s, solve_cpu = _timed(rebalance, first, num_physical, num_ranks, num_nodes, None, config)
     again, resolve_s, resolve_cpu = _timed(rebalance, second, num_physical, num_ranks, num_nodes, ours, config)
-    base, base_s, base_cpu = _timed(deepseek_placement, first, num_physical, num_ranks, num_nodes)
-    base_again = deepseek_placement(second, num_physical, num_ranks, num_nodes)
+    base, base_s, base_cpu = _timed(deepseek_rebalance, first, num_physical, num_ranks, num_nodes)
+    base_again = deepseek_rebalance(second, num_physical, num_ranks, num_nodes)
     no_chain = rebalance(first, num_physical, num_ranks, num_nodes, None, replace(config, colocation_weight=0.0))
     placements = {"ours": ours, "ours_without_colocation": no_chain, "deepseek": base}
     return {
@@ -109,8 +110,6 @@ def source_aware(counts: np.ndarray, num_physical: int, num_ranks: int, num_node
 def evaluate(plan_files: Sequence[str], eval_files: Optional[Sequence[str]], num_physical: int, num_ranks: int,
              num_nodes: int, config: PlacementConfig, source_skew: float, seed: int, tokens_per_source: float,
              lift: Optional[float] = None) -> dict:
-    import tiersched.core.expert.solver  # noqa: F401  (imported up front: scipy's import time is not solve time)
-
     windows = load_windows(plan_files)
     num_windows = windows.source_counts.shape[0]
     if eval_files:

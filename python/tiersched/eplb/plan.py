@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tiersched.core.expert.placement import Placement, PlacementConfig, placement_from_phy2log, rebalance
+from tiersched.core.expert import Placement, PlacementConfig, placement_from_phy2log
+from tiersched.core.expert.placement import rebalance
 from tiersched.eplb.stats_io import load_windows
 
 

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tiersched.core.expert.placement import ExpertStats
+from tiersched.core.expert import ExpertStats
 from tiersched.sim.moe_routing import load_logical_counts
 
 

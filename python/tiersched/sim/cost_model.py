@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiersched.core.expert.placement import Placement
+from tiersched.core.expert import Placement
 
 
 def trivial_placement(layers: int, experts: int, slots: int) -> Placement:

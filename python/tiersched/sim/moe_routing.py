@@ -40,7 +40,7 @@ from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 
-from tiersched.core.expert.placement import ExpertStats
+from tiersched.core.expert import ExpertStats
 from tiersched.data import DEEPSEEK_EXPERT_COUNTS, shared_data_dir
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tiersched.core.expert.placement import ExpertStats, PlacementConfig
+from tiersched.core.expert import ExpertStats, PlacementConfig
 
 
 def default_rank_distance(num_ranks: int, num_nodes: int, cross_node_weight: float) -> np.ndarray:
@@ -25,7 +25,8 @@ def default_rank_distance(num_ranks: int, num_nodes: int, cross_node_weight: flo
 
 
 def replica_counts(load: np.ndarray, num_physical: int) -> np.ndarray:
-    """int [L, E] >= 1 summing to num_physical per layer, minimising max load / count (greedy, optimal)."""
+    """int [L, E] >= 1 summing to num_physical per layer, minimising max load / count (greedy, optimal);
+    load float [L, E]."""
     num_layers, num_logical = load.shape
     counts = np.ones((num_layers, num_logical), dtype=np.int64)
     rows = np.arange(num_layers)
@@ -37,6 +38,8 @@ def replica_counts(load: np.ndarray, num_physical: int) -> np.ndarray:
 
 @dataclass
 class Estimate:
+    """Planning input for the L layers, in units where each scenario's mean rank load is 1."""
+
     scen: np.ndarray  # [L, Wp, S, E] planning scenarios, each scaled so mean rank load is 1
     weight: np.ndarray  # [Wp] scenario weights summing to 1
     robust: np.ndarray  # [L, E] robust load (same units)
@@ -45,6 +48,8 @@ class Estimate:
 
 
 def estimate(stats: ExpertStats, num_ranks: int, config: PlacementConfig, dist: np.ndarray) -> Estimate:
+    """Scenarios, weights, robust load and locality gain from stats.source_counts float [W, L, S, E];
+    dist float [R, R] rank distances. The gain is zero unless S == R (per-source statistics)."""
     counts = np.asarray(stats.source_counts, dtype=np.float64)  # [W, L, S, E]
     num_windows, num_layers, num_sources, num_logical = counts.shape
     totals = counts.sum(axis=(2, 3))  # [W, L]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiersched.core.expert.placement import ExpertStats, Placement
+from tiersched.core.expert import ExpertStats, Placement
 
 
 def replica_matrix(phy2log: np.ndarray, num_experts: int, num_ranks: int) -> np.ndarray:

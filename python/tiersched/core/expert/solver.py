@@ -23,8 +23,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 from scipy.sparse import coo_matrix
 
+from tiersched.core.expert import ExpertStats, Placement, PlacementConfig, placement_from_phy2log
+from tiersched.core.expert.colocation import colocate
 from tiersched.core.expert.estimate import default_rank_distance, estimate, replica_counts
-from tiersched.core.expert.placement import ExpertStats, Placement, PlacementConfig, placement_from_phy2log
 from tiersched.core.expert.search import batch_loads, cost, greedy, has_from_phy, local_search
 
 
@@ -72,6 +73,10 @@ def _search_args(config: PlacementConfig, weight: np.ndarray) -> dict:
 
 def solve(stats: ExpertStats, num_physical: int, num_ranks: int, num_nodes: int, prev: Optional[Placement],
           config: PlacementConfig, rank_distance: Optional[np.ndarray] = None) -> Placement:
+    """Steps 1-7 above on statistics rebalance() has checked; raises when a solver fails.
+
+    stats.source_counts float [W, L, S, E]; prev: the current placement (phy2log [L, P]) or None;
+    rank_distance optional float [R, R]. Layers without tokens keep prev's row (or the trivial layout)."""
     counts = np.asarray(stats.source_counts, dtype=np.float64)
     _, num_layers, num_sources, num_logical = counts.shape
     k = num_physical // num_ranks
@@ -123,8 +128,6 @@ def solve(stats: ExpertStats, num_physical: int, num_ranks: int, num_nodes: int,
         use_kept = costs[1] <= costs[0] + config.keep_tolerance
         phy = np.where(use_kept[:, None], kept, phy)
     if stats.coactivation is not None and config.colocation_weight > 0 and batch > 1:
-        from tiersched.core.expert.colocation import colocate
-
         phy = colocate(phy, layers, scen, unit_cost, np.asarray(stats.coactivation, dtype=np.float64), config, args)
     out = (np.array(prev.phy2log, dtype=np.int64) if prev is not None
            else np.tile(np.arange(num_physical, dtype=np.int64) % num_logical, (num_layers, 1)))
