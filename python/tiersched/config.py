@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 def _tier_config_classes() -> dict[str, type]:
     # Imported lazily: each tier owns its dataclass next to its policy (tiersched.core.*).
     from tiersched.core.engine import EngineTierConfig
-    from tiersched.core.expert.placement import PlacementConfig
+    from tiersched.core.expert import PlacementConfig
     from tiersched.core.request.ordering import RequestTierConfig
 
     return {"request": RequestTierConfig, "engine": EngineTierConfig, "expert": PlacementConfig}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tiersched.core.expert import ExpertPlanner
 from tiersched.sim import PolicySet, get_preset, simulate
 from tiersched.sim.loop import Simulation
 from tiersched.sim.moe_routing import MoeRouting, RoutingModel, ZipfRouting, make_routing
@@ -45,7 +46,7 @@ def test_drifted_probabilities_move_by_the_calibrated_spread_and_keep_top_k():
 
 
 def test_rebalance_sees_history_windows():
-    class Recorder:
+    class Recorder(ExpertPlanner):
         name = "recorder"
 
         def __init__(self):

@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from tiersched.core.engine import DispatchRequest, RankLoad
-from tiersched.core.expert.placement import ExpertStats
+from tiersched.core.expert import ExpertStats
 from tiersched.sim.cost_model import StepCostModel
 from tiersched.sim.metrics import SimResult, build_result
 from tiersched.sim.moe_routing import MoeRouting, make_routing, token_probs

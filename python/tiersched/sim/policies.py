@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from tiersched.core.engine import Dispatcher
 from tiersched.core.engine.score import ScoreDispatcher
 from tiersched.core.engine.upstream import BASELINES as UPSTREAM_DISPATCHERS
-from tiersched.sim.baselines import expert_tier, request_tier
+from tiersched.core.expert import ExpertPlanner, ExpertStats, Placement, PlacementConfig
+from tiersched.core.expert.placement import rebalance
+from tiersched.sim.baselines import request_tier
+from tiersched.sim.upstream_eplb import DeepSeekEPLB
 
 ORDERING_BASELINES = {
     "fcfs": request_tier.FCFSOrdering,
@@ -26,7 +31,6 @@ ORDERING_BASELINES = {
     "shortest-prefill-first": request_tier.ShortestPrefillFirstOrdering,
 }
 DISPATCHERS: dict[str, type[Dispatcher]] = {**UPSTREAM_DISPATCHERS, ScoreDispatcher.name: ScoreDispatcher}
-EPLB_NAMES = ("none", "deepseek", "deepseek-hierarchical", "source_aware")
 
 
 class PolicyUnavailable(RuntimeError):
@@ -103,41 +107,40 @@ def make_dispatcher(spec: Any, preset) -> Dispatcher:
     return DISPATCHERS[spec](preset.dp)
 
 
-class CoreRebalance:
-    """tiersched.core.expert.placement.rebalance(stats, ...) -> Placement, adapted to the simulator's plan()."""
+class CoreRebalance(ExpertPlanner):
+    """tiersched.core.expert.placement.rebalance as the simulator's planner (default PlacementConfig)."""
 
     name = "source_aware"
 
-    def __init__(self):
-        from tiersched.core.expert import placement as expert_placement
+    def __init__(self, config: PlacementConfig | None = None):
+        self.config = config if config is not None else PlacementConfig()
 
-        if not hasattr(expert_placement, "rebalance"):
-            raise PolicyUnavailable("tiersched.core.expert.placement exports no rebalance() yet")
-        self._rebalance = expert_placement.rebalance
-        self._config = expert_placement.PlacementConfig()
-
-    def plan(self, stats, num_slots, num_gpus, num_nodes, current=None):
-        import numpy as np
-
-        from tiersched.core.expert.placement import ExpertStats
-
+    def plan(self, stats: ExpertStats, num_slots: int, num_gpus: int, num_nodes: int,
+             current: Placement | None = None) -> Placement:
         counts = stats.source_counts  # [W, L, S, E] with S = DP ranks; the planner's sources are GPUs
         per_rank = num_gpus // counts.shape[2]
         if per_rank > 1:  # a DP rank's tokens start on its tp GPUs evenly
             counts = np.repeat(counts / per_rank, per_rank, axis=2)
             stats = ExpertStats(source_counts=counts, coactivation=stats.coactivation)
-        return self._rebalance(stats, num_slots, num_gpus, num_nodes, current, self._config)
+        return rebalance(stats, num_slots, num_gpus, num_nodes, current, self.config)
 
 
-def make_eplb(spec: Any, preset):
-    if not isinstance(spec, str):
+EPLB_PLANNERS: dict[str, Callable[[Any], ExpertPlanner]] = {  # name -> factory(preset)
+    "deepseek": lambda preset: DeepSeekEPLB(hierarchical=False),
+    "deepseek-hierarchical": lambda preset: DeepSeekEPLB(hierarchical=True, num_groups=preset.model.expert_groups),
+    CoreRebalance.name: lambda preset: CoreRebalance(),
+}
+EPLB_NAMES = ("none", *EPLB_PLANNERS)
+
+
+def make_eplb(spec: Any, preset) -> ExpertPlanner | None:
+    """A registry name -> a fresh planner ("none" -> None: no rebalancing); an ExpertPlanner object -> itself."""
+    if isinstance(spec, ExpertPlanner):
         return spec
-    if spec == "none":
+    if spec in (None, "none"):
         return None
-    if spec == "deepseek":
-        return expert_tier.DeepSeekEPLB(hierarchical=False)
-    if spec == "deepseek-hierarchical":
-        return expert_tier.DeepSeekEPLB(hierarchical=True, num_groups=preset.model.expert_groups)
-    if spec == "source_aware":
-        return CoreRebalance()
-    raise ValueError(f"unknown eplb {spec!r}; choose one of {', '.join(EPLB_NAMES)}.")
+    if not isinstance(spec, str):
+        raise TypeError(f"eplb {spec!r} is neither a name nor an ExpertPlanner (tiersched.core.expert).")
+    if spec not in EPLB_PLANNERS:
+        raise ValueError(f"unknown eplb {spec!r}; choose one of {', '.join(EPLB_NAMES)}.")
+    return EPLB_PLANNERS[spec](preset)
