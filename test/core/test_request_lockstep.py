@@ -1,6 +1,7 @@
 """DP-wide (lockstep) protection of LS requests: core rule, simulator group signal, adapter's MLP-sync column."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import numpy as np
@@ -92,13 +93,21 @@ def adapter():
     from tiersched.sglang.request import hooks as request_tier
     from tiersched.sglang.request import lockstep
 
-    saved = dict(request_tier._state)
+    from tiersched.sglang.request.state import STATE
+
+    saved = STATE.config
     request_tier.configure(replace(CFG, aging_rate=0.0, token_credit_per_s=0.0))
-    request_tier._state["active"] = True
+    _enable_lockstep(True)
     yield request_tier, lockstep
-    request_tier._state.clear()
-    request_tier._state.update(saved)
-    lockstep.reset(request_tier._state["config"])
+    request_tier.configure(saved)
+
+
+def _enable_lockstep(on: bool):
+    """What `--schedule-policy prefix-aging` (on every rank) decides in a server; no server here."""
+    from tiersched.sglang.request.state import STATE
+
+    STATE.lockstep.enabled, STATE.lockstep.low_values_first = on, False
+    return STATE.lockstep
 
 
 def _sync_info(num_tokens):
@@ -137,9 +146,10 @@ def test_adapter_gathers_group_ls_and_caps_be_chunk_on_other_rank(adapter):
     # Rank 0 has an LS request waiting; rank 1 (this process, below) has none.
     rank0_ls = lockstep.local_ls_count(FakeScheduler([_req("ls", 100, 5), _req("be", 100, 0)]), None)
     assert rank0_ls == 1
-    lockstep._state["local_ls"] = rank0_ls
+    state = _enable_lockstep(True)
+    state.local_ls = rank0_ls
     row0 = lockstep.append_local_ls(original_local, _sync_info(8), device="cpu")
-    lockstep._state["local_ls"] = 0
+    state.local_ls = 0
     row1 = lockstep.append_local_ls(original_local, _sync_info(8192), device="cpu")
     fallback = lockstep.append_zero_ls(original_fallback, _sync_info(0), device="cpu")
     assert row0.shape == row1.shape == fallback.shape == (lockstep.UPSTREAM_SYNC_COLUMNS + 1,)
@@ -151,10 +161,10 @@ def test_adapter_gathers_group_ls_and_caps_be_chunk_on_other_rank(adapter):
         info.tp0_info_cpu = torch.stack([row0, row1])
 
     info = _sync_info(8192)
-    lockstep._state["iteration"] = 7
+    state.iteration = 7
     lockstep.read_group_ls(fake_gather, info)
-    assert lockstep._state["group_ls"] == 1 and lockstep.counters["gathers_with_ls"] == 1
-    lockstep._state["iteration"] = 8  # the next scheduling pass
+    assert state.group_ls == 1 and state.counters.gathers_with_ls == 1
+    state.iteration = 8  # the next scheduling pass
     assert lockstep.group_ls_signal() == 1
 
     pol = SchedulePolicy.__new__(SchedulePolicy)
@@ -165,24 +175,50 @@ def test_adapter_gathers_group_ls_and_caps_be_chunk_on_other_rank(adapter):
     chunked.prefix_len = 4096
     limit = request_tier.chunk_limit(SchedulePolicy.shortest_prefill_chunk_limit, pol, chunked, [], 8192, 1)
     assert limit == CFG.be_chunk_tokens  # capped although nothing waits on this rank
-    assert lockstep.counters["be_chunks_capped_by_group"] == 1
+    assert state.counters.be_chunks_capped_by_group == 1
 
     # Stale: no gather for many iterations and the hold has run out -> no cap.
-    lockstep._state["iteration"] = 50
-    lockstep._state["signal"].last_seen_s -= 10 * CFG.ls_hold_s
+    state.iteration = 50
+    state.signal.last_seen_s -= 10 * CFG.ls_hold_s
     assert lockstep.group_ls_signal() == 0
     assert request_tier.chunk_limit(SchedulePolicy.shortest_prefill_chunk_limit, pol, chunked, [], 8192, 1) is None
 
 
 def test_adapter_row_unchanged_when_tier_inactive(adapter):
+    import torch
     from sglang.srt.managers.scheduler_components.dp_attn import MLPSyncBatchInfo
 
     request_tier, lockstep = adapter
-    request_tier._state["active"] = False
-    lockstep._state["local_ls"] = 4
-    row = lockstep.append_local_ls(MLPSyncBatchInfo._get_local_tensor, _sync_info(8), device="cpu")
-    assert int(row[-1]) == 0  # same width on every rank (all load the plugin), but no signal
+    state = _enable_lockstep(False)
+    state.local_ls = 4
+    for hook, upstream in ((lockstep.append_local_ls, MLPSyncBatchInfo._get_local_tensor),
+                           (lockstep.append_zero_ls, MLPSyncBatchInfo._get_fallback_tensor)):
+        row = hook(upstream, _sync_info(8), device="cpu")
+        assert torch.equal(row, upstream(_sync_info(8), device="cpu"))  # upstream's own row: no extra column
     assert lockstep.group_ls_signal() == 0
+
+
+def test_adapter_row_is_upstreams_without_prefix_aging_in_the_server_config(adapter, monkeypatch):
+    """With the plugin loaded but another --schedule-policy in the resolved server config (published as upstream's
+    tests do), every rank's MLP-sync rows keep upstream's width; with prefix-aging they gain the LS column."""
+    import torch
+    from sglang.srt.managers.scheduler_components.dp_attn import MLPSyncBatchInfo
+    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    request_tier, lockstep = adapter
+    state = lockstep._lockstep()
+    state.enabled = state.low_values_first = None  # follow the server config, as in a server
+    try:
+        for policy, width in (("fcfs", lockstep.UPSTREAM_SYNC_COLUMNS), ("prefix-aging", lockstep.UPSTREAM_SYNC_COLUMNS + 1)):
+            reset_context()
+            publish(ServerArgs(model_path="dummy", schedule_policy=policy), role="test", ranks=SpawnRanks(world_rank=0))
+            local = lockstep.append_local_ls(MLPSyncBatchInfo._get_local_tensor, _sync_info(8), device="cpu")
+            fallback = lockstep.append_zero_ls(MLPSyncBatchInfo._get_fallback_tensor, _sync_info(0), device="cpu")
+            assert local.shape == fallback.shape == (width,), policy
+            assert torch.equal(local[:lockstep.UPSTREAM_SYNC_COLUMNS], MLPSyncBatchInfo._get_local_tensor(_sync_info(8), device="cpu"))
+    finally:
+        reset_context()
 
 
 # ---- same-step signal: config, simulator lag, adapter all-reduce -----------------------------------------------
@@ -222,10 +258,10 @@ def test_same_step_group_mirrors_upstream_mlp_sync_condition(adapter, monkeypatc
     assert lockstep.same_step_group(sched) is None
     monkeypatch.setattr(dp_attention, "world_dp_gather_enabled", lambda: False)
     request_tier.configure(replace(CFG, same_step_signal=False))
-    request_tier._state["active"] = True
+    _enable_lockstep(True)
     assert lockstep.same_step_group(sched) is None
-    request_tier._state["active"] = False  # another policy: no rank reduces
     request_tier.configure(CFG)
+    _enable_lockstep(False)  # another policy: no rank reduces
     assert lockstep.same_step_group(sched) is None
 
 
@@ -247,9 +283,13 @@ def _lockstep_rank(rank, port, results):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     request_tier.configure(replace(CFG, ls_hold_s=0.0))
-    request_tier._state["active"] = True
-    lockstep._state["same_step_group"] = dist.new_group([0, 1], backend="gloo")  # as same_step_group() decides
-    policy = SimpleNamespace(tiersched_active=True)
+    from tiersched.sglang.request.state import POLICY_ATTR, STATE, PolicyState
+
+    state = _enable_lockstep(True)
+    state.same_step_group = dist.new_group([0, 1], backend="gloo")  # as same_step_group() decides
+    state.same_step_decided = True
+    # what init_schedule_policy attaches to a prefix-aging SchedulePolicy (upstream's import is too slow here)
+    policy = SimpleNamespace(**{POLICY_ATTR: PolicyState.build(STATE.config, low_values_first=False)})
     chunked = SimpleNamespace(rid="be", priority=0, full_untruncated_fill_ids=list(range(20_000)), prefix_len=0)
     ls_req = SimpleNamespace(rid="ls", priority=5)
     sched = _Scheduler()  # the hook keeps a weak reference: a plain object, as upstream's Scheduler
@@ -257,7 +297,7 @@ def _lockstep_rank(rank, port, results):
     limits = []
 
     def get_next_batch_to_run(self):
-        row = torch.tensor([rank, lockstep._state["same_step_ls"]], dtype=torch.int64)
+        row = torch.tensor([rank, state.same_step_ls], dtype=torch.int64)
         rows = torch.empty(4, dtype=torch.int64)
         dist.all_gather_into_tensor(rows, row)  # upstream's MLP sync, after ours, on every rank
         if rank == 0:
@@ -268,7 +308,7 @@ def _lockstep_rank(rank, port, results):
         if rank == 1:
             sched.waiting_queue = [ls_req] if it in (3, 5) else []
         limits.append(lockstep.track_iteration(get_next_batch_to_run, sched))
-    results[rank] = (limits, dict(lockstep.counters))
+    results[rank] = (limits, dataclasses.asdict(state.counters))
     dist.destroy_process_group()
 
 

@@ -47,7 +47,7 @@ def shm_path():
 
 
 class FakeController:
-    """The attributes ScoreRouting reads; the routing/status methods are upstream's own."""
+    """The attributes ScoreDispatchState reads; the routing/status methods are upstream's own."""
 
     maybe_external_dp_rank_routing = dpc.DataParallelController.maybe_external_dp_rank_routing
     update_active_ranks = dpc.DataParallelController.update_active_ranks
@@ -149,10 +149,7 @@ def test_expert_pressure_provider_interface():
 def test_publish_extras_writes_side_slot_from_a_scheduler(shm_path, monkeypatch):
     import sglang.srt.runtime_context as rc
 
-    monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(num_dp_ranks=2))
-    monkeypatch.setitem(engine_tier._state, "method", "score")
-    monkeypatch.setitem(engine_tier._state, "side", None)
-    monkeypatch.setitem(engine_tier._state, "side_failed", False)
+    monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(num_dp_ranks=2, load_balance_method="score"))
     writer = ShmLoadSnapshotWriter(shm_path, 2, 1)
     scheduler = types.SimpleNamespace(
         load_snapshot_writer=writer,
@@ -162,46 +159,72 @@ def test_publish_extras_writes_side_slot_from_a_scheduler(shm_path, monkeypatch)
     ts, decode, pressure = engine_tier_loads.SideChannel(engine_tier_loads.side_path(shm_path), 2, False).read(1)
     assert (ts, decode) == (5.0, 128) and math.isnan(pressure)
     assert engine_tier.publish_extras(None, scheduler) is None  # throttled publish: nothing to add
+    # the side file belongs to this scheduler; another scheduler of another method publishes nothing
+    assert getattr(scheduler, engine_tier_loads.PUBLISHER_ATTR).side.dp_size == 2
+    monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(num_dp_ranks=2,
+                                                                           load_balance_method="total_tokens"))
+    other = types.SimpleNamespace(load_snapshot_writer=writer, running_batch=scheduler.running_batch)
+    engine_tier.publish_extras(LoadSnapshot(dp_rank=1, timestamp=6.0), other)
+    assert not hasattr(other, engine_tier_loads.PUBLISHER_ATTR)
 
 
-def test_score_routing_sends_prefix_to_its_rank_respects_status_and_logs(controller, caplog):
+def test_score_dispatch_sends_prefix_to_its_rank_respects_status_and_logs(controller, caplog):
     for r in range(2):
         controller.snapshot_writers[r].write(LoadSnapshot(dp_rank=r, timestamp=1.0, max_total_num_tokens=100_000))
-    routing = engine_tier.ScoreRouting(controller, EngineTierConfig(block_tokens=4, snapshot_refresh_s=0.0))
+    dispatch = engine_tier.ScoreDispatchState(controller, EngineTierConfig(block_tokens=4, snapshot_refresh_s=0.0))
     shared = list(range(1, 201))
     caplog.set_level(logging.DEBUG, logger="tiersched.engine_tier")
-    routing.dispatch(gen_req("a", shared + [7, 7, 7]))
+    dispatch.dispatch(gen_req("a", shared + [7, 7, 7]))
     first = next(r for r in range(2) if controller.received(r))
     assert "tiersched dispatch rid=a" in caplog.text and "r0: total=" in caplog.text
     # same 200-token prefix -> same rank, although it now carries more optimistic work
-    routing.dispatch(gen_req("b", shared + [9, 9]))
+    dispatch.dispatch(gen_req("b", shared + [9, 9]))
     got = controller.received(first)
     assert [g.rid for g in got] == ["b"]
     # explicit routed_dp_rank: upstream routes it, we only account for it
     other = 1 - first
-    routing.dispatch(gen_req("c", [5] * 40, routed=other))
+    dispatch.dispatch(gen_req("c", [5] * 40, routed=other))
     assert [g.rid for g in controller.received(other)] == ["c"]
     # a flush empties every cache: the index forgets, so nothing is expected cached any more
-    engine_tier.forget_flushed_cache(controller_with(routing), FlushCacheReqInput())
-    assert len(routing.dispatcher.index) == 0
+    engine_tier.forget_flushed_cache(controller_with(dispatch), FlushCacheReqInput())
+    assert len(dispatch.dispatcher.index) == 0
     # a rank taken out through upstream's status path receives nothing
     controller.update_active_ranks(ActiveRanksOutput(status=[True, False]))
     for i in range(6):
-        routing.dispatch(gen_req(f"d{i}", [i] * 30))
+        dispatch.dispatch(gen_req(f"d{i}", [i] * 30))
     assert len(controller.received(0)) == 6 and controller.received(1) == []
 
 
-def controller_with(routing):
-    c = routing.controller
-    c.tiersched_routing = routing
+def test_score_dispatch_is_installed_per_controller_from_the_method_it_was_built_with(controller, monkeypatch):
+    """Each DataParallelController reads the load-balance method when it is built: a score controller and then a
+    total_tokens one in the same process get the score dispatch and upstream's own dispatch respectively."""
+    import sglang.srt.runtime_context as rc
+
+    def build(method):
+        monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(load_balance_method=method))
+        c = dpc.DataParallelController.__new__(dpc.DataParallelController)
+        c.__dict__.update(vars(controller))  # workers, status, snapshot reader of a 2-rank controller
+        c.dispatching = upstream_dispatch = object()
+        assert engine_tier.install_on_controller(None, c) is None
+        return c, upstream_dispatch
+
+    (score, _), (plain, plain_dispatch) = build("score"), build("total_tokens")
+    state = engine_tier.dispatch_state(score)
+    assert isinstance(state, engine_tier.ScoreDispatchState) and score.dispatching == state.dispatch
+    assert engine_tier.dispatch_state(plain) is None and plain.dispatching is plain_dispatch
+
+
+def controller_with(dispatch):
+    c = dispatch.controller
+    setattr(c, engine_tier.DISPATCH_ATTR, dispatch)
     return c
 
 
 def test_drain_ranks_config_marks_ranks_inactive_through_upstream_status(controller):
-    routing = engine_tier.ScoreRouting(controller, EngineTierConfig(drain_ranks="0", snapshot_refresh_s=0.0))
+    dispatch = engine_tier.ScoreDispatchState(controller, EngineTierConfig(drain_ranks="0", snapshot_refresh_s=0.0))
     assert controller.status == [False, True]
     for i in range(5):
-        routing.dispatch(gen_req(f"x{i}", [1, 2, 3]))
+        dispatch.dispatch(gen_req(f"x{i}", [1, 2, 3]))
     assert controller.received(0) == [] and len(controller.received(1)) == 5
 
 
@@ -216,10 +239,10 @@ def test_runtime_drain_through_set_internal_state_and_back(controller, caplog):
     status and are removed (the schedulers see only upstream's keys); undrain restores dispatch to the rank."""
     from tiersched.sglang.engine.drain import drain_key
 
-    routing = engine_tier.ScoreRouting(controller, EngineTierConfig(snapshot_refresh_s=0.0))
-    c = controller_with(routing)
+    dispatch = engine_tier.ScoreDispatchState(controller, EngineTierConfig(snapshot_refresh_s=0.0))
+    c = controller_with(dispatch)
     for i in range(6):
-        routing.dispatch(gen_req(f"a{i}", [i + 1] * 30))
+        dispatch.dispatch(gen_req(f"a{i}", [i + 1] * 30))
     assert len(controller.received(0)) + len(controller.received(1)) == 6
     caplog.set_level(logging.INFO, logger="tiersched.engine_tier")
     req = drain_req(**{drain_key(1): 1, "pp_max_micro_batch_size": 4})
@@ -228,27 +251,27 @@ def test_runtime_drain_through_set_internal_state_and_back(controller, caplog):
     assert controller.status == [True, False] and controller._active_workers == [0, 1]  # control/health still reach 1
     assert "DP ranks drained now: [1]" in caplog.text
     for i in range(8):
-        routing.dispatch(gen_req(f"b{i}", [i + 50] * 30))
+        dispatch.dispatch(gen_req(f"b{i}", [i + 50] * 30))
     assert len(controller.received(0)) == 8 and controller.received(1) == []
     # undrain: rank 1 is a candidate again and, being idle, gets work
     engine_tier.on_control_message(c, drain_req(**{drain_key(1): 0}))
     assert controller.status == [True, True]
     for i in range(8):
-        routing.dispatch(gen_req(f"c{i}", [i + 100] * 30))
+        dispatch.dispatch(gen_req(f"c{i}", [i + 100] * 30))
     assert len(controller.received(1)) >= 1
 
 
 def test_runtime_drain_rejects_bad_keys_and_draining_every_rank(controller):
     from tiersched.sglang.engine.drain import drain_key
 
-    routing = engine_tier.ScoreRouting(controller, EngineTierConfig(snapshot_refresh_s=0.0))
-    c = controller_with(routing)
+    dispatch = engine_tier.ScoreDispatchState(controller, EngineTierConfig(snapshot_refresh_s=0.0))
+    c = controller_with(dispatch)
     for bad in ({drain_key(2): 1}, {drain_key(0): 3}, {drain_key(0): 1, drain_key(1): 1}):
         req = drain_req(**bad)
         engine_tier.on_control_message(c, req)
         assert req.server_args == bad  # left in: the schedulers reject it, so the endpoint answers false
         assert controller.status == [True, True]
-    # not the score method (no routing installed): passes straight through
+    # not the score method (no score dispatch installed): passes straight through
     plain = drain_req(**{drain_key(1): 1})
     engine_tier.on_control_message(types.SimpleNamespace(status=[True, True]), plain)
     assert plain.server_args == {drain_key(1): 1}

@@ -10,18 +10,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiersched.core.expert.placement import placement_from_phy2log, trivial_placement
+from tiersched.core.expert import placement_from_phy2log, trivial_placement
 from tiersched.sglang.expert import hooks as expert_tier
+from tiersched.sglang.expert import state as expert_state
 from tiersched.sglang.expert.recorder import (SourceLayout, SourceRecorder, densify, sources_from_gathered,
                                                    sparsify_top_k)
+from tiersched.sglang.expert.state import STATE, Window
 
 
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
     monkeypatch.delenv(expert_tier.FAULT_ENV, raising=False)
-    expert_tier._state.update(history=type(expert_tier._state["history"])(maxlen=expert_tier.HISTORY_WINDOWS),
-                              pending=None, rebalances=0, pressure=None, last=None)
+    saved = (STATE.config, STATE.capture)
+    STATE.history = type(STATE.history)(maxlen=expert_state.HISTORY_WINDOWS)
+    STATE.pending, STATE.rebalances, STATE.pressure, STATE.last = None, 0, None, None
     yield
+    STATE.config, STATE.capture = saved
 
 
 def reference_counts(passes, phy2log, num_logical, rows_of):
@@ -140,17 +144,17 @@ def test_ours_returns_upstream_tuple_and_uses_per_source_window():
     aggregate = torch.from_numpy(per_source.sum(1))[None]
     reference = upstream.rebalance_experts(aggregate, num_physical, num_physical // ranks, None, 1,
                                            upstream.EplbAlgorithm.deepseek)
-    expert_tier._state["pending"] = expert_tier.Window(per_source)
+    STATE.pending = Window(per_source)
     marker = expert_tier.SourceAwareAlgorithm("source_aware", False)
     result = expert_tier.rebalance_experts(upstream.rebalance_experts, aggregate, num_physical, num_physical // ranks,
                                            None, 1, marker)
     check_upstream_tuple(result, num_layers, num_logical, num_physical, reference)
-    assert expert_tier._state["last"]["source"] == "per-source" and expert_tier._state["last"]["sources"] == ranks
+    assert STATE.last["source"] == "per-source" and STATE.last["sources"] == ranks
     # no pending window: upstream's aggregate counts are the statistics, and history grows by one window
     result2 = expert_tier.rebalance_experts(upstream.rebalance_experts, aggregate, num_physical, num_physical // ranks,
                                             None, 1, marker)
     check_upstream_tuple(result2, num_layers, num_logical, num_physical, reference)
-    assert expert_tier._state["last"]["source"] == "aggregate"
+    assert STATE.last["source"] == "aggregate"
     pressure = [expert_tier.expert_pressure_for_rank(r) for r in range(ranks)]
     assert all(p is not None and p > 0 for p in pressure) and abs(np.mean(pressure) - 1.0) < 1e-9
     assert expert_tier.expert_pressure_for_rank(ranks) is None
@@ -166,15 +170,15 @@ def test_bad_statistics_keep_the_current_placement(fault, monkeypatch, caplog):
     counts = torch.from_numpy(rng.gamma(1.0, 50.0, size=(1, num_layers, num_logical)))
     marker = expert_tier.SourceAwareAlgorithm("source_aware", False)
     expert_tier.rebalance_experts(None, counts, num_physical, 4, None, 1, marker)  # rebalance #1: ok
-    assert not expert_tier._state["last"]["kept"]
+    assert not STATE.last["kept"]
     with caplog.at_level(logging.WARNING):
         phy2log, log2phy, logcnt = expert_tier.rebalance_experts(None, counts, num_physical, 4, None, 1, marker)
-    assert expert_tier._state["last"]["kept"] and expert_tier._state["last"]["problem"]
+    assert STATE.last["kept"] and STATE.last["problem"]
     kept = placement_from_phy2log(current, num_logical)
     assert np.array_equal(phy2log.numpy(), current) and np.array_equal(log2phy.numpy(), kept.log2phy)
     assert np.array_equal(logcnt.numpy(), kept.logcnt)
     assert any("keeping the current placement" in r.getMessage() for r in caplog.records)
-    assert len(expert_tier._state["history"]) == 1  # the bad window was not stored
+    assert len(STATE.history) == 1  # the bad window was not stored
 
 
 def test_nan_in_upstream_counts_without_recorder_keeps_placement(monkeypatch):
@@ -197,38 +201,45 @@ def test_stationary_traffic_migrates_little(monkeypatch):
     moved = []
     for _ in range(4):
         window = base * rng.uniform(0.95, 1.05, size=base.shape)
-        expert_tier._state["pending"] = expert_tier.Window(window)
+        STATE.pending = Window(window)
         phy2log, _, _ = expert_tier.rebalance_experts(None, torch.from_numpy(window.sum(1))[None], num_physical,
                                                       num_physical // ranks, None, 1, marker)
-        moved.append(expert_tier._state["last"]["migrated_fraction"])
+        moved.append(STATE.last["migrated_fraction"])
         current["phy2log"] = phy2log.numpy()
     assert max(moved[1:]) <= 0.10, moved  # after the first move away from the trivial layout
 
 
-def test_startup_validation():
-    class Args:
-        eplb_algorithm = "source_awre"
-        ep_num_redundant_experts = 0
-        enable_eplb = True
-        eplb_rebalance_num_iterations = 10
+def test_startup_validation_checks_our_algorithms_only():
+    """On upstream's real ServerArgs: our names get their preconditions checked at start-up; every other name,
+    `source...` ones included (a future upstream algorithm, another plugin's), is left to upstream."""
+    from sglang.srt.server_args import ServerArgs
 
-    with pytest.raises(ValueError, match="not a tiersched algorithm"):
-        expert_tier.validate_server_args(Args())
-    Args.eplb_algorithm = "source_aware"
-    assert expert_tier.validate_server_args(Args()) is None
-    Args.eplb_rebalance_num_iterations = 0
+    args = ServerArgs(model_path="m", eplb_algorithm="source_aware", enable_eplb=True, eplb_rebalance_num_iterations=10)
+    assert expert_tier.validate_server_args(args) is None
+    args.eplb_rebalance_num_iterations = 0
     with pytest.raises(ValueError, match="eplb-rebalance-num-iterations"):
-        expert_tier.validate_server_args(Args())
-    Args.eplb_algorithm = "deepseek"  # not ours: untouched
-    assert expert_tier.validate_server_args(Args()) is None
+        expert_tier.validate_server_args(args)
+    args.eplb_algorithm, args.eplb_rebalance_num_iterations = "source_aware_hierarchical", 10
+    args.ep_num_redundant_experts = -1
+    with pytest.raises(ValueError, match="ep-num-redundant-experts"):
+        expert_tier.validate_server_args(args)
+    for other in ("deepseek", "source_balanced", "sourcery"):
+        args.eplb_algorithm = other
+        assert expert_tier.validate_server_args(args) is None
 
 
-def test_pressure_provider_is_plugged_into_engine_tier():
-    loads = pytest.importorskip("tiersched.sglang.engine.loads")
-    expert_tier._register_pressure_provider()
-    expert_tier._state["pressure"] = np.array([1.25, 0.75])
+def test_pressure_provider_is_plugged_into_engine_tier(monkeypatch):
+    import types
 
-    class Scheduler:
-        moe_ep_rank = 1
+    import sglang.srt.runtime_context as rc
 
-    assert loads.expert_pressure_of(Scheduler()) == 0.75
+    from tiersched.config import load_config
+    from tiersched.sglang.engine import loads
+
+    expert_tier.configure(load_config({}).tier("expert"))
+    STATE.pressure = np.array([1.25, 0.75])
+    monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(moe_ep_rank=1))
+    try:
+        assert loads.expert_pressure_of(object()) == 0.75
+    finally:
+        loads.set_expert_pressure_provider(None)

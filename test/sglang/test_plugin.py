@@ -10,9 +10,11 @@ from tiersched.sglang import plugin
 class RecordingRegistry:
     def __init__(self):
         self.calls = []
+        self.hooks = []
 
     def register(self, target, hook, hook_type):
         self.calls.append((target, hook_type))
+        self.hooks.append((target, hook, hook_type))
 
 
 def test_cpu_detection():
@@ -56,7 +58,7 @@ def test_bad_config_stops_register_with_one_sentence():
 def test_register_is_idempotent(monkeypatch):
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    monkeypatch.setattr(plugin, "_state", {})
+    monkeypatch.setattr(plugin, "STATE", plugin.PluginState())
     calls = []
     monkeypatch.setattr(HookRegistry, "register", classmethod(lambda cls, *a, **k: calls.append(a[0])))
     monkeypatch.setenv("TIERSCHED_CPU_FIXES", "1")
@@ -64,3 +66,23 @@ def test_register_is_idempotent(monkeypatch):
     first = len(calls)
     plugin.register()
     assert first >= 4 and len(calls) == first
+
+
+def test_every_tier_registers_its_hook_tables_through_the_registry_it_is_given():
+    """One helper registers every HOOKS row of each tier's modules with the registry passed in (nothing reaches
+    upstream's HookRegistry behind its back), each row's function being the named one of that module."""
+    import importlib
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    recorder = RecordingRegistry()
+    before = {target: list(rows) for target, rows in HookRegistry._hooks.items()}
+    active = plugin.register_all(load_config({}), recorder, HookType, cpu=False)
+    assert active == list(load_config({}).tiers) == ["request", "engine", "expert"]
+    want = []
+    for tier in active:
+        for name in plugin.TIER_ADAPTERS[tier].hook_modules:
+            module = importlib.import_module(name)
+            want += [(t, getattr(module, fn), getattr(HookType, kind)) for t, kind, fn in module.HOOKS]
+    assert recorder.hooks == want and len(want) >= 20
+    assert {target: list(rows) for target, rows in HookRegistry._hooks.items()} == before

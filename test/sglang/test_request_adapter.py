@@ -19,17 +19,17 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
-from tiersched.core.request.ordering import RequestTierConfig  # noqa: E402
+from tiersched.core.request import RequestTierConfig  # noqa: E402
 from tiersched.sglang.request import hooks as request_tier  # noqa: E402
+from tiersched.sglang.request.state import STATE, policy_state  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def fresh_state():
-    saved = dict(request_tier._state)
+    saved = STATE.config
     request_tier.configure(RequestTierConfig(aging_rate=0.0, token_credit_per_s=0.0, aging_cap_s=30.0))
     yield
-    request_tier._state.clear()
-    request_tier._state.update(saved)
+    request_tier.configure(saved)
 
 
 def make_req(rid, ids, priority=0, entered=None):
@@ -58,7 +58,7 @@ def tree_with(prefix_ids):
 def test_prefix_aging_orders_by_class_then_uncached_after_real_radix_match():
     tree = tree_with(range(1000))
     pol = make_policy("prefix-aging", tree)
-    assert pol.tiersched_active
+    assert policy_state(pol) is not None
     now = time.perf_counter()
     queue = [
         make_req("be-uncached", range(5000, 5400), 0, now - 1.0),
@@ -122,7 +122,7 @@ def test_low_priority_values_first_is_normalised():
 def test_other_policies_pass_through_untouched():
     tree = tree_with(range(500))
     pol = make_policy("lpm", tree)
-    assert not pol.tiersched_active
+    assert policy_state(pol) is None
     now = time.perf_counter()
     queue = [make_req("ls-uncached", range(9000, 9010), 10, now), make_req("be-cached", list(range(500)) + [1], 0, now - 1)]
     calc(pol, queue)

@@ -102,3 +102,54 @@ def test_two_victims_sharing_a_prompt_prefix_are_both_cached_once():
     # one copy of the shared part; b's duplicate slots for it were freed.
     assert tree.evictable_size() == committed_b
     assert tree.token_to_kv_pool_allocator.available_size() == KV_SIZE - committed_b
+
+
+def test_prefix_aging_preemption_acts_only_in_its_own_schedulers_prefill_pass(monkeypatch):
+    """Building a prefix-aging SchedulePolicy changes no other PrefillAdder: a real adder outside any prefill pass,
+    or in an fcfs scheduler's pass, runs upstream's preempt_to_schedule / add_one_req; in the prefix-aging
+    scheduler's pass it runs ours, with that policy's state."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, SchedulePolicy
+
+    from tiersched.sglang.request import hooks as request_tier
+    from tiersched.sglang.request.state import policy_state
+
+    tree = build_tree()
+
+    def policy(name):
+        pol = SchedulePolicy.__new__(SchedulePolicy)
+        request_tier.init_schedule_policy(SchedulePolicy.__init__, pol, name, tree, False, True, False)
+        return pol
+
+    aging, fcfs = policy("prefix-aging"), policy("fcfs")
+    adder = PrefillAdder(1, tree, tree.token_to_kv_pool_allocator, None, 0.5, KV_SIZE, None)
+    ls = Req("ls", "", array.array("q", range(10)), SamplingParams(max_new_tokens=4), priority=10)
+    ours, upstream = [], []
+    monkeypatch.setattr(request_tier, "preempt",
+                        lambda adder, req, state, slots_short: ours.append((req.rid, state, slots_short)) or True)
+
+    def upstream_preempt(adder, req):
+        upstream.append("preempt_to_schedule")
+        return False
+
+    def upstream_add(adder, req):
+        upstream.append("add_one_req")
+        return AddReqResult.NO_TOKEN
+
+    def both_hooks():
+        return (request_tier.preempt_for_slots(upstream_preempt, adder, ls),
+                request_tier.preempt_for_kv(upstream_add, adder, ls))
+
+    def in_pass_of(pol):  # what Scheduler.get_new_batch_prefill runs through the hook
+        return request_tier.scope_prefill_pass(lambda scheduler: both_hooks(), SimpleNamespace(policy=pol))
+
+    assert both_hooks() == (False, AddReqResult.NO_TOKEN)
+    assert in_pass_of(fcfs) == (False, AddReqResult.NO_TOKEN)
+    assert ours == [] and upstream == ["preempt_to_schedule", "add_one_req"] * 2
+    upstream.clear()
+    in_pass_of(aging)
+    state = policy_state(aging)
+    assert ours == [("ls", state, 1), ("ls", state, 0)]  # slot-full, then KV-shortage preemption for the LS request
+    assert upstream == ["add_one_req", "add_one_req"]  # upstream's admission, retried once after our preemption
+    assert both_hooks() == (False, AddReqResult.NO_TOKEN) and len(ours) == 2  # the pass is over

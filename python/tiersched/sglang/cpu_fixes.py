@@ -7,6 +7,8 @@ the bug: when upstream fixes one, its hook becomes a no-op (the attribute exists
 """
 from __future__ import annotations
 
+import os
+
 HOOKS = (
     # (target, hook type name, hook function name in this module)
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch._pad_inputs_to_size", "BEFORE", "ensure_cpu_fill_value"),
@@ -115,8 +117,6 @@ def bind_threads_without_amx(original_fn, *args, local_omp_cpuid=None, **kwargs)
 
     if bootstrap._is_cpu_amx_available or bootstrap._is_cpu_arm64 or not local_omp_cpuid:
         return result
-    import os
-
     import torch
 
     cpus = [c for c in parse_cpu_list(local_omp_cpuid) if c in os.sched_getaffinity(0)]
@@ -124,8 +124,3 @@ def bind_threads_without_amx(original_fn, *args, local_omp_cpuid=None, **kwargs)
         os.sched_setaffinity(0, cpus)  # this thread: the scheduler's, which runs the forward passes
         torch.set_num_threads(len(cpus))
     return result
-
-
-def register_hooks(registry, hook_types) -> None:
-    for target, type_name, fn_name in HOOKS:
-        registry.register(target, globals()[fn_name], getattr(hook_types, type_name))

@@ -3,6 +3,9 @@
 `register()` is cheap and idempotent: it reads tiersched's configuration, checks the upstream pin, and registers
 hooks (strings naming upstream targets; upstream imports and patches them in `HookRegistry.apply_hooks()`). Bad
 configuration or a wrong sglang version stops the process with one sentence saying what to do.
+
+Every adapter module lists its hooks in a `HOOKS` table of (upstream target, HookType name, function name in
+that module); `register_hooks` is the one place they reach upstream's HookRegistry.
 """
 from __future__ import annotations
 
@@ -12,14 +15,43 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from tiersched import SGLANG_PIN
+from tiersched.config import ConfigError, load_config
 
 logger = logging.getLogger("tiersched")
 
-TIER_ADAPTERS = {"request": "tiersched.sglang.request.hooks", "engine": "tiersched.sglang.engine.hooks",
-                 "expert": "tiersched.sglang.expert.hooks"}
-_state: dict = {}
+
+@dataclass(frozen=True)
+class TierAdapter:
+    """A tier's adapter: `configure` (module.function) receives the tier's config section; `hook_modules` hold the
+    HOOKS tables registered for it."""
+
+    configure: str
+    hook_modules: tuple[str, ...]
+
+
+TIER_ADAPTERS: dict[str, TierAdapter] = {
+    "request": TierAdapter("tiersched.sglang.request.hooks.configure",
+                           ("tiersched.sglang.request.hooks", "tiersched.sglang.request.lockstep")),
+    "engine": TierAdapter("tiersched.sglang.engine.hooks.configure", ("tiersched.sglang.engine.hooks",)),
+    "expert": TierAdapter("tiersched.sglang.expert.hooks.configure",
+                          ("tiersched.sglang.expert.hooks", "tiersched.sglang.expert.capture")),
+}
+CPU_FIXES = "tiersched.sglang.cpu_fixes"
+
+
+@dataclass
+class PluginState:
+    """What `register()` did in this process (it runs once per process)."""
+
+    registered: bool = False
+    config: object = None
+    active: tuple[str, ...] = ()
+
+
+STATE = PluginState()
 
 
 def is_cpu_deployment(env=None) -> bool:
@@ -47,23 +79,31 @@ def check_sglang_version() -> str:
     return version
 
 
-def register_all(config, registry, hook_types, cpu: bool) -> list[str]:
-    """Register every hook for the active tiers (and the CPU fixes) with `registry`; returns what was activated."""
-    from tiersched.sglang import cpu_fixes
+def register_hooks(registry, hook_types, module) -> None:
+    """Register every row of `module.HOOKS` with `registry` (upstream's HookRegistry, or a recorder)."""
+    for target, type_name, fn_name in module.HOOKS:
+        registry.register(target, getattr(module, fn_name), getattr(hook_types, type_name))
 
+
+def _resolve(dotted: str):
+    # By name, imported only when the tier is active: adapter modules import numpy/torch, and importing this
+    # module must stay cheap (it runs in every SGLang process, before argument parsing).
+    module, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def register_all(config, registry, hook_types, cpu: bool) -> list[str]:
+    """Configure each active tier's adapter and register its hooks (and the CPU fixes) with `registry`; returns
+    what was activated."""
     active = []
     if cpu:
-        cpu_fixes.register_hooks(registry, hook_types)
+        register_hooks(registry, hook_types, importlib.import_module(CPU_FIXES))
         active.append("cpu-fixes")
     for tier in config.tiers:
-        try:
-            adapter = importlib.import_module(TIER_ADAPTERS[tier])
-        except ModuleNotFoundError as exc:
-            if exc.name != TIER_ADAPTERS[tier]:
-                raise
-            logger.warning("tiersched: tier %r has no adapter in this build; skipped", tier)
-            continue
-        adapter.register_hooks(config)
+        adapter = TIER_ADAPTERS[tier]
+        _resolve(adapter.configure)(config.tier(tier))
+        for name in adapter.hook_modules:
+            register_hooks(registry, hook_types, importlib.import_module(name))
         active.append(tier)
     return active
 
@@ -84,18 +124,16 @@ def _trace(active: list[str]) -> None:
 
 
 def register() -> None:
-    if _state.get("registered"):
+    if STATE.registered:
         return
-    from tiersched.config import ConfigError, load_config
-
     check_sglang_version()
     try:
         config = load_config()
     except ConfigError as exc:
         raise SystemExit(f"tiersched: {exc}") from None
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # deferred: importing sglang is heavy
 
     active = register_all(config, HookRegistry, HookType, cpu=is_cpu_deployment())
-    _state.update(registered=True, config=config, active=active)
+    STATE.registered, STATE.config, STATE.active = True, config, tuple(active)
     print(f"[tiersched] active tiers: {', '.join(active) or 'none'} (pid {os.getpid()})", file=sys.stderr, flush=True)
     _trace(active)

@@ -8,10 +8,10 @@ Thin shell over tiersched.core.engine.score.ScoreDispatcher. Upstream seams (row
   load-snapshot reader and DPBudget as for a load-aware method; after __init__ we replace `self.dispatching`
   (looked up per request by `dispatching_with_trace`) with the score dispatch, and read snapshots ourselves.
 - each scheduler's `publish_load_snapshot` also writes running decode tokens and expert pressure to a side file
-  (engine_tier_loads.py); the controller translates both into RankLoad.
+  (loads.py); the controller translates both into RankLoad.
 - `send_control_message(FlushCacheReqInput)` also clears the controller's prefix index (caches were flushed);
   `send_control_message(SetInternalStateReq)` carrying `tiersched_drain_dp_rank_<r>` keys drains/undrains DP
-  ranks at runtime (upstream's `/set_internal_state` endpoint; engine_tier_drain.py).
+  ranks at runtime (upstream's `/set_internal_state` endpoint; drain.py).
 Every hook passes straight through unless the server was started with `--load-balance-method score`.
 """
 from __future__ import annotations
@@ -19,16 +19,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Optional
 
-from tiersched.core.engine import EngineTierConfig, DispatchRequest
-from tiersched.core.engine.score import SCORER_NAMES, ScoreDispatcher
+from tiersched.core.engine import DispatchRequest, EngineTierConfig
 from tiersched.core.engine.prefix_index import chained_block_hashes
+from tiersched.core.engine.score import SCORER_NAMES, ScoreDispatcher
+from tiersched.sglang.cli_choices import add_choice
 from tiersched.sglang.engine import loads as loads_io
 from tiersched.sglang.engine.drain import apply_drain_request
+from tiersched.sglang.engine.metrics import DispatchMetrics
+from tiersched.sglang.engine.state import STATE
 
 logger = logging.getLogger("tiersched.engine_tier")
 
 METHOD = "score"
+DISPATCH_ATTR = "tiersched_dispatch"  # our attribute on upstream's DataParallelController
 DPC = "sglang.srt.managers.data_parallel_controller"
 HOOKS = (
     ("sglang.srt.server_args.ServerArgs.add_cli_args", "AFTER", "accept_method_choice"),
@@ -38,31 +43,32 @@ HOOKS = (
     ("sglang.srt.managers.scheduler.Scheduler.publish_load_snapshot", "AFTER", "publish_extras"),
 )
 
-_state: dict = {"config": EngineTierConfig(), "method": None, "side": None, "side_failed": False}
+
+def configure(config: EngineTierConfig) -> None:
+    """Set this process's engine-tier config (validated)."""
+    config.validate()
+    STATE.config = config
 
 
-def register_hooks(config) -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+def score_method_configured() -> bool:
+    """Whether this process's server runs `--load-balance-method score`, read from upstream's resolved config at
+    each call (LoadBalanceMethod.from_str answers TOTAL_TOKENS for score, so the controller cannot tell)."""
+    from sglang.srt.runtime_context import get_parallel  # deferred: the runtime context imports torch
 
-    _state["config"] = config.tier("engine")
-    for target, type_name, fn_name in HOOKS:
-        HookRegistry.register(target, globals()[fn_name], getattr(HookType, type_name))
+    return str(get_parallel().load_balance_method).lower() == METHOD
 
 
-def _method() -> str | None:
-    if _state["method"] is None:
-        from sglang.srt.runtime_context import get_parallel
-
-        _state["method"] = str(get_parallel().load_balance_method).lower()
-    return _state["method"]
+def dispatch_state(controller) -> Optional["ScoreDispatchState"]:
+    """The score dispatch installed on `controller`, None for any other method. getattr: a controller built without
+    __init__ (upstream's in-process tests) never ran our hook."""
+    state = getattr(controller, DISPATCH_ATTR, None)
+    return state if isinstance(state, ScoreDispatchState) else None
 
 
 # ---- argument parsing -----------------------------------------------------------------------------------------
 
 
 def accept_method_choice(result, parser, *args, **kwargs):
-    from tiersched.sglang.cli_choices import add_choice
-
     add_choice(parser, "load_balance_method", METHOD)
     return result
 
@@ -77,50 +83,54 @@ def method_from_str(original_fn, cls, method, *args, **kwargs):
 
 
 def install_on_controller(result, controller, *args, **kwargs):
-    if _method() != METHOD:
+    """AFTER DataParallelController.__init__: with the score method, replace this controller's dispatch."""
+    if not score_method_configured():
+        setattr(controller, DISPATCH_ATTR, None)
         return result
-    routing = ScoreRouting(controller, _state["config"])
-    controller.tiersched_routing = routing
-    controller.dispatching = routing.dispatch
+    state = ScoreDispatchState(controller, STATE.config)
+    setattr(controller, DISPATCH_ATTR, state)
+    controller.dispatching = state.dispatch
     controller.refresh_load_budget_on_dispatch = False  # we read the snapshot ourselves, same 20 ms throttle
-    logger.info("tiersched: DP dispatch by score over %d ranks (weights %s)", routing.num_ranks,
-                routing.dispatcher.config.weights())
+    logger.info("tiersched: DP dispatch by score over %d ranks (weights %s)", state.num_ranks,
+                state.dispatcher.config.weights())
     return result
 
 
 def on_control_message(controller, obj, *args, **kwargs):
     """BEFORE send_control_message: a cache flush clears our prefix index; a drain request changes the status."""
-    from sglang.srt.managers.io_struct import SetInternalStateReq
+    from sglang.srt.managers.io_struct import SetInternalStateReq  # deferred: io_struct imports torch
 
     forget_flushed_cache(controller, obj)
-    routing = getattr(controller, "tiersched_routing", None)
-    if routing is not None and isinstance(obj, SetInternalStateReq):
-        apply_drain_request(controller, obj, routing.num_ranks)  # removes the keys it applied
+    state = dispatch_state(controller)
+    if state is not None and isinstance(obj, SetInternalStateReq):
+        apply_drain_request(controller, obj, state.num_ranks)  # removes the keys it applied
     return None
 
 
 def forget_flushed_cache(controller, obj, *args, **kwargs):
-    from sglang.srt.managers.io_struct import FlushCacheReqInput
+    from sglang.srt.managers.io_struct import FlushCacheReqInput  # deferred: io_struct imports torch
 
-    routing = getattr(controller, "tiersched_routing", None)
-    if routing is not None and isinstance(obj, FlushCacheReqInput):
-        routing.dispatcher.forget_cache()
+    state = dispatch_state(controller)
+    if state is not None and isinstance(obj, FlushCacheReqInput):
+        state.dispatcher.forget_cache()
     return None
 
 
 def session_key(req) -> str | None:
+    """Upstream's routing_key, else the session id. getattr: TokenizedGenerateReqInput has these fields,
+    TokenizedEmbeddingReqInput (the controller dispatches both) has neither."""
     key = getattr(req, "routing_key", None)
     if key:
         return str(key)
     params = getattr(req, "session_params", None)
-    sid = getattr(params, "id", None) if params is not None else None
+    sid = params.id if params is not None else None
     return str(sid) if sid else None
 
 
 def to_dispatch_request(req, block_tokens: int) -> DispatchRequest:
     ids = req.input_ids if req.input_ids is not None else ()
     return DispatchRequest(rid=str(req.rid), input_tokens=len(ids), prefix_blocks=chained_block_hashes(ids, block_tokens),
-                           session_key=session_key(req), priority=int(getattr(req, "priority", None) or 0))
+                           session_key=session_key(req), priority=int(req.priority or 0))
 
 
 def format_scores(decision) -> str:
@@ -132,8 +142,9 @@ def format_scores(decision) -> str:
     return " | ".join(parts)
 
 
-class ScoreRouting:
-    """The score dispatch state living in one DataParallelController."""
+class ScoreDispatchState:
+    """The score dispatch of one DataParallelController (its attribute `tiersched_dispatch`): which DP rank each
+    request goes to, from the ranks' load snapshots and the controller's status."""
 
     def __init__(self, controller, config: EngineTierConfig) -> None:
         self.controller = controller
@@ -141,16 +152,14 @@ class ScoreRouting:
         self.num_ranks = len(controller.workers)
         self.dispatcher = ScoreDispatcher(self.num_ranks, config)
         reader = controller.load_snapshot_reader
+        # getattr: ShmLoadSnapshotReader names its file `path`, ZmqShmLoadSnapshotReader `_shm_path`
         shm_path = getattr(reader, "path", None) or getattr(reader, "_shm_path", None)
-        dp_size = getattr(reader, "dp_size", self.num_ranks)
-        self.side = loads_io.SideChannel(loads_io.side_path(shm_path), dp_size, writable=False) if shm_path else None
+        self.side = loads_io.SideChannel(loads_io.side_path(shm_path), reader.dp_size, writable=False) if shm_path else None
         self.share = loads_io.RoutedTokenShare(self.num_ranks)
         self._last_refresh = float("-inf")
         self._status: list[bool] = []
         try:
-            from tiersched.sglang.engine.metrics import DispatchMetrics
-
-            self.metrics = DispatchMetrics()
+            self.metrics: Optional[DispatchMetrics] = DispatchMetrics()
         except Exception as exc:  # noqa: BLE001 - metrics are optional; dispatch must still work
             logger.warning("tiersched: dispatch metrics disabled (%s)", exc)
             self.metrics = None
@@ -206,22 +215,25 @@ class ScoreRouting:
 
 def publish_extras(result, scheduler, *args, **kwargs):
     """After upstream published this rank's LoadSnapshot, write what the score adds (side channel)."""
-    if result is None or _state["side_failed"] or _method() != METHOD:
+    if result is None or not score_method_configured():
+        return None
+    publisher = loads_io.LoadSidePublisher.of(scheduler)
+    if publisher.failed:
         return None
     try:
-        side = _state["side"]
-        if side is None:
-            from sglang.srt.runtime_context import get_parallel
+        if publisher.side is None:
+            from sglang.srt.runtime_context import get_parallel  # deferred: the runtime context imports torch
 
+            # getattr: only the shm writer has a file; ZmqLoadSnapshotWriter (multi-node) has none
             path = getattr(scheduler.load_snapshot_writer, "path", None)
-            if path is None:  # zmq transport (multi-node): no shared file to sit next to
-                _state["side_failed"] = True
+            if path is None:
+                publisher.failed = True
                 logger.warning("tiersched: load snapshots go over zmq; score dispatch runs on upstream fields only")
                 return None
-            side = _state["side"] = loads_io.SideChannel(loads_io.side_path(path), get_parallel().num_dp_ranks, True)
-        side.write(result.dp_rank, result.timestamp, loads_io.running_decode_tokens(scheduler),
-                   loads_io.expert_pressure_of(scheduler))
+            publisher.side = loads_io.SideChannel(loads_io.side_path(path), get_parallel().num_dp_ranks, True)
+        publisher.side.write(result.dp_rank, result.timestamp, loads_io.running_decode_tokens(scheduler),
+                             loads_io.expert_pressure_of(scheduler))
     except Exception:  # noqa: BLE001 - never take a scheduler down for a load estimate
-        _state["side_failed"] = True
+        publisher.failed = True
         logger.exception("tiersched: engine-tier load publishing disabled")
     return None

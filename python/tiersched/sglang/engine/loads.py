@@ -21,23 +21,23 @@ import math
 import mmap
 import os
 import struct
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 from tiersched.core.engine import RankLoad
+from tiersched.sglang.engine.state import STATE, ExpertPressureProvider
 
 SLOT = struct.Struct("<Qddd")  # sequence, snapshot timestamp, running decode context tokens, expert pressure (NaN: none)
-
-ExpertPressureProvider = Callable[[Any], "float | None"]
-_provider: list[ExpertPressureProvider | None] = [None]
+PUBLISHER_ATTR = "tiersched_load_side"  # our attribute on upstream's Scheduler
 
 
-def set_expert_pressure_provider(fn: ExpertPressureProvider | None) -> None:
+def set_expert_pressure_provider(fn: Optional[ExpertPressureProvider]) -> None:
     """Expert tier: supply this rank's expert pressure (called in the scheduler at each load publish)."""
-    _provider[0] = fn
+    STATE.expert_pressure_provider = fn
 
 
 def expert_pressure_of(scheduler) -> float:
-    fn = _provider[0]
+    fn = STATE.expert_pressure_provider
     if fn is None:
         return math.nan
     value = fn(scheduler)
@@ -108,9 +108,27 @@ class SideChannel:
 
 def running_decode_tokens(scheduler) -> int:
     """Context tokens of the rank's running batch (the KV every decode step reads)."""
-    batch = getattr(scheduler, "running_batch", None)
-    reqs = getattr(batch, "reqs", None) or []
-    return int(sum(req.seqlen for req in reqs))
+    return int(sum(req.seqlen for req in scheduler.running_batch.reqs))
+
+
+@dataclass
+class LoadSidePublisher:
+    """One scheduler's side of the channel (attribute `tiersched_load_side` of that scheduler): its side file once
+    opened; `failed` when it cannot have one (zmq snapshot transport) or a write failed, after which it stops
+    (a scheduler is never taken down for a load estimate)."""
+
+    side: Optional[SideChannel] = None
+    failed: bool = False
+
+    @classmethod
+    def of(cls, scheduler) -> "LoadSidePublisher":
+        """This scheduler's publisher (attached at its first publish: getattr, upstream's Scheduler has no such
+        attribute until then)."""
+        publisher = getattr(scheduler, PUBLISHER_ATTR, None)
+        if publisher is None:
+            publisher = cls()
+            setattr(scheduler, PUBLISHER_ATTR, publisher)
+        return publisher
 
 
 class RoutedTokenShare:

@@ -7,7 +7,7 @@ Seams (sglang/srt/eplb/expert_distribution.py), all pass-through unless `--eplb-
 - `_ExpertDistributionRecorderReal._reset` (AFTER): upstream resets after every dump and at start_record.
 - `_StatAccumulator.dump` (AROUND): where upstream all-reduces its counts (every rank, in lockstep), we
   all-gather the per-rank own-token counts and all-reduce the co-activation, then hand the window to the
-  planner (expert_tier._state["pending"]).
+  planner (`state.STATE.pending`).
 Only `_SelectExpertsSinglePassGatherer` is fed (no all-to-all, DeepEP normal, flashinfer/nixl/mooncake); with the
 DeepEP low-latency or mori gatherers no per-source window exists and the planner uses upstream's aggregate.
 """
@@ -19,9 +19,11 @@ from typing import Optional
 import numpy as np
 
 from tiersched.sglang.expert.recorder import SourceLayout, SourceRecorder, sources_from_gathered, sparsify_top_k
+from tiersched.sglang.expert.state import STATE, CaptureState, Window, is_ours
 
 logger = logging.getLogger("tiersched.expert_tier")
 
+COACTIVATION_TOP_K = 8  # successors kept per (layer, expert) in each stored window
 _ED = "sglang.srt.eplb.expert_distribution"
 HOOKS = (
     (f"{_ED}._SelectExpertsSinglePassGatherer.on_select_experts", "AFTER", "after_select_experts"),
@@ -30,45 +32,41 @@ HOOKS = (
     (f"{_ED}._StatAccumulator.dump", "AROUND", "dump"),
 )
 
-# decided: whether this process runs one of our algorithms (read once from upstream's resolved args).
-_state: dict = {"decided": None, "recorder": None, "layout": None}
 
-
-def register_hooks(registry, hook_types) -> None:
-    for target, type_name, fn_name in HOOKS:
-        registry.register(target, globals()[fn_name], getattr(hook_types, type_name))
+def _capture() -> CaptureState:
+    return STATE.capture
 
 
 def activate(recorder: Optional[SourceRecorder]) -> None:
     """Set (or clear, with None) the recorder explicitly: in-process tests, or a caller that knows the config."""
-    _state.update(decided=recorder is not None, recorder=recorder, layout=None)
+    STATE.capture = CaptureState(decided=recorder is not None, recorder=recorder)
 
 
 def recorder() -> Optional[SourceRecorder]:
-    return _state["recorder"]
+    return _capture().recorder
 
 
 def _recorder_for(gatherer) -> Optional[SourceRecorder]:
-    if _state["decided"] is None:
-        from sglang.srt.runtime_context import get_exec
-
-        from tiersched.sglang.expert.hooks import is_ours
+    capture = _capture()
+    if capture.decided is None:
+        from sglang.srt.runtime_context import get_exec  # deferred: the runtime context imports torch
 
         moe = get_exec().moe
-        _state["decided"] = bool(is_ours(moe.eplb_algorithm))
-        if _state["decided"]:
+        capture.decided = is_ours(moe.eplb_algorithm)
+        if capture.decided:
             metadata = gatherer._expert_location_metadata
-            _state["recorder"] = SourceRecorder(
+            capture.recorder = SourceRecorder(
                 metadata.num_layers, metadata.num_logical_experts, moe.expert_distribution_recorder_buffer_size,
                 device=metadata.physical_to_logical_map.device)
             logger.info("tiersched expert tier: per-source recorder on (%d layers, %d experts, buffer %s)",
                         metadata.num_layers, metadata.num_logical_experts, moe.expert_distribution_recorder_buffer_size)
-    return _state["recorder"]
+    return capture.recorder
 
 
 def current_layout() -> SourceLayout:
     """This rank's own-token rows for the current pass (cached per pass)."""
-    layout = _state["layout"]
+    capture = _capture()
+    layout = capture.layout
     if layout is None:
         layout = SourceLayout()
         try:
@@ -83,7 +81,7 @@ def current_layout() -> SourceLayout:
                                       max_len_padding=bool(dp_attention.is_dp_max_padding()))
         except Exception:  # no runtime context (in-process use): every row is this rank's
             pass
-        _state["layout"] = layout
+        capture.layout = layout
     return layout
 
 
@@ -99,22 +97,23 @@ def after_select_experts(result, gatherer, layer_idx=None, topk_ids=None, *args,
 
 
 def after_forward_pass(result, *args, **kwargs):
-    rec = _state["recorder"]
-    _state["layout"] = None
+    capture = _capture()
+    rec = capture.recorder
+    capture.layout = None
     if rec is not None:
         rec.end_pass()
     return None
 
 
 def after_reset(result, *args, **kwargs):
-    rec = _state["recorder"]
+    rec = _capture().recorder
     if rec is not None:
         rec.reset()
     return None
 
 
 def dump(original_fn, accumulator, *args, **kwargs):
-    rec = _state["recorder"]
+    rec = _capture().recorder
     if rec is not None:
         try:
             publish_window(rec)
@@ -126,16 +125,14 @@ def dump(original_fn, accumulator, *args, **kwargs):
 
 def publish_window(rec: SourceRecorder) -> None:
     """Gather this window's statistics over all ranks and leave them for the next rebalance."""
-    from tiersched.sglang.expert import hooks as expert_tier
-
     counts, coact = rec.local_window()
     dp_rank, dp_size = _attn_dp()
     per_rank, dp_ranks, coact = _gather(counts, coact, dp_rank)
     members = max(len(dp_ranks) // max(dp_size, 1), 1)  # ranks holding the same tokens (attention TP)
     sources = sources_from_gathered(per_rank, dp_ranks, dp_size)  # [S, L, E]
     coact = coact.reshape(max(rec.num_layers - 1, 0), rec.num_logical, rec.num_logical) / members
-    index, value = sparsify_top_k(coact, expert_tier.COACTIVATION_TOP_K) if coact.size else (None, None)
-    expert_tier._state["pending"] = expert_tier.Window(np.transpose(sources, (1, 0, 2)), index, value)
+    index, value = sparsify_top_k(coact, COACTIVATION_TOP_K) if coact.size else (None, None)
+    STATE.pending = Window(np.transpose(sources, (1, 0, 2)), index, value)
 
 
 def _attn_dp() -> tuple[int, int]:

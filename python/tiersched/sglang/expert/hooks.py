@@ -8,7 +8,7 @@ argparse change is needed; the enum is closed, so `compute_algorithm` returns ou
 names and `rebalance_experts` dispatches that marker to `tiersched.core.expert.placement.rebalance`, returning
 exactly upstream's tuple (int64 torch tensors, log2phy width = max replicas, -1 padded).
 
-Statistics: the per-source recorder (expert_tier_capture / expert_tier_recorder) when it ran, else upstream's
+Statistics: the per-source recorder (capture.py / recorder.py) when it ran, else upstream's
 aggregate counts (S == 1). Previous placement: the global ExpertLocationMetadata.physical_to_logical_map.
 Bad statistics or a planner failure: the core keeps the current placement and logs one line. Every rank plans
 the same data; rank 0's phy2log is broadcast so all ranks apply one placement even if a solver time budget cut
@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from tiersched.core.expert.placement import ExpertStats, Placement, PlacementConfig, check_stats
+from tiersched.core.expert import (ExpertStats, Placement, PlacementConfig, check_stats, placement_from_phy2log,
+                                   trivial_placement)
+from tiersched.core.expert.metrics import expert_pressure
+from tiersched.core.expert.placement import rebalance
+from tiersched.sglang.engine.loads import set_expert_pressure_provider
+from tiersched.sglang.expert.recorder import densify
+from tiersched.sglang.expert.state import STATE, Window, is_ours
 
 logger = logging.getLogger("tiersched.expert_tier")
 
-ALGORITHMS = ("source_aware", "source_aware_hierarchical")
-HISTORY_WINDOWS = 6  # windows the planner sees (older ones weigh 2**(-age / window_half_life) in the core)
-COACTIVATION_TOP_K = 8  # successors kept per (layer, expert) in each stored window
 FAULT_ENV = "TIERSCHED_EXPERT_INJECT_BAD_STATS"  # test-only: comma list, i-th entry applies to the i-th rebalance
 
 HOOKS = (
@@ -48,61 +50,26 @@ class SourceAwareAlgorithm:
     hierarchical: bool
 
 
-@dataclass
-class Window:
-    """One recording window: counts float [L, S, E]; coactivation top-K (index, value) [L-1, E, k] or None."""
-
-    counts: np.ndarray
-    coact_index: Optional[np.ndarray] = None
-    coact_value: Optional[np.ndarray] = None
-
-
-_state: dict = {
-    "config": PlacementConfig(),
-    "history": deque(maxlen=HISTORY_WINDOWS),
-    "pending": None,  # Window gathered at the last recorder dump, consumed by the next rebalance
-    "rebalances": 0,
-    "pressure": None,  # float [R] after the last plan
-    "last": None,  # summary of the last rebalance (for tests / logs)
-}
-
-
 def configure(config: PlacementConfig) -> None:
-    config.validate()
-    _state["config"] = config
-
-
-def register_hooks(config) -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    from tiersched.sglang.expert import capture as expert_tier_capture
-
-    configure(config.tier("expert"))
-    for target, type_name, fn_name in HOOKS:
-        HookRegistry.register(target, globals()[fn_name], getattr(HookType, type_name))
-    expert_tier_capture.register_hooks(HookRegistry, HookType)
-    _register_pressure_provider()
-
-
-def is_ours(raw_algorithm) -> bool:
-    return isinstance(raw_algorithm, str) and raw_algorithm in ALGORITHMS
+    """Set this process's planner config (validated) and feed the engine tier this rank's expert pressure."""
+    STATE.configure(config)
+    set_expert_pressure_provider(scheduler_pressure)
 
 
 # ---- startup validation -------------------------------------------------------------------------------------
 
 
 def validate_server_args(server_args, *args, **kwargs):
-    """Our names are free strings upstream (checked only at the first rebalance); fail at startup instead."""
-    name = getattr(server_args, "eplb_algorithm", None)
-    if not isinstance(name, str) or not name.startswith("source"):
+    """With one of our algorithms, check at start-up what upstream checks only at the first rebalance. Any other
+    `--eplb-algorithm` value is upstream's (or another plugin's) to accept or reject."""
+    name = server_args.eplb_algorithm
+    if not is_ours(name):
         return None
-    if name not in ALGORITHMS:
-        raise ValueError(f"--eplb-algorithm {name!r} is not a tiersched algorithm; use one of {', '.join(ALGORITHMS)}.")
-    redundant = getattr(server_args, "ep_num_redundant_experts", 0) or 0
+    redundant = server_args.ep_num_redundant_experts or 0
     if redundant < 0:
         raise ValueError(f"--ep-num-redundant-experts must be >= 0 for {name}, got {redundant}.")
-    iterations = getattr(server_args, "eplb_rebalance_num_iterations", 1) or 0
-    if getattr(server_args, "enable_eplb", False) and iterations <= 0:
+    iterations = server_args.eplb_rebalance_num_iterations or 0
+    if server_args.enable_eplb and iterations <= 0:
         raise ValueError(f"--eplb-rebalance-num-iterations must be > 0 for {name}, got {iterations}.")
     return None
 
@@ -132,8 +99,6 @@ def rebalance_experts(original_fn, tokens_per_expert, num_physical_experts, num_
 def placement_tensors(phy2log: np.ndarray, num_logical: int, torch):
     """Upstream's tuple from phy2log int [L, P]: (phy2log, log2phy [L, E, max replicas] -1 padded, logcnt [L, E]),
     all int64 CPU tensors like deepseek.rebalance_experts returns."""
-    from tiersched.core.expert.placement import placement_from_phy2log
-
     placement = placement_from_phy2log(phy2log, num_logical)
     return (torch.from_numpy(placement.phy2log.copy()), torch.from_numpy(placement.log2phy.copy()),
             torch.from_numpy(placement.logcnt.copy()))
@@ -143,41 +108,39 @@ def plan(tokens_per_expert, num_physical: int, num_local_physical: int, num_node
          algorithm: SourceAwareAlgorithm, prev_phy2log: Optional[np.ndarray]) -> np.ndarray:
     """phy2log int64 [L, P] for the next placement. tokens_per_expert: upstream's logical_count [B, L, E] (or
     [L, E]); the per-source window gathered at the last dump replaces it when its shape matches."""
-    from tiersched.core.expert.placement import placement_from_phy2log, rebalance, trivial_placement
-
     aggregate = np.asarray(_to_numpy(tokens_per_expert), dtype=np.float64)
     if aggregate.ndim == 3:
         aggregate = aggregate.sum(0)
     num_ranks = num_physical // max(num_local_physical, 1)
     nodes = max(int(num_nodes), 1) if algorithm.hierarchical else 1
     window, source = _take_window(aggregate, num_ranks)
-    _state["rebalances"] += 1
-    window = _inject_fault(window, _state["rebalances"])
+    STATE.rebalances += 1
+    window = _inject_fault(window, STATE.rebalances)
     num_layers, num_logical = (aggregate.shape if aggregate.ndim == 2 else (None, None))
     if prev_phy2log is not None and num_logical:
         prev = placement_from_phy2log(prev_phy2log, num_logical)
     else:  # no metadata yet (in-process use): upstream's trivial layout is what is loaded
         prev = trivial_placement(num_layers, num_logical, num_physical) if num_logical else None
-    config = _state["config"]
+    config = STATE.config
     candidate = ExpertStats(source_counts=np.asarray(window.counts)[None] if np.ndim(window.counts) == 3
                             else np.asarray(window.counts))
     problem = check_stats(candidate, num_layers, num_logical)
     if problem:  # the core logs one line and returns the current placement
         placement = rebalance(candidate, num_physical, num_ranks, nodes, prev, config)
-        _state["last"] = {"n": _state["rebalances"], "kept": True, "problem": problem, "source": source}
+        STATE.last = {"n": STATE.rebalances, "kept": True, "problem": problem, "source": source}
         return placement.phy2log
-    _state["history"].append(window)
-    stats = history_stats(list(_state["history"]), num_logical)
+    STATE.history.append(window)
+    stats = history_stats(list(STATE.history), num_logical)
     placement = rebalance(stats, num_physical, num_ranks, nodes, prev, config)
     kept = placement is prev  # the core fell back (solver failure) and already logged why
     _update_pressure(placement, window, num_ranks)
     moved = float((placement.phy2log != prev.phy2log).mean()) if prev is not None else float("nan")
-    _state["last"] = {"n": _state["rebalances"], "kept": kept, "problem": "planner failed" if kept else "",
+    STATE.last = {"n": STATE.rebalances, "kept": kept, "problem": "planner failed" if kept else "",
                       "source": source, "windows": stats.source_counts.shape[0],
                       "sources": stats.source_counts.shape[2], "migrated_fraction": moved}
     if not kept:
         logger.info("tiersched expert tier: rebalance #%d planned %s (%d windows, %d sources, %s statistics); "
-                    "migrated %.3f of slots", _state["rebalances"], algorithm.name, stats.source_counts.shape[0],
+                    "migrated %.3f of slots", STATE.rebalances, algorithm.name, stats.source_counts.shape[0],
                     stats.source_counts.shape[2], source, moved)
     return placement.phy2log
 
@@ -190,15 +153,13 @@ def history_stats(windows: list, num_logical: int) -> ExpertStats:
     counts = np.stack([w.counts for w in same]).astype(np.float64)
     coact = None
     if all(w.coact_index is not None for w in same) and counts.shape[1] > 1:
-        from tiersched.sglang.expert.recorder import densify
-
         coact = sum(densify(w.coact_index, w.coact_value, num_logical) for w in same)
     return ExpertStats(source_counts=counts, coactivation=coact)
 
 
 def _take_window(aggregate: np.ndarray, num_ranks: int) -> tuple[Window, str]:
     """The per-source window from the last dump when it matches the aggregate's [L, E], else the aggregate."""
-    pending, _state["pending"] = _state["pending"], None
+    pending, STATE.pending = STATE.pending, None
     if pending is not None and aggregate.ndim == 2:
         counts = np.asarray(pending.counts)
         if counts.ndim == 3 and counts.shape[0] == aggregate.shape[0] and counts.shape[2] == aggregate.shape[1]:
@@ -232,11 +193,9 @@ def _inject_fault(window: Window, rebalance_number: int) -> Window:
 
 
 def _update_pressure(placement: Placement, window: Window, num_ranks: int) -> None:
-    from tiersched.core.expert.metrics import expert_pressure
-
     try:
         stats = ExpertStats(source_counts=np.asarray(window.counts, dtype=np.float64)[None])
-        _state["pressure"] = expert_pressure(placement, stats, num_ranks=num_ranks)
+        STATE.pressure = expert_pressure(placement, stats, num_ranks=num_ranks)
     except Exception as exc:  # feedback is advisory: never fail a rebalance for it
         logger.warning("tiersched expert tier: expert pressure not updated (%s)", exc)
 
@@ -244,32 +203,22 @@ def _update_pressure(placement: Placement, window: Window, num_ranks: int) -> No
 def expert_pressure_for_rank(rank: int) -> Optional[float]:
     """Load the current placement puts on EP rank `rank` over the mean rank load, from the last rebalance's
     window (1.0 = balanced); None before the first successful rebalance."""
-    pressure = _state["pressure"]
+    pressure = STATE.pressure
     if pressure is None or not 0 <= rank < len(pressure):
         return None
     return float(pressure[rank])
 
 
-def _scheduler_pressure(scheduler) -> Optional[float]:
+def scheduler_pressure(scheduler) -> Optional[float]:
     """Provider for tiersched.sglang.engine.loads: this scheduler's EP rank (= its DP rank when each DP
     attention rank is one EP rank)."""
-    rank = getattr(scheduler, "moe_ep_rank", None)
-    if rank is None:
-        try:
-            from sglang.srt.runtime_context import get_parallel
+    from sglang.srt.runtime_context import get_parallel  # deferred: the runtime context imports torch
 
-            rank = get_parallel().moe_ep_rank
-        except Exception:
-            return None
-    return expert_pressure_for_rank(int(rank))
-
-
-def _register_pressure_provider() -> None:
     try:
-        from tiersched.sglang.engine import loads as engine_tier_loads
-    except ImportError:  # engine tier absent in this build: nothing to feed
-        return
-    engine_tier_loads.set_expert_pressure_provider(_scheduler_pressure)
+        rank = int(get_parallel().moe_ep_rank)
+    except Exception:  # noqa: BLE001 - no published topology (in-process use): no pressure, not a failure
+        return None
+    return expert_pressure_for_rank(rank)
 
 
 # ---- upstream state ---------------------------------------------------------------------------------------------

@@ -18,12 +18,14 @@ LS request on rank A. Two channels carry each rank's LS count to the others:
 2. One step late (always on; the only channel with `same_step_signal = false`, under elastic-EP WORLD gathers,
    or in loops that do not call `get_next_batch_to_run`, e.g. PD disaggregation): one column appended to
    upstream's per-step MLP-sync row (`MLPSyncBatchInfo._get_local_tensor` / `_get_fallback_tensor`, read after
-   `all_gather`): LS requests waiting + LS requests in the prefill batch just formed. The row is gathered after
+   `all_gather`): LS requests waiting + LS requests in the prefill batch just formed. The column exists only
+   while the signal is in use (`--schedule-policy prefix-aging`, `lockstep_chunk_cap`), which every rank reads
+   from the same resolved server config; otherwise the row is upstream's own. The row is gathered after
    batch formation, so it reaches the other ranks' NEXT step (simulator: `lockstep_signal_lag_steps = 1`).
 
 Where the same-step reduce ran, it subsumes the gathered count (an LS request in the batch just formed was
 counted by the same step's reduce; one still waiting is counted by the next), so the gathered value is then
-ignored, as the simulator's lag 0 does. The value used feeds `tiersched.core.request.preemption.
+ignored, as the simulator's lag 0 does. The value used feeds `tiersched.core.request.lockstep.
 LockstepLsSignal` (the `ls_hold_s` hold). Stale reads: a count is used only in the iteration it was reduced in /
 right after its gather; otherwise only the hold remains, and it runs out. Without DP attention ranks are not in lockstep and only the per-rank rule applies.
 """
@@ -33,8 +35,8 @@ import logging
 import time
 import weakref
 
-from tiersched.core.request.ordering import RequestTierConfig
-from tiersched.core.request.preemption import LockstepLsSignal, be_admission_budget
+from tiersched.core.request.lockstep import be_admission_budget
+from tiersched.sglang.request.state import POLICY_NAME, STATE, LockstepState, PolicyState, normalised_priority
 
 logger = logging.getLogger("tiersched.request_tier")
 
@@ -48,37 +50,36 @@ HOOKS = (
 )
 UPSTREAM_SYNC_COLUMNS = 11  # width of MLPSyncBatchInfo._get_local_tensor in sglang 0.5.23; ours is column 11
 
-# One scheduler per process. `counters` is read by tests and the log line.
-_state: dict = {"scheduler": None, "iteration": 0, "local_ls": 0, "group_ls": 0, "gathered_at": -1,
-                "signal": None, "same_step_group": None, "same_step_ls": 0, "reduced_at": -1}
-_UNDECIDED = object()  # same_step_group before the first iteration decided it
-counters = {"gathers": 0, "gathers_with_ls": 0, "same_step_reduces": 0, "same_step_reduces_with_ls": 0,
-            "be_chunks_capped": 0, "be_chunks_capped_by_group": 0, "be_admissions_capped": 0}
+
+def _lockstep() -> LockstepState:
+    return STATE.lockstep  # looked up at each use: configure() replaces it
 
 
-def reset(config: RequestTierConfig) -> None:
-    _state.update(scheduler=None, iteration=0, local_ls=0, group_ls=0, gathered_at=-1,
-                  signal=LockstepLsSignal(config), same_step_group=_UNDECIDED, same_step_ls=0, reduced_at=-1)
-    for k in counters:
-        counters[k] = 0
+def _schedule_settings(ls: LockstepState) -> tuple[bool, bool]:
+    """(prefix-aging scheduling here, low priority values first): set explicitly, else upstream's resolved
+    schedule config, which every rank shares. Without a published config (in-process use) the tier is off."""
+    if ls.enabled is not None and ls.low_values_first is not None:
+        return ls.enabled, ls.low_values_first
+    from sglang.srt.runtime_context import get_schedule  # deferred: the runtime context imports torch
+
+    try:
+        schedule = get_schedule()
+        policy, low_first = schedule.schedule_policy, bool(schedule.schedule_low_priority_values_first)
+    except ValueError:  # "... not published": no server in this process
+        policy, low_first = None, False
+    enabled = ls.enabled if ls.enabled is not None else policy == POLICY_NAME
+    return enabled, ls.low_values_first if ls.low_values_first is not None else low_first
 
 
-def _config() -> RequestTierConfig:
-    from tiersched.sglang.request.hooks import _state as tier_state
-
-    return tier_state["config"]
-
-
-def _is_ls(req) -> bool:
-    from tiersched.sglang.request.hooks import normalised_priority
-
-    return _config().is_latency_sensitive(normalised_priority(req))
+def _tier_active(ls: LockstepState) -> bool:
+    """The lockstep signal is in use: prefix-aging scheduling with the lockstep chunk cap on."""
+    return ls.config.lockstep_chunk_cap and _schedule_settings(ls)[0]
 
 
-def _tier_active() -> bool:
-    from tiersched.sglang.request.hooks import _state as tier_state
-
-    return bool(tier_state["active"]) and _config().lockstep_chunk_cap
+def _ls_test(ls: LockstepState):
+    """req -> is it latency-sensitive, under this process's priority direction."""
+    low_first = _schedule_settings(ls)[1]
+    return lambda req: ls.config.is_latency_sensitive(normalised_priority(req, low_first))
 
 
 # ---- publish ------------------------------------------------------------------------------------------------
@@ -87,16 +88,15 @@ def _tier_active() -> bool:
 def track_iteration(original_fn, self, *args, **kwargs):
     """Remember this process's scheduler (its waiting queue), count loop iterations (signal freshness), and
     run the same-step all-reduce before upstream forms the batch (module docstring: why it cannot deadlock)."""
-    if _state["signal"] is None:
-        reset(_config())
-    sched = _state["scheduler"]
-    if sched is None or sched() is not self:
-        _state["scheduler"] = weakref.ref(self)
-    _state["iteration"] += 1
-    if _state["same_step_group"] is _UNDECIDED:
-        _state["same_step_group"] = same_step_group(self)
-    if _state["same_step_group"] is not None:
-        reduce_same_step(self, _state["same_step_group"])
+    ls = _lockstep()
+    if ls.scheduler is None or ls.scheduler() is not self:
+        ls.scheduler = weakref.ref(self)
+    ls.iteration += 1
+    if not ls.same_step_decided:
+        ls.same_step_group = same_step_group(self)
+        ls.same_step_decided = True
+    if ls.same_step_group is not None:
+        reduce_same_step(self, ls.same_step_group)
     return original_fn(self, *args, **kwargs)
 
 
@@ -105,9 +105,10 @@ def same_step_group(scheduler):
     MLP sync collects over ranks (`Scheduler.get_next_batch_to_run` -> `maybe_prepare_mlp_sync_batch` if
     `require_mlp_sync`; `prepare_mlp_sync_batch_raw` gathers unless num_dp_ranks == 1 or
     `should_skip_scheduler_all_gather`); only global config is read, so every rank decides the same."""
-    cfg = _config()
-    if not (_tier_active() and cfg.same_step_signal and getattr(scheduler, "require_mlp_sync", False)):
+    ls = _lockstep()
+    if not (_tier_active(ls) and ls.config.same_step_signal and scheduler.require_mlp_sync):
         return None
+    # deferred: upstream's dp-attention modules import torch.distributed
     from sglang.srt.layers.dp_attention import world_dp_gather_enabled
     from sglang.srt.managers.scheduler_components.dp_attn import should_skip_scheduler_all_gather
     from sglang.srt.runtime_context import get_parallel
@@ -125,9 +126,10 @@ def same_step_group(scheduler):
 def safe_local_ls_count(scheduler) -> int:
     """LS requests waiting + an LS chunked prefill on this rank; never raises (every rank must reduce)."""
     try:
-        n = sum(1 for r in scheduler.waiting_queue if _is_ls(r))
-        chunked = getattr(scheduler, "chunked_req", None)
-        return n + (1 if chunked is not None and _is_ls(chunked) else 0)
+        is_ls = _ls_test(_lockstep())
+        n = sum(1 for r in scheduler.waiting_queue if is_ls(r))
+        chunked = scheduler.chunked_req
+        return n + (1 if chunked is not None and is_ls(chunked) else 0)
     except Exception:  # noqa: BLE001 -- a count of 0 only loses protection for one step; a skipped collective hangs
         logger.exception("tiersched lockstep: LS count failed; publishing 0")
         return 0
@@ -135,41 +137,47 @@ def safe_local_ls_count(scheduler) -> int:
 
 def reduce_same_step(scheduler, group) -> int:
     """All-reduce (MAX) this rank's LS count over `group`; the result is this iteration's group signal."""
-    import torch
+    import torch  # deferred: torch is imported by the scheduler process, not by the plugin
     import torch.distributed as dist
 
+    ls = _lockstep()
     value = torch.tensor([safe_local_ls_count(scheduler)], dtype=torch.int64)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     group_ls = int(value.item())
-    _state.update(same_step_ls=group_ls, reduced_at=_state["iteration"])
-    counters["same_step_reduces"] += 1
-    counters["same_step_reduces_with_ls"] += group_ls > 0
-    _state["signal"].observe(group_ls, time.perf_counter())
+    ls.same_step_ls, ls.reduced_at = group_ls, ls.iteration
+    ls.counters.same_step_reduces += 1
+    ls.counters.same_step_reduces_with_ls += group_ls > 0
+    ls.signal.observe(group_ls, time.perf_counter())
     return group_ls
 
 
 def local_ls_count(scheduler, local_batch) -> int:
-    """LS requests waiting on this rank + LS requests in the batch this rank is about to run as a prefill."""
-    n = sum(1 for r in getattr(scheduler, "waiting_queue", ()) if _is_ls(r)) if scheduler is not None else 0
-    mode = getattr(local_batch, "forward_mode", None)
-    if mode is not None and mode.is_extend():
-        n += sum(1 for r in local_batch.reqs if _is_ls(r))
+    """LS requests waiting on this rank + LS requests in the batch this rank is about to run as a prefill.
+    `local_batch` is upstream's Optional[ScheduleBatch]; `scheduler` None in loops that never called
+    get_next_batch_to_run."""
+    is_ls = _ls_test(_lockstep())
+    n = sum(1 for r in scheduler.waiting_queue if is_ls(r)) if scheduler is not None else 0
+    if local_batch is not None and local_batch.forward_mode.is_extend():
+        n += sum(1 for r in local_batch.reqs if is_ls(r))
     return n
 
 
 def count_local_ls(original_fn, local_batch, *args, **kwargs):
-    if _tier_active():
-        sched = _state["scheduler"]() if _state["scheduler"] is not None else None
-        _state["local_ls"] = local_ls_count(sched, local_batch)
+    ls = _lockstep()
+    if _tier_active(ls):
+        ls.local_ls = local_ls_count(ls.scheduler() if ls.scheduler is not None else None, local_batch)
     return original_fn(local_batch, *args, **kwargs)
 
 
 def append_local_ls(original_fn, self, device, dtype=None, *args, **kwargs):
-    return _append(original_fn(self, device, *args, **_dtype(dtype, kwargs)), _state["local_ls"] if _tier_active() else 0)
+    row = original_fn(self, device, *args, **_dtype(dtype, kwargs))
+    ls = _lockstep()
+    return _append(row, ls.local_ls) if _tier_active(ls) else row
 
 
 def append_zero_ls(original_fn, self, device, dtype=None, *args, **kwargs):
-    return _append(original_fn(self, device, *args, **_dtype(dtype, kwargs)), 0)
+    row = original_fn(self, device, *args, **_dtype(dtype, kwargs))
+    return _append(row, 0) if _tier_active(_lockstep()) else row
 
 
 def _dtype(dtype, kwargs):
@@ -177,8 +185,9 @@ def _dtype(dtype, kwargs):
 
 
 def _append(row, value: int):
-    """Upstream's row plus our column (every rank runs the plugin, so all rows have the same width)."""
-    import torch
+    """Upstream's row plus our column. Only while the signal is in use, which every rank decides alike from the
+    resolved server config, so all rows of one gather have the same width."""
+    import torch  # deferred: torch is imported by the scheduler process, not by the plugin
 
     if row.numel() != UPSTREAM_SYNC_COLUMNS:  # an upstream change of the row: leave it alone (patch check flags it)
         return row
@@ -189,14 +198,13 @@ def read_group_ls(original_fn, self, *args, **kwargs):
     result = original_fn(self, *args, **kwargs)
     info = self.tp0_info_cpu
     if info is not None and info.shape[-1] == UPSTREAM_SYNC_COLUMNS + 1:
+        ls = _lockstep()
         group = int(info[:, UPSTREAM_SYNC_COLUMNS].max())
-        _state.update(group_ls=group, gathered_at=_state["iteration"])
-        counters["gathers"] += 1
-        counters["gathers_with_ls"] += group > 0
-        if _state["signal"] is None:
-            reset(_config())
-        if _state["reduced_at"] != _state["iteration"]:  # with the same-step reduce on, the hold follows it only
-            _state["signal"].observe(group, time.perf_counter())
+        ls.group_ls, ls.gathered_at = group, ls.iteration
+        ls.counters.gathers += 1
+        ls.counters.gathers_with_ls += group > 0
+        if ls.reduced_at != ls.iteration:  # with the same-step reduce on, the hold follows it only
+            ls.signal.observe(group, time.perf_counter())
     return result
 
 
@@ -207,36 +215,37 @@ def group_ls_signal() -> int:
     """The signal this scheduling pass uses: this iteration's same-step count, else the count gathered in the
     previous iteration, else 1 within the hold after the last nonzero count; 0 when nothing fresh was seen
     (stale values expire through the hold)."""
-    signal = _state["signal"]
-    if signal is None or not _tier_active():
+    ls = _lockstep()
+    if not _tier_active(ls):
         return 0
-    if _state["reduced_at"] == _state["iteration"]:  # subsumes the gathered count (module docstring)
-        if _state["same_step_ls"] > 0:
-            _state["source"] = "same-step"
-            return _state["same_step_ls"]
-    elif _state["gathered_at"] == _state["iteration"] - 1 and _state["group_ls"] > 0:
-        _state["source"] = "gathered"
-        return _state["group_ls"]
-    _state["source"] = "hold"
-    return signal.expire(time.perf_counter())
+    if ls.reduced_at == ls.iteration:  # subsumes the gathered count (module docstring)
+        if ls.same_step_ls > 0:
+            ls.source = "same-step"
+            return ls.same_step_ls
+    elif ls.gathered_at == ls.iteration - 1 and ls.group_ls > 0:
+        ls.source = "gathered"
+        return ls.group_ls
+    ls.source = "hold"
+    return ls.signal.expire(time.perf_counter())
 
 
 def signal_source() -> str:
     """Where the last `group_ls_signal()` value came from: same-step, gathered (one step old) or hold."""
-    return _state.get("source", "hold")
+    return _lockstep().source
 
 
-def capped_be_add(original_fn, adder, req, *args, **kwargs):
+def capped_be_add(original_fn, adder, req, policy: PolicyState, *args, **kwargs):
     """add_one_req for a BE request while LS work waits in the group: its chunk this step is at most what is left
     of `be_chunk_tokens` after the BE tokens already in the batch (core `be_admission_budget`)."""
-    from sglang.srt.managers.schedule_policy import AddReqResult
+    from sglang.srt.managers.schedule_policy import AddReqResult  # deferred: imports torch and the scheduler stack
 
-    if adder.rem_chunk_tokens is None or _is_ls(req):
+    if adder.rem_chunk_tokens is None or policy.is_ls(req):
         return original_fn(adder, req, *args, **kwargs)
-    sched = _state["scheduler"]() if _state["scheduler"] is not None else None
-    local = sum(1 for r in getattr(sched, "waiting_queue", ()) if _is_ls(r)) if sched is not None else 0
-    used = sum(_extend_len(r) for r in adder.can_run_list if not _is_ls(r))
-    left = be_admission_budget(local, group_ls_signal(), used, _config())
+    ls = _lockstep()
+    sched = ls.scheduler() if ls.scheduler is not None else None
+    local = sum(1 for r in sched.waiting_queue if policy.is_ls(r)) if sched is not None else 0
+    used = sum(_extend_len(r) for r in adder.can_run_list if not policy.is_ls(r))
+    left = be_admission_budget(local, group_ls_signal(), used, policy.config)
     if left is None or left >= adder.rem_chunk_tokens:
         return original_fn(adder, req, *args, **kwargs)
     if left <= 0:
@@ -247,9 +256,10 @@ def capped_be_add(original_fn, adder, req, *args, **kwargs):
         return original_fn(adder, req, *args, **kwargs)
     finally:
         adder.rem_chunk_tokens = saved - (left - adder.rem_chunk_tokens)
-        counters["be_admissions_capped"] += 1
+        ls.counters.be_admissions_capped += 1
 
 
 def _extend_len(req) -> int:
-    end = getattr(req, "extend_end", None)
+    """Tokens `req` adds to the batch being formed (Req.extend_end is None until init_next_round_input)."""
+    end = req.extend_end
     return max(0, end - req.prefix_len) if end is not None else 0

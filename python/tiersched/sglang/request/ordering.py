@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiersched.core.request.ordering import RequestTierConfig, order_keys
+from tiersched.core.request.ordering import order_keys
+from tiersched.sglang.request.state import PolicyState
 
 
-def order_waiting_queue(policy, waiting_queue: list, config: RequestTierConfig, now_s: float, overtake=None) -> None:
-    """Sort `waiting_queue` (a list of upstream Req) in place, most urgent first. `now_s`: time.perf_counter(),
-    the clock of Req.time_stats.wait_queue_entry_time. `overtake`: the queue's LsOvertakeBudget (None: promoted
-    requests strictly first)."""
+def order_waiting_queue(policy, waiting_queue: list, state: PolicyState, now_s: float) -> None:
+    """Sort `waiting_queue` (a list of upstream Req) in place, most urgent first, as the prefix-aging `policy`
+    (its PolicyState `state`: config, priority direction, LS overtake budget) orders it. `now_s`:
+    time.perf_counter(), the clock of Req.time_stats.wait_queue_entry_time."""
+    # deferred: schedule_policy imports torch and the scheduler stack
     from sglang.srt.managers.schedule_policy import WAITING_QUEUE_PREFIX_MATCH_MAX, CacheAwarePolicy
 
-    from tiersched.sglang.request.hooks import normalised_priority
-
+    config = state.config
     n = len(waiting_queue)
     if n == 0:
         return
     deferred_rids: set = set()
     if isinstance(policy.policy, CacheAwarePolicy) and n <= WAITING_QUEUE_PREFIX_MATCH_MAX:
         deferred_rids = policy._compute_prefix_matches(waiting_queue, CacheAwarePolicy.LPM)
-    priority = np.fromiter((normalised_priority(r) for r in waiting_queue), np.float64, n)
+    priority = np.fromiter((state.priority(r) for r in waiting_queue), np.float64, n)
     arrival = np.fromiter((r.time_stats.wait_queue_entry_time or now_s for r in waiting_queue), np.float64, n)
     uncached = np.fromiter(
         (len(r.origin_input_ids) + len(r.output_ids) - r.num_matched_prefix_tokens for r in waiting_queue), np.float64, n
@@ -39,6 +40,5 @@ def order_waiting_queue(policy, waiting_queue: list, config: RequestTierConfig, 
     else:
         deferred = np.zeros(n, dtype=np.bool_)
     perm = order_keys(priority, arrival, np.maximum(uncached, 0.0), deferred, now_s, config)
-    if overtake is not None:
-        perm = overtake.reorder(perm, lambda i: waiting_queue[i].rid, priority >= config.ls_priority, arrival, now_s)
+    perm = state.overtake.reorder(perm, lambda i: waiting_queue[i].rid, priority >= config.ls_priority, arrival, now_s)
     waiting_queue[:] = [waiting_queue[i] for i in perm]

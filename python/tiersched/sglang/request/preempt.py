@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import time
 
-from tiersched.core.request.ordering import RequestTierConfig, RunningRequest, WaitingRequest
+from tiersched.core.request import RunningRequest, WaitingRequest
 from tiersched.core.request.preemption import LatencySensitivePreemption
+from tiersched.sglang.request.state import PolicyState
 
 logger = logging.getLogger("tiersched.request_tier")
-# Process-wide counters (one scheduler per process): read by tests and by the log line below.
-preemption_counts = {"slots": 0, "kv": 0, "victims": 0}
 
 
 def _kv_shortfall(adder, req) -> int:
@@ -35,18 +34,16 @@ def _kv_shortfall(adder, req) -> int:
     return int(max(0, need - adder.rem_total_tokens))
 
 
-def snapshot_running(adder) -> list:
+def snapshot_running(adder, state: PolicyState) -> list:
     """(RunningRequest, Req) for running requests that may be preempted now (upstream skips finished and
     already-preempted ones: their KV may already be freed)."""
-    from tiersched.sglang.request.hooks import normalised_priority
-
     out = []
     for r in adder.running_batch.reqs:
         if r in adder.preempt_list or r.finished():
             continue
         held = len(r.origin_input_ids) + len(r.output_ids)
         freed = int(held + adder._get_running_request_total_token_offset(r))
-        out.append((RunningRequest(r.rid, normalised_priority(r), r.time_stats.wait_queue_entry_time, freed, held), r))
+        out.append((RunningRequest(r.rid, state.priority(r), r.time_stats.wait_queue_entry_time, freed, held), r))
     return out
 
 
@@ -58,16 +55,15 @@ def release_with_prefix_cached(req, tree_cache) -> None:
     req.reset_for_retract()
 
 
-def preempt(adder, req, config: RequestTierConfig, slots_short: int) -> bool:
-    """Preempt for `req` if the core policy allows; True when room was made (the caller then admits it)."""
-    from tiersched.sglang.request.hooks import normalised_priority
-
+def preempt(adder, req, state: PolicyState, slots_short: int) -> bool:
+    """Preempt for `req` as the prefix-aging policy `state` allows; True when room was made (the caller then
+    admits it)."""
     kv_short = _kv_shortfall(adder, req)
     candidate = WaitingRequest(
-        req.rid, normalised_priority(req), req.time_stats.wait_queue_entry_time, len(req.full_untruncated_fill_ids)
+        req.rid, state.priority(req), req.time_stats.wait_queue_entry_time, len(req.full_untruncated_fill_ids)
     )
-    running = snapshot_running(adder)
-    victims = LatencySensitivePreemption(config).choose_victims(
+    running = snapshot_running(adder, state)
+    victims = LatencySensitivePreemption(state.config).choose_victims(
         candidate, [s for s, _ in running], slots_short, kv_short, time.perf_counter()
     )
     if not victims:
@@ -86,8 +82,12 @@ def preempt(adder, req, config: RequestTierConfig, slots_short: int) -> bool:
     adder.preempt_list.extend(released)
     if released:
         reason = "slots" if slots_short > 0 else "kv"
-        preemption_counts[reason] += 1
-        preemption_counts["victims"] += len(released)
+        counts = state.preemptions
+        if reason == "slots":
+            counts.slots += 1
+        else:
+            counts.kv += 1
+        counts.victims += len(released)
         logger.info(
             "tiersched preempted %d request(s) [%s] for %s (reason=%s, kv_short=%d, victim computed tokens=%s)",
             len(released), ",".join(str(r.rid) for r in released), req.rid, reason, kv_short,
