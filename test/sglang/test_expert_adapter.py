@@ -169,7 +169,7 @@ def test_bad_statistics_keep_the_current_placement(fault, monkeypatch, caplog):
     monkeypatch.setenv(expert_tier.FAULT_ENV, f"ok,{fault}")
     counts = torch.from_numpy(rng.gamma(1.0, 50.0, size=(1, num_layers, num_logical)))
     marker = expert_tier.SourceAwareAlgorithm("source_aware", False)
-    expert_tier.rebalance_experts(None, counts, num_physical, 4, None, 1, marker)  # rebalance #1: ok
+    expert_tier.rebalance_experts(None, counts, num_physical, 4, None, 1, marker)  # first rebalance: ok
     assert not STATE.last["kept"]
     with caplog.at_level(logging.WARNING):
         phy2log, log2phy, logcnt = expert_tier.rebalance_experts(None, counts, num_physical, 4, None, 1, marker)
