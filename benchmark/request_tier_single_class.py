@@ -4,7 +4,8 @@ round_robin dispatch, one run each. Reproduces "Single-class ordering" in docs/r
 """
 from dataclasses import replace
 
-from tiersched.core.request.ordering import AgingPrefixOrdering, RequestTierConfig
+from tiersched.core.request import RequestTierConfig
+from tiersched.core.request.ordering import AgingPrefixOrdering
 from tiersched.sim import PolicySet, simulate, workloads
 
 work = workloads.mooncake(duration_s=60.0)

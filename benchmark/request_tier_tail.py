@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     from tiersched.config import ConfigError, load_config
-    from tiersched.core.request.ordering import RequestTierConfig
+    from tiersched.core.request import RequestTierConfig
 
     try:
         cfg = load_config({"TIERSCHED_SET": args.set}).tier("request") if args.set else RequestTierConfig()

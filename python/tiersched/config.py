@@ -26,7 +26,7 @@ def _tier_config_classes() -> dict[str, type]:
     # Imported lazily: each tier owns its dataclass next to its policy (tiersched.core.*).
     from tiersched.core.engine import EngineTierConfig
     from tiersched.core.expert import PlacementConfig
-    from tiersched.core.request.ordering import RequestTierConfig
+    from tiersched.core.request import RequestTierConfig
 
     return {"request": RequestTierConfig, "engine": EngineTierConfig, "expert": PlacementConfig}
 

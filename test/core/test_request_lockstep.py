@@ -7,9 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tiersched.core.request.ordering import AgingPrefixOrdering, RequestTierConfig
-from tiersched.core.request.preemption import (LatencySensitivePreemption, LockstepLsSignal, be_admission_budget,
-                                               chunk_token_limit)
+from tiersched.core.request import RequestTierConfig
+from tiersched.core.request.ordering import AgingPrefixOrdering
+from tiersched.core.request.lockstep import LockstepLsSignal, be_admission_budget, chunk_token_limit
+from tiersched.core.request.preemption import LatencySensitivePreemption
 
 CFG = RequestTierConfig(be_chunk_tokens=256, min_chunk_tokens=64, ls_hold_s=1.0)
 

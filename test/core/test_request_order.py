@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 
 from tiersched.config import ConfigError, load_config
-from tiersched.core.request.ordering import (
-    AgingPrefixOrdering,
-    FcfsPriorityOrdering,
-    RequestTierConfig,
-    WaitingRequest,
-)
+from tiersched.core.request import RequestTierConfig, WaitingRequest
+from tiersched.core.request.ordering import AgingPrefixOrdering
+from tiersched.core.request.upstream import FcfsPriorityOrdering
 
 
 def W(rid, priority=0, arrival=0.0, tokens=100, cached=0, shares=False):

@@ -4,8 +4,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiersched.core.request.ordering import RequestTierConfig, RunningRequest, WaitingRequest
-from tiersched.core.request.preemption import LatencySensitivePreemption, UpstreamPriorityPreemption, chunk_token_limit
+from tiersched.core.request import RequestTierConfig, RunningRequest, WaitingRequest
+from tiersched.core.request.lockstep import chunk_token_limit
+from tiersched.core.request.preemption import LatencySensitivePreemption
+from tiersched.core.request.upstream import PriorityPreemption
 
 LS = WaitingRequest("ls", priority=10, arrival_s=5.0, input_tokens=100)
 BE = WaitingRequest("be", priority=0, arrival_s=5.0, input_tokens=100)
@@ -50,8 +52,8 @@ def test_kv_shortage_preempts_only_as_many_as_needed():
 def test_kv_shortage_switch_and_upstream_baseline_never_preempts_on_kv():
     off = LatencySensitivePreemption(RequestTierConfig(preempt_on_kv_shortage=False))
     assert off.choose_victims(LS, [R("be")], 0, 10, 0.0) is None
-    assert UpstreamPriorityPreemption(threshold=0).choose_victims(LS, [R("be")], 0, 10, 0.0) is None
-    assert UpstreamPriorityPreemption(threshold=0).choose_victims(LS, [R("be")], 1, 0, 0.0) == ["be"]
+    assert PriorityPreemption(threshold=0).choose_victims(LS, [R("be")], 0, 10, 0.0) is None
+    assert PriorityPreemption(threshold=0).choose_victims(LS, [R("be")], 1, 0, 0.0) == ["be"]
 
 
 @settings(max_examples=200, deadline=None)

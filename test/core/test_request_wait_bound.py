@@ -10,13 +10,9 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tiersched.core.request.ordering import (
-    AgingPrefixOrdering,
-    FcfsPriorityOrdering,
-    RequestTierConfig,
-    max_overtakes,
-    wait_bound_s,
-)
+from tiersched.core.request import RequestTierConfig, max_overtakes, wait_bound_s
+from tiersched.core.request.ordering import AgingPrefixOrdering
+from tiersched.core.request.upstream import FcfsPriorityOrdering
 from tiersched.core.request.single_server import Job, run_single_server
 
 CAP_S = 2.0

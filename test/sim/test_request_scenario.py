@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tiersched.bench.request import UPSTREAM_DEFAULT_MAX_RUNNING, ls_alone_ttft_s
-from tiersched.core.request.ordering import AgingPrefixOrdering, RequestTierConfig
+from tiersched.core.request import RequestTierConfig
+from tiersched.core.request.ordering import AgingPrefixOrdering
 from tiersched.core.request.preemption import LatencySensitivePreemption
 from tiersched.sim import PolicySet, capacity, simulate, workloads
 from tiersched.sim.presets import get_preset

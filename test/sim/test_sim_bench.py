@@ -8,11 +8,12 @@ import pytest
 
 from tiersched.bench import compare, sweep
 from tiersched.bench.runner import Scenario
-from tiersched.core.request.ordering import RunningRequest, WaitingRequest
+from tiersched.core.request import RunningRequest, WaitingRequest
+from tiersched.core.request.upstream import (FcfsOrdering, FcfsPriorityOrdering, HrrnOrdering, LpmOrdering,
+                                             PriorityPreemption, ShortestPrefillFirstOrdering)
 from tiersched.core.engine import Dispatcher
 from tiersched.core.engine.upstream import TotalTokensDispatcher
 from tiersched.sim import PolicySet, get_preset, simulate, workloads
-from tiersched.sim.baselines import request_tier
 from tiersched.sim.policies import DISPATCHERS, make_dispatcher
 
 
@@ -67,18 +68,18 @@ def _w(rid, prio=0, arrival=0.0, tokens=100, cached=0, defer=False):
 def test_upstream_orderings_hand_cases():
     q = [_w("a", arrival=0, tokens=900, cached=0), _w("b", arrival=1, tokens=500, cached=400),
          _w("c", prio=5, arrival=2, tokens=50, cached=0, defer=True)]
-    assert request_tier.FCFSOrdering().order(q, 3) == [0, 1, 2]
-    assert request_tier.FCFSPriorityOrdering().order(q, 3) == [2, 0, 1]
-    assert request_tier.LPMOrdering().order(q, 3) == [1, 0, 2]  # most cached first, deferred last
-    assert request_tier.ShortestPrefillFirstOrdering().order(q, 3) == [1, 0, 2]  # uncached 100 < 900; deferred last
-    hrrn = request_tier.HRRNOrdering()
+    assert FcfsOrdering().order(q, 3) == [0, 1, 2]
+    assert FcfsPriorityOrdering().order(q, 3) == [2, 0, 1]
+    assert LpmOrdering().order(q, 3) == [1, 0, 2]  # most cached first, deferred last
+    assert ShortestPrefillFirstOrdering().order(q, 3) == [1, 0, 2]  # uncached 100 < 900; deferred last
+    hrrn = HrrnOrdering()
     hrrn.order(q[:1], 0)  # a seen at processed 0
     hrrn.observe_prefill_tokens(1000)
     assert hrrn.order(q[:2], 1) == [0, 1]  # a waited 1000 tokens / 900 uncached; b just arrived
 
 
 def test_upstream_priority_preemption_threshold_and_order():
-    pre = request_tier.PriorityPreemption(threshold=10)
+    pre = PriorityPreemption(threshold=10)
     running = [RunningRequest("old", 0, 0.0, 300, 300), RunningRequest("new", 0, 5.0, 200, 200),
                RunningRequest("mid", 8, 1.0, 100, 100)]
     assert pre.choose_victims(_w("x", prio=20), running, 1, 0, 6.0) == ["new"]  # newest of the lowest first

@@ -82,7 +82,8 @@ def ordering_overhead(reps: int, seed: int) -> dict:
     from sglang.srt.managers.schedule_policy import SchedulePolicy
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
-    from tiersched.core.request.ordering import AgingPrefixOrdering, RequestTierConfig, WaitingRequest
+    from tiersched.core.request import RequestTierConfig, WaitingRequest
+    from tiersched.core.request.ordering import AgingPrefixOrdering
     from tiersched.sglang.request import hooks as request_tier
 
     request_tier.configure(RequestTierConfig())
@@ -146,7 +147,8 @@ def ls_alone_ttft_s(preset, work, seed: int):
 def mixed_priority(duration_s: float, preset: str, seed: int, cfg=None) -> dict:
     from dataclasses import replace
 
-    from tiersched.core.request.ordering import AgingPrefixOrdering, RequestTierConfig
+    from tiersched.core.request import RequestTierConfig
+    from tiersched.core.request.ordering import AgingPrefixOrdering
     from tiersched.core.request.preemption import LatencySensitivePreemption
     from tiersched.sim import PolicySet, capacity, simulate
     from tiersched.sim.presets import get_preset
@@ -297,7 +299,7 @@ def summarise_seeds(per_seed: dict[int, dict]) -> dict:
 
 
 def main(args) -> int:
-    from tiersched.core.request.ordering import RequestTierConfig
+    from tiersched.core.request import RequestTierConfig
 
     t0 = time.perf_counter()
     from tiersched.config import ConfigError, load_config

@@ -183,19 +183,14 @@ class Simulation:
     # ---- request tier: lockstep LS signal -------------------------------------------------------------------
     def _ls_signal_setup(self) -> None:
         """All DP-attention ranks run each forward step in lockstep (one group). Orderings that declare
-        `lockstep_signal_lag_steps` get the group's largest LS-waiting count each step: lag 1 = what SGLang's
-        per-step MLP-sync all-gather delivers (counts taken after batch formation, used at the next step), lag 0
-        = the ideal same-step signal."""
-        lags = {getattr(rs.ordering, "lockstep_signal_lag_steps", None) for rs in self.ranks}
+        `lockstep_signal_lag_steps` and an `ls_priority` get the group's largest LS-waiting count each step (through
+        their `observe_group_ls_waiting`): lag 1 = what SGLang's per-step MLP-sync all-gather delivers (counts
+        taken after batch formation, used at the next step), lag 0 = the ideal same-step signal."""
+        lags = {rs.ordering.lockstep_signal_lag_steps for rs in self.ranks}
         lag = lags.pop() if len(lags) == 1 else None
-        self.ls_signal_lag = lag if lag in (0, 1) else None
-        cfg = getattr(self.ranks[0].ordering, "config", None)
-        self.ls_min_priority = getattr(cfg, "ls_priority", 1)
-        self.ls_signal = None
-        if self.ls_signal_lag is not None:
-            from tiersched.core.request.preemption import LockstepLsSignal
-
-            self.ls_signal = LockstepLsSignal(cfg)
+        ls_priority = self.ranks[0].ordering.ls_priority
+        self.ls_signal_lag = lag if lag in (0, 1) and ls_priority is not None else None
+        self.ls_min_priority = ls_priority
 
     def _publish_ls_signal(self, batches=None) -> None:
         """Each rank's count = LS requests waiting + LS requests in this step's prefill batch (incl. a chunked one)."""
@@ -208,9 +203,8 @@ class Simulation:
             if rs.chunked is not None and t.priority[rs.chunked] >= ls and not batches:
                 n += 1  # (with batches, a chunked LS request is in its rank's batch already)
             best = max(best, n)
-        signal = self.ls_signal.observe(best, self.now)
         for rs in self.ranks:
-            rs.group_ls_waiting = signal
+            rs.group_ls_waiting = rs.ordering.observe_group_ls_waiting(best, self.now)
 
     def _report_pending_first_tokens(self, ranks, batches, first_step_s: float) -> None:
         """cpu-tiny: first tokens of the last prefill on a rank are reported when this step ends on that rank."""

@@ -2,10 +2,10 @@
 
 Names: ordering "fcfs", "lpm", "hrrn", "shortest-prefill-first", "fcfs-priority", "tiersched"; dispatch
 "round_robin", "total_requests", "total_tokens", "vllm-dp", "tiersched"; eplb "none", "deepseek",
-"deepseek-hierarchical", "source_aware". "tiersched" / "source_aware" resolve to the tier's own classes in
-tiersched.core (looked up when the simulation starts, so they appear as soon as those modules export them).
-Ordering and preemption objects are per rank (each SGLang scheduler owns its own): objects passed in are
-deep-copied per rank.
+"deepseek-hierarchical", "source_aware"; preemption "none", "priority", "tiersched", "auto". "tiersched" /
+"source_aware" are the tier's own classes in tiersched.core. An ordering or preemption passed as an object must be
+an OrderingPolicy / PreemptionPolicy (tiersched.core.request). Ordering and preemption objects are per rank (each
+SGLang scheduler owns its own): objects passed in are deep-copied per rank.
 """
 from __future__ import annotations
 
@@ -20,16 +20,27 @@ from tiersched.core.engine.score import ScoreDispatcher
 from tiersched.core.engine.upstream import BASELINES as UPSTREAM_DISPATCHERS
 from tiersched.core.expert import ExpertPlanner, ExpertStats, Placement, PlacementConfig
 from tiersched.core.expert.placement import rebalance
-from tiersched.sim.baselines import request_tier
+from tiersched.core.request import OrderingPolicy, PreemptionPolicy
+from tiersched.core.request.ordering import AgingPrefixOrdering
+from tiersched.core.request.preemption import LatencySensitivePreemption
+from tiersched.core.request.upstream import (FcfsOrdering, FcfsPriorityOrdering, HrrnOrdering, LpmOrdering,
+                                             PriorityPreemption, ShortestPrefillFirstOrdering)
 from tiersched.sim.upstream_eplb import DeepSeekEPLB
 
-ORDERING_BASELINES = {
-    "fcfs": request_tier.FCFSOrdering,
-    "fcfs-priority": request_tier.FCFSPriorityOrdering,
-    "lpm": request_tier.LPMOrdering,
-    "hrrn": request_tier.HRRNOrdering,
-    "shortest-prefill-first": request_tier.ShortestPrefillFirstOrdering,
+ORDERINGS: dict[str, type[OrderingPolicy]] = {
+    "fcfs": FcfsOrdering,
+    "fcfs-priority": FcfsPriorityOrdering,
+    "lpm": LpmOrdering,
+    "hrrn": HrrnOrdering,
+    "shortest-prefill-first": ShortestPrefillFirstOrdering,
+    "tiersched": AgingPrefixOrdering,
 }
+PREEMPTIONS: dict[str, Callable[[Any], PreemptionPolicy]] = {  # name -> factory(preset)
+    "priority": lambda preset: PriorityPreemption(preset.scheduler.priority_preemption_threshold),
+    "tiersched": lambda preset: LatencySensitivePreemption(),
+}
+# preemption "auto": the preemption that runs with that ordering (upstream's priority scheduling, or ours).
+AUTO_PREEMPTION = {"fcfs-priority": "priority", "tiersched": "tiersched"}
 DISPATCHERS: dict[str, type[Dispatcher]] = {**UPSTREAM_DISPATCHERS, ScoreDispatcher.name: ScoreDispatcher}
 
 
@@ -54,46 +65,28 @@ class PolicySet:
         return "/".join(parts) + ("+feedback" if self.expert_feedback else "")
 
 
-def _core_class(module: str, candidates: tuple[str, ...]):
-    import importlib
-
-    mod = importlib.import_module(module)
-    for attr in candidates:
-        cls = getattr(mod, attr, None)
-        if cls is not None:
-            return cls
-    raise PolicyUnavailable(f"{module} exports none of {', '.join(candidates)} yet")
-
-
-def make_ordering(spec: Any, preset):
-    if not isinstance(spec, str):
+def make_ordering(spec: Any, preset) -> OrderingPolicy:
+    if isinstance(spec, OrderingPolicy):
         return copy.deepcopy(spec)
-    if spec in ORDERING_BASELINES:
-        return ORDERING_BASELINES[spec]()
-    if spec == "tiersched":
-        cls = _core_class("tiersched.core.request.ordering", ("AgingPrefixOrdering",))
-        return cls()
-    raise ValueError(f"unknown ordering {spec!r}; choose one of {', '.join([*ORDERING_BASELINES, 'tiersched'])}.")
+    if not isinstance(spec, str):
+        raise TypeError(f"ordering {spec!r} is neither a name nor an OrderingPolicy (tiersched.core.request).")
+    if spec not in ORDERINGS:
+        raise ValueError(f"unknown ordering {spec!r}; choose one of {', '.join(ORDERINGS)}.")
+    return ORDERINGS[spec]()
 
 
-def make_preemption(spec: Any, ordering_spec: Any, preset):
+def make_preemption(spec: Any, ordering_spec: Any, preset) -> PreemptionPolicy | None:
     if spec == "auto":
-        if ordering_spec == "fcfs-priority":
-            spec = "priority"
-        elif ordering_spec == "tiersched":
-            spec = "tiersched"
-        else:
-            return None
+        spec = AUTO_PREEMPTION.get(ordering_spec) if isinstance(ordering_spec, str) else None
     if spec in (None, "none"):
         return None
-    if not isinstance(spec, str):
+    if isinstance(spec, PreemptionPolicy):
         return copy.deepcopy(spec)
-    if spec == "priority":
-        return request_tier.PriorityPreemption(preset.scheduler.priority_preemption_threshold)
-    if spec == "tiersched":
-        cls = _core_class("tiersched.core.request.preemption", ("LatencySensitivePreemption",))
-        return cls()
-    raise ValueError(f"unknown preemption {spec!r}; choose none, priority, tiersched or auto.")
+    if not isinstance(spec, str):
+        raise TypeError(f"preemption {spec!r} is neither a name nor a PreemptionPolicy (tiersched.core.request).")
+    if spec not in PREEMPTIONS:
+        raise ValueError(f"unknown preemption {spec!r}; choose one of none, {', '.join(PREEMPTIONS)}, auto.")
+    return PREEMPTIONS[spec](preset)
 
 
 def make_dispatcher(spec: Any, preset) -> Dispatcher:

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from tiersched.core.request.ordering import RunningRequest, WaitingRequest
+from tiersched.core.request import OrderingPolicy, PreemptionPolicy, RunningRequest, WaitingRequest
 from tiersched.sim.prefix_cache import BlockLRUCache
 
 
@@ -42,7 +42,8 @@ class RequestTable:
 
 
 class RankState:
-    def __init__(self, rank: int, preset, table: RequestTable, ordering, preemption):
+    def __init__(self, rank: int, preset, table: RequestTable, ordering: OrderingPolicy,
+                 preemption: PreemptionPolicy | None):
         self.rank = rank
         self.s = preset.scheduler
         self.t = table
@@ -56,8 +57,8 @@ class RankState:
         self.retractions = 0
         self.preemption_events = 0
         self.capped_chunks = 0  # steps whose chunked prefill the ordering's chunk_limit shortened
-        # Lockstep LS signal: the largest LS-waiting count of the DP-attention group, set by the engine each step
-        # for orderings with `lockstep_signal_lag_steps` (the request tier's DP-wide chunk cap).
+        # Lockstep LS signal: the ordering's view of the DP-attention group's LS-waiting count, set by the loop each
+        # step for orderings with `lockstep_signal_lag_steps` (the request tier's DP-wide chunk cap).
         self.group_ls_waiting = 0
 
     # ---- accounting -------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ class RankState:
         t = self.t
         kv_short = int(math.ceil(max(0.0, snap.input_tokens - snap.cached_tokens
                                      + float(t.output[rid] - t.generated[rid]) - rem_total)))
-        if slots > 0 and not getattr(self.preemption, "preempts_on_kv_shortage", True):
+        if slots > 0 and not self.preemption.preempts_on_kv_shortage:
             return 0
         victims = self.preemption.choose_victims(snap, self._running_snapshots(), max(0, 1 - slots), kv_short, now_s)
         if not victims:
@@ -173,30 +174,27 @@ class RankState:
         """Build this step's prefill batch: [(rid, extend_tokens, prefix_tokens_before)] (empty: decode).
 
         Order as upstream's _get_new_batch_prefill_raw: calc_priority sorts the queue, then the running chunked
-        request gets its next chunk (capped by the ordering's `chunk_limit` if it has one, as upstream's
+        request gets its next chunk (capped by the ordering's `chunk_limit` when it `limits_chunks`, as upstream's
         shortest_prefill_chunk_limit seam), then waiting requests fill the remaining budgets; while a chunked
         request is unfinished only whole requests join (upstream tracks one chunked request)."""
         t, s = self.t, self.s
         batch: list[tuple[int, int, int]] = []
         budget_chunk, budget_input = s.chunked_prefill_size, s.max_prefill_tokens
         rem_total = self.free_for_alloc() - self._reserved_decode()
-        limit_fn = getattr(self.ordering, "chunk_limit", None)
+        ordering = self.ordering
         snaps: list[WaitingRequest] = []
         matched: list[int] = []
-        if self.waiting and (self.chunked is None or limit_fn is not None):
+        if self.waiting and (self.chunked is None or ordering.limits_chunks):
             snaps, matched = self._ordered_waiting(now_s)
         chunk_unfinished = False
         if self.chunked is not None:
             rid = self.chunked
             remaining = int(t.fill_len[rid] - t.prefilled[rid])
             cap = budget_chunk
-            if limit_fn is not None and (snaps or self.group_ls_waiting):
+            if ordering.limits_chunks and (snaps or self.group_ls_waiting):
                 waiting_uncached = [(w.priority, max(1, w.input_tokens - w.cached_tokens)) for w in snaps]
-                if self.group_ls_waiting:  # only lockstep-aware orderings get a nonzero signal
-                    limit = limit_fn(int(t.priority[rid]), remaining, waiting_uncached, budget_chunk, 1,
-                                     group_ls_waiting=self.group_ls_waiting)
-                else:
-                    limit = limit_fn(int(t.priority[rid]), remaining, waiting_uncached, budget_chunk, 1)
+                limit = ordering.chunk_limit(int(t.priority[rid]), remaining, waiting_uncached, budget_chunk, 1,
+                                             group_ls_waiting=self.group_ls_waiting)
                 if limit is not None and limit < min(remaining, cap):
                     cap = limit
                     self.capped_chunks += 1
@@ -218,10 +216,10 @@ class RankState:
         slots = s.max_running_requests - len(self.running) - len(batch)
         admitted: list[int] = []
         # LS protection also bounds NEW best-effort admissions this step (request tier: be_admission_budget).
-        be_budget_fn = getattr(self.ordering, "be_admission_tokens", None)
-        is_ls = getattr(getattr(self.ordering, "config", None), "is_latency_sensitive", None)
-        local_ls = sum(1 for w in snaps if is_ls(w.priority)) if be_budget_fn is not None else 0
-        be_tokens = sum(e for r, e, _ in batch if not is_ls(int(t.priority[r]))) if be_budget_fn is not None else 0
+        tells_ls = ordering.ls_priority is not None
+        is_ls = ordering.is_latency_sensitive
+        local_ls = sum(1 for w in snaps if is_ls(w.priority)) if tells_ls else 0
+        be_tokens = sum(e for r, e, _ in batch if not is_ls(int(t.priority[r]))) if tells_ls else 0
         for pos, rid in enumerate(list(self.waiting)):  # preemption appends victims to self.waiting
             if pos >= len(snaps):
                 break
@@ -241,8 +239,8 @@ class RankState:
             if budget_chunk <= 0 or budget_input <= 0:
                 break
             extend = min(extend_total, budget_chunk)
-            if be_budget_fn is not None and not is_ls(int(t.priority[rid])):
-                be_left = be_budget_fn(local_ls, self.group_ls_waiting, be_tokens)
+            if tells_ls and not is_ls(int(t.priority[rid])):
+                be_left = ordering.be_admission_tokens(local_ls, self.group_ls_waiting, be_tokens)
                 if be_left is not None:
                     if be_left <= 0:
                         break
@@ -299,9 +297,7 @@ class RankState:
                 done.append(rid)
             else:
                 self.running.append(rid)
-        observe = getattr(self.ordering, "observe_prefill_tokens", None)
-        if observe is not None:
-            observe(processed)
+        self.ordering.observe_prefill_tokens(processed)
         return done
 
     def advance_decode(self, steps: int, now_s: float) -> list[int]:

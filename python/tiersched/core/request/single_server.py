@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from tiersched.core.request.ordering import OrderingPolicy, WaitingRequest
+from tiersched.core.request import OrderingPolicy, WaitingRequest
 
 
 @dataclass(frozen=True, slots=True)
