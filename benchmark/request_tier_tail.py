@@ -1,6 +1,6 @@
 """Where the LS TTFT tail of the request-tier scenario comes from: per-LS-request decomposition, reproducible.
 
-Runs `request-tier`'s mixed-priority scenario (same workload, preset and arms) with the simulator's prefill
+Runs `bench request`'s mixed-priority scenario (same workload, preset and arms) with the simulator's prefill
 steps logged (wrapping `RankState.schedule_prefill` / `finish_prefill`; nothing in the simulator changes), and
 splits every LS request's TTFT into
   * `in_progress_s`: from its arrival to the end of the lockstep PREFILL step already running when it arrived

@@ -1,4 +1,4 @@
-"""Issue 3's mixed-priority scenario: what "1.5x overload" means (measured capacity) and the LS-alone lower bound."""
+"""The mixed-priority scenario: what "1.5x overload" means (measured capacity) and the LS-alone lower bound."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,7 +63,7 @@ def test_ls_alone_bound_is_below_every_simulated_ls_ttft(preset):
 
 
 def test_request_tier_bench_takes_tunables_as_tiersched_set_gives_them(capsys):
-    """`request-tier --set request.KEY=VALUE`: the tiersched arms run with that config (the printed cap follows),
+    """`bench request --set request.KEY=VALUE`: the tiersched arms run with that config (the printed cap follows),
     and a key the tier does not have stops the command with one sentence."""
     import argparse
     import json
@@ -103,7 +103,7 @@ def test_sustained_overload_does_not_turn_ls_into_fcfs_behind_promoted_requests(
 
 
 def test_bench_reports_the_backlog_drain_and_the_long_overload_block():
-    """The request-tier JSON explains the longest BE wait by the backlog left at the last arrival: the last BE
+    """The `bench request` JSON explains the longest BE wait by the backlog left at the last arrival: the last BE
     request to start arrived by then, so the longest wait is at least the drain time in every arm."""
     from tiersched.bench import request as bench
 

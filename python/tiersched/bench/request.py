@@ -1,4 +1,4 @@
-"""`python -m tiersched.bench request-tier [--json]`: request-tier ordering overhead and mixed-priority scenario.
+"""`python -m tiersched.bench request [--json]`: request-tier ordering overhead and mixed-priority scenario.
 
 Ordering overhead (one scheduling step, median ms): ours = the adapter's prefix-aging `calc_priority` hook over
 real upstream `Req` objects (above upstream's WAITING_QUEUE_PREFIX_MATCH_MAX=128 waiting it skips the radix
