@@ -37,8 +37,11 @@ class ArmRuns:
 
 
 def check_tiers(server: Server, arm: live_arms.Arm) -> None:
-    """The plugin prints its active tiers in every process; a tier the arm needs but the log lacks is an error."""
-    active = live_arms.active_tiers_in_log(server.log_tail(5000))
+    """The plugin prints its active tiers in every process at start-up; a tier the arm needs but the log lacks is
+    an error. The whole log is read: a server kept for several runs has long since scrolled those lines out of
+    any tail."""
+    with open(server.log_path, errors="replace") as f:
+        active = live_arms.active_tiers_in_log(f.read())
     missing = [t for t in arm.tiers if t not in active]
     if missing:
         raise TierNotActive(f"arm {arm.name}: tier(s) {', '.join(missing)} not active in the server (log says "

@@ -16,6 +16,7 @@ after it: requests sent after the drain call returned must all land elsewhere, a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -26,7 +27,7 @@ from tiersched.live import ab as live_ab, arms as live_arms
 from tiersched.live.driver import drive
 from tiersched.live.report import summarize
 from tiersched.live.requests import LiveRequest, RequestSet, shared_prefix_set
-from tiersched.rig.server import launch_server
+from tiersched.rig.server import Server, launch_server
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -161,19 +162,32 @@ def tiled(request_set: RequestSet, n: int, rate: float) -> RequestSet:
     return RequestSet(request_set.name, request_set.source, request_set.block_tokens, tuple(reqs))
 
 
+@contextlib.contextmanager
+def _arm_server(model_dir: str, deployment: str, arm: live_arms.Arm, env: dict | None, server: Server | None):
+    """`server` when the caller already runs this arm's server (checked, left running), else a fresh one."""
+    if server is not None:
+        live_ab.check_tiers(server, arm)
+        yield server
+        return
+    with launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm), env=env,
+                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
+        live_ab.check_tiers(srv, arm)
+        yield srv
+
+
 def load_run(model_dir: str, duration_s: float, rate: float | None = None, factor: float = 2.0,
              sample_s: float = 1.0, env: dict | None = None, deployment: str = "dp2",
-             timeout_s: float | None = None, arm_name: str = live_arms.TIERSCHED) -> dict:
+             timeout_s: float | None = None, arm_name: str = live_arms.TIERSCHED,
+             server: Server | None = None) -> dict:
     """Drive the tiersched arm (or `arm_name`, an upstream arm, to compare memory) for `duration_s` at `rate`
     req/s, or (rate None) at `factor` x the capacity measured on the same server first; errors, lost, RSS of
-    the server's process group and of each of its processes."""
+    the server's process group and of each of its processes. `server`: that arm's already running server
+    (started with `deployment`'s flags and `env`), else a fresh one is started and stopped."""
     arm = (live_arms.tiersched_arm(deployment) if arm_name == live_arms.TIERSCHED
            else live_arms.Arm(arm_name, live_arms.UPSTREAM_ARMS[arm_name]))
     base = shared_prefix_set(200, 1.0)
     out: dict = {}
-    with launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm), env=env,
-                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
-        live_ab.check_tiers(srv, arm)
+    with _arm_server(model_dir, deployment, arm, env, server) as srv:
         if rate is None:
             capacity = live_ab.measure_capacity(srv.url, base, n=20)
             rate = factor * capacity
@@ -222,13 +236,16 @@ def set_drain(url: str, rank: int, drained: bool) -> list:
 
 
 def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: float = 3.0, drain_after: int = 12,
-                     after_undrain: int = 6, in_flight: int = 6, in_flight_output: int = 400) -> dict:
+                     after_undrain: int = 6, in_flight: int = 6, in_flight_output: int = 400,
+                     server: Server | None = None) -> dict:
     """dp2 tiersched arm, open-loop stream of `n` requests; right after the `drain_after`-th send, drain
     `drained_rank` over HTTP. When the stream has finished, take the rank back and send `after_undrain` more.
     "While drained" = requests sent after the drain call returned (the driver stamps `sent_s` before the HTTP send,
     so that split is conservative). The last `in_flight` requests before the drain generate `in_flight_output`
     tokens (~1.5-2 s on the CPU rig), so requests are still running on both ranks when the drain lands: a request
-    of the usual 2-32 tokens is done in ~0.1 s, and whether one was in flight on the drained rank was a coin flip."""
+    of the usual 2-32 tokens is done in ~0.1 s, and whether one was in flight on the drained rank was a coin flip.
+    `server`: an already running dp2 tiersched server with no rank drained (left running, rank taken back), else a
+    fresh one; only its log written during this run is read."""
     import dataclasses
 
     arm = live_arms.tiersched_arm("dp2")
@@ -254,15 +271,16 @@ def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: f
             threads.append(threading.Thread(target=drain, args=(t0,), daemon=True))
             threads[-1].start()
 
-    with launch_server(model_dir, extra_args=live_arms.server_args("dp2", arm),
-                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
-        live_ab.check_tiers(srv, arm)
+    with _arm_server(model_dir, "dp2", arm, None, server) as srv:
+        log_start = os.path.getsize(srv.log_path)
         results = drive(srv.url, stream, timeout_s=300, on_sent=on_sent)
         for t in threads:
             t.join(timeout=130)
         marks["undrain_reply"] = set_drain(srv.url, drained_rank, False)
         tail_results = drive(srv.url, tail, timeout_s=120) if tail else []
-        log = srv.log_tail(2000)
+        with open(srv.log_path, errors="replace") as f:
+            f.seek(log_start)
+            log = f.read()
         alive = srv.alive()
     out = summarize(results + tail_results)
     drain_sent = marks.get("drain_sent_s", float("inf"))
