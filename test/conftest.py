@@ -24,6 +24,18 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _servers_stop_in_background():
+    """Real servers stop while the next test runs (tiersched.rig.server.stop_in_background); every one of them
+    has stopped when the session ends."""
+    from tiersched.rig import server
+
+    server.stop_in_background(True)
+    yield
+    server.stop_in_background(False)
+    server.wait_for_stops()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     from tiersched.rig.tiny_model import make_tiny_moe

@@ -1,12 +1,13 @@
 """Real upstream servers on this CPU with our plugin: it must be loaded in the scheduler processes (not only the
-launcher), and /generate must return tokens. Bounded: each server start is ~20-40 s here."""
+launcher), and /generate must return tokens. Bounded: each server start is ~25-40 s here; the module's two
+servers (tp1, dp2) start at once."""
 import json
 import os
 import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_server
+from tiersched.rig.server import launch_servers
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
 
@@ -52,15 +53,27 @@ def idle_cpu_seconds(titles, name, seconds):
     return sum(proc.cpu_times()[:2]) - before
 
 
-@pytest.mark.parametrize("extra_args, schedulers", [([], 1), (["--dp-size", "2"], 2)], ids=["tp1", "dp2"])
-def test_plugin_loaded_in_schedulers_and_generate_works(tiny_model_dir, tmp_path, extra_args, schedulers):
-    trace = tmp_path / "plugin-trace.jsonl"
-    with launch_server(tiny_model_dir, extra_args=extra_args, env={"TIERSCHED_PLUGIN_TRACE": str(trace)}) as srv:
-        outputs = [generate(srv.url, f"Hello world {i}") for i in range(2 * schedulers)]
-        titles = process_titles(trace)
-        controller_idle_cpu_s = idle_cpu_seconds(titles, "data_parallel_controller", 2.0)
-        scheduler_cores = sorted(main_thread_cores(pid) for pid, (t, _) in titles.items() if "scheduler" in t)
-        log = srv.log_tail(200)
+DEPLOYMENTS = {"tp1": [], "dp2": ["--dp-size", "2"]}
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir, tmp_path_factory):
+    """name -> (server, its plugin trace file), both started at once, stopped after the module."""
+    traces = {name: tmp_path_factory.mktemp(f"trace-{name}") / "plugin-trace.jsonl" for name in DEPLOYMENTS}
+    configs = [{"extra_args": args, "env": {"TIERSCHED_PLUGIN_TRACE": str(traces[name])}}
+               for name, args in DEPLOYMENTS.items()]
+    with launch_servers(tiny_model_dir, configs) as started:
+        yield {name: (srv, traces[name]) for name, srv in zip(DEPLOYMENTS, started)}
+
+
+@pytest.mark.parametrize("name, schedulers", [("tp1", 1), ("dp2", 2)], ids=["tp1", "dp2"])
+def test_plugin_loaded_in_schedulers_and_generate_works(servers, name, schedulers):
+    srv, trace = servers[name]
+    outputs = [generate(srv.url, f"Hello world {i}") for i in range(2 * schedulers)]
+    titles = process_titles(trace)
+    controller_idle_cpu_s = idle_cpu_seconds(titles, "data_parallel_controller", 2.0)
+    scheduler_cores = sorted(main_thread_cores(pid) for pid, (t, _) in titles.items() if "scheduler" in t)
+    log = srv.log_tail(200)
     for out in outputs:
         assert out["meta_info"]["completion_tokens"] == 8 and len(out["output_ids"]) == 8, out
     scheduler_procs = [t for t, active in titles.values() if "scheduler" in t]

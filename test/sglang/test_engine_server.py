@@ -1,4 +1,5 @@
-"""Engine tier on real upstream servers on this CPU (`--load-balance-method score`), three servers in all:
+"""Engine tier on real upstream servers on this CPU (`--load-balance-method score`), three servers in all,
+started at once for the module:
 
 - `--dp-size 2` and DP attention `--tp 2 --dp 2 --enable-dp-attention`: one prompt set with shared prefixes,
   sent twice in the same server session. Baseline pass: request i carries `routed_dp_rank = i % 2`, which is the
@@ -16,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_server
+from tiersched.rig.server import launch_servers
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
 
@@ -62,14 +63,27 @@ def metrics_text(url):
         return r.read().decode()
 
 
-@pytest.mark.parametrize("extra_args", [["--dp-size", "2"], ["--tp", "2", "--dp", "2", "--enable-dp-attention"]],
-                         ids=["dp2", "dp-attention"])
-def test_score_gets_more_cached_tokens_than_round_robin(tiny_model_dir, extra_args):
-    args = [*extra_args, "--load-balance-method", "score", "--enable-metrics"]
-    with launch_server(tiny_model_dir, extra_args=args, env={"TIERSCHED_SET": "engine.block_tokens=16"}) as srv:
-        rr, score = cached_tokens_score_vs_round_robin(srv.url)
-        metrics = metrics_text(srv.url)
-        log = srv.log_tail(300)
+SCORE_DEPLOYMENTS = {"dp2": ["--dp-size", "2"], "dp-attention": ["--tp", "2", "--dp", "2", "--enable-dp-attention"]}
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir):
+    """The two score deployments and the dp2 one with rank 1 drained at start, by name."""
+    configs = [{"extra_args": [*args, "--load-balance-method", "score", "--enable-metrics"],
+                "env": {"TIERSCHED_SET": "engine.block_tokens=16"}} for args in SCORE_DEPLOYMENTS.values()]
+    configs.append({"extra_args": ["--dp-size", "2", "--load-balance-method", "score"],
+                    "env": {"TIERSCHED_SET": "engine.drain_ranks=1"}})
+    with launch_servers(tiny_model_dir, configs) as started:
+        yield dict(zip([*SCORE_DEPLOYMENTS, "drained"], started))
+
+
+@pytest.mark.parametrize("name", list(SCORE_DEPLOYMENTS))
+def test_score_gets_more_cached_tokens_than_round_robin(servers, name):
+    extra_args = SCORE_DEPLOYMENTS[name]
+    srv = servers[name]
+    rr, score = cached_tokens_score_vs_round_robin(srv.url)
+    metrics = metrics_text(srv.url)
+    log = srv.log_tail(300)
     rr_cached = sum(m["cached_tokens"] for m in rr)
     score_cached = sum(m["cached_tokens"] for m in score)
     print(json.dumps({"args": extra_args, "round_robin_cached_tokens": rr_cached,
@@ -83,10 +97,9 @@ def test_score_gets_more_cached_tokens_than_round_robin(tiny_model_dir, extra_ar
     assert "tiersched_dispatch_imbalance" in metrics
 
 
-def test_drained_rank_receives_nothing(tiny_model_dir):
-    args = ["--dp-size", "2", "--load-balance-method", "score"]
-    with launch_server(tiny_model_dir, extra_args=args, env={"TIERSCHED_SET": "engine.drain_ranks=1"}) as srv:
-        outs = run(srv.url, prompt_set(seed=1)[:8], round_robin=False)
-        log = srv.log_tail(300)
+def test_drained_rank_receives_nothing(servers):
+    srv = servers["drained"]
+    outs = run(srv.url, prompt_set(seed=1)[:8], round_robin=False)
+    log = srv.log_tail(300)
     assert [m["dp_rank"] for m in outs] == [0] * 8, log
     assert "drained (marked inactive)" in log

@@ -1,7 +1,8 @@
 """Expert tier on a real CPU server: `--tp 2 --ep-size 2 --enable-eplb --eplb-algorithm
 source_aware` with the skewed tiny router. Rebalances run (log lines), greedy tokens equal a tp2 ep2 run without
 EPLB in float32, and bad statistics injected into some rebalances (test-only env TIERSCHED_EXPERT_INJECT_BAD_STATS,
-i-th entry -> i-th rebalance) keep the current placement while the server keeps serving. Two servers in all."""
+i-th entry -> i-th rebalance) keep the current placement while the server keeps serving. Two servers in all,
+started at once."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_server
+from tiersched.rig.server import launch_servers
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(1100)]
 
@@ -29,10 +30,11 @@ def generate(url, text, max_new_tokens=8):
 
 
 def test_source_aware_eplb_rebalances_keeps_tokens_and_survives_bad_statistics(skewed_tiny_model_dir):
-    with launch_server(skewed_tiny_model_dir, extra_args=BASE_ARGS, timeout_s=480) as srv:
-        reference = [generate(srv.url, p) for p in PROMPTS]
     env = {"TIERSCHED_EXPERT_INJECT_BAD_STATS": FAULTS, "TIERSCHED_TIERS": "expert"}
-    with launch_server(skewed_tiny_model_dir, extra_args=BASE_ARGS + EPLB_ARGS, env=env, timeout_s=480) as srv:
+    configs = [{"extra_args": BASE_ARGS, "timeout_s": 480},
+               {"extra_args": BASE_ARGS + EPLB_ARGS, "env": env, "timeout_s": 480}]
+    with launch_servers(skewed_tiny_model_dir, configs) as (plain, srv):
+        reference = [generate(plain.url, p) for p in PROMPTS]
         rounds = [[generate(srv.url, p) for p in PROMPTS] for _ in range(3)]  # ~9 passes per prompt: many rebalances
         log = open(srv.log_path).read()
         alive = srv.alive()

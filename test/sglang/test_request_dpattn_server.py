@@ -7,11 +7,13 @@ some rank reported LS work, and the adapter's log line says where the count came
 all-reduce before batch formation (docs/request-tier.md, "Lockstep"). Asserted from the server's own log: rank 0
 (`DP0`) capped the BE request's chunk to `be_chunk_tokens` with no LS waiting there, from the same-step signal;
 every request completes; and every request's greedy token ids (float32) equal those of the same requests on the
-same server flags without the tier (upstream `fcfs` with priority scheduling).
+same server flags without the tier (upstream `fcfs` with priority scheduling). That plain server is also where
+the CPU fix for DP attention is checked: without it the first forward fails (`test_dp_attention_serves`).
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import threading
@@ -20,9 +22,9 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_server
+from tiersched.rig.server import launch_servers
 
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(360)]
 
 LS, BE = 10, 0
 BE_TOKENS, LS_TOKENS, LS_REQUESTS = 3000, 48, 6
@@ -49,6 +51,12 @@ def prompts():
     return be, ls
 
 
+def log_since(srv, offset):
+    with open(srv.log_path, errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+
+
 def run_workload(srv):
     """BE on rank 0 in a thread; once it is prefilling, LS requests on rank 1 one at a time. rid -> output ids."""
     be_prompt, ls_prompts = prompts()
@@ -60,10 +68,11 @@ def run_workload(srv):
         except Exception as exc:  # reported below
             errors.append(exc)
 
+    log_start = os.path.getsize(srv.log_path)
     thread = threading.Thread(target=be_request, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
-    while not re.search(r"DP0.*Prefill batch", open(srv.log_path, errors="replace").read()):
+    while not re.search(r"DP0.*Prefill batch", log_since(srv, log_start)):
         assert time.monotonic() < deadline and thread.is_alive(), srv.log_tail(80)
         time.sleep(0.05)
     for i, ids in enumerate(ls_prompts):
@@ -77,11 +86,36 @@ def run_workload(srv):
     return {rid: o["output_ids"] for rid, o in out.items()}
 
 
-def test_same_step_signal_caps_other_ranks_be_chunk(tiny_model_dir):
-    with launch_server(tiny_model_dir, extra_args=[*FLAGS, "--schedule-policy", "prefix-aging"],
-                       env=TIER_ENV, timeout_s=120) as srv:
-        tiered = run_workload(srv)
-        log = open(srv.log_path, errors="replace").read()
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir):
+    """(tiered, plain), started at once: the request tier with `prefix-aging`, and the same flags with upstream's
+    `fcfs` where no tier acts, only the CPU fixes."""
+    configs = [{"extra_args": [*FLAGS, "--schedule-policy", "prefix-aging"], "env": TIER_ENV, "timeout_s": 300},
+               {"extra_args": [*FLAGS, "--schedule-policy", "fcfs"], "timeout_s": 300}]
+    with launch_servers(tiny_model_dir, configs) as started:
+        yield tuple(started)
+
+
+def test_dp_attention_serves(servers):
+    """cpu_fixes.ensure_cpu_fill_value: without it DP attention fails on the first forward (the CPU fixes' other
+    real-server checks are in test_cpu_fixes_server.py)."""
+    prompts = ["Hello world, this is", "The quick brown fox", "Mixture of experts models route"]
+    outs = [generate_text(servers[1].url, p, 6) for p in prompts]
+    assert all(len(o["output_ids"]) == 6 for o in outs), outs
+
+
+def generate_text(url, text, max_new_tokens):
+    body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def test_same_step_signal_caps_other_ranks_be_chunk(servers):
+    srv, plain_server = servers
+    tiered = run_workload(srv)
+    log = log_since(srv, 0)
     assert "same-step LS all-reduce over the attention-DP CPU group (2 DP ranks)" in log, log[-3000:]
     caps = re.findall(r"(DP\d)[^\n]*tiersched lockstep cap: BE chunk (\S+) capped to (\d+) of (\d+) tokens "
                       r"\(group LS signal=(\d+), source=(\S+), no LS waiting on this rank\)", log)
@@ -89,8 +123,7 @@ def test_same_step_signal_caps_other_ranks_be_chunk(tiny_model_dir):
     # every cap: rank 0's BE chunk, to be_chunk_tokens, from the same-step count (which subsumes the gathered one)
     assert all(c[0] == "DP0" and c[1] == "be" and int(c[2]) == BE_CHUNK and int(c[4]) >= 1 and c[5] == "same-step"
                for c in caps), caps
-    with launch_server(tiny_model_dir, extra_args=[*FLAGS, "--schedule-policy", "fcfs"], timeout_s=120) as srv:
-        plain = run_workload(srv)
-        plain_log = open(srv.log_path, errors="replace").read()
+    plain = run_workload(plain_server)
+    plain_log = log_since(plain_server, 0)
     assert "tiersched lockstep" not in plain_log
     assert tiered == plain

@@ -12,11 +12,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 CPU_FLAGS = (
     "--device", "cpu",
@@ -91,6 +93,24 @@ def _stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
         process.wait(timeout=5)
 
 
+_background_stops: list[threading.Thread] = []
+_stop_in_background = False
+
+
+def stop_in_background(enabled: bool) -> None:
+    """Whether leaving `launch_server` signals the server and returns at once, its wait and escalation running in
+    a thread (`wait_for_stops` joins them). Upstream's SIGTERM handler acts on its next 5-s watchdog tick, so a
+    test session that starts many servers one after another otherwise waits ~5 s per server doing nothing."""
+    global _stop_in_background
+    _stop_in_background = enabled
+
+
+def wait_for_stops() -> None:
+    """Join every background stop (each bounded: SIGTERM, 15 s grace, then SIGKILL of the whole group)."""
+    while _background_stops:
+        _background_stops.pop().join()
+
+
 @contextlib.contextmanager
 def launch_server(
     model_path: str,
@@ -139,4 +159,34 @@ def launch_server(
             time.sleep(1.0)
         yield server
     finally:
-        _stop(process)
+        if _stop_in_background:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)  # stopping starts now; the thread waits and escalates
+            stopper = threading.Thread(target=_stop, args=(process,), name=f"stop-server-{process.pid}")
+            stopper.start()
+            _background_stops.append(stopper)
+        else:
+            _stop(process)
+
+
+@contextlib.contextmanager
+def launch_servers(model_path: str, configs: Sequence[Mapping]) -> Iterator[list[Server]]:
+    """Start several servers at once, each `launch_server(model_path, **config)`; yield them in the order of
+    `configs`; always stop every one that started. A start is mostly one process importing torch and SGLang at a
+    time (the launcher, then the scheduler), so on two cores two starts take little longer than one.
+
+    Raises the first start's error once every start has finished (the ones that did start are stopped)."""
+    managers = [launch_server(model_path, **config) for config in configs]
+    with contextlib.ExitStack() as stack:
+        with ThreadPoolExecutor(max(1, len(managers))) as pool:
+            futures = [pool.submit(manager.__enter__) for manager in managers]
+        servers, failure = [], None
+        for manager, future in zip(managers, futures):
+            try:
+                servers.append(future.result())
+                stack.push(manager.__exit__)
+            except Exception as exc:  # the rig already stopped this one
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        yield servers
