@@ -86,8 +86,6 @@ def compare(sc: Scenario, workers: int | None = None) -> dict:
 
 
 def _entry(r: dict) -> dict:
-    if "metrics" not in r:
-        return {"label": r["label"], "error": r["error"]}
     m = r["metrics"]
     out = {"label": r["label"]}
     out.update({k: m.get(k) for k in HEADLINE})
@@ -109,9 +107,6 @@ def format_table(report: dict) -> str:
     lines = [f"scenario: {json.dumps(report['scenario'])}", f"upstream-best: {report['upstream_best']}", head,
              "-" * len(head)]
     for name, e in report["policies"].items():
-        if "error" in e:
-            lines.append(f"{name[:39]:<40}{e['label'][:55]:<56}  unavailable: {e['error']}")
-            continue
         vals = "".join(f"{'-' if e.get(c) is None else format(e[c], '.4g'):>15}" for c in cols)
         ch = e.get("change_vs_upstream_best", {}).get("ttft_mean")
         lines.append(f"{name[:39]:<40}{e['label'][:55]:<56}{vals}{'' if ch is None else format(ch, '+.1%'):>9}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tiersched.data import shared_data_dir
-from tiersched.sim import PolicySet, PolicyUnavailable, capacity, get_preset, simulate, workloads
+from tiersched.sim import PolicySet, capacity, get_preset, simulate, workloads
 
 HEADLINE = ("ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99", "e2e_mean", "throughput", "goodput",
             "cache_hit_rate", "balancedness", "cross_rank_share", "migrations")
@@ -76,16 +76,13 @@ _WORKLOAD_CACHE: dict = {}
 
 
 def run_one(args) -> dict:
-    """(scenario, name, policies, ideal_balance) -> {"name", "label", "metrics" | "error", "wall_s"}."""
+    """(scenario, name, policies, ideal_balance) -> {"name", "label", "metrics", "wall_s", "sim_s", "notes"}."""
     sc, name, policies, ideal = args
     key = (sc.resolved_workload(), sc.rate, sc.duration_s, sc.seed, sc.preset)
     if key not in _WORKLOAD_CACHE:
         _WORKLOAD_CACHE[key] = build_workload(sc)
-    try:
-        result = simulate(build_preset(sc), _WORKLOAD_CACHE[key], policies, seed=sc.seed, ideal_balance=ideal,
-                          record_timeline=False)
-    except PolicyUnavailable as exc:
-        return {"name": name, "label": policies.label(), "error": str(exc)}
+    result = simulate(build_preset(sc), _WORKLOAD_CACHE[key], policies, seed=sc.seed, ideal_balance=ideal,
+                      record_timeline=False)
     return {"name": name, "label": policies.label(), "metrics": result.metrics, "wall_s": result.wall_s,
             "sim_s": result.sim_s, "notes": result.notes}
 

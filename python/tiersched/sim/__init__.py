@@ -10,8 +10,8 @@ the package itself (this file only re-exports). Model and assumptions: docs/simu
 from tiersched.sim import capacity, workloads
 from tiersched.sim.loop import simulate
 from tiersched.sim.metrics import SimResult
-from tiersched.sim.policies import PolicySet, PolicyUnavailable
+from tiersched.sim.policies import PolicySet
 from tiersched.sim.presets import Preset, get_preset, preset_names
 
-__all__ = ["simulate", "SimResult", "PolicySet", "PolicyUnavailable", "get_preset", "preset_names", "Preset",
+__all__ = ["simulate", "SimResult", "PolicySet", "get_preset", "preset_names", "Preset",
            "workloads", "capacity"]

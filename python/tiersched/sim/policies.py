@@ -44,10 +44,6 @@ AUTO_PREEMPTION = {"fcfs-priority": "priority", "tiersched": "tiersched"}
 DISPATCHERS: dict[str, type[Dispatcher]] = {**UPSTREAM_DISPATCHERS, ScoreDispatcher.name: ScoreDispatcher}
 
 
-class PolicyUnavailable(RuntimeError):
-    """A named tiersched policy is not (yet) exported by tiersched.core."""
-
-
 @dataclass(frozen=True)
 class PolicySet:
     ordering: Any = "fcfs"
