@@ -39,6 +39,10 @@ class Simulation:
                  ideal_balance: bool = False, routing: MoeRouting | None = None, record_timeline: bool = True,
                  co_busy: np.ndarray | None = None, record_busy: bool = False, seen_prefill_shapes=None):
         self.preset, self.workload, self.policies = preset, workload, policies
+        sched = preset.scheduler
+        if sched.enable_prefill_delayer or sched.enable_mixed_chunk:
+            raise NotImplementedError("enable_prefill_delayer / enable_mixed_chunk are not modelled by the simulator "
+                                      "yet; refusing to run them as if they were off")
         # Prefill token counts each rank has run (cpu-tiny's new-shape cost); seeded with a warm-up's.
         self.seen_shapes = [set(s) for s in (seen_prefill_shapes or [()] * preset.dp)]
         self.first_token_pending: list[list[int]] = [[] for _ in range(preset.dp)]  # first_token_one_step_late

@@ -82,6 +82,31 @@ class SchedulerSettings:
     eplb_history_windows: int = 1  # windows handed to the EPLB planner (deepseek sums them, ours weighs them)
     routing_drift_steps: int = 0  # 0 = routing fixed; else a fresh drifted routing every this many steps
     routing_drift_strength: float = 1.0  # 1 = the measured window-to-window spread of the DeepSeek-V3 counts
+    # Upstream's DP-attention prefill alignment (--enable-prefill-delayer and its knobs; names and defaults as in
+    # SGLang 0.5.23 server_args; policy: core/request/prefill_delayer.py). None = upstream's "unset".
+    enable_prefill_delayer: bool = False
+    prefill_delayer_max_delay_passes: int = 30
+    prefill_delayer_token_usage_low_watermark: float | None = None
+    prefill_delayer_queue_min_ratio: float | None = None
+    prefill_delayer_max_delay_ms: float | None = None  # upstream falls back to 5000 ms when unset
+    # Upstream's --enable-mixed-chunk: a prefill step also carries the rank's running decodes.
+    enable_mixed_chunk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefill_delayer_max_delay_passes < 0:
+            raise ValueError("prefill_delayer_max_delay_passes must be >= 0, "
+                             f"got {self.prefill_delayer_max_delay_passes}")
+        wm = self.prefill_delayer_token_usage_low_watermark
+        if wm is not None and not 0.0 <= wm <= 1.0:
+            raise ValueError(f"prefill_delayer_token_usage_low_watermark must be in [0, 1] or None, got {wm}")
+        ratio = self.prefill_delayer_queue_min_ratio
+        if ratio is not None and ratio < 0:
+            raise ValueError(f"prefill_delayer_queue_min_ratio must be >= 0 or None, got {ratio}")
+        ms = self.prefill_delayer_max_delay_ms
+        if ms is not None and ms <= 0:
+            raise ValueError(f"prefill_delayer_max_delay_ms must be > 0 or None, got {ms}")
+        if self.enable_mixed_chunk and self.chunked_prefill_size <= 0:
+            raise ValueError("enable_mixed_chunk needs chunked prefill (chunked_prefill_size > 0), as upstream")
 
 
 @dataclass(frozen=True)
