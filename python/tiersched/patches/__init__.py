@@ -119,7 +119,7 @@ def registered_hooks() -> set[tuple[str, str]]:
     collected with a recording registry: nothing is patched."""
     from tiersched.config import load_config
     from tiersched.sglang import plugin
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.plugins.hook_registry import HookType
 
     recorded: set[tuple[str, str]] = set()
 
@@ -128,12 +128,7 @@ def registered_hooks() -> set[tuple[str, str]]:
         def register(target, hook, hook_type=HookType.AFTER, **_):
             recorded.add((target, hook_type.value))
 
-    original = HookRegistry.register
-    HookRegistry.register = Recorder.register  # tier adapters call HookRegistry.register directly
-    try:
-        plugin.register_all(load_config({}), Recorder, HookType, cpu=True)
-    finally:
-        HookRegistry.register = original
+    plugin.register_all(load_config({}), Recorder, HookType, cpu=True)  # every hook goes through `registry`
     return recorded
 
 
