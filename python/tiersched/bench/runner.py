@@ -17,7 +17,7 @@ HEADLINE = ("ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99", "e2e_mean", "throu
             "cache_hit_rate", "balancedness", "cross_rank_share", "migrations")
 UPSTREAM_ORDERINGS = ("fcfs", "lpm", "hrrn", "shortest-prefill-first")
 UPSTREAM_DISPATCH = ("round_robin", "total_requests", "total_tokens")
-UPSTREAM_EPLB = ("deepseek", "deepseek-hierarchical")
+UPSTREAM_EPLB = ("deepseek", "deepseek_hierarchical")
 SYNTHETIC_DEFAULT_RATE = 36.0  # req/s on qwen3-dp4ep4: ~85% of the sustainable rate in our runs (docs/results.md)
 
 

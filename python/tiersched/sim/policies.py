@@ -1,8 +1,10 @@
 """PolicySet: which policy object runs at each tier, by registry name or as an object.
 
 Names: ordering "fcfs", "lpm", "hrrn", "shortest-prefill-first", "fcfs-priority", "tiersched"; dispatch
-"round_robin", "total_requests", "total_tokens", "vllm-dp", "tiersched"; eplb "none", "deepseek",
-"deepseek-hierarchical", "source_aware"; preemption "none", "priority", "tiersched", "auto". "tiersched" /
+"round_robin", "total_requests", "total_tokens", "vllm-dp", "tiersched"; eplb "none", upstream's
+`--eplb-algorithm` values (UPSTREAM_EPLB_NAMES: "deepseek", "deepseek_hierarchical", "deepseek_vec",
+"deepseek_vec_hierarchical", "elasticity_aware", "elasticity_aware_hierarchical", "auto"; hyphens are accepted for
+underscores), "source_aware"; preemption "none", "priority", "tiersched", "auto". "tiersched" /
 "source_aware" are the tier's own classes in tiersched.core. An ordering or preemption passed as an object must be
 an OrderingPolicy / PreemptionPolicy (tiersched.core.request). Ordering and preemption objects are per rank (each
 SGLang scheduler owns its own): objects passed in are deep-copied per rank.
@@ -25,7 +27,7 @@ from tiersched.core.request.ordering import AgingPrefixOrdering
 from tiersched.core.request.preemption import LatencySensitivePreemption
 from tiersched.core.request.upstream import (FcfsOrdering, FcfsPriorityOrdering, HrrnOrdering, LpmOrdering,
                                              PriorityPreemption, ShortestPrefillFirstOrdering)
-from tiersched.sim.upstream_eplb import DeepSeekEPLB
+from tiersched.sim.upstream_eplb import UPSTREAM_EPLB_NAMES, UpstreamEPLB
 
 ORDERINGS: dict[str, type[OrderingPolicy]] = {
     "fcfs": FcfsOrdering,
@@ -114,9 +116,12 @@ class CoreRebalance(ExpertPlanner):
         return rebalance(stats, num_slots, num_gpus, num_nodes, current, self.config)
 
 
+def _upstream_planner(algorithm: str) -> Callable[[Any], ExpertPlanner]:
+    return lambda preset: UpstreamEPLB(algorithm, num_groups=preset.model.expert_groups)
+
+
 EPLB_PLANNERS: dict[str, Callable[[Any], ExpertPlanner]] = {  # name -> factory(preset)
-    "deepseek": lambda preset: DeepSeekEPLB(hierarchical=False),
-    "deepseek-hierarchical": lambda preset: DeepSeekEPLB(hierarchical=True, num_groups=preset.model.expert_groups),
+    **{name: _upstream_planner(name) for name in UPSTREAM_EPLB_NAMES},
     CoreRebalance.name: lambda preset: CoreRebalance(),
 }
 EPLB_NAMES = ("none", *EPLB_PLANNERS)
@@ -130,6 +135,7 @@ def make_eplb(spec: Any, preset) -> ExpertPlanner | None:
         return None
     if not isinstance(spec, str):
         raise TypeError(f"eplb {spec!r} is neither a name nor an ExpertPlanner (tiersched.core.expert).")
+    spec = spec.replace("-", "_")  # upstream's flag values use underscores; "deepseek-hierarchical" is the same
     if spec not in EPLB_PLANNERS:
         raise ValueError(f"unknown eplb {spec!r}; choose one of {', '.join(EPLB_NAMES)}.")
     return EPLB_PLANNERS[spec](preset)
