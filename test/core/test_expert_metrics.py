@@ -23,7 +23,10 @@ def test_local_replica_first_dispatch_and_cross_rank_share():
     np.testing.assert_allclose(loads, [[50.0, 30.0]])  # rank0 = 40 + 10(e1), rank1 = 20 + 10(e2)
     assert metrics.balancedness(PLACE, stats) == pytest.approx(40.0 / 50.0)
     assert metrics.cross_rank_share(PLACE, stats) == pytest.approx(20.0 / 80.0)
-    np.testing.assert_allclose(metrics.expert_pressure(PLACE, stats), [50.0 / 40.0, 30.0 / 40.0])
+    # pressure of a source = load of the ranks its tokens go to over the mean (rank0 50/40, rank1 30/40):
+    # source 0 sends 40 to rank 0 and 10 to rank 1, source 1 sends 20 to rank 1 and 10 to rank 0
+    np.testing.assert_allclose(metrics.placement_pressure(PLACE, stats),
+                               [(40 * 1.25 + 10 * 0.75) / 50, (20 * 0.75 + 10 * 1.25) / 30])
 
 
 def test_all_zero_layers_are_skipped():
@@ -52,3 +55,28 @@ def test_cross_rank_share_when_tokens_stay_with_their_expert():
     assert metrics.cross_rank_share_stay(place, stats) == pytest.approx(0.5)
     # combine model: layer 1 source 0 -> e2 on rank 1 is remote as well -> 10 / 20
     assert metrics.cross_rank_share(place, stats) == pytest.approx(0.5)
+
+
+def test_source_destinations_sum_to_rank_loads():
+    rng = np.random.default_rng(0)
+    place = placement_from_phy2log(rng.permutation(np.arange(8) % 6).reshape(1, 8), 6)
+    has = metrics.replica_matrix(place.phy2log, 6, 4)
+    for sources in (1, 4):
+        counts = rng.integers(0, 50, size=(1, sources, 6)).astype(float)
+        dest = metrics.source_destinations(has, counts)
+        np.testing.assert_allclose(dest.sum(1), metrics.rank_loads(has, counts))
+        np.testing.assert_allclose(dest.sum(2), counts.sum(2))  # every token is served somewhere
+
+
+def test_aggregate_statistics_give_every_rank_the_same_pressure():
+    stats = ExpertStats(source_counts=np.array([[[[40.0, 10.0, 30.0]]]]))  # S == 1: senders unknown
+    # rank loads 30 / 50 (e0 split over both): (30 * 0.75 + 50 * 1.25) / 80 for every rank
+    np.testing.assert_allclose(metrics.placement_pressure(PLACE, stats, num_ranks=2), [85.0 / 80.0] * 2)
+    with pytest.raises(ValueError, match="3 sources"):
+        metrics.placement_pressure(PLACE, ExpertStats(source_counts=np.ones((1, 1, 3, 3))), num_ranks=2)
+
+
+def test_pressure_is_neutral_on_balanced_destinations():
+    dest = np.array([[[3.0, 1.0], [0.0, 2.0]]])  # [L=1, S=2, G=2]
+    np.testing.assert_allclose(metrics.expert_pressure(dest, np.array([[7.0, 7.0]])), [1.0, 1.0])
+    np.testing.assert_allclose(metrics.expert_pressure(dest, np.array([[3.0, 1.0]])), [(3 * 1.5 + 0.5) / 4, 0.5])

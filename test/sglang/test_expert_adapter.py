@@ -156,7 +156,8 @@ def test_ours_returns_upstream_tuple_and_uses_per_source_window():
     check_upstream_tuple(result2, num_layers, num_logical, num_physical, reference)
     assert STATE.last["source"] == "aggregate"
     pressure = [expert_tier.expert_pressure_for_rank(r) for r in range(ranks)]
-    assert all(p is not None and p > 0 for p in pressure) and abs(np.mean(pressure) - 1.0) < 1e-9
+    # aggregate statistics do not say which rank sent which token: every rank meets the same pressure
+    assert all(p is not None and p > 0 for p in pressure) and max(pressure) - min(pressure) < 1e-12
     assert expert_tier.expert_pressure_for_rank(ranks) is None
 
 

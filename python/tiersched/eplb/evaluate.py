@@ -97,7 +97,7 @@ def source_aware(counts: np.ndarray, num_physical: int, num_ranks: int, num_node
         "solve_cpu_s": max(solve_cpu, resolve_cpu),
         "solve_s_deepseek": base_s,
         "solve_cpu_s_deepseek": base_cpu,
-        "expert_pressure_max": float(metrics.expert_pressure(ours, first).max()),
+        "expert_pressure_max": float(metrics.placement_pressure(ours, first).max()),
         "routing_models": {
             "combine_every_layer": {k: metrics.cross_rank_share(p, first) for k, p in placements.items()},
             "tokens_stay_with_expert": {k: metrics.cross_rank_share_stay(p, first) for k, p in placements.items()},

@@ -22,6 +22,7 @@ import numpy as np
 
 from tiersched.core.engine import DispatchRequest, RankLoad
 from tiersched.core.expert import ExpertStats
+from tiersched.core.expert.metrics import expert_pressure
 from tiersched.sim.cost_model import StepCostModel
 from tiersched.sim.metrics import SimResult, build_result
 from tiersched.sim.moe_routing import MoeRouting, make_routing, token_probs
@@ -92,9 +93,7 @@ class Simulation:
         """Expert pressure per source rank: load of the GPUs its tokens go to, relative to the mean (1 = neutral)."""
         if not self.policies.expert_feedback:
             return np.ones(self.preset.dp)
-        load = self.recent_gpu_load / np.maximum(self.recent_gpu_load.mean(axis=1, keepdims=True), 1e-12)
-        per_token = self.cost.gpu_probs  # [L, S, G]
-        return np.einsum("lsg,lg->s", per_token, load) / np.maximum(per_token.sum(axis=(0, 2)), 1e-12)
+        return expert_pressure(self.cost.gpu_probs, self.recent_gpu_load)  # [L, S, G] per-token shares, [L, G]
 
     def _snapshot(self) -> list[RankLoad]:
         t = self.table

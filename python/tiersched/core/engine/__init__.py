@@ -25,7 +25,7 @@ class RankLoad:
     queue_len: int = 0  # waiting requests
     running_reqs: int = 0
     running_decode_tokens: int = 0  # sum of context lengths of running decodes (KV read per step)
-    expert_pressure: float = 1.0  # MoE load this rank's experts carry / mean (expert tier); 1.0 = neutral
+    expert_pressure: float = 1.0  # load of the ranks this rank's tokens go to / mean (core.expert.metrics); 1 = neutral
     timestamp_s: float = 0.0
     waiting_tokens: int = 0  # prompt tokens of waiting requests, cached or not (upstream total_tokens' share)
 

@@ -143,12 +143,40 @@ def migrated_fraction(placement: Placement, prev: Placement | None) -> float:
     return float((placement.phy2log != prev.phy2log).mean())
 
 
-def expert_pressure(placement: Placement, stats: ExpertStats, num_ranks: int | None = None) -> np.ndarray:
-    """float [R]: the load the placement puts on each rank (summed over layers and windows) / the mean over
-    ranks; 1.0 everywhere is perfectly balanced. Feedback for the engine tier (rank pressure)."""
+def source_destinations(has: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float [L, S, R]: tokens of source s at layer l that rank r serves under the dispatch model; has int
+    [L, E, R]; counts float [L, S, E] (one window). Summed over S it is rank_loads(has, counts)."""
+    local = _local_mask(has, counts.shape[1])
+    cnt = np.maximum(has.sum(-1), 1)  # [L, E]
+    dest = np.einsum("lse,ler->lsr", counts * ~local / cnt[:, None, :], has)
+    if local.any():  # S == R: source s's local tokens run on rank s
+        sources = np.arange(counts.shape[1])
+        dest[:, sources, sources] += (counts * local).sum(-1)
+    return dest
+
+
+def expert_pressure(destinations: np.ndarray, rank_load: np.ndarray) -> np.ndarray:
+    """float [S]: the expert pressure a new request on source rank s meets, the one definition the simulator and
+    the adapter share. Its tokens' (layer, expert) assignments are served where s's assignments go; pressure is the
+    load of those destination ranks, each relative to its layer's mean rank load, averaged over the assignments.
+    1.0: the request's tokens land on average-loaded ranks; above 1: on hot ones (its MoE time grows with them).
+
+    destinations float [L, S, G]: assignments (or per-token shares) of source s at layer l served on rank/GPU g;
+    rank_load float [L, G]: the load on each (any unit: only its ratio to the layer mean is used)."""
+    destinations = np.asarray(destinations, dtype=np.float64)
+    rank_load = np.asarray(rank_load, dtype=np.float64)
+    load = rank_load / np.maximum(rank_load.mean(axis=1, keepdims=True), 1e-12)
+    return np.einsum("lsg,lg->s", destinations, load) / np.maximum(destinations.sum(axis=(0, 2)), 1e-12)
+
+
+def placement_pressure(placement: Placement, stats: ExpertStats, num_ranks: int | None = None) -> np.ndarray:
+    """float [R]: expert_pressure of each rank as a source, for the placement under the dispatch model with the
+    statistics' tokens as the load (all windows summed). Per-source statistics (S == R) give each rank its own
+    destinations; aggregate statistics (S == 1) do not say who sends what, so every rank gets the same value."""
     counts = _window_counts(stats)
     num_ranks = num_ranks or _num_ranks(placement, stats)
-    loads = rank_loads(replica_matrix(placement.phy2log, counts.shape[2], num_ranks), counts).sum(0)
-    mean = loads.mean()
-    return loads / mean if mean > 0 else np.ones_like(loads)
-
+    if counts.shape[1] not in (1, num_ranks):
+        raise ValueError(f"statistics have {counts.shape[1]} sources; pressure needs 1 or one per rank ({num_ranks})")
+    dest = source_destinations(replica_matrix(placement.phy2log, counts.shape[2], num_ranks), counts)
+    pressure = expert_pressure(dest, dest.sum(1))
+    return pressure if pressure.size == num_ranks else np.full(num_ranks, float(pressure[0]))

@@ -25,7 +25,7 @@ import numpy as np
 
 from tiersched.core.expert import (ExpertStats, Placement, PlacementConfig, check_stats, placement_from_phy2log,
                                    trivial_placement)
-from tiersched.core.expert.metrics import expert_pressure
+from tiersched.core.expert.metrics import placement_pressure
 from tiersched.core.expert.placement import rebalance
 from tiersched.sglang.engine.loads import set_expert_pressure_provider
 from tiersched.sglang.expert.recorder import densify
@@ -195,14 +195,15 @@ def _inject_fault(window: Window, rebalance_number: int) -> Window:
 def _update_pressure(placement: Placement, window: Window, num_ranks: int) -> None:
     try:
         stats = ExpertStats(source_counts=np.asarray(window.counts, dtype=np.float64)[None])
-        STATE.pressure = expert_pressure(placement, stats, num_ranks=num_ranks)
+        STATE.pressure = placement_pressure(placement, stats, num_ranks=num_ranks)
     except Exception as exc:  # feedback is advisory: never fail a rebalance for it
         logger.warning("tiersched expert tier: expert pressure not updated (%s)", exc)
 
 
 def expert_pressure_for_rank(rank: int) -> Optional[float]:
-    """Load the current placement puts on EP rank `rank` over the mean rank load, from the last rebalance's
-    window (1.0 = balanced); None before the first successful rebalance."""
+    """Expert pressure of EP rank `rank` as a token source (core.expert.metrics.placement_pressure: the load of
+    the ranks its tokens go to under the current placement, from the last rebalance's window; 1.0 = average-loaded
+    destinations); None before the first successful rebalance."""
     pressure = STATE.pressure
     if pressure is None or not 0 <= rank < len(pressure):
         return None
