@@ -9,6 +9,7 @@ policy overrides only what it uses.
   preemption.py     `LatencySensitivePreemption`
   overtake.py       `LsOvertakeBudget`: how many LS requests may go ahead of promoted ones
   lockstep.py       LS protection under lockstep steps: `chunk_token_limit`, `be_admission_budget`, `LockstepLsSignal`
+  step_plan.py      the DP-attention group's per-step prefill budgets: `plan_step`, `StepTimeModel`, `fit_roofline`
   upstream.py       upstream SGLang's orderings (fcfs, fcfs-priority, lpm, hrrn, shortest-prefill-first) and its
                     priority preemption: the only copy, used by the simulator, the benchmarks and the tests
   single_server.py  one non-preemptive server running an ordering: the model behind the wait-bound proof
@@ -154,6 +155,10 @@ class RequestTierConfig:
     # admitted `ls_overtakes_per_promoted` more. Both 0: promoted requests always go first.
     ls_overtake_burst: int = 4
     ls_overtakes_per_promoted: float = 1.0
+    # Lockstep step planning (core/request/step_plan.py, docs/lockstep.md): under DP attention the group plans
+    # each rank's prefill budget per step from every rank's summary. Off until the sweep shows it never loses.
+    step_plan: bool = False
+    plan_ls_weight: float = 8.0  # one waiting LS request counts as this many waiting requests in the plan's cost
 
     def validate(self) -> None:
         if not (math.isfinite(self.aging_rate) and self.aging_rate >= 0):
@@ -175,6 +180,10 @@ class RequestTierConfig:
         if not (math.isfinite(self.ls_overtakes_per_promoted) and self.ls_overtakes_per_promoted >= 0):
             raise ValueError("ls_overtakes_per_promoted must be a finite number >= 0, "
                              f"got {self.ls_overtakes_per_promoted!r}.")
+        if not isinstance(self.step_plan, bool):
+            raise ValueError(f"step_plan must be true or false, got {self.step_plan!r}.")
+        if not (math.isfinite(self.plan_ls_weight) and self.plan_ls_weight >= 1):
+            raise ValueError(f"plan_ls_weight must be a finite number >= 1, got {self.plan_ls_weight!r}.")
         if self.be_chunk_tokens < self.min_chunk_tokens:
             raise ValueError(
                 f"be_chunk_tokens ({self.be_chunk_tokens}) must be >= min_chunk_tokens ({self.min_chunk_tokens})."

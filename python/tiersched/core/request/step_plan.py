@@ -1,0 +1,266 @@
+"""Lockstep step planning for a DP-attention group: every rank's prefill token budget for the next forward step.
+
+Under DP attention every forward step runs in lockstep: a step lasts as long as the slowest rank, so a rank that
+prefills a long chunk while the others decode stretches every rank's decode step, and a rank that prefills a few
+tokens beside another rank's long chunk stalls its own decodes for the whole long step. Each rank publishes a
+small `RankStepSummary` once per step over the group's same-step channel (the one the LS signal uses,
+`lockstep.py`); every rank then calls `plan_step` on the same summaries and gets the same `StepPlan`: each rank's
+prefill token budget for this step (the cap on upstream's chunked_prefill_size / max_prefill_tokens budgets).
+
+Formulation. Candidate chunk sizes B (a geometric grid from `min_chunk_tokens` up to the upstream chunk size, page
+aligned). For each B every rank with prefill demand gets b_r = min(demand_r, B) (equal per-rank tokens: the step's
+max over ranks is not set by one rank), and the step time S(b) is predicted by a `StepTimeModel`. The plan takes
+the B that minimises the predicted delay per prefill token of the step:
+
+    J(B) = [ S(b) * (W + D_prefilling + (w_ls - 1) * LS) + D_decoding * (S(b) - S_decode) ] / sum_r b_r
+
+  W: requests waiting on prefilling ranks (they wait the whole step), D_prefilling: running requests on ranks that
+  prefill (no decode token this step), LS: waiting latency-sensitive requests (weight `plan_ls_weight`),
+  D_decoding: running requests on ranks that decode (their step is stretched from S_decode, the all-decode step,
+  to S(b)). Below the cost model's "knee" (prefill tokens that ride under the step's weight-bound floor) S(b) is
+  flat and J falls with B; past it the stretch of the decoding ranks grows with B, so a large decode batch shrinks
+  the chunk, a prefill-bound group (many waiters, few decodes) grows it, and a rank whose demand is short keeps
+  the others' chunks short (equalisation). While LS work waits anywhere, candidates are capped at the LS
+  request's own tokens or `be_chunk_tokens`, whichever is larger, so the step the LS request waits on is short.
+
+Invariants (test/core/test_step_plan*.py, property tests):
+  * the same summaries in any order give the same plan (input sorted by rank; ties broken by the smaller B);
+  * progress: a rank with demand gets b_r >= min(demand_r, min_chunk_tokens) every step, so the planner never
+    defers a rank; request-tier wait bound (docs/request-tier.md, Theorem 1) holds with each prefill's service
+    lengthened to at most ceil(u / min_chunk_tokens) steps of at most the upstream step length (docs/lockstep.md);
+  * limits: b_r <= upstream budget, b_r <= chunk remainder + KV room, b_r = 0 without a chunk and without slot room;
+  * one DP rank: the plan is upstream's budget exactly (no lockstep, nothing to plan).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class RankStepSummary:
+    """What one rank publishes before batch formation (all token counts are uncached prefill tokens)."""
+
+    rank: int
+    upstream_budget: int  # this rank's upstream prefill budget: min(chunked_prefill_size, max_prefill_tokens)
+    chunk_tokens: int = 0  # remaining tokens of the request being chunk-prefilled (holds its slot and KV already)
+    chunk_prefix: int = 0  # tokens of that request already computed (its next chunk attends to them)
+    waiting_tokens: int = 0  # uncached tokens of waiting requests (may be summed only up to the upstream budget)
+    waiting_requests: int = 0  # waiting requests, the chunked one included
+    ls_waiting: int = 0  # latency-sensitive requests among them
+    ls_tokens: int = 0  # uncached tokens of those LS requests
+    decode_count: int = 0  # running (decoding) requests
+    decode_context: int = 0  # their total context tokens (KV read per decode step)
+    kv_room_tokens: int = 0  # KV tokens a new admission may take now (free + evictable - reserved decode)
+    slot_room: int = 0  # running-request slots free
+
+    def demand(self) -> int:
+        """Tokens this rank could prefill this step: the chunk's remainder, plus new admissions within KV room and
+        slots, at most the upstream budget."""
+        new = min(self.waiting_tokens, max(0, self.kv_room_tokens)) if self.slot_room > 0 else 0
+        return max(0, min(self.upstream_budget, self.chunk_tokens + new))
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    budgets: tuple[int, ...]  # per rank, in rank order: prefill tokens this step (0: decode only)
+    chunk: int  # the chosen common chunk size B (the upstream budget when nothing was planned)
+    predicted_s: float  # predicted step time of the plan (0.0 when nothing was planned)
+    planned: bool  # False: upstream's budgets (one rank, or no rank has prefill demand)
+
+    def budget(self, rank: int) -> int:
+        return self.budgets[rank]
+
+
+class StepTimeModel(ABC):
+    """Predicted seconds of one lockstep step from per-rank work, arrays of shape [R]:
+    prefill_tokens, prefill_pairs (sum over chunks of chunk * (prefix + (chunk + 1) / 2)), decode_count and
+    decode_context (zero on a prefilling rank: without mixed chunking a rank that prefills does not decode)."""
+
+    @abstractmethod
+    def step_seconds(self, prefill_tokens: np.ndarray, prefill_pairs: np.ndarray, decode_count: np.ndarray,
+                     decode_context: np.ndarray) -> float:
+        ...
+
+    def batch_seconds(self, prefill_tokens: np.ndarray, prefill_pairs: np.ndarray, decode_count: np.ndarray,
+                      decode_context: np.ndarray) -> np.ndarray:
+        """K candidate steps at once: inputs [K, R] -> seconds [K] (default: one `step_seconds` per row)."""
+        return np.array([self.step_seconds(*row) for row in zip(prefill_tokens, prefill_pairs, decode_count,
+                                                                  decode_context)], dtype=float)
+
+
+ROOFLINE_PARAMS = ("overhead_s", "dense_floor_s", "dense_per_token_s", "pair_s", "ctx_s", "moe_floor_s",
+                   "moe_per_token_s")
+
+
+@dataclass(frozen=True)
+class RooflineStepModel(StepTimeModel):
+    """step = overhead + max_r attn_r + moe, a roofline per part (compute slope vs weight-read floor):
+        attn_r = [tok_r > 0] * max(dense_floor, dense_per_token * tok_r) + pair_s * pairs_r + ctx_s * ctx_r
+        moe    = [sum tok > 0] * max(moe_floor, moe_per_token * sum_r tok_r)
+    tok_r = prefill tokens on a prefilling rank, else its decode count. The floors are what makes small chunks
+    nearly free beside decodes; `fit_roofline` fits the seven seconds-valued parameters to measured steps."""
+
+    overhead_s: float = 0.0
+    dense_floor_s: float = 0.0
+    dense_per_token_s: float = 0.0
+    pair_s: float = 0.0
+    ctx_s: float = 0.0
+    moe_floor_s: float = 0.0
+    moe_per_token_s: float = 0.0
+
+    def step_seconds(self, prefill_tokens, prefill_pairs, decode_count, decode_context) -> float:
+        return float(self.batch_seconds(*(np.asarray(a, dtype=float)[None, :] for a in
+                                          (prefill_tokens, prefill_pairs, decode_count, decode_context)))[0])
+
+    def batch_seconds(self, prefill_tokens: np.ndarray, prefill_pairs: np.ndarray, decode_count: np.ndarray,
+                      decode_context: np.ndarray) -> np.ndarray:
+        """Vectorised over K candidate steps: inputs [K, R] -> seconds [K]."""
+        tok = np.where(prefill_tokens > 0, prefill_tokens, decode_count)
+        attn = (np.where(tok > 0, np.maximum(self.dense_floor_s, self.dense_per_token_s * tok), 0.0)
+                + self.pair_s * prefill_pairs + self.ctx_s * np.where(prefill_tokens > 0, 0.0, decode_context))
+        total = tok.sum(axis=1)
+        moe = np.where(total > 0, np.maximum(self.moe_floor_s, self.moe_per_token_s * total), 0.0)
+        busy = total > 0
+        return np.where(busy, self.overhead_s + attn.max(axis=1) + moe, 0.0)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ROOFLINE_PARAMS}
+
+
+def fit_roofline(prefill_tokens: np.ndarray, prefill_pairs: np.ndarray, decode_count: np.ndarray,
+                 decode_context: np.ndarray, measured_s: np.ndarray, prior: RooflineStepModel | None = None,
+                 iterations: int = 12) -> RooflineStepModel:
+    """Least-squares fit of a RooflineStepModel to measured steps (inputs [N, R], measured_s [N]).
+
+    The model is linear in its parameters once each sample's slowest rank and each max's regime (floor or slope)
+    are fixed, so the fit alternates: take those from the current parameters, solve the relative-error least
+    squares (numpy lstsq, rows scaled by 1 / measured), clip at 0, repeat. `prior` (e.g. the simulator's model of
+    the deployment) is the starting point; without it the regimes start from the slope side. Deterministic."""
+    x = [np.asarray(a, dtype=float) for a in (prefill_tokens, prefill_pairs, decode_count, decode_context)]
+    y = np.asarray(measured_s, dtype=float)
+    if y.ndim != 1 or any(a.shape != x[0].shape or a.shape[0] != y.shape[0] for a in x) or y.size < len(ROOFLINE_PARAMS):
+        raise ValueError(f"fit_roofline needs [N, R] feature arrays and [N] measured times with N >= "
+                         f"{len(ROOFLINE_PARAMS)}, got shapes {[a.shape for a in x]} and {y.shape}.")
+    pt, pp, dc, ctx = x
+    tok = np.where(pt > 0, pt, dc)
+    ctx = np.where(pt > 0, 0.0, ctx)
+    total = tok.sum(axis=1)
+    low = float(np.percentile(y, 5))
+    starts = [prior] if prior is not None else []
+    # Starting points from the slope side and from the floor side (a floor never chosen stays at 0 otherwise).
+    starts += [RooflineStepModel(dense_per_token_s=1e-6, moe_per_token_s=1e-6),
+               RooflineStepModel(dense_floor_s=low / 3, dense_per_token_s=1e-7, moe_floor_s=low / 3,
+                                 moe_per_token_s=1e-7)]
+    fits = [_fit_from(m, tok, pp, ctx, total, y, iterations) for m in starts]
+    return min(fits, key=lambda m: float(np.square(m.batch_seconds(pt, pp, dc, x[3]) / y - 1.0).sum()))
+
+
+def _fit_from(model: RooflineStepModel, tok, pp, ctx, total, y, iterations: int) -> RooflineStepModel:
+    rows = np.arange(y.size)
+    scale = 1.0 / np.maximum(y, 1e-12)
+    for _ in range(iterations):
+        m = model
+        dense_floor_side = m.dense_floor_s >= m.dense_per_token_s * tok  # [N, R]
+        attn = (np.where(tok > 0, np.where(dense_floor_side, m.dense_floor_s, m.dense_per_token_s * tok), 0.0)
+                + m.pair_s * pp + m.ctx_s * ctx)
+        top = attn.argmax(axis=1)
+        t_top, p_top, c_top = tok[rows, top], pp[rows, top], ctx[rows, top]
+        f_top = dense_floor_side[rows, top] & (t_top > 0)
+        moe_floor_side = m.moe_floor_s >= m.moe_per_token_s * total
+        busy = total > 0
+        a = np.stack([busy * 1.0, f_top * 1.0, np.where(f_top, 0.0, t_top), p_top, c_top,
+                      busy & moe_floor_side, np.where(moe_floor_side, 0.0, total)], axis=1)
+        theta, *_ = np.linalg.lstsq(a * scale[:, None], y * scale, rcond=None)
+        new = RooflineStepModel(*np.maximum(theta, 0.0).tolist())
+        if new == model:
+            break
+        model = new
+    return model
+
+
+def candidate_chunks(upstream_budget: int, min_chunk: int, page: int = 1) -> list[int]:
+    """Chunk sizes the plan chooses from: min_chunk * 2^k (page aligned) below the upstream budget, and it."""
+    page = max(1, page)
+    out, b = [], max(page, -(-min_chunk // page) * page)
+    while b < upstream_budget:
+        out.append(b)
+        b *= 2
+    out.append(upstream_budget)
+    return out
+
+
+@dataclass(frozen=True)
+class StepPlanner:
+    """`plan_step` with its model and tunables bound (one object per rank; all ranks' objects are equal).
+
+    model: the step-time prediction; min_chunk_tokens: the smallest chunk a rank with demand gets (or its whole
+    demand when smaller); ls_weight: how many waiting requests one waiting LS request counts as; ls_chunk_tokens:
+    while LS work waits anywhere, no candidate chunk is longer than this or the LS request's own tokens."""
+
+    model: StepTimeModel
+    min_chunk_tokens: int = 64
+    ls_weight: float = 8.0
+    ls_chunk_tokens: int = 512
+    page_size: int = 1
+
+    def plan(self, summaries: Sequence[RankStepSummary]) -> StepPlan:
+        return plan_step(summaries, self.model, self.min_chunk_tokens, self.ls_weight, self.ls_chunk_tokens,
+                         self.page_size)
+
+
+def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_chunk_tokens: int = 64,
+              ls_weight: float = 8.0, ls_chunk_tokens: int = 512, page_size: int = 1) -> StepPlan:
+    """The group's plan for this step from every rank's summary (module docstring: objective and invariants).
+
+    Deterministic and independent of the order of `summaries` (they are sorted by rank, which must be 0..R-1)."""
+    ranks = sorted(summaries, key=lambda s: s.rank)
+    if [s.rank for s in ranks] != list(range(len(ranks))):
+        raise ValueError(f"plan_step needs one summary per rank 0..R-1, got ranks {[s.rank for s in summaries]}.")
+    upstream = tuple(s.upstream_budget for s in ranks)
+    if len(ranks) <= 1:  # no lockstep: upstream's budget exactly
+        return StepPlan(upstream, upstream[0] if upstream else 0, 0.0, False)
+    demand = np.array([s.demand() for s in ranks], dtype=float)
+    if not demand.any():
+        return StepPlan(upstream, max(upstream), 0.0, False)
+    top = max(upstream)
+    floor = min(max(1, min_chunk_tokens), top)
+    cands = candidate_chunks(top, floor, page_size)
+    ls_any = any(s.ls_waiting > 0 for s in ranks)
+    if ls_any:  # keep the step the LS request waits on short, but never shorter than its own prefill
+        ls_need = max(min(s.ls_tokens, s.demand()) for s in ranks)
+        limit = max(ls_chunk_tokens, ls_need, floor)
+        cands = [c for c in cands if c < limit] + [min(limit, top)]
+    cand = np.array(sorted(set(cands)), dtype=float)  # [K]
+    cap = np.array(upstream, dtype=float)
+    budgets = np.minimum(np.minimum(demand[None, :], cand[:, None]), cap[None, :])  # [K, R]
+    # Progress: every rank with demand moves at least min(demand, floor) tokens.
+    budgets = np.maximum(budgets, np.minimum(demand, floor)[None, :])
+    # Attention pairs at the request's average rate, b * (prefix + remaining / 2): a prompt's total attention
+    # work does not depend on how it is chunked, so no chunk size looks cheaper by deferring it to later chunks.
+    prefix = np.array([s.chunk_prefix if s.chunk_tokens > 0 else 0 for s in ranks], dtype=float)
+    rest = np.array([s.chunk_tokens if s.chunk_tokens > 0 else d for s, d in zip(ranks, demand)], dtype=float)
+    pairs = budgets * (prefix + (rest + 1.0) / 2.0)[None, :]
+    dcount = np.array([s.decode_count for s in ranks], dtype=float)
+    dctx = np.array([s.decode_context for s in ranks], dtype=float)
+    k = cand.size
+    prefilling = budgets > 0
+    dc = np.where(prefilling, 0.0, dcount[None, :])
+    dx = np.where(prefilling, 0.0, dctx[None, :])
+    step = np.asarray(model.batch_seconds(budgets, pairs, dc, dx), dtype=float)  # [K]
+    zero = np.zeros((1, len(ranks)))
+    s_decode = float(model.batch_seconds(zero, zero, dcount[None, :], dctx[None, :])[0])
+    waiting = np.array([s.waiting_requests for s in ranks], dtype=float)
+    ls = np.array([s.ls_waiting for s in ranks], dtype=float)
+    weight_pref = ((waiting + dcount + (ls_weight - 1.0) * ls)[None, :] * prefilling).sum(axis=1)  # [K]
+    ls_elsewhere = ((ls_weight * ls)[None, :] * ~prefilling).sum(axis=1)  # LS waiting on a rank that cannot prefill
+    decoding = (dcount[None, :] * ~prefilling).sum(axis=1)
+    cost = step * (weight_pref + ls_elsewhere) + decoding * np.maximum(step - s_decode, 0.0)
+    per_token = cost / np.maximum(budgets.sum(axis=1), 1.0)
+    best = int(np.argmin(per_token))  # first minimum: the smallest chunk among equals
+    chosen = tuple(int(b) for b in budgets[best])
+    return StepPlan(chosen, int(cand[best]), float(step[best]), True)

@@ -1,0 +1,177 @@
+"""Lockstep step plan (core/request/step_plan.py): invariants as property tests, the objective's direction, the fit."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiersched.core.request import RequestTierConfig
+from tiersched.core.request.step_plan import (RankStepSummary, RooflineStepModel, StepPlanner, StepTimeModel,
+                                              candidate_chunks, fit_roofline, plan_step)
+
+# Roughly the simulator's qwen3-dp4ep4 fit: a decode step is KV-read bound, so short chunks ride almost free.
+MODEL = RooflineStepModel(overhead_s=0.008, dense_floor_s=0.0005, dense_per_token_s=7e-6, pair_s=1.4e-9,
+                          ctx_s=4e-8, moe_floor_s=0.002, moe_per_token_s=6e-6)
+
+models = st.builds(RooflineStepModel, *[st.floats(0, 1e-2) for _ in range(2)], st.floats(1e-8, 1e-4),
+                   st.floats(0, 1e-8), st.floats(0, 1e-7), st.floats(0, 1e-2), st.floats(1e-8, 1e-4))
+
+
+@st.composite
+def summaries(draw, min_ranks=2, max_ranks=8):
+    n = draw(st.integers(min_ranks, max_ranks))
+    upstream = draw(st.sampled_from([1024, 2048, 4096, 8192, 16384]))
+    out = []
+    for r in range(n):
+        chunk = draw(st.sampled_from([0, 0, draw(st.integers(1, 30_000))]))
+        waiting = draw(st.integers(0, 40_000))
+        reqs = draw(st.integers(0, 50)) if waiting else 0
+        ls = draw(st.integers(0, reqs)) if reqs else 0
+        out.append(RankStepSummary(
+            rank=r, upstream_budget=upstream, chunk_tokens=chunk, chunk_prefix=draw(st.integers(0, 20_000)),
+            waiting_tokens=waiting, waiting_requests=reqs + (chunk > 0), ls_waiting=ls,
+            ls_tokens=draw(st.integers(1, waiting)) if ls else 0, decode_count=draw(st.integers(0, 256)),
+            decode_context=draw(st.integers(0, 2_000_000)), kv_room_tokens=draw(st.integers(-5000, 400_000)),
+            slot_room=draw(st.integers(0, 256))))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(summaries(), models, st.randoms(use_true_random=False), st.integers(1, 512))
+def test_same_plan_in_any_rank_order(ranks, model, rnd, min_chunk):
+    plan = plan_step(ranks, model, min_chunk)
+    shuffled = list(ranks)
+    rnd.shuffle(shuffled)
+    assert plan_step(shuffled, model, min_chunk) == plan
+    # every rank evaluates its own copy: equal planners give equal plans
+    assert StepPlanner(model, min_chunk).plan(shuffled) == plan
+
+
+@settings(max_examples=300, deadline=None)
+@given(summaries(), models, st.integers(1, 512))
+def test_limits_and_progress(ranks, model, min_chunk):
+    plan = plan_step(ranks, model, min_chunk)
+    assert len(plan.budgets) == len(ranks)
+    for s, b in zip(ranks, plan.budgets):
+        demand = s.demand()
+        assert 0 <= b <= s.upstream_budget
+        if not plan.planned:
+            continue
+        assert b <= s.chunk_tokens + max(0, s.kv_room_tokens)  # KV room (the chunk holds its KV already)
+        if s.chunk_tokens == 0 and s.slot_room == 0:
+            assert b == 0  # no slot for a new request
+        assert (b == 0) == (demand == 0)
+        assert b >= min(demand, min_chunk)  # progress every step: the planner defers no rank
+
+
+@settings(max_examples=200, deadline=None)
+@given(summaries(max_ranks=6), models, st.integers(16, 512), st.integers(1, 20_000))
+def test_drain_bound(ranks, model, min_chunk, tokens):
+    """A request of `tokens` uncached tokens at the head of rank 0 is prefilled within ceil(tokens / min_chunk)
+    steps whatever the other ranks do: the service lengthening that the wait bound (docs/lockstep.md) adds."""
+    s0 = replace(ranks[0], chunk_tokens=tokens, waiting_tokens=0, waiting_requests=1, ls_waiting=0, ls_tokens=0)
+    ranks = [s0] + ranks[1:]
+    steps = 0
+    while ranks[0].chunk_tokens > 0:
+        b = plan_step(ranks, model, min_chunk).budgets[0]
+        ranks[0] = replace(ranks[0], chunk_tokens=ranks[0].chunk_tokens - b, chunk_prefix=ranks[0].chunk_prefix + b)
+        steps += 1
+        assert steps <= math.ceil(tokens / min(min_chunk, s0.upstream_budget))
+    assert steps >= math.ceil(tokens / s0.upstream_budget)
+
+
+@settings(max_examples=200, deadline=None)
+@given(summaries(min_ranks=1, max_ranks=1), models)
+def test_one_rank_is_upstream(ranks, model):
+    plan = plan_step(ranks, model)
+    assert plan.budgets == (ranks[0].upstream_budget,) and not plan.planned
+
+
+def test_no_demand_is_upstream():
+    ranks = [RankStepSummary(r, 8192, decode_count=10, decode_context=10_000) for r in range(4)]
+    plan = plan_step(ranks, MODEL)
+    assert plan.budgets == (8192,) * 4 and not plan.planned
+
+
+def test_rejects_missing_ranks():
+    with pytest.raises(ValueError, match="one summary per rank"):
+        plan_step([RankStepSummary(0, 8192), RankStepSummary(2, 8192)], MODEL)
+
+
+def _group(prefill_rank_tokens, decode_count, waiting=1, ls=0, ls_tokens=0):
+    """Rank 0 has `prefill_rank_tokens` waiting; ranks 1..3 decode `decode_count` requests of 2k context."""
+    ranks = [RankStepSummary(0, 8192, waiting_tokens=prefill_rank_tokens, waiting_requests=waiting, ls_waiting=ls,
+                             ls_tokens=ls_tokens, kv_room_tokens=10**6, slot_room=100)]
+    ranks += [RankStepSummary(r, 8192, decode_count=decode_count, decode_context=decode_count * 2000,
+                              kv_room_tokens=10**6, slot_room=100) for r in (1, 2, 3)]
+    return ranks
+
+
+def test_large_decode_batch_shrinks_the_chunk_and_prefill_bound_grows_it():
+    idle = plan_step(_group(20_000, 0), MODEL)
+    busy = plan_step(_group(20_000, 200), MODEL)
+    assert idle.budgets[0] == 8192  # nothing else runs: the whole upstream chunk
+    assert busy.budgets[0] < idle.budgets[0]
+    crowded = plan_step(_group(20_000, 200, waiting=1000), MODEL)  # many waiters: prefill-bound
+    assert crowded.budgets[0] > busy.budgets[0]
+
+
+def test_equalise_a_short_rank_keeps_the_long_rank_short():
+    ranks = _group(20_000, 64)
+    ranks[1] = replace(ranks[1], waiting_tokens=300, waiting_requests=1)
+    plan = plan_step(ranks, MODEL)
+    assert plan.budgets[1] == 300
+    assert plan.budgets[0] < 8192
+
+
+def test_ls_waiting_anywhere_caps_the_chunk_but_not_below_the_ls_request():
+    ranks = _group(20_000, 0)
+    assert plan_step(ranks, MODEL).budgets[0] == 8192
+    ranks[2] = replace(ranks[2], waiting_tokens=1500, waiting_requests=1, ls_waiting=1, ls_tokens=1500)
+    plan = plan_step(ranks, MODEL, ls_chunk_tokens=512)
+    assert plan.budgets[2] == 1500  # the LS request's own prefill is not cut
+    assert plan.budgets[0] <= 1500
+
+
+def test_candidates():
+    assert candidate_chunks(8192, 64) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert candidate_chunks(1000, 100, page=64) == [128, 256, 512, 1000]
+
+
+class _Exact(StepTimeModel):
+    """A StepTimeModel with only step_seconds: the ABC's default batch_seconds must give the same plan."""
+
+    def step_seconds(self, t, p, c, x):
+        return MODEL.step_seconds(t, p, c, x)
+
+
+def test_default_batch_seconds_matches():
+    ranks = _group(20_000, 200)
+    assert plan_step(ranks, _Exact()) == plan_step(ranks, MODEL)
+
+
+def test_fit_recovers_a_known_model():
+    rng = np.random.default_rng(0)
+    n, r = 400, 4
+    prefill = rng.uniform(size=(n, r)) < 0.5
+    tok = np.where(prefill, np.rint(np.exp(rng.uniform(0, np.log(8192), (n, r)))), 0.0)
+    pairs = tok * (rng.uniform(0, 8000, (n, r)) + (tok + 1) / 2)
+    count = np.where(prefill, 0, rng.integers(0, 256, (n, r))).astype(float)
+    ctx = count * rng.uniform(100, 6000, (n, r))
+    y = MODEL.batch_seconds(tok, pairs, count, ctx)
+    fitted = fit_roofline(tok, pairs, count, ctx, y * np.exp(rng.normal(0, 0.02, n)))
+    test = MODEL.batch_seconds(tok[:50] / 2, pairs[:50] / 3, count[:50], ctx[:50])
+    err = np.abs(fitted.batch_seconds(tok[:50] / 2, pairs[:50] / 3, count[:50], ctx[:50]) / test - 1)
+    assert np.median(err) < 0.05
+    with pytest.raises(ValueError, match="N >= 7"):
+        fit_roofline(tok[:3], pairs[:3], count[:3], ctx[:3], y[:3])
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan")])
+def test_config_rejects_bad_ls_weight(bad):
+    with pytest.raises(ValueError, match="plan_ls_weight"):
+        RequestTierConfig(plan_ls_weight=bad).validate()
