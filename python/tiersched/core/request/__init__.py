@@ -13,6 +13,7 @@ policy overrides only what it uses.
   upstream.py       upstream SGLang's orderings (fcfs, fcfs-priority, lpm, hrrn, shortest-prefill-first) and its
                     priority preemption: the only copy, used by the simulator, the benchmarks and the tests
   single_server.py  one non-preemptive server running an ordering: the model behind the wait-bound proof
+  prefill_delayer.py  upstream's DP-attention prefill alignment (--enable-prefill-delayer): its per-pass decision
 
 Priorities are normalised by the adapter so that a HIGHER integer is MORE urgent (upstream's default;
 `--schedule-low-priority-values-first` is flipped by the adapter).
