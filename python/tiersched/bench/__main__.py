@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "expert": ("expert_recorder", "expert tier: per-source recorder cost per forward pass against upstream's gatherer"),
     "plots": ("plots", "PNG plots: TTFT/TPOT CDFs, per-rank load over time, expert-load heatmap"),
     "live": ("live", "A/B runs on real upstream SGLang servers on this CPU"),
+    "serving-ab": ("serving_ab", "A/B table (ratios, bootstrap CIs) from sglang.bench_serving --output-file results"),
 }
 # Earlier names of the tier subcommands, kept so scripts and documented checks keep working.
 ALIASES = {"request-tier": "request", "dispatch": "engine"}
