@@ -40,7 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"tiersched.bench.{SUBCOMMANDS[name][0]}")
     sub_parser = argparse.ArgumentParser(prog=f"python -m tiersched.bench {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
-    return int(module.main(sub_parser.parse_args(rest)) or 0)
+    try:
+        return int(module.main(sub_parser.parse_args(rest)) or 0)
+    except ValueError as exc:
+        from tiersched.traces import TraceError
+
+        if not isinstance(exc, TraceError):
+            raise
+        # a user's trace file is malformed: one line naming file, line and field, before anything is simulated
+        print(f"python -m tiersched.bench {name}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

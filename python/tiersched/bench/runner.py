@@ -12,6 +12,7 @@ import numpy as np
 
 from tiersched.data import shared_data_dir
 from tiersched.sim import PolicySet, capacity, get_preset, simulate, workloads
+from tiersched.traces import load_trace
 
 HEADLINE = ("ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99", "e2e_mean", "throughput", "goodput",
             "cache_hit_rate", "balancedness", "cross_rank_share", "migrations")
@@ -24,7 +25,7 @@ SYNTHETIC_DEFAULT_RATE = 36.0  # req/s on qwen3-dp4ep4: ~85% of the sustainable 
 @dataclass(frozen=True)
 class Scenario:
     preset: str = "qwen3"
-    workload: str = "auto"  # auto | mooncake | azure | sharegpt | servegen | synthetic:<Shape>
+    workload: str = "auto"  # auto | mooncake | azure | sharegpt | servegen | synthetic:<Shape> | a trace file
     rate: float | None = None
     duration_s: float = 60.0
     seed: int = 0
@@ -58,8 +59,10 @@ def build_workload(sc: Scenario):
         shape = kind.partition(":")[2] or "Random"
         return workloads.synthetic(shape, rate=sc.rate or SYNTHETIC_DEFAULT_RATE, duration_s=sc.duration_s,
                                    seed=sc.seed)
+    if os.path.isfile(kind) or kind.endswith((".jsonl", ".json", ".csv")) or os.sep in kind:
+        return load_trace(kind, rate=sc.rate, duration_s=sc.duration_s)  # a user's trace file (tiersched.traces)
     raise ValueError(f"unknown workload {kind!r}; use auto, mooncake, azure, sharegpt, servegen, mixed-priority, "
-                     f"decode-heavy or synthetic:<Shape>.")
+                     f"decode-heavy, synthetic:<Shape> or the path of a trace file.")
 
 
 def build_preset(sc: Scenario):
@@ -78,16 +81,23 @@ _WORKLOAD_CACHE: dict = {}
 def run_one(args) -> dict:
     """(scenario, name, policies, ideal_balance) -> {"name", "label", "metrics", "wall_s", "sim_s", "notes"}."""
     sc, name, policies, ideal = args
-    key = (sc.resolved_workload(), sc.rate, sc.duration_s, sc.seed, sc.preset)
-    if key not in _WORKLOAD_CACHE:
-        _WORKLOAD_CACHE[key] = build_workload(sc)
-    result = simulate(build_preset(sc), _WORKLOAD_CACHE[key], policies, seed=sc.seed, ideal_balance=ideal,
+    result = simulate(build_preset(sc), cached_workload(sc), policies, seed=sc.seed, ideal_balance=ideal,
                       record_timeline=False)
     return {"name": name, "label": policies.label(), "metrics": result.metrics, "wall_s": result.wall_s,
             "sim_s": result.sim_s, "notes": result.notes}
 
 
+def cached_workload(sc: Scenario):
+    """build_workload once per (workload, rate, duration, seed, preset) in this process."""
+    key = (sc.resolved_workload(), sc.rate, sc.duration_s, sc.seed, sc.preset)
+    if key not in _WORKLOAD_CACHE:
+        _WORKLOAD_CACHE[key] = build_workload(sc)
+    return _WORKLOAD_CACHE[key]
+
+
 def run_many(jobs: list, workers: int | None = None) -> list[dict]:
+    for job in jobs:  # build (and check: a bad trace file stops here) every workload before simulating any
+        cached_workload(job[0])
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers <= 1 or len(jobs) <= 1:
         return [run_one(j) for j in jobs]

@@ -138,6 +138,19 @@ def azure_conv(rate: float | None = None, duration_s: float | None = 60.0, limit
                     trace.output_tokens[:n], meta={"trace": "azure_conv", "rate": rate}, **_default_classes(n))
 
 
+def from_trace(trace: shared.TraceRequests, name: str, rate: float | None = None, duration_s: float | None = None,
+               limit: int | None = None, meta: dict | None = None) -> Workload:
+    """A trace's requests (tiersched.data.TraceRequests, e.g. a user's file read by tiersched.traces) as a
+    Workload: arrivals rescaled to `rate` req/s when given, cut at `duration_s` and `limit` requests."""
+    arrival = _rescale(trace.arrival_s, rate)
+    n = _cut(arrival, duration_s, len(arrival) if limit is None else limit)
+    blocks = tuple(trace.prefix_blocks[:n]) if trace.prefix_blocks else ()
+    return Workload(f"{name}{'' if rate is None else f'-{rate:g}rps'}", arrival[:n], trace.input_tokens[:n],
+                    trace.output_tokens[:n], prefix_blocks=blocks,
+                    **({"block_tokens": trace.block_tokens} if trace.block_tokens else {}),
+                    meta={**(meta or {}), "rate": rate}, **_default_classes(n))
+
+
 def sharegpt(rate: float = 4.0, duration_s: float = 60.0, seed: int = 0, arrival: str = "poisson",
              cv: float = 2.0) -> Workload:
     """ShareGPT prompt/output lengths sampled with replacement, Poisson or Gamma-bursty arrivals."""
