@@ -122,7 +122,7 @@ class Simulation:
         req = DispatchRequest(t.rid[i], int(t.input[i]), tuple(t.blocks[i]), session, int(t.priority[i]))
         rank = int(self.dispatcher.pick(req, self.now).rank)
         t.rank[i] = rank
-        self.ranks[rank].waiting.append(i)
+        self.ranks[rank].enqueue(i, self.now)
 
     # ---- expert tier ----------------------------------------------------------------------------------------
     def _account_moe(self, stats: dict, tokens: np.ndarray, steps: int) -> None:
@@ -280,7 +280,7 @@ class Simulation:
                 continue
             for rs, batch in zip(ranks, batches):
                 if not batch and rs.running:
-                    rs.retract_for_decode()
+                    rs.retract_for_decode(self.now)
             tokens = np.zeros(dp)
             pairs = np.zeros(dp)
             ctx = np.zeros(dp)

@@ -15,6 +15,8 @@ import math
 import numpy as np
 
 from tiersched.core.request import OrderingPolicy, PreemptionPolicy, RunningRequest, WaitingRequest
+from tiersched.core.request.upstream import (IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD,
+                                             IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD)
 from tiersched.sim.prefix_cache import BlockLRUCache
 
 
@@ -39,6 +41,7 @@ class RequestTable:
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
         self.preemptions = np.zeros(n, dtype=np.int64)
+        self.queue_entry = self.arrival.copy()  # when it last entered a waiting queue (upstream wait_queue_entry_time)
 
 
 class RankState:
@@ -95,39 +98,61 @@ class RankState:
         t.private[rid] = 0
         t.held_blocks[rid] = 0
 
-    def requeue(self, rid: int) -> None:
-        """Retraction or preemption: free KV, keep the computed prefix cached, recompute input + output later."""
+    def enqueue(self, rid: int, now_s: float) -> None:
+        """Scheduler._add_request_to_queue: append to the back of the waiting queue and stamp the entry (its
+        wait_queue_entry_time, and the ordering's snapshot, e.g. HRRN's processed-token count)."""
+        self.waiting.append(rid)
+        self.t.queue_entry[rid] = now_s
+        self.ordering.observe_enqueue(self.t.rid[rid], now_s)
+
+    def requeue(self, rid: int, now_s: float) -> None:
+        """Retraction or preemption: free KV, keep the computed prefix cached, recompute input + output later;
+        the request goes to the back of the queue with a new entry time, as upstream re-adds it."""
         t = self.t
         self.release(rid)
         t.fill_len[rid] = t.input[rid] + t.generated[rid]
         t.prefilled[rid] = 0
         t.preemptions[rid] += 1
-        self.waiting.append(rid)
+        self.enqueue(rid, now_s)
 
-    def retract_for_decode(self) -> None:
-        """retract_decode: free enough KV for one more token per running request."""
+    def retract_for_decode(self, now_s: float) -> None:
+        """retract_decode: free enough KV for one more token per running request. Victim: fewest generated tokens,
+        longest input among equals, the last in running order among full ties (upstream sorts the batch stably in
+        reverse and pops from the end)."""
         t = self.t
         while self.running and self.free_for_alloc() < len(self.running):
-            victim = min(self.running, key=lambda r: (t.generated[r], -t.input[r]))
+            victim = min(reversed(self.running), key=lambda r: (t.generated[r], -t.input[r]))
             self.running.remove(victim)
-            self.requeue(victim)
+            self.requeue(victim, now_s)
             self.retractions += 1
 
     # ---- prefill admission (PrefillAdder) -------------------------------------------------------------------
     def _waiting_snapshots(self, now_s: float) -> tuple[list[WaitingRequest], list[int]]:
+        """Snapshots in queue order. Deferral is SchedulePolicy._compute_prefix_matches' in-batch check: a request
+        whose cache hit is at most IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD tokens is matched against the requests
+        ahead of it that were checked and not deferred (upstream's waiting-queue radix tree; with chained page
+        hashes, a set of the pages they bring); it is deferred when that match reaches the deprioritize threshold,
+        otherwise its pages join the set."""
         t, bt = self.t, self.cache.block_tokens
         snaps, matched = [], []
-        first_blocks_seen: set[int] = set()
+        inflight_pages: set[int] = set()
         for rid in self.waiting:
             blocks = t.blocks[rid]
             m = self.cache.match(blocks) if blocks else 0
             cached = min(m * bt, int(t.fill_len[rid]) - 1)
             defer = False
-            if m == 0 and blocks:  # upstream's in-batch check: an earlier waiting request brings the same page
-                defer = blocks[0] in first_blocks_seen
-                first_blocks_seen.add(blocks[0])
+            if m * bt <= IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD:
+                shared = 0
+                for h in blocks:
+                    if h not in inflight_pages:
+                        break
+                    shared += 1
+                defer = shared * bt >= IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD
+                if not defer:
+                    inflight_pages.update(blocks)
             snaps.append(WaitingRequest(t.rid[rid], int(t.priority[rid]), float(t.arrival[rid]),
-                                        int(t.fill_len[rid]), max(0, cached), defer))
+                                        int(t.fill_len[rid]), max(0, cached), defer,
+                                        float(t.queue_entry[rid]), int(t.fill_len[rid] - t.input[rid])))
             matched.append(m)
         return snaps, matched
 
@@ -141,7 +166,7 @@ class RankState:
             reserved = float(t.output[r] - t.generated[r]) * ratio
             held = int(t.private[r]) + int(t.held_blocks[r]) * bt
             out.append(RunningRequest(t.rid[r], int(t.priority[r]), float(t.arrival[r]), int(held + reserved),
-                                      int(t.input[r] + t.generated[r]), reserved))
+                                      int(t.input[r] + t.generated[r]), reserved, float(t.queue_entry[r])))
         return out
 
     def _ordered_waiting(self, now_s: float) -> tuple[list[WaitingRequest], list[int]]:
@@ -166,7 +191,7 @@ class RankState:
         for v in victims:
             vid = int(v)
             self.running.remove(vid)
-            self.requeue(vid)
+            self.requeue(vid, now_s)
         self.preemption_events += 1
         return len(victims)
 

@@ -34,6 +34,16 @@ class WaitingRequest:
     input_tokens: int
     cached_tokens: int = 0  # prefix already in this rank's radix cache when ordering runs
     shares_inflight_prefix: bool = False  # an uncached prefix it shares is being prefilled now: defer (LPM-like)
+    # When it last entered the waiting queue (upstream's time_stats.wait_queue_entry_time): its arrival, or the
+    # time it was re-queued after a preemption or retraction. None: never re-queued, same as arrival_s.
+    queue_entry_s: float | None = None
+    # Output tokens generated before a preemption or retraction; counted in input_tokens, which they re-enter as
+    # prompt to recompute (upstream keeps them apart: origin_input_ids vs output_ids).
+    generated_tokens: int = 0
+
+    @property
+    def entry_s(self) -> float:
+        return self.arrival_s if self.queue_entry_s is None else self.queue_entry_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,11 @@ class RunningRequest:
     # Future decode tokens the admission budget reserves for it (upstream PrefillAdder.
     # _get_running_request_total_token_offset: remaining max_new_tokens x new_token_ratio); part of kv_tokens.
     reserved_tokens: float = 0.0
+    queue_entry_s: float | None = None  # when it last entered the waiting queue (None: arrival_s)
+
+    @property
+    def entry_s(self) -> float:
+        return self.arrival_s if self.queue_entry_s is None else self.queue_entry_s
 
 
 class OrderingPolicy(ABC):
@@ -102,6 +117,10 @@ class OrderingPolicy(ABC):
 
     def observe_prefill_tokens(self, tokens: int) -> None:
         """Prefill tokens the rank processed in the step that just ended (upstream's `processed_tokens`)."""
+
+    def observe_enqueue(self, rid: str, now_s: float) -> None:
+        """`rid` entered the waiting queue (on arrival, or re-queued after a preemption or retraction), as
+        upstream's Scheduler._add_request_to_queue stamps it."""
 
     def observe_group_ls_waiting(self, group_ls_waiting: int, now_s: float) -> int:
         """The group LS-waiting value this step's hooks use, given the largest count any rank of the lockstep

@@ -1,9 +1,12 @@
 """Upstream SGLang's waiting-queue orderings and priority preemption over the request tier's snapshots.
 
 Mirrors `sglang/srt/managers/schedule_policy.py` (SchedulePolicy.calc_priority and its _sort_by_* helpers, and
-PrefillAdder.preempt_to_schedule). `WaitingRequest.cached_tokens` plays `req.num_matched_prefix_tokens`;
-`shares_inflight_prefix` plays the in-batch `temporary_deprioritized` set (the simulator sets it for a request
-whose first uncached page another waiting request ahead of it also needs, as upstream's waiting-queue radix tree
+PrefillAdder.preempt_to_schedule); test/core/test_request_upstream_diff.py runs each against upstream's own objects.
+`order` receives the waiting queue in its current order (the order upstream's list has: arrivals and re-queued
+requests appended at the back, then whatever the previous step's sort left) and returns a permutation, like
+upstream's stable in-place `list.sort`. `WaitingRequest.cached_tokens` plays `req.num_matched_prefix_tokens`,
+`entry_s` `req.time_stats.wait_queue_entry_time` (reset when a request is re-queued); `shares_inflight_prefix`
+plays the in-batch `temporary_deprioritized` set (the simulator computes it as upstream's waiting-queue radix tree
 check does). Priorities: higher = more urgent (upstream's default, schedule_low_priority_values_first=False).
 """
 from __future__ import annotations
@@ -12,26 +15,34 @@ from typing import Sequence
 
 from tiersched.core.request import OrderingPolicy, PreemptionPolicy, RunningRequest, WaitingRequest
 
-# schedule_policy.WAITING_QUEUE_PREFIX_MATCH_MAX: lpm/hrrn fall back to FCFS above this queue length.
+# schedule_policy.WAITING_QUEUE_PREFIX_MATCH_MAX: above this queue length lpm and hrrn skip prefix matching and
+# leave the queue as it is (SchedulePolicy._determine_active_policy -> FCFS, which does not sort).
 WAITING_QUEUE_PREFIX_MATCH_MAX = 128
+# schedule_policy's in-batch prefix caching (defaults of the env variables of the same names): a waiting request
+# whose cache hit is at most CHECK tokens is deferred when it shares at least DEPRIORITIZE tokens with a request
+# ahead of it in the queue (SchedulePolicy._compute_prefix_matches).
+IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD = 32
+IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD = 32
 
 
 class FcfsOrdering(OrderingPolicy):
-    """`--schedule-policy fcfs` without priority scheduling: the queue stays in arrival order."""
+    """`--schedule-policy fcfs` without priority scheduling: upstream does not sort, the queue stays in the order
+    requests entered it (a re-queued request goes to the back)."""
 
     name = "fcfs"
 
     def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
-        return sorted(range(len(waiting)), key=lambda i: waiting[i].arrival_s)
+        return list(range(len(waiting)))
 
 
 class FcfsPriorityOrdering(OrderingPolicy):
-    """fcfs + `--enable-priority-scheduling`: SchedulePolicy._sort_by_priority_and_fcfs (priority, then entry time)."""
+    """fcfs + `--enable-priority-scheduling`: SchedulePolicy._sort_by_priority_and_fcfs (priority, then the time
+    the request last entered the queue)."""
 
     name = "fcfs-priority"
 
     def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
-        return sorted(range(len(waiting)), key=lambda i: (-waiting[i].priority, waiting[i].arrival_s))
+        return sorted(range(len(waiting)), key=lambda i: (-waiting[i].priority, waiting[i].entry_s))
 
 
 class LpmOrdering(OrderingPolicy):
@@ -40,10 +51,10 @@ class LpmOrdering(OrderingPolicy):
     name = "lpm"
 
     def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
-        if len(waiting) > WAITING_QUEUE_PREFIX_MATCH_MAX:  # _determine_active_policy -> FCFS
-            return FcfsOrdering().order(waiting, now_s)
+        if len(waiting) > WAITING_QUEUE_PREFIX_MATCH_MAX:  # _determine_active_policy -> FCFS: queue left as is
+            return list(range(len(waiting)))
         key = lambda i: (float("inf") if waiting[i].shares_inflight_prefix else -waiting[i].cached_tokens)
-        return sorted(range(len(waiting)), key=key)  # stable: ties keep queue (arrival) order, like list.sort
+        return sorted(range(len(waiting)), key=key)  # stable: ties keep queue order, like list.sort
 
 
 class ShortestPrefillFirstOrdering(OrderingPolicy):
@@ -55,7 +66,7 @@ class ShortestPrefillFirstOrdering(OrderingPolicy):
     def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
         def key(i: int):
             w = waiting[i]
-            return (w.shares_inflight_prefix, max(1, w.input_tokens - w.cached_tokens), w.arrival_s)
+            return (w.shares_inflight_prefix, max(1, w.input_tokens - w.cached_tokens), w.entry_s)
 
         return sorted(range(len(waiting)), key=key)
 
@@ -80,8 +91,9 @@ class ShortestPrefillFirstOrdering(OrderingPolicy):
 
 class HrrnOrdering(OrderingPolicy):
     """`hrrn`: SchedulePolicy._sort_by_hrrn, token-based aging. The scheduler reports prefill tokens processed
-    (`observe_prefill_tokens`, upstream's processed_tokens counter); a request's arrival snapshot is taken the first
-    time it is seen waiting (upstream snapshots at queue entry; the simulator orders every step, so they agree)."""
+    (`observe_prefill_tokens`, upstream's processed_tokens_counter) and every entry into the queue
+    (`observe_enqueue`), where the request's arrival snapshot is taken, as Scheduler._add_request_to_queue does
+    (a re-queued request starts over). A request never announced is snapshotted the first time it is ordered."""
 
     name = "hrrn"
 
@@ -92,25 +104,29 @@ class HrrnOrdering(OrderingPolicy):
     def observe_prefill_tokens(self, tokens: int) -> None:
         self.processed_tokens += tokens
 
+    def observe_enqueue(self, rid: str, now_s: float) -> None:
+        self._arrival_processed[rid] = self.processed_tokens
+
     def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
         seen = self._arrival_processed
         for w in waiting:
             seen.setdefault(w.rid, self.processed_tokens)
-        if len(waiting) > WAITING_QUEUE_PREFIX_MATCH_MAX:
-            return FcfsOrdering().order(waiting, now_s)
+        if len(seen) > 4 * len(waiting) + 1024:  # forget requests no longer waiting
+            live = {w.rid for w in waiting}
+            self._arrival_processed = seen = {k: v for k, v in seen.items() if k in live}
+        if len(waiting) > WAITING_QUEUE_PREFIX_MATCH_MAX:  # _determine_active_policy -> FCFS: queue left as is
+            return list(range(len(waiting)))
 
         def key(i: int):
             w = waiting[i]
             if w.shares_inflight_prefix:
                 return (float("inf"), w.rid)
-            uncached = max(0, w.input_tokens - w.cached_tokens)
+            # _uncached_len: the original prompt only (origin_input_ids), not the output it regenerates
+            uncached = max(0, w.input_tokens - w.generated_tokens - w.cached_tokens)
             if uncached <= 0:
                 return (-float("inf"), w.rid)
-            return (-(self.processed_tokens - seen[w.rid]) / uncached, w.rid)
+            return (-max(0, self.processed_tokens - seen[w.rid]) / uncached, w.rid)
 
-        if len(seen) > 4 * len(waiting) + 1024:  # forget requests no longer waiting
-            live = {w.rid for w in waiting}
-            self._arrival_processed = {k: v for k, v in seen.items() if k in live}
         return sorted(range(len(waiting)), key=key)
 
 
@@ -140,7 +156,7 @@ class PriorityPreemption(PreemptionPolicy):
             return None
         victims: list[str] = []
         tokens_needed = kv_tokens_short
-        for r in sorted(running, key=lambda r: (r.priority, -r.arrival_s)):
+        for r in sorted(running, key=lambda r: (r.priority, -r.entry_s)):
             if candidate.priority - r.priority <= self.threshold:
                 break
             victims.append(r.rid)
