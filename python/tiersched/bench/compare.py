@@ -1,12 +1,24 @@
-"""`python -m tiersched.bench compare`: one scenario, every policy combination, ablation against upstream-best.
+"""`python -m tiersched.bench compare`: one scenario, tiersched's tiers against upstream SGLang at its best.
 
-1. Upstream grid: ordering {fcfs, lpm, hrrn, shortest-prefill-first} x dispatch {round_robin, total_requests,
-   total_tokens}, no EPLB; then the best of those with DeepSeek EPLB (global, hierarchical).
-   `upstream-best` = the lowest mean TTFT of all of them (ties: higher throughput), measured in this run.
-2. Ablation from upstream-best: tiersched dispatch only, tiersched ordering (+ its preemption) only, tiersched
-   expert placement only, all three, all three + expert-pressure feedback; vLLM's DP balancer as a reference.
-3. Lower bounds: perfect balance (upstream-best with every max over ranks replaced by the mean) and the idle
-   cluster (each request alone).
+1. Upstream-best, per metric (mean TTFT, mean TPOT, tail TTFT): a pruned search of upstream's flag space the
+   simulator models (bench/upstream_space.py: every ordering incl. priority scheduling where the workload has
+   priorities, every load-balance method, chunk size, every EPLB algorithm incl. none and its interval, the
+   prefill delayer and mixed chunking once the simulator models them), on the first seed. The JSON's
+   `upstream_best_space` says what was searched, how, and how many runs it took; `upstream_best_ttft`,
+   `upstream_best_tpot`, `upstream_best_p99` name each metric's winner (its label and upstream flags).
+2. Ablation from the mean-TTFT winner: tiersched dispatch only, tiersched ordering (+ its preemption) only,
+   tiersched expert placement only, all three, all three + expert-pressure feedback; vLLM's DP balancer as a
+   reference row. Rows that keep an upstream ordering keep the winner's scheduler flags (chunk size included); rows
+   with tiersched's ordering, which caps chunks adaptively, run at the preset's chunk size (their adaptive
+   behaviour is theirs to claim), with the winner's EPLB interval; `tiersched@upstream-chunk` (all three tiers at
+   the winner's chunk size) is reported beside them, not as the headline.
+3. Lower bounds: perfect balance (each winner with every max over ranks replaced by the mean) and the idle
+   cluster (each request alone), per seed.
+4. Every row and winner is run on `--seeds` seeds; per row, the ratio ours / upstream-best per metric (against
+   that metric's winner) with a seeded bootstrap 95% CI over seeds, and the headroom captured,
+   (upstream_best - ours) / (upstream_best - bound), against the idle-cluster bound (and, as
+   `headroom_captured_vs_perfect_balance`, against the perfect-balance bound). Tail metrics are P99 only where every
+   run of every arm finished >= 1,000 requests, else P95 (`tail_percentile`).
 Default scenario: Qwen3-30B-A3B DP4·EP4, the Mooncake trace's first 60 s when ../shared/data is present, else a
 built-in synthetic workload.
 """
@@ -15,10 +27,19 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 
-from tiersched.bench.runner import (HEADLINE, UPSTREAM_DISPATCH, UPSTREAM_EPLB, UPSTREAM_ORDERINGS, Scenario,
-                                    idle_cluster_bound, pick_best, run_many)
+import numpy as np
+
+from tiersched.bench import upstream_space as space
+from tiersched.bench.runner import (HEADLINE, Scenario, _WORKLOAD_CACHE, _workload_key, build_preset,
+                                    idle_cluster_bound, prepare_workloads, run_many, simulator_refuses, worker_pool)
 from tiersched.sim import PolicySet
+
+TAIL_MIN_SAMPLES = 1000  # P99 only where every arm has at least this many finished requests in every run
+BOOTSTRAP_RESAMPLES = 4000
+BOOTSTRAP_SEED = 20260101
+WINNERS = ("ttft", "tpot", "p99")  # upstream_best_<name>
 
 
 def add_arguments(parser) -> None:
@@ -30,68 +51,234 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trace", default=None, help="alias of --workload for a shared trace name")
     parser.add_argument("--rate", type=float, default=None, help="arrival rate (req/s); traces: rescaled")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (the upstream search runs on it)")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="seeds per row: --seed, --seed+1, ...; > 1 adds bootstrap 95%% CIs (*_ci95)")
+    parser.add_argument("--search-passes", type=int, default=3,
+                        help="at most this many coordinate-descent passes per metric over upstream's flags")
     parser.add_argument("--eplb-steps", type=int, default=None, help="EPLB rebalance interval in forward steps")
     parser.add_argument("--drift-steps", type=int, default=0,
                         help="routing drifts to a fresh window every N forward steps (0 = fixed routing)")
     parser.add_argument("--eplb-history", type=int, default=1, help="windows the EPLB planners see")
     parser.add_argument("--workers", type=int, default=None, help="parallel simulations (default: CPU count)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def compare(sc: Scenario, workers: int | None = None) -> dict:
+def tail_metrics(tail: int) -> tuple[str, ...]:
+    """The metrics headroom and ratios are reported for, and the winner each is measured against."""
+    return ("ttft_mean", "tpot_mean", f"ttft_p{tail}", f"tpot_p{tail}")
+
+
+def winner_of(metric: str) -> str:
+    return {"ttft_mean": "ttft", "tpot_mean": "tpot"}.get(metric, "p99" if metric.startswith("ttft_p") else "tpot")
+
+
+def headroom(best: float | None, ours: float | None, bound: float | None) -> float | None:
+    """Share of the gap between upstream-best and a lower bound that ours closes (1 = reaches the bound, 0 = no
+    better than upstream-best, < 0 = worse); None where the bound leaves no gap."""
+    if best is None or ours is None or bound is None or best - bound <= 0:
+        return None
+    return (best - ours) / (best - bound)
+
+
+def bootstrap_ci(stat, arrays: list[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> list[float] | None:
+    """95% percentile-bootstrap CI of `stat(*means)` where each mean is over the same resampled seeds of every
+    array (arrays: one value per seed, paired by seed). None with fewer than 2 seeds or non-finite values."""
+    n = len(arrays[0])
+    if n < 2 or any(not np.all(np.isfinite(a)) for a in arrays):
+        return None
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = stat(*[a[idx].mean(axis=1) for a in arrays])
+    values = values[np.isfinite(values)]
+    if values.size < resamples // 2:
+        return None
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def _ratio(o, b):
+    return o / b
+
+
+def _headroom_arr(b, o, lb):
+    return np.where(b - lb > 0, (b - o) / (b - lb), np.nan)
+
+
+def _log(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_passes: int = 3,
+            quiet: bool = True) -> dict:
     start = time.perf_counter()
-    grid = [(sc, f"upstream:{o}/{d}", PolicySet(ordering=o, dispatch=d), False)
-            for o in UPSTREAM_ORDERINGS for d in UPSTREAM_DISPATCH]
-    upstream = run_many(grid, workers)
-    best_base = pick_best(upstream)
-    o, d = best_base["label"].split("/")[:2]
-    upstream += run_many([(sc, f"upstream:{o}/{d}/{e}", PolicySet(ordering=o, dispatch=d, eplb=e), False)
-                          for e in UPSTREAM_EPLB], workers)
-    best = pick_best(upstream)
-    o, d, e = best["label"].split("/")[:3]
-    rows = {
-        "dispatch-only": PolicySet(ordering=o, dispatch="tiersched", eplb=e),
-        "ordering-only": PolicySet(ordering="tiersched", dispatch=d, eplb=e),
-        "expert-only": PolicySet(ordering=o, dispatch=d, eplb="source_aware"),
-        "tiersched": PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware"),
-        "tiersched+feedback": PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware",
-                                        expert_feedback=True),
-        "vllm-dp": PolicySet(ordering=o, dispatch="vllm-dp", eplb=e),
-    }
-    jobs = [(sc, name, pol, False) for name, pol in rows.items()]
-    jobs.append((sc, "bound:perfect-balance", PolicySet(ordering=o, dispatch=d, eplb=e), True))
-    ablation = run_many(jobs, workers)
-    policies: dict[str, dict] = {"upstream-best": _entry(best)}
-    for r in ablation:
-        policies[r["name"]] = _entry(r)
-    policies["bound:idle-cluster"] = {"label": "each request alone", **idle_cluster_bound(sc)}
-    for r in upstream:
-        policies[r["name"]] = _entry(r)
-    base = best["metrics"]
-    for entry in policies.values():
-        if "ttft_mean" in entry and entry is not policies["upstream-best"]:
-            entry["change_vs_upstream_best"] = {
-                k: _change(entry.get(k), base.get(k)) for k in ("ttft_mean", "ttft_p99", "tpot_mean", "throughput")
-            }
-    notes = sorted({n for r in upstream + ablation for n in r.get("notes", [])})
-    return {
+    seed_list = [sc.seed + i for i in range(max(1, seeds))]
+    scs = [replace(sc, seed=s) for s in seed_list]
+    prepare_workloads(scs)
+    work = [_WORKLOAD_CACHE[_workload_key(s)] for s in scs]
+    preset = build_preset(sc)
+    has_priorities = any(len(np.unique(w.priority)) > 1 for w in work)
+    dims, dropped = space.usable_dimensions(space.dimensions(preset, has_priorities),
+                                            lambda changes: simulator_refuses(sc, changes))
+    tail = 99 if min(len(w) for w in work) >= TAIL_MIN_SAMPLES else 95
+    search_metrics = {"ttft": "ttft_mean", "tpot": "tpot_mean", "p99": f"ttft_p{tail}"}
+    pool = worker_pool(workers)
+    try:
+        def run(combos: list[dict]) -> list[dict]:
+            jobs = [(replace(sc, scheduler=space.scheduler_changes(c, dims)), space.label(c, dims),
+                     space.policy_set(c), False) for c in combos]
+            out = run_many(jobs, workers, pool)
+            _log(quiet, f"upstream search: {len(combos)} more runs ({time.perf_counter() - start:.0f} s)")
+            return [r["metrics"] for r in out]
+
+        res = space.search(dims, list(dict.fromkeys(search_metrics.values())), run, max_passes=search_passes)
+        win = {name: res.combos[res.winners[m]] for name, m in search_metrics.items()}
+        rows = _rows(win["ttft"], dims)
+        jobs, where = [], []
+        distinct = list({space.combination_key(c): c for c in win.values()}.values())
+        for i, s in enumerate(scs):
+            for c in distinct:
+                key = space.combination_key(c)
+                scc = replace(s, scheduler=space.scheduler_changes(c, dims))
+                if i > 0:  # the search seed's winner runs are in res already
+                    jobs.append((scc, space.label(c, dims), space.policy_set(c), False)); where.append((key, i))
+                jobs.append((scc, space.label(c, dims), space.policy_set(c), True)); where.append(("balance", key, i))
+            for name, (pol, sched) in rows.items():
+                jobs.append((replace(s, scheduler=sched), name, pol, False)); where.append((name, i))
+        _log(quiet, f"{len(res.runs)} search runs done; {len(jobs)} evaluation runs on {len(scs)} seed(s)")
+        results = run_many(jobs, workers, pool)
+        biggest_chunk = max(max(space.CHUNK_SIZES), preset.scheduler.chunked_prefill_size)
+        idle = (list(pool.map(idle_cluster_bound, scs, [biggest_chunk] * len(scs))) if pool is not None
+                else [idle_cluster_bound(s, biggest_chunk) for s in scs])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    per_seed: dict = {}  # row key -> [metrics per seed]
+    for c in distinct:
+        per_seed[space.combination_key(c)] = [res.runs[space.combination_key(c)]] + [None] * (len(scs) - 1)
+        per_seed[("balance", space.combination_key(c))] = [None] * len(scs)
+    for w, r in zip(where, results):
+        if w[0] == "balance":
+            per_seed[("balance", w[1])][w[2]] = r["metrics"]
+        else:
+            per_seed.setdefault(w[0], [None] * len(scs))[w[1]] = r["metrics"]
+    per_seed["bound:idle-cluster"] = idle
+    finished_min = min(int(m.get("finished") or 0) for k, ms in per_seed.items() if k != "bound:idle-cluster"
+                       for m in ms)
+    notes = sorted({n for r in results for n in r.get("notes", [])})
+    if tail == 99 and finished_min < TAIL_MIN_SAMPLES:
+        tail = 95
+        notes.append(f"a run finished only {finished_min} requests: tails reported as P95; the tail winner was "
+                     "searched on P99")
+    metrics = tail_metrics(tail)
+    key_of = {name: space.combination_key(c) for name, c in win.items()}
+    report_rows: dict[str, dict] = {}
+    for name in WINNERS:
+        entry = {"label": space.label(win[name], dims), "flags": space.flags(win[name], dims, preset),
+                 **_mean_entry(per_seed[key_of[name]])}
+        report_rows["upstream-best" if name == "ttft" else f"upstream-best-{name}"] = entry
+    for name, (pol, sched) in rows.items():
+        entry = {"label": pol.label() + space.scheduler_label(sched, dims), **_mean_entry(per_seed[name])}
+        report_rows[name] = entry
+    balance_key = ("balance", key_of["ttft"])
+    report_rows["bound:perfect-balance"] = {"label": "upstream-best with mean instead of max over ranks",
+                                            **_mean_entry(per_seed[balance_key])}
+    report_rows["bound:idle-cluster"] = {"label": "each request alone", **_mean_entry(idle)}
+    for name, entry in report_rows.items():
+        if name.startswith("bound:"):
+            continue
+        arrays = lambda key, m: np.array([np.nan if x.get(m) is None else x[m] for x in per_seed[key]], dtype=float)
+        ours_key = key_of[{"upstream-best": "ttft", "upstream-best-tpot": "tpot",
+                           "upstream-best-p99": "p99"}[name]] if name.startswith("upstream-best") else name
+        ratio, ratio_ci, head, head_ci, head_bal = {}, {}, {}, {}, {}
+        for m in metrics:
+            best = arrays(key_of[winner_of(m)], m)
+            ours = arrays(ours_key, m)
+            lower = arrays("bound:idle-cluster", m)
+            bal = arrays(("balance", key_of[winner_of(m)]), m)
+            b, o, lb, pb = (float(np.mean(x)) for x in (best, ours, lower, bal))
+            ratio[m] = round(o / b, 4) if b else None
+            ratio_ci[m] = bootstrap_ci(_ratio, [ours, best])
+            h = headroom(b, o, lb)
+            head[m] = None if h is None else round(h, 4)
+            head_ci[m] = None if h is None else bootstrap_ci(_headroom_arr, [best, ours, lower])
+            hb = headroom(b, o, pb)
+            head_bal[m] = None if hb is None else round(hb, 4)
+        entry["ratio_vs_upstream_best"] = ratio
+        entry["headroom_captured"] = head
+        entry["headroom_captured_vs_perfect_balance"] = head_bal
+        if len(scs) > 1:
+            entry["ratio_vs_upstream_best_ci95"] = ratio_ci
+            entry["headroom_captured_ci95"] = head_ci
+        base = report_rows["upstream-best"]
+        entry["change_vs_upstream_best"] = {k: _change(entry.get(k), base.get(k))
+                                            for k in ("ttft_mean", f"ttft_p{tail}", "tpot_mean", "throughput")}
+    out = {
         "scenario": {"preset": sc.preset, "workload": sc.resolved_workload(), "rate": sc.rate,
-                     "duration_s": sc.duration_s, "seed": sc.seed,
-                     "requests": best["metrics"]["requests"]},
-        "upstream_best": best["label"],
-        "policies": policies,
+                     "duration_s": sc.duration_s, "seeds": seed_list, "requests": len(work[0])},
+        "tail_percentile": tail,
+        "tail_rule": (f"P99 only where every run of every arm finished >= {TAIL_MIN_SAMPLES} requests, else P95; "
+                      f"fewest finished in a run here: {finished_min}"),
+        "upstream_best_space": space.space_report(res, dropped, preset, search_metrics, [sc.seed], search_passes),
+        "upstream_best": report_rows["upstream-best"]["label"],
+        "ablation_base": "upstream_best_ttft",
+        "headroom_bound": "bound:idle-cluster",
+        "policies": report_rows,
         "notes": notes,
         "wall_s": round(time.perf_counter() - start, 2),
     }
+    for name in WINNERS:
+        row = report_rows["upstream-best" if name == "ttft" else f"upstream-best-{name}"]
+        metric = search_metrics[name]
+        out[f"upstream_best_{name}"] = {
+            "label": row["label"], "flags": row["flags"], "combination": win[name], "metric": metric,
+            "search_value": res.runs[key_of[name]].get(metric),
+            **{m: row.get(m) for m in ("ttft_mean", "tpot_mean", f"ttft_p{tail}", f"tpot_p{tail}", "throughput")}}
+    out["runs"] = len(res.runs) + len(jobs) + len(idle)
+    return out
 
 
-def _entry(r: dict) -> dict:
-    m = r["metrics"]
-    out = {"label": r["label"]}
-    out.update({k: m.get(k) for k in HEADLINE})
-    out.update({"throughput_req_s": m.get("throughput_req_s"), "slo_attainment": m.get("slo_attainment"),
-                "preemptions": m.get("preemptions"), "per_class": m.get("per_class"),
-                "requests_per_rank": m.get("requests_per_rank")})
+def _rows(best: dict, dims) -> dict:
+    """The ablation rows built from the mean-TTFT winner `best`: name -> (PolicySet, SchedulerSettings changes)."""
+    o, d, e = best["ordering"], best["dispatch"], best.get("eplb", "none")
+    upstream_sched = space.scheduler_changes(best, dims)
+    # Our ordering caps chunks itself: the preset's chunk size and upstream's defaults, the winner's EPLB interval.
+    ours = dict(space.default_combination(dims), ordering="tiersched", dispatch="tiersched", eplb="source_aware")
+    if "eplb_rebalance_steps" in best and e != "none":
+        ours["eplb_rebalance_steps"] = best["eplb_rebalance_steps"]
+    ours_sched = space.scheduler_changes(ours, dims)
+    keep_sched = dict(upstream_sched)
+    if "eplb_rebalance_steps" in ours:  # the expert tier alone: the winner's flags, the winner's EPLB interval
+        keep_sched["eplb_rebalance_steps"] = ours["eplb_rebalance_steps"]
+    return {
+        "dispatch-only": (PolicySet(ordering=o, dispatch="tiersched", eplb=e), upstream_sched),
+        "ordering-only": (PolicySet(ordering="tiersched", dispatch=d, eplb=e), ours_sched),
+        "expert-only": (PolicySet(ordering=o, dispatch=d, eplb="source_aware"), tuple(keep_sched.items())),
+        "tiersched": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware"), ours_sched),
+        "tiersched+feedback": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware",
+                                         expert_feedback=True), ours_sched),
+        "vllm-dp": (PolicySet(ordering=o, dispatch="vllm-dp", eplb=e), upstream_sched),
+        # Not a headline row: all three tiers at the winner's chunk size, to show what the chunk choice is worth.
+        "tiersched@upstream-chunk": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware"),
+                                     space.scheduler_changes(dict(ours, chunked_prefill_size=best.get(
+                                         "chunked_prefill_size", ours.get("chunked_prefill_size"))), dims)),
+    }
+
+
+def _mean_entry(runs: list[dict]) -> dict:
+    """Headline metrics averaged over seeds (None where any seed has none), with the seed count."""
+    out = {}
+    for k in HEADLINE:
+        vals = [r.get(k) for r in runs]
+        out[k] = None if any(v is None for v in vals) else float(np.mean(vals))
+    for k in ("throughput_req_s", "slo_attainment", "preemptions"):
+        vals = [r.get(k) for r in runs]
+        out[k] = None if any(v is None for v in vals) else float(np.mean(vals))
+    out["seeds"] = len(runs)
+    out["per_class"] = runs[0].get("per_class")
+    out["requests_per_rank"] = runs[0].get("requests_per_rank")
     return out
 
 
@@ -102,15 +289,31 @@ def _change(value, base):
 
 
 def format_table(report: dict) -> str:
-    cols = ("ttft_mean", "ttft_p99", "tpot_mean", "throughput", "goodput", "cache_hit_rate", "balancedness")
-    head = f"{'policy':<40}{'combination':<56}" + "".join(f"{c:>15}" for c in cols) + f"{'dTTFT':>9}"
-    lines = [f"scenario: {json.dumps(report['scenario'])}", f"upstream-best: {report['upstream_best']}", head,
-             "-" * len(head)]
+    tail = report["tail_percentile"]
+    cols = ("ttft_mean", f"ttft_p{tail}", "tpot_mean", "throughput", "balancedness")
+    head = (f"{'row':<25}{'combination':<64}" + "".join(f"{c:>13}" for c in cols)
+            + f"{'TTFT ratio [95% CI]':>24}{'headroom TTFT/TPOT':>20}")
+    sc = report["scenario"]
+    lines = [f"scenario: {sc['preset']}, {sc['workload']}, {sc['requests']} requests, {sc['duration_s']:g} s, "
+             f"seeds {sc['seeds']}; tails are P{tail}"]
+    for name in WINNERS:
+        w = report[f"upstream_best_{name}"]
+        lines.append(f"upstream best on {w['metric']}: {w['label']}   [{w['flags']}]")
+    sp = report["upstream_best_space"]
+    lines.append(f"upstream search: {sp['runs']} runs of a {sp['full_grid_size']}-combination space "
+                 f"(coordinate descent per metric; --json: upstream_best_space)")
+    lines += [head, "-" * len(head)]
     for name, e in report["policies"].items():
-        vals = "".join(f"{'-' if e.get(c) is None else format(e[c], '.4g'):>15}" for c in cols)
-        ch = e.get("change_vs_upstream_best", {}).get("ttft_mean")
-        lines.append(f"{name[:39]:<40}{e['label'][:55]:<56}{vals}{'' if ch is None else format(ch, '+.1%'):>9}")
-    lines.append(f"wall: {report['wall_s']} s; " + "; ".join(report["notes"]))
+        vals = "".join(f"{'-' if e.get(c) is None else format(e[c], '.4g'):>13}" for c in cols)
+        r = e.get("ratio_vs_upstream_best", {}).get("ttft_mean")
+        ci = (e.get("ratio_vs_upstream_best_ci95") or {}).get("ttft_mean")
+        rtxt = "" if r is None else f"{r:.3f}" + ("" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+        h = e.get("headroom_captured", {})
+        htxt = "" if not h else "/".join("-" if h.get(m) is None else f"{h[m]:+.2f}" for m in ("ttft_mean", "tpot_mean"))
+        lines.append(f"{name[:24]:<25}{e['label'][:63]:<64}{vals}{rtxt:>24}{htxt:>20}")
+    lines.append("ratio = ours / upstream-best on that metric (mean over seeds); headroom = (upstream-best - ours) / "
+                 "(upstream-best - idle-cluster bound)")
+    lines.append(f"wall: {report['wall_s']} s, {report['runs']} simulations; " + "; ".join(report["notes"]))
     return "\n".join(lines)
 
 
@@ -119,7 +322,7 @@ def main(args) -> int:
     sc = Scenario(preset=args.preset, workload=workload, rate=args.rate, duration_s=args.duration, seed=args.seed,
                   eplb_rebalance_steps=args.eplb_steps, routing_drift_steps=args.drift_steps,
                   eplb_history_windows=args.eplb_history)
-    report = compare(sc, args.workers)
+    report = compare(sc, args.workers, seeds=args.seeds, search_passes=args.search_passes, quiet=args.quiet)
     if args.json:
         json.dump(report, sys.stdout, default=_json_default)
         sys.stdout.write("\n")
@@ -129,8 +332,6 @@ def main(args) -> int:
 
 
 def _json_default(x):
-    import numpy as np
-
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, np.ndarray):

@@ -14,11 +14,9 @@ from tiersched.data import shared_data_dir
 from tiersched.sim import PolicySet, capacity, get_preset, simulate, workloads
 from tiersched.traces import load_trace
 
-HEADLINE = ("ttft_mean", "ttft_p99", "tpot_mean", "tpot_p99", "e2e_mean", "throughput", "goodput",
-            "cache_hit_rate", "balancedness", "cross_rank_share", "migrations")
-UPSTREAM_ORDERINGS = ("fcfs", "lpm", "hrrn", "shortest-prefill-first")
-UPSTREAM_DISPATCH = ("round_robin", "total_requests", "total_tokens")
-UPSTREAM_EPLB = ("deepseek", "deepseek_hierarchical")
+HEADLINE = ("ttft_mean", "ttft_p95", "ttft_p99", "tpot_mean", "tpot_p95", "tpot_p99", "e2e_mean", "throughput",
+            "goodput", "cache_hit_rate", "balancedness", "cross_rank_share", "migrations", "rebalances", "requests",
+            "finished")
 SYNTHETIC_DEFAULT_RATE = 36.0  # req/s on qwen3-dp4ep4: ~85% of the sustainable rate in our runs (docs/results.md)
 
 
@@ -33,6 +31,7 @@ class Scenario:
     routing_drift_steps: int = 0  # 0 = fixed routing; else a drifted routing every this many steps
     eplb_history_windows: int = 1
     extra: dict = field(default_factory=dict)
+    scheduler: tuple = ()  # (SchedulerSettings field, value) pairs applied on top of the preset's
 
     def resolved_workload(self) -> str:
         if self.workload != "auto":
@@ -72,7 +71,33 @@ def build_preset(sc: Scenario):
     if sc.routing_drift_steps or sc.eplb_history_windows != 1:
         preset = preset.with_scheduler(routing_drift_steps=sc.routing_drift_steps,
                                        eplb_history_windows=sc.eplb_history_windows)
+    if sc.scheduler:
+        preset = preset.with_scheduler(**dict(sc.scheduler))
     return preset
+
+
+def simulator_refuses(sc: Scenario, changes: dict) -> str | None:
+    """None when the simulator runs the scenario's preset with these SchedulerSettings changes, else why not (a
+    fraction of a second of arrivals is simulated: a setting the simulator does not model raises at once)."""
+    from tiersched.sim import simulate
+
+    try:
+        preset = build_preset(sc).with_scheduler(**changes)
+        simulate(preset, workloads.synthetic("Random", rate=20.0, duration_s=0.2, seed=0), PolicySet(),
+                 record_timeline=False)
+    except (NotImplementedError, ValueError) as e:
+        return f"the simulator refuses it: {e}"
+    return None
+
+
+def prepare_workloads(scenarios) -> None:
+    """Build the scenarios' workloads in this process, so forked workers inherit them instead of rebuilding."""
+    for sc in scenarios:
+        cached_workload(sc)
+
+
+def _workload_key(sc: Scenario) -> tuple:
+    return (sc.resolved_workload(), sc.rate, sc.duration_s, sc.seed, sc.preset)
 
 
 _WORKLOAD_CACHE: dict = {}
@@ -89,27 +114,39 @@ def run_one(args) -> dict:
 
 def cached_workload(sc: Scenario):
     """build_workload once per (workload, rate, duration, seed, preset) in this process."""
-    key = (sc.resolved_workload(), sc.rate, sc.duration_s, sc.seed, sc.preset)
+    key = _workload_key(sc)
     if key not in _WORKLOAD_CACHE:
         _WORKLOAD_CACHE[key] = build_workload(sc)
     return _WORKLOAD_CACHE[key]
 
 
-def run_many(jobs: list, workers: int | None = None) -> list[dict]:
+def run_many(jobs: list, workers: int | None = None, pool: ProcessPoolExecutor | None = None) -> list[dict]:
+    """run_one over `jobs`, in `pool` when given (see `worker_pool`), else in a pool of `workers` made for it."""
     for job in jobs:  # build (and check: a bad trace file stops here) every workload before simulating any
         cached_workload(job[0])
+    if pool is not None and len(jobs) > 1:
+        return list(pool.map(run_one, jobs))
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers <= 1 or len(jobs) <= 1:
         return [run_one(j) for j in jobs]
+    with worker_pool(workers) as own:
+        return list(own.map(run_one, jobs))
+
+
+def worker_pool(workers: int | None) -> ProcessPoolExecutor | None:
+    """A fork pool of `workers` processes (None for one worker: run in this process). Fork after
+    `prepare_workloads`, so the workers share the built workloads."""
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-        return list(pool.map(run_one, jobs))
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
 
 
-def idle_cluster_bound(sc: Scenario) -> dict:
-    """Lower bound: every request alone on an idle cluster (its whole prompt in one prefill step with its best
-    possible cache hit = none assumed, then batch-1 decode steps)."""
+def idle_cluster_bound(sc: Scenario, chunk: int | None = None) -> dict:
+    """Lower bound: every request alone on an idle cluster (its prompt prefilled in chunks of `chunk` tokens, default
+    the preset's chunk size, no cache hit assumed, then batch-1 decode steps)."""
     from tiersched.sim.cost_model import StepCostModel
     from tiersched.sim.moe_routing import make_routing, token_probs
 
@@ -118,7 +155,7 @@ def idle_cluster_bound(sc: Scenario) -> dict:
     cost = StepCostModel(preset, token_probs(make_routing(preset, sc.seed), preset.dp))
     dp = preset.dp
     ttft, tpot = np.empty(len(w)), np.full(len(w), np.nan)
-    chunk = preset.scheduler.chunked_prefill_size
+    chunk = chunk or preset.scheduler.chunked_prefill_size
     for i, (n_in, n_out) in enumerate(zip(w.input_tokens, w.output_tokens)):
         t, done = 0.0, 0
         while done < n_in:  # chunked prefill of a lone request
@@ -133,9 +170,10 @@ def idle_cluster_bound(sc: Scenario) -> dict:
             ctx = np.zeros(dp); ctx[0] = n_in + n_out / 2
             tpot[i] = float(cost.step_times(tok, np.zeros(dp), ctx)[0][0])
     fin = tpot[np.isfinite(tpot)]
-    return {"ttft_mean": float(ttft.mean()), "ttft_p99": float(np.percentile(ttft, 99)),
-            "tpot_mean": float(fin.mean()) if fin.size else None,
-            "tpot_p99": float(np.percentile(fin, 99)) if fin.size else None, "throughput": None}
+    pct = lambda x, q: float(np.percentile(x, q)) if x.size else None
+    return {"ttft_mean": float(ttft.mean()), "ttft_p95": pct(ttft, 95), "ttft_p99": pct(ttft, 99),
+            "tpot_mean": float(fin.mean()) if fin.size else None, "tpot_p95": pct(fin, 95),
+            "tpot_p99": pct(fin, 99), "throughput": None, "requests": len(w), "finished": len(w)}
 
 
 def pick_best(results: list[dict], metric: str = "ttft_mean") -> dict:

@@ -29,10 +29,11 @@ class SimResult:
 def _summary(prefix: str, x: np.ndarray) -> dict:
     x = x[np.isfinite(x)]
     if x.size == 0:
-        return {f"{prefix}_mean": None, f"{prefix}_p50": None, f"{prefix}_p90": None, f"{prefix}_p99": None}
-    p50, p90, p99 = np.percentile(x, [50, 90, 99])
+        return {f"{prefix}_mean": None, f"{prefix}_p50": None, f"{prefix}_p90": None, f"{prefix}_p95": None,
+                f"{prefix}_p99": None}
+    p50, p90, p95, p99 = np.percentile(x, [50, 90, 95, 99])
     return {f"{prefix}_mean": float(x.mean()), f"{prefix}_p50": float(p50), f"{prefix}_p90": float(p90),
-            f"{prefix}_p99": float(p99)}
+            f"{prefix}_p95": float(p95), f"{prefix}_p99": float(p99)}
 
 
 def latency_metrics(records: dict, mask: np.ndarray, slo_ttft: float, slo_tpot: float, span_s: float) -> dict:

@@ -1,0 +1,131 @@
+"""The upstream-best search (bench/upstream_space.py) and compare's statistics: descent, winners, bounds, CIs."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from tiersched.bench import compare
+from tiersched.bench import upstream_space as space
+from tiersched.bench.runner import Scenario
+from tiersched.sim import get_preset
+from tiersched.sim.policies import EPLB_NAMES
+
+
+def _dims():
+    return [
+        space.Dimension("ordering", "--schedule-policy", ("fcfs", "lpm", "hrrn"), "fcfs", "policy"),
+        space.Dimension("dispatch", "--load-balance-method", ("round_robin", "total_tokens"), "round_robin", "policy"),
+        space.Dimension("chunked_prefill_size", "--chunked-prefill-size", (1024, 2048, 4096, 8192), 8192),
+        space.Dimension("eplb", "--eplb-algorithm", ("none", "deepseek"), "none", "policy"),
+        space.Dimension("eplb_rebalance_steps", "--eplb-rebalance-num-iterations", (100, 1000), 1000,
+                        active=lambda c: c["eplb"] != "none"),
+    ]
+
+
+def _objective(c: dict) -> dict:
+    """A made-up landscape: ttft prefers lpm, total_tokens, chunk 2048, deepseek every 100 steps; tpot prefers the
+    smallest chunk and fcfs; eplb steps must not matter without EPLB (the search may not vary them there)."""
+    ttft = ({"fcfs": 3.0, "lpm": 1.0, "hrrn": 2.0}[c["ordering"]] + (0 if c["dispatch"] == "total_tokens" else 0.5)
+            + abs(np.log2(c["chunked_prefill_size"] / 2048)) * 0.3)
+    if c["eplb"] != "none":
+        ttft -= 0.4 if c["eplb_rebalance_steps"] == 100 else 0.1
+    tpot = c["chunked_prefill_size"] / 1000 + (0 if c["ordering"] == "fcfs" else 1.0)
+    return {"ttft_mean": ttft, "tpot_mean": tpot, "throughput": 1.0}
+
+
+def test_search_finds_each_metrics_optimum_with_fewer_runs_than_the_grid():
+    dims = _dims()
+    seen = []
+
+    def run(combos):
+        for c in combos:
+            if c["eplb"] == "none":
+                assert c["eplb_rebalance_steps"] == 1000  # inactive dimension stays at its default
+            seen.append(space.combination_key(c))
+        return [_objective(c) for c in combos]
+
+    res = space.search(dims, ["ttft_mean", "tpot_mean"], run)
+    assert len(seen) == len(set(seen))  # memoised: no combination runs twice
+    grid = [dict(zip([d.name for d in dims], v)) for v in itertools.product(*[d.values for d in dims])]
+    assert len(res.runs) < len({space.combination_key(space.normalise(c, dims)) for c in grid})
+    best_ttft = res.combos[res.winners["ttft_mean"]]
+    assert best_ttft == {"ordering": "lpm", "dispatch": "total_tokens", "chunked_prefill_size": 2048,
+                         "eplb": "deepseek", "eplb_rebalance_steps": 100}
+    assert res.combos[res.winners["tpot_mean"]]["chunked_prefill_size"] == 1024
+    assert res.combos[res.winners["tpot_mean"]]["ordering"] == "fcfs"
+    for metric in ("ttft_mean", "tpot_mean"):  # never worse than anything it ran
+        assert res.runs[res.winners[metric]][metric] == min(m[metric] for m in res.runs.values())
+    assert space.label(best_ttft, dims) == "lpm/total_tokens/deepseek chunked_prefill_size=2048 eplb_rebalance_steps=100"
+
+
+def test_usable_dimensions_leave_out_what_the_simulator_refuses_or_lacks():
+    dims = _dims() + [space.Dimension("enable_mixed_chunk", "--enable-mixed-chunk", (False, True), False),
+                      space.Dimension("no_such_field", "--no-such-flag", (0, 1), 0)]
+    kept, dropped = space.usable_dimensions(
+        dims, lambda changes: "refused" if changes.get("enable_mixed_chunk") else None)
+    assert [d.name for d in kept] == [d.name for d in _dims()]
+    assert dropped == {"--enable-mixed-chunk": "refused",
+                       "--no-such-flag": "no SchedulerSettings field for it in the simulator yet"}
+
+
+def test_upstream_space_comes_from_the_registries_and_flags_read_as_upstreams():
+    preset = get_preset("qwen3")
+    dims = space.dimensions(preset, has_priorities=False)
+    by = {d.name: d for d in dims}
+    assert "tiersched" not in by["ordering"].values and "fcfs-priority" not in by["ordering"].values
+    assert "fcfs-priority" in {d.name: d for d in space.dimensions(preset, True)}["ordering"].values
+    assert set(by["dispatch"].values) == {"round_robin", "total_requests", "total_tokens"}
+    assert set(by["eplb"].values) == set(EPLB_NAMES) - {"source_aware"} and "none" in by["eplb"].values
+    assert set(space.CHUNK_SIZES) <= set(by["chunked_prefill_size"].values)
+    assert {1000, space.TUNED_EPLB_STEPS} <= set(by["eplb_rebalance_steps"].values)
+    combo = dict(space.default_combination(dims), ordering="fcfs-priority", chunked_prefill_size=1024,
+                 eplb="deepseek")
+    text = space.flags(combo, dims, preset)
+    assert f"--chunked-prefill-size {1024 * preset.dp}" in text  # upstream divides the flag by the DP size
+    assert "--schedule-policy fcfs --enable-priority-scheduling" in text
+    assert "--enable-eplb --eplb-algorithm deepseek" in text
+
+
+def test_headroom_and_bootstrap():
+    assert compare.headroom(2.0, 1.5, 1.0) == pytest.approx(0.5)
+    assert compare.headroom(2.0, 2.5, 1.0) == pytest.approx(-0.5)
+    assert compare.headroom(1.0, 0.9, 1.0) is None  # no gap between upstream-best and the bound
+    ours, best = np.array([0.9, 1.0, 0.8, 0.95, 0.85]), np.array([1.0, 1.1, 1.0, 1.0, 0.9])
+    ci = compare.bootstrap_ci(lambda o, b: o / b, [ours, best])
+    assert ci[0] < ours.mean() / best.mean() < ci[1] and ci[1] < 1.0
+    assert ci == compare.bootstrap_ci(lambda o, b: o / b, [ours, best])  # seeded: reproducible
+    assert compare.bootstrap_ci(lambda o, b: o / b, [ours[:1], best[:1]]) is None
+
+
+def test_compare_reports_upstream_best_per_metric_bounds_headroom_and_cis():
+    report = compare.compare(Scenario(workload="synthetic:Random", rate=20.0, duration_s=3.0), workers=1, seeds=2,
+                             search_passes=2)
+    space_report = report["upstream_best_space"]
+    assert space_report["runs"] == len(space_report["results"]) >= 12
+    assert "--chunked-prefill-size" in space_report["dimensions"]
+    assert "--schedule-policy dfs-weight" in space_report["not_searched"]
+    assert report["tail_percentile"] == 95  # 60 requests per run: fewer than 1,000
+    for name, metric in (("ttft", "ttft_mean"), ("tpot", "tpot_mean"), ("p99", "ttft_p95")):
+        winner = report[f"upstream_best_{name}"]
+        assert winner["metric"] == metric and winner["flags"].startswith("--schedule-policy")
+        assert winner["search_value"] == min(r[metric] for r in space_report["results"])
+    policies = report["policies"]
+    for name in ("upstream-best", "upstream-best-tpot", "upstream-best-p99", "tiersched", "dispatch-only",
+                 "ordering-only", "expert-only", "tiersched+feedback", "vllm-dp", "tiersched@upstream-chunk",
+                 "bound:perfect-balance", "bound:idle-cluster"):
+        for key in ("ttft_mean", "ttft_p95", "tpot_mean", "throughput"):
+            assert key in policies[name], (name, key)
+    for row in ("tiersched", "dispatch-only", "ordering-only", "expert-only", "vllm-dp", "tiersched+feedback"):
+        e = policies[row]
+        assert e["seeds"] == 2
+        for m in ("ttft_mean", "tpot_mean", "ttft_p95"):
+            assert m in e["headroom_captured"] and len(e["ratio_vs_upstream_best_ci95"][m]) == 2
+        best = report["upstream_best_ttft"]["ttft_mean"]
+        bound = policies["bound:idle-cluster"]["ttft_mean"]
+        assert e["headroom_captured"]["ttft_mean"] == pytest.approx((best - e["ttft_mean"]) / (best - bound),
+                                                                    abs=1e-4)
+        assert e["ratio_vs_upstream_best"]["tpot_mean"] == pytest.approx(
+            e["tpot_mean"] / report["upstream_best_tpot"]["tpot_mean"], abs=1e-4)
+    assert policies["bound:idle-cluster"]["ttft_mean"] <= report["upstream_best_ttft"]["ttft_mean"]
