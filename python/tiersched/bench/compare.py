@@ -40,6 +40,8 @@ TAIL_MIN_SAMPLES = 1000  # P99 only where every arm has at least this many finis
 BOOTSTRAP_RESAMPLES = 4000
 BOOTSTRAP_SEED = 20260101
 WINNERS = ("ttft", "tpot", "p99")  # upstream_best_<name>
+DEFAULT_ARMS = ("dispatch-only", "ordering-only", "expert-only", "tiersched", "tiersched+feedback", "vllm-dp",
+                "tiersched@upstream-chunk")
 
 
 def add_arguments(parser) -> None:
@@ -112,7 +114,8 @@ def _log(quiet: bool, msg: str) -> None:
 
 
 def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_passes: int = 3,
-            quiet: bool = True) -> dict:
+            quiet: bool = True, arms: tuple[str, ...] = DEFAULT_ARMS) -> dict:
+    """The report described in the module docstring; `arms`: which of `_rows`' rows to run beside upstream-best."""
     start = time.perf_counter()
     seed_list = [sc.seed + i for i in range(max(1, seeds))]
     scs = [replace(sc, seed=s) for s in seed_list]
@@ -135,7 +138,7 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
 
         res = space.search(dims, list(dict.fromkeys(search_metrics.values())), run, max_passes=search_passes)
         win = {name: res.combos[res.winners[m]] for name, m in search_metrics.items()}
-        rows = _rows(win["ttft"], dims)
+        rows = {name: row for name, row in _rows(win["ttft"], dims).items() if name in arms}
         jobs, where = [], []
         distinct = list({space.combination_key(c): c for c in win.values()}.values())
         for i, s in enumerate(scs):
@@ -253,6 +256,8 @@ def _rows(best: dict, dims) -> dict:
     if "eplb_rebalance_steps" in ours:  # the expert tier alone: the winner's flags, the winner's EPLB interval
         keep_sched["eplb_rebalance_steps"] = ours["eplb_rebalance_steps"]
     return {
+        # The request and engine tiers on top of the winner's EPLB (sweep's arm without --with-eplb).
+        "ordering+dispatch": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb=e), ours_sched),
         "dispatch-only": (PolicySet(ordering=o, dispatch="tiersched", eplb=e), upstream_sched),
         "ordering-only": (PolicySet(ordering="tiersched", dispatch=d, eplb=e), ours_sched),
         "expert-only": (PolicySet(ordering=o, dispatch=d, eplb="source_aware"), tuple(keep_sched.items())),

@@ -81,13 +81,20 @@ def simulator_refuses(sc: Scenario, changes: dict) -> str | None:
     fraction of a second of arrivals is simulated: a setting the simulator does not model raises at once)."""
     from tiersched.sim import simulate
 
+    key = (repr(build_preset(sc)), tuple(sorted(changes.items())))
+    if key in _REFUSALS:
+        return _REFUSALS[key]
+    _REFUSALS[key] = None
     try:
         preset = build_preset(sc).with_scheduler(**changes)
         simulate(preset, workloads.synthetic("Random", rate=20.0, duration_s=0.2, seed=0), PolicySet(),
                  record_timeline=False)
     except (NotImplementedError, ValueError) as e:
-        return f"the simulator refuses it: {e}"
-    return None
+        _REFUSALS[key] = f"the simulator refuses it: {e}"
+    return _REFUSALS[key]
+
+
+_REFUSALS: dict = {}  # memo of simulator_refuses
 
 
 def prepare_workloads(scenarios) -> None:

@@ -1,11 +1,12 @@
-"""`python -m tiersched.bench sweep`: a grid of scenarios, resumable, with a win-share summary.
+"""`python -m tiersched.bench sweep`: a grid of scenarios, resumable, with a win-share and headroom summary.
 
 Grid: 5 length shapes x rates x seeds x presets (default 5 x 4 x 3 x 2 = 120 configurations). Rates are
-fractions of each preset's nominal capacity (capacity.nominal_capacity_req_s). In every configuration the
-upstream baselines {fcfs/round_robin, lpm/total_tokens, shortest-prefill-first/total_requests,
-hrrn/total_tokens} run and the best one (lowest mean TTFT) is compared with tiersched's ordering + dispatch
-(`--with-eplb` adds DeepSeek EPLB to the baselines and source-aware placement to tiersched; slower).
-Each configuration's result is one line of the results JSONL; a rerun skips configurations already there.
+fractions of each preset's nominal capacity (capacity.nominal_capacity_req_s). Every configuration runs `compare`
+on its own seed: upstream-best per metric (mean TTFT, mean TPOT, tail TTFT) from the search over upstream's flags
+(bench/upstream_space.py), tiersched's arm, the perfect-balance and idle-cluster bounds, and the headroom captured.
+tiersched's arm is its ordering + dispatch on top of the winner's EPLB setting; `--with-eplb` makes it all three
+tiers (source-aware placement instead). Each configuration's result is one line of the results JSONL; a rerun
+skips configurations already there (lines from before this search carry another key and are not reused).
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tiersched.sim import PolicySet, capacity, get_preset, workloads
+from tiersched.sim import capacity, get_preset, workloads
 
-BASELINES = (("fcfs", "round_robin"), ("lpm", "total_tokens"), ("shortest-prefill-first", "total_requests"),
-             ("hrrn", "total_tokens"))
-METRICS = {"ttft_mean": -1, "ttft_p99": -1, "tpot_mean": -1, "e2e_mean": -1, "throughput": 1, "goodput": 1}
+# metric -> (sign: -1 lower is better, the upstream-best run it is compared with)
+METRICS = {"ttft_mean": (-1, "upstream-best-ttft"), "ttft_tail": (-1, "upstream-best-p99"),
+           "tpot_mean": (-1, "upstream-best-tpot"), "e2e_mean": (-1, "upstream-best-ttft"),
+           "throughput": (1, "upstream-best-ttft"), "goodput": (1, "upstream-best-ttft")}
+SEARCH_VERSION = "search1"  # part of the key: rows from before the upstream-best search are not reused
 
 
 def add_arguments(parser) -> None:
@@ -34,6 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eplb-steps", type=int, default=None,
                         help="with --with-eplb: rebalance every N forward steps in every arm (upstream's "
                              "--eplb-rebalance-num-iterations; default: the preset's, upstream's 1000)")
+    parser.add_argument("--search-passes", type=int, default=2,
+                        help="coordinate-descent passes per metric in each configuration's upstream search")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--summary-only", action="store_true", help="summarise the results file, run nothing")
@@ -41,51 +46,92 @@ def add_arguments(parser) -> None:
 
 def _config_key(c: dict) -> str:
     key = f"{c['preset']}|{c['shape']}|{c['load']}|{c['seed']}|{int(c['with_eplb'])}|{c['duration_s']}"
-    return key + (f"|eplb{c['eplb_steps']}" if c.get("eplb_steps") else "")  # older files: no suffix
+    key += f"|eplb{c['eplb_steps']}" if c.get("eplb_steps") else ""
+    return key + f"|{SEARCH_VERSION}|passes{c.get('search_passes', 2)}"
+
+
+KEEP = ("ttft_mean", "ttft_p95", "ttft_p99", "tpot_mean", "tpot_p95", "tpot_p99", "e2e_mean", "throughput",
+        "goodput", "cache_hit_rate", "balancedness", "finished", "requests", "rebalances", "migrations")
 
 
 def run_config(c: dict) -> dict:
-    from tiersched.sim import simulate
+    from tiersched.bench.compare import compare
+    from tiersched.bench.runner import Scenario
 
     preset = get_preset(c["preset"])
     if c.get("eplb_steps"):
         preset = preset.with_scheduler(eplb_rebalance_steps=int(c["eplb_steps"]))
     base = workloads.synthetic(c["shape"], rate=1.0, duration_s=10.0, seed=c["seed"])
     cap = capacity.nominal_capacity_req_s(preset, float(base.input_tokens.mean()), float(base.output_tokens.mean()))
-    work = workloads.synthetic(c["shape"], rate=c["load"] * cap, duration_s=c["duration_s"], seed=c["seed"])
-    eplb = "deepseek" if c["with_eplb"] else "none"
-    runs = {}
-    for o, d in BASELINES:
-        runs[f"{o}/{d}"] = simulate(preset, work, PolicySet(ordering=o, dispatch=d, eplb=eplb), seed=c["seed"],
-                                    record_timeline=False).metrics
-    runs["tiersched"] = simulate(preset, work, PolicySet(ordering="tiersched", dispatch="tiersched",
-                                                         eplb="source_aware" if c["with_eplb"] else "none"),
-                                 seed=c["seed"], record_timeline=False).metrics
-    keep = lambda m: {k: m.get(k) for k in (*METRICS, "cache_hit_rate", "balancedness", "finished", "requests",
-                                            "rebalances", "migrations")}
-    best = min(BASELINES, key=lambda od: runs[f"{od[0]}/{od[1]}"]["ttft_mean"])
-    return {**c, "key": _config_key(c), "rate_req_s": c["load"] * cap, "upstream_best": "/".join(best),
-            "runs": {k: keep(v) for k, v in runs.items()}}
+    sc = Scenario(preset=c["preset"], workload=f"synthetic:{c['shape']}", rate=c["load"] * cap,
+                  duration_s=c["duration_s"], seed=c["seed"], eplb_rebalance_steps=c.get("eplb_steps"))
+    arm = "tiersched" if c["with_eplb"] else "ordering+dispatch"
+    rep = compare(sc, workers=1, seeds=1, search_passes=c.get("search_passes", 2), quiet=True, arms=(arm,))
+    pol = rep["policies"]
+    keep = lambda e: {k: e.get(k) for k in KEEP}
+    runs = {"upstream-best-ttft": keep(pol["upstream-best"]), "upstream-best-tpot": keep(pol["upstream-best-tpot"]),
+            "upstream-best-p99": keep(pol["upstream-best-p99"]), "tiersched": keep(pol[arm]),
+            "bound:perfect-balance": keep(pol["bound:perfect-balance"]),
+            "bound:idle-cluster": keep(pol["bound:idle-cluster"])}
+    sp = rep["upstream_best_space"]
+    return {**c, "key": _config_key(c), "rate_req_s": c["load"] * cap, "arm": pol[arm]["label"],
+            "upstream_best": "upstream-best-ttft", "tail_percentile": rep["tail_percentile"],
+            **{f"upstream_best_{n}": {k: rep[f"upstream_best_{n}"][k] for k in ("label", "flags", "metric")}
+               for n in ("ttft", "tpot", "p99")},
+            "upstream_best_space": {"runs": sp["runs"], "full_grid_size": sp["full_grid_size"],
+                                    "passes": sp["passes"], "dimensions": list(sp["dimensions"])},
+            "ratio_vs_upstream_best": pol[arm]["ratio_vs_upstream_best"],
+            "headroom_captured": pol[arm]["headroom_captured"],
+            "headroom_captured_vs_perfect_balance": pol[arm]["headroom_captured_vs_perfect_balance"],
+            "runs": runs}
+
+
+def _tail(metric: str, row: dict) -> str:
+    return f"ttft_p{row['tail_percentile']}" if metric == "ttft_tail" else metric
 
 
 def summarise(rows: list[dict]) -> dict:
-    out = {"configs": len(rows), "metrics": {}}
-    for metric, sign in METRICS.items():
-        changes = []
+    """Per metric, over configurations: how often tiersched beats that metric's upstream-best, the median and worst
+    change, and the median headroom captured (idle-cluster and perfect-balance bounds)."""
+    out = {"configs": len(rows), "metrics": {}, "tail_percentiles": {}}
+    for r in rows:
+        out["tail_percentiles"][str(r["tail_percentile"])] = out["tail_percentiles"].get(str(r["tail_percentile"]),
+                                                                                        0) + 1
+    for metric, (sign, best_run) in METRICS.items():
+        changes, heads, heads_bal = [], [], []
         for r in rows:
-            base = r["runs"][r["upstream_best"]].get(metric)
-            ours = r["runs"]["tiersched"].get(metric)
+            m = _tail(metric, r)
+            base, ours = r["runs"][best_run].get(m), r["runs"]["tiersched"].get(m)
             if base and ours is not None:
                 changes.append((ours - base) / base)
+            for src, dst in (("headroom_captured", heads), ("headroom_captured_vs_perfect_balance", heads_bal)):
+                h = r.get(src, {}).get(m)
+                if h is not None:
+                    dst.append(h)
         if not changes:
             continue
         ch = np.array(changes)
         better = ch * sign > 0  # sign -1: lower is better
         worst = ch.max() if sign < 0 else ch.min()
-        out["metrics"][metric] = {"win_share": round(float(better.mean()), 4), "median_change": round(float(np.median(ch)), 4),
-                                  "worst_change": round(float(worst), 4), "n": int(ch.size)}
-    # Did EPLB act? (rows written before these were kept have none)
-    for arm, pick in (("upstream_best", lambda r: r["runs"][r["upstream_best"]]), ("tiersched", lambda r: r["runs"]["tiersched"])):
+        entry = {"against": best_run, "win_share": round(float(better.mean()), 4),
+                 "median_change": round(float(np.median(ch)), 4), "worst_change": round(float(worst), 4),
+                 "n": int(ch.size)}
+        if heads:
+            entry["headroom_captured_median"] = round(float(np.median(heads)), 4)
+        if heads_bal:
+            entry["headroom_captured_vs_perfect_balance_median"] = round(float(np.median(heads_bal)), 4)
+        out["metrics"][metric] = entry
+    for name in ("ttft", "tpot", "p99"):
+        counts: dict[str, int] = {}
+        for r in rows:
+            label = r[f"upstream_best_{name}"]["label"]
+            counts[label] = counts.get(label, 0) + 1
+        out[f"upstream_best_{name}_winners"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    out["upstream_search_runs_median"] = float(np.median([r["upstream_best_space"]["runs"] for r in rows])) \
+        if rows else None
+    # Did EPLB act? (per arm: rebalances in each configuration's run)
+    for arm, pick in (("upstream_best", lambda r: r["runs"][r["upstream_best"]]),
+                      ("tiersched", lambda r: r["runs"]["tiersched"])):
         counts = [pick(r).get("rebalances") for r in rows if pick(r).get("rebalances") is not None]
         if counts:
             out[f"rebalances_{arm}"] = {"median": float(np.median(counts)), "min": int(min(counts)),
@@ -104,10 +150,10 @@ def main(args) -> int:
             if line.strip():
                 row = json.loads(line)
                 done[row["key"]] = row
-    if args.eplb_steps is not None and (args.eplb_steps < 1 or not args.with_eplb):
-        raise SystemExit("--eplb-steps needs --with-eplb and a positive number of forward steps.")
+    if args.eplb_steps is not None and args.eplb_steps < 1:
+        raise SystemExit("--eplb-steps needs a positive number of forward steps.")
     configs = [dict(preset=p, shape=s, load=float(l), seed=int(seed), duration_s=args.duration,
-                    with_eplb=args.with_eplb, eplb_steps=args.eplb_steps)
+                    with_eplb=args.with_eplb, eplb_steps=args.eplb_steps, search_passes=args.search_passes)
                for p in args.presets.split(",") for s in args.shapes.split(",") for l in args.load.split(",")
                for seed in args.seeds.split(",")]
     todo = [c for c in configs if _config_key(c) not in done]
@@ -128,11 +174,18 @@ def main(args) -> int:
         print(json.dumps(summary))
     else:
         ours = "ordering + dispatch + source-aware EPLB" if args.with_eplb else "ordering + dispatch"
-        print(f"{summary['configs']} configurations ({path}); tiersched ({ours}) vs the best upstream "
-              f"baseline per configuration")
-        print(f"{'metric':<12}{'win share':>11}{'median change':>15}{'worst change':>14}")
+        print(f"{summary['configs']} configurations ({path}); tiersched ({ours}) vs upstream at its best per "
+              f"configuration and metric (searched; tails: {summary['tail_percentiles']} configurations at P99/P95)")
+        print(f"{'metric':<12}{'against':>20}{'win share':>11}{'median change':>15}{'worst change':>14}"
+              f"{'headroom (median)':>19}{'vs balance':>12}")
         for k, v in summary["metrics"].items():
-            print(f"{k:<12}{v['win_share']:>11.1%}{v['median_change']:>+15.1%}{v['worst_change']:>+14.1%}")
+            h, hb = v.get("headroom_captured_median"), v.get("headroom_captured_vs_perfect_balance_median")
+            print(f"{k:<12}{v['against']:>20}{v['win_share']:>11.1%}{v['median_change']:>+15.1%}"
+                  f"{v['worst_change']:>+14.1%}{'-' if h is None else format(h, '+.2f'):>19}"
+                  f"{'-' if hb is None else format(hb, '+.2f'):>12}")
+        for name in ("ttft", "tpot", "p99"):
+            top = list(summary[f"upstream_best_{name}_winners"].items())[:3]
+            print(f"upstream best on {name}: " + ", ".join(f"{label} ({n})" for label, n in top))
         for arm in ("upstream_best", "tiersched"):
             if f"rebalances_{arm}" in summary:
                 r = summary[f"rebalances_{arm}"]

@@ -28,7 +28,7 @@ from tiersched.sim.presets import Preset
 from tiersched.sim.presets.base import SchedulerSettings
 
 CHUNK_SIZES = (1024, 2048, 4096, 8192)  # per DP rank (upstream divides --chunked-prefill-size by the DP size)
-TUNED_EPLB_STEPS = 100  # the tuned --eplb-rebalance-num-iterations tried beside upstream's default
+TUNED_EPLB_STEPS = 250  # the tuned --eplb-rebalance-num-iterations tried beside upstream's default
 OUR_ORDERINGS = ("tiersched",)
 OUR_DISPATCH = ("tiersched", "vllm-dp")  # vllm-dp: vLLM's DP balancer, a reference row, not an upstream SGLang flag
 OUR_EPLB = (CoreRebalance.name,)
@@ -217,7 +217,8 @@ def _rank(result: SearchResult, key, metric: str):
 def search(dims: list[Dimension], metrics: list[str], run: Callable[[list[dict]], list[dict]],
            max_passes: int = 3) -> SearchResult:
     """Coordinate descent per metric over `dims` (module docstring). `run(combos)` simulates each combination
-    (in parallel as it likes) and returns their metrics dicts in order; lower is better for every metric."""
+    (in parallel as it likes) and returns their metrics dicts in order; lower is better for every metric.
+    max_passes 0: only the ordering x load-balance grid at upstream's other defaults."""
     res = SearchResult(dims)
 
     def ensure(combos: list[dict]) -> list[tuple]:
@@ -241,7 +242,7 @@ def search(dims: list[Dimension], metrics: list[str], run: Callable[[list[dict]]
     state = {}
     for metric in metrics:
         best = min(grid_keys, key=lambda k: _rank(res, k, metric))
-        state[metric] = {"cur": best, "dim": 0, "pass": 0, "changed": False, "done": False}
+        state[metric] = {"cur": best, "dim": 0, "pass": 0, "changed": False, "done": max_passes < 1}
         res.paths[metric] = [label(res.combos[best], dims)]
     while not all(s["done"] for s in state.values()):
         wanted = {}
@@ -293,7 +294,9 @@ def space_report(res: SearchResult, dropped: dict, preset: Preset, metrics: dict
                    "its values with the others fixed, the best kept (ties keep the current value), passes repeated "
                    f"until one changes nothing (at most {max_passes}); a dimension that does nothing in a combination "
                    "(EPLB interval without EPLB, delayer knobs without the delayer) stays at its default. Each "
-                   "metric's winner is the best of every combination run on it."),
+                   "metric's winner is the best of every combination run on it.")
+        if max_passes > 0 else ("every ordering x every load-balance method at upstream's other defaults only "
+                                "(no coordinate descent: 0 passes); each metric's winner is the best of those"),
         "search_seeds": seeds,
         "metrics": metrics,
         "runs": len(res.runs),
