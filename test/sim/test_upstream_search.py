@@ -10,7 +10,7 @@ from tiersched.bench import compare
 from tiersched.bench import upstream_space as space
 from tiersched.bench.runner import Scenario
 from tiersched.sim import get_preset
-from tiersched.sim.policies import EPLB_NAMES
+from tiersched.sim.upstream_eplb import UPSTREAM_EPLB_NAMES
 
 
 def _dims():
@@ -77,7 +77,7 @@ def test_upstream_space_comes_from_the_registries_and_flags_read_as_upstreams():
     assert "tiersched" not in by["ordering"].values and "fcfs-priority" not in by["ordering"].values
     assert "fcfs-priority" in {d.name: d for d in space.dimensions(preset, True)}["ordering"].values
     assert set(by["dispatch"].values) == {"round_robin", "total_requests", "total_tokens"}
-    assert set(by["eplb"].values) == set(EPLB_NAMES) - {"source_aware"} and "none" in by["eplb"].values
+    assert by["eplb"].values == ("none", *UPSTREAM_EPLB_NAMES) and "deepseek_vec" in UPSTREAM_EPLB_NAMES
     assert set(space.CHUNK_SIZES) <= set(by["chunked_prefill_size"].values)
     assert {1000, space.TUNED_EPLB_STEPS} <= set(by["eplb_rebalance_steps"].values)
     combo = dict(space.default_combination(dims), ordering="fcfs-priority", chunked_prefill_size=1024,

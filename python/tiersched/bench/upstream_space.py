@@ -23,15 +23,15 @@ from typing import Any, Callable
 import numpy as np
 
 from tiersched.sim import PolicySet
-from tiersched.sim.policies import DISPATCHERS, EPLB_NAMES, ORDERINGS, CoreRebalance
+from tiersched.sim.policies import DISPATCHERS, ORDERINGS
 from tiersched.sim.presets import Preset
 from tiersched.sim.presets.base import SchedulerSettings
+from tiersched.sim.upstream_eplb import UPSTREAM_EPLB_NAMES
 
 CHUNK_SIZES = (1024, 2048, 4096, 8192)  # per DP rank (upstream divides --chunked-prefill-size by the DP size)
 TUNED_EPLB_STEPS = 250  # the tuned --eplb-rebalance-num-iterations tried beside upstream's default
 OUR_ORDERINGS = ("tiersched",)
 OUR_DISPATCH = ("tiersched", "vllm-dp")  # vllm-dp: vLLM's DP balancer, a reference row, not an upstream SGLang flag
-OUR_EPLB = (CoreRebalance.name,)
 # Upstream choices the simulator does not run, and why (reported in the output).
 NOT_MODELLED = {
     "--schedule-policy dfs-weight": "orders by subtree weights of upstream's radix tree (tree_cache.dfs_weight_order "
@@ -80,8 +80,8 @@ def upstream_dispatchers() -> tuple[str, ...]:
 
 
 def upstream_eplb() -> tuple[str, ...]:
-    """"none" and every upstream EPLB algorithm the simulator's registry exports."""
-    return tuple(n for n in EPLB_NAMES if n not in OUR_EPLB)
+    """"none" and every upstream `--eplb-algorithm` value the simulator's registry exports."""
+    return ("none", *UPSTREAM_EPLB_NAMES)
 
 
 def _ordering_flag(value: str, preset: Preset) -> str:
