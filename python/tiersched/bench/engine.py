@@ -8,6 +8,11 @@ Measured in one run, on one synthetic shared-prefix workload (no data files need
   one the simulator runs) when sglang cannot be imported,
   (wall clock per decision; `decision_p99_cpu_us_*` is the same on the thread's CPU clock, which leaves out time
   the OS gave to other processes),
+- the adapter's whole per-request path for 8k-token prompts at 32 ranks: `to_dispatch_request` (what the DP
+  controller hook runs on upstream's TokenizedGenerateReqInput: page hashing of the prompt's token ids) + pick
+  (prefix match, scores, choice, optimistic charge and index insert), against upstream's DPBudget.dispatch on
+  the same requests; the hashing part alone; and the least any hash over the prompt costs from a Python list
+  (`hash(tuple(ids))`: one C-level pass touching each token once),
 - burst balance: 1,000 requests arriving within 50 ms over 8 ranks while every snapshot read returns the
   pre-burst one (the stale-snapshot case upstream's 20 ms refresh throttle describes); work per rank = prompt
   tokens it must prefill after what its cache (ground truth: the prompts already sent there) holds.
@@ -26,6 +31,7 @@ from tiersched.core.engine import EngineTierConfig, DispatchRequest, RankLoad
 from tiersched.core.engine.upstream import RoundRobinDispatcher, TotalTokensDispatcher
 from tiersched.core.engine.score import ScoreDispatcher
 from tiersched.core.engine.prefix_index import PrefixIndex, chained_block_hashes
+from tiersched.sglang.engine.hooks import to_dispatch_request
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,97 @@ def decision_latency(num_ranks: int, index_entries: int, decisions: int, seed: i
             "upstream_real": upstream is not None}
 
 
+@dataclass
+class _TokenizedRequest:
+    """The fields of upstream's TokenizedGenerateReqInput that the adapter's to_dispatch_request reads."""
+
+    rid: str
+    input_ids: list[int]
+    priority: int | None = None
+    routing_key: str | None = None
+    session_params: object = None
+
+
+class LongPrompts:
+    """Prompts of exactly `tokens` token ids (Python ints, as upstream hands them over): one of `groups` shared
+    prefixes of tokens/8 to 3/4 tokens (1k-6k of 8k) (Zipf-like popularity) + a fresh suffix each time, so every request brings new pages."""
+
+    def __init__(self, seed: int, tokens: int = 8192, groups: int = 40) -> None:
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+        self.tokens = tokens
+        self.prefixes = [self.rng.integers(1, 150_000, size=int(self.rng.integers(tokens // 8, 3 * tokens // 4)))
+                         .tolist()
+                         for _ in range(groups)]
+        popularity = 1.0 / np.arange(1, groups + 1)
+        self.popularity = popularity / popularity.sum()
+        self.count = 0
+
+    def next(self) -> _TokenizedRequest:
+        prefix = self.prefixes[int(self.rng.choice(len(self.prefixes), p=self.popularity))]
+        suffix = self.rng.integers(1, 150_000, size=self.tokens - len(prefix)).tolist()
+        self.count += 1
+        return _TokenizedRequest(str(self.count), prefix + suffix)
+
+
+def decision_latency_with_hashing(num_ranks: int, index_entries: int, decisions: int, seed: int,
+                                  tokens: int = 8192) -> dict[str, float]:
+    """Per request, the adapter's whole path: to_dispatch_request (hashing) + ScoreDispatcher.pick, with the
+    prefix index held at ~index_entries (rank, page) entries; upstream's DPBudget.dispatch on the same requests."""
+    cfg = EngineTierConfig()
+    rng = random.Random(seed)
+    dispatcher = ScoreDispatcher(num_ranks, cfg)
+    capacity = (index_entries // num_ranks) * cfg.block_tokens
+    dispatcher.update_loads([
+        RankLoad(rank=r, kv_capacity_tokens=capacity, kv_used_tokens=rng.randint(0, capacity // 2),
+                 remaining_prefill_tokens=rng.randint(0, 8000), queue_len=rng.randint(0, 8),
+                 running_reqs=rng.randint(0, 32), running_decode_tokens=rng.randint(0, 50_000),
+                 expert_pressure=rng.uniform(0.8, 1.2), timestamp_s=1.0)
+        for r in range(num_ranks)], 1.0)
+    prompts = LongPrompts(seed, tokens)
+    while len(dispatcher.index) < index_entries - num_ranks * (tokens // cfg.block_tokens):  # fill to the bound
+        dispatcher.pick(to_dispatch_request(prompts.next(), cfg.block_tokens), 1.0)
+    upstream = _upstream_budget(num_ranks)
+    mirror = TotalTokensDispatcher(num_ranks)
+    total_ns, hash_ns, total_cpu_ns, theirs_ns, floor_ns = [], [], [], [], []
+    gc.collect()
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
+    for k in range(decisions):
+        prompt = prompts.next()
+        c0 = cpu_clock()
+        t0 = clock()
+        req = to_dispatch_request(prompt, cfg.block_tokens)
+        t1 = clock()
+        dispatcher.pick(req, 1.0)
+        t2 = clock()
+        total_cpu_ns.append(cpu_clock() - c0)
+        if upstream is not None:
+            budget, method = upstream
+            t3 = clock()
+            budget.dispatch(method, estimated_tokens=req.input_tokens)
+            t4 = clock()
+        else:
+            t3 = clock()
+            mirror.pick(req, 1.0)
+            t4 = clock()
+        t5 = clock()
+        hash(tuple(prompt.input_ids))
+        t6 = clock()
+        total_ns.append(t2 - t0)
+        hash_ns.append(t1 - t0)
+        theirs_ns.append(t4 - t3)
+        floor_ns.append(t6 - t5)
+    p50, p99 = _percentiles(total_ns)
+    h50, h99 = _percentiles(hash_ns)
+    t50, t99 = _percentiles(theirs_ns)
+    f50, f99 = _percentiles(floor_ns)
+    _, cpu99 = _percentiles(total_cpu_ns)
+    return {"p50": p50, "p99": p99, "cpu_p99": cpu99, "hash_p50": h50, "hash_p99": h99, "tt_p50": t50,
+            "tt_p99": t99, "floor_p50": f50, "floor_p99": f99, "entries": len(dispatcher.index),
+            "upstream_real": upstream is not None}
+
+
 def _burst(dispatcher, work: Workload, num_ranks: int, block_tokens: int, refresh_s: float) -> float:
     truth = PrefixIndex(num_ranks, max_blocks_per_rank=1 << 30)
     stale = [RankLoad(rank=r, kv_capacity_tokens=1_000_000, timestamp_s=0.0) for r in range(num_ranks)]
@@ -165,6 +262,24 @@ def main(args: argparse.Namespace) -> int:
         out["total_tokens_source"] = (
             "sglang DPBudget.dispatch(TOTAL_TOKENS), called in-process" if lat["upstream_real"]
             else "tiersched.core.engine.upstream.TotalTokensDispatcher (sglang not importable)")
+    ranks = 32
+    lat = decision_latency_with_hashing(ranks, args.index_entries, args.decisions, args.seed)
+    out[f"decision_p50_us_{ranks}_with_hashing"] = round(lat["p50"], 2)
+    out[f"decision_p99_us_{ranks}_with_hashing"] = round(lat["p99"], 2)
+    out[f"decision_p99_cpu_us_{ranks}_with_hashing"] = round(lat["cpu_p99"], 2)
+    out["hashing_p50_us_8k"] = round(lat["hash_p50"], 2)
+    out["hashing_p99_us_8k"] = round(lat["hash_p99"], 2)
+    out["token_pass_floor_p50_us_8k"] = round(lat["floor_p50"], 2)  # hash(tuple(ids)): no hash over 8k ids is cheaper
+    out["token_pass_floor_p99_us_8k"] = round(lat["floor_p99"], 2)
+    out[f"total_tokens_p50_us_{ranks}_8k"] = round(lat["tt_p50"], 2)
+    out[f"total_tokens_p99_us_{ranks}_8k"] = round(lat["tt_p99"], 2)
+    out[f"prefix_index_entries_{ranks}_8k"] = lat["entries"]
+    # ratios against upstream's pick, measured in the same run (upstream hashes nothing: it counts tokens)
+    out[f"decision_vs_total_tokens_p99_{ranks}"] = round(out[f"decision_p99_us_{ranks}"]
+                                                         / max(out[f"total_tokens_p99_us_{ranks}"], 1e-9), 2)
+    out[f"decision_with_hashing_vs_total_tokens_p99_{ranks}"] = round(
+        lat["p99"] / max(lat["tt_p99"], 1e-9), 2)
+    out["hashing_vs_token_pass_floor_p50_8k"] = round(lat["hash_p50"] / max(lat["floor_p50"], 1e-9), 2)
     ours, theirs = burst_ratio(args.seed)
     cfg = EngineTierConfig()
     rr = _burst(RoundRobinDispatcher(8), shared_prefix_workload(1000, args.seed, cfg.block_tokens), 8,
