@@ -165,3 +165,21 @@ def test_compare_cli_runs_a_user_trace(tmp_path):
     assert report["scenario"]["workload"] == str(path)
     assert report["policies"]["upstream-best"]["ttft_mean"] > 0
     assert report["scenario"]["requests"] == 24
+
+
+@pytest.mark.parametrize("kind", ["mooncake", "azure"])
+def test_a_shared_trace_read_as_a_user_file_equals_the_shared_loader(kind):
+    """The shared Mooncake / Azure files passed as a user's trace give the workload the shared loaders give."""
+    from tiersched import data
+    from tiersched.sim import workloads
+
+    path = data.shared_path(data.MOONCAKE_CONV if kind == "mooncake" else data.AZURE_CONV)
+    if path is None:
+        pytest.skip("no shared data folder (../shared/data or $TIERSCHED_SHARED_DATA)")
+    ours = load_trace(path, rate=5.0, duration_s=30.0)
+    shared = (workloads.mooncake if kind == "mooncake" else workloads.azure_conv)(rate=5.0, duration_s=30.0)
+    assert len(ours) == len(shared) > 20
+    np.testing.assert_allclose(ours.arrival_s, shared.arrival_s)
+    np.testing.assert_array_equal(ours.input_tokens, shared.input_tokens)
+    np.testing.assert_array_equal(ours.output_tokens, shared.output_tokens)
+    assert ours.prefix_blocks == shared.prefix_blocks and ours.block_tokens == shared.block_tokens
