@@ -5,10 +5,17 @@ Each case builds one rank's state twice from the same random draw: upstream's re
 (tiersched.sim.rank) running the copies in tiersched.core.request.upstream. Requests are made of pages of
 `block_tokens` tokens named by chained hashes (what the simulator caches); upstream sees the same pages as token ids
 (page hash h -> tokens h*bt .. h*bt+bt-1, so different pages never share a token), plus a private tail.
+
+The prefill-pass test runs upstream's own `Scheduler._get_new_batch_prefill_raw` on a stand-in scheduler holding
+the attributes it reads, with a real CPU `TokenToKVPoolAllocator` and RadixCache; stubbed are only what needs GPU
+tables or a model: the running batch's release_req / filter_batch (`_RunningBatch`), the request-row budget, and
+`ScheduleBatch.init_new`, patched to hand back the chosen requests. Queues come from seeds (numpy), 1,000 seeds per
+test, derandomized: a failure names its seed.
 """
 from __future__ import annotations
 
 from array import array
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -231,3 +238,253 @@ def test_hrrn_snapshot_at_queue_entry_not_first_ordering():
     h.observe_enqueue("a", 2.0)  # a re-queued (preempted): its wait starts over
     h.observe_prefill_tokens(50)
     assert h.order([w("a", 900), w("b", 100)], 2.0) == [1, 0]  # b: 50/100 > a: 50/900
+
+
+# ---- one prefill pass: Scheduler._get_new_batch_prefill_raw + PrefillAdder vs RankState.schedule_prefill ---------
+
+class _Captured(Exception):
+    """Raised by the patched ScheduleBatch.init_new: the pass chose its batch (building it needs GPU pools)."""
+
+
+class _RunningBatch:
+    """Stand-in for the running ScheduleBatch: the list of requests and what preemption calls on it. release_req
+    does what upstream's release_req does to the pools for a request that is not inserted into the tree: frees the
+    KV it holds outside the tree and unlocks its prefix (upstream's goes through req_to_token_pool, a GPU table)."""
+
+    def __init__(self, reqs, allocator, tree):
+        self.reqs, self.allocator, self.tree = list(reqs), allocator, tree
+        self.batch_is_full = False
+
+    def is_empty(self):
+        return not self.reqs
+
+    def batch_size(self):
+        return len(self.reqs)
+
+    def release_req(self, idx, remaining_count, offload_kv=True):
+        req = self.reqs[idx]
+        self.allocator.free(req._private_kv)
+        self.tree.dec_lock_ref(req.last_node)
+        req.reset_for_retract()
+        return True
+
+    def filter_batch(self, keep_indices=None, reqs_to_exclude=None):
+        self.reqs = [self.reqs[i] for i in keep_indices]
+
+
+def draw_pass(seed: int) -> dict:
+    """One rank at the start of a prefill pass, from a seed: KV capacity, cached page chains, running requests (each
+    pinning a cached prefix and holding private KV), maybe a chunked request, the waiting queue, the flags."""
+    rng = np.random.default_rng(seed)
+    bt = 16
+    chains = [tuple(1 + r * 16 + d for d in range(int(rng.integers(0, 5)))) for r in range(2)]
+    running, waiting = [], []
+    for i in range(int(rng.integers(0, 6))):
+        chain = chains[int(rng.integers(0, 2))]
+        pages = chain[: int(rng.integers(0, len(chain) + 1))]
+        out = int(rng.choice([8, 64, 300, 5000]))
+        running.append(dict(pages=pages, tail=int(rng.integers(1, 60)), output=out,
+                            generated=int(rng.integers(1, min(out, 400))), prio=int(rng.integers(-15, 16)),
+                            entry=float(rng.integers(0, 30))))
+    for i in range(int(rng.integers(0, 9))):
+        chain = chains[int(rng.integers(0, 2))]
+        pages = chain[: int(rng.integers(0, len(chain) + 1))] + tuple(500 + 4 * i + k for k in range(
+            int(rng.integers(0, 2))))
+        out = int(rng.choice([1, 8, 64, 300, 5000]))
+        waiting.append(dict(pages=pages, tail=int(rng.integers(1, 300)), output=out,
+                            generated=int(rng.choice([0, 0, 0, min(out - 1, int(rng.integers(1, 50)))])),
+                            prio=int(rng.integers(-15, 16)), entry=float(rng.integers(0, 30))))
+    chunked = None
+    if rng.integers(0, 3) == 0:
+        total = int(rng.integers(40, 1500))
+        chunked = dict(pages=(), tail=total, output=int(rng.choice([8, 300])), generated=0, prio=0, entry=0.0,
+                       prefilled=int(rng.integers(1, total)))
+    chunk = int(rng.choice([16, 64, 256, 1024]))
+    held = (len({h for ch in chains for h in ch}) * bt + sum(r["tail"] + r["generated"] for r in running)
+            + (chunked["prefilled"] if chunked else 0))  # KV in use: cached pages, running requests, the chunk
+    return dict(bt=bt, chains=chains, running=running, waiting=waiting, chunked=chunked,
+                capacity=held + int(rng.integers(0, 5000)), chunk=chunk,
+                max_prefill=int(rng.choice([chunk, 2 * chunk, 16384])), max_running=int(rng.integers(1, 9)),
+                ratio=float(rng.choice([0.0, 0.3, 0.7, 1.0])), threshold=int(rng.choice([0, 1, 10])),
+                low_first=bool(rng.integers(0, 2)))
+
+
+def _pass_tokens(bt, i, r):
+    return [h * bt + j for h in r["pages"] for j in range(bt)] + [TAIL_BASE + 1000 * i + j for j in range(r["tail"])]
+
+
+def _upstream_pass(p, policy_name, priority_preemption, scheduler_mod):
+    """Upstream's scheduler loop over real Reqs, PrefillAdder, RadixCache and token allocator; returns
+    (batch as (rid, extend, prefix), new chunked rid, waiting rids after the pass, preempted rids, batch_is_full)."""
+    import torch
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    bt = p["bt"]
+    alloc = TokenToKVPoolAllocator(p["capacity"], torch.int64, "cpu", None, False)
+    tree = RadixCache.create_simulated(mock_allocator=alloc)
+    pages = {h for ch in p["chains"] for h in ch}
+    for ch in p["chains"]:
+        if ch:
+            tree.insert(InsertParams(key=RadixKey(token_ids=array("q", [h * bt + j for h in ch for j in range(bt)])),
+                                     value=None))
+    assert alloc.alloc(len(pages) * bt) is not None  # the tree's pages hold KV
+    sign = -1 if p["low_first"] else 1
+    everyone = [("r", i, r) for i, r in enumerate(p["running"])] + [("w", i, r) for i, r in enumerate(p["waiting"])]
+    if p["chunked"]:
+        everyone.append(("c", 0, p["chunked"]))
+    reqs = {}
+    for kind, i, r in everyone:
+        rid = f"{kind}{i}"
+        toks = _pass_tokens(bt, i if kind != "c" else 99, r)
+        gen = r["generated"]
+        req = Req(rid, "", array("q", toks), SamplingParams(max_new_tokens=r["output"]), priority=sign * r["prio"])
+        req.output_ids = array("q", [7] * gen)
+        req.full_untruncated_fill_ids = array("q", toks + [7] * gen)  # refresh_fill_ids' result
+        req.time_stats.wait_queue_entry_time = r["entry"]
+        reqs[rid] = req
+    running = [reqs[f"r{i}"] for i in range(len(p["running"]))]
+    for i, req in enumerate(running):  # pin the cached prefix, hold the rest privately
+        r = p["running"][i]
+        toks = _pass_tokens(bt, i, r)
+        prefix = array("q", toks[: len(r["pages"]) * bt])
+        match = tree.match_prefix(sp_mod.MatchPrefixParams(key=RadixKey(token_ids=prefix)))
+        req.last_node = match.last_device_node
+        tree.inc_lock_ref(req.last_node)
+        req._private_kv = alloc.alloc(len(toks) + r["generated"] - len(r["pages"]) * bt)
+        assert req._private_kv is not None
+    chunked = None
+    if p["chunked"]:
+        chunked = reqs["c0"]
+        chunked.prefix_len = p["chunked"]["prefilled"]
+        assert alloc.alloc(chunked.prefix_len) is not None
+    waiting = [reqs[f"w{i}"] for i in range(len(p["waiting"]))]
+    batch = _RunningBatch(running, alloc, tree)
+    requeued = []
+
+    def add_to_queue(req, is_retracted=False):
+        requeued.append(req.rid)
+        fake.waiting_queue.append(req)
+
+    fake = SimpleNamespace(
+        grammar_manager=SimpleNamespace(has_waiting_grammars=lambda: False),
+        enable_priority_preemption=priority_preemption, is_hybrid_swa=False, waiting_queue=waiting,
+        chunked_req=chunked, min_free_slots_delayer=None,
+        # pp budget (pp size 1) = max_running_requests - running; the request-row pool is never the binding limit
+        get_num_allocatable_reqs=lambda running_bs, beam_width=None, running_batch=None, num_held_rows=0:
+            p["max_running"] - running_bs,
+        policy=sp_mod.SchedulePolicy(policy_name, tree, False, priority_preemption, p["low_first"]),
+        processed_tokens_counter=0, chunked_prefill_size=p["chunk"], dynamic_chunk_sizer=None,
+        tp_worker=SimpleNamespace(model_runner=SimpleNamespace(attn_backend=object())),
+        get_prefill_adder_class=lambda: sp_mod.PrefillAdder, page_size=1, tree_cache=tree,
+        token_to_kv_pool_allocator=alloc, new_token_ratio_tracker=SimpleNamespace(current=p["ratio"]),
+        max_prefill_tokens=p["max_prefill"], is_mixed_chunk=False,
+        priority_scheduling_preemption_threshold=p["threshold"], max_prefill_bs=0,
+        max_running_requests=p["max_running"],
+        dllm_config=None, enable_lora=False, req_to_token_pool=SimpleNamespace(), enable_hicache_storage=False,
+        enable_lmcache=False, truncation_align_size=None, _add_request_to_queue=add_to_queue, model_config=None,
+        enable_overlap=False, spec_algorithm=None,
+    )
+    try:
+        result, _ = scheduler_mod.Scheduler._get_new_batch_prefill_raw(fake, None, batch)
+        assert result is None
+        can_run = []
+    except _Captured as c:
+        can_run = c.args[0]
+    out = [(r.rid, r.extend_end - r.prefix_len, r.prefix_len) for r in can_run]
+    new_chunked = fake.chunked_req.rid if fake.chunked_req is not None else None
+    return out, new_chunked, [r.rid for r in fake.waiting_queue], set(requeued), batch.batch_is_full
+
+
+def _sim_pass(p, ordering, preemption):
+    bt = p["bt"]
+    everyone = [("r", i, r) for i, r in enumerate(p["running"])] + [("w", i, r) for i, r in enumerate(p["waiting"])]
+    if p["chunked"]:
+        everyone.append(("c", 0, p["chunked"]))
+    n = len(everyone)
+    inputs = np.array([len(r["pages"]) * bt + r["tail"] for _, _, r in everyone], dtype=np.int64)
+    w = Workload("pass", np.zeros(n), inputs,
+                 np.array([r["output"] for _, _, r in everyone], dtype=np.int64),
+                 np.array([r["prio"] for _, _, r in everyone], dtype=np.int64), np.zeros(n, dtype=np.int64),
+                 prefix_blocks=tuple(r["pages"] for _, _, r in everyone), block_tokens=bt)
+    preset = get_preset("qwen3")
+    sched = replace(preset.scheduler, kv_capacity_tokens=p["capacity"], chunked_prefill_size=p["chunk"],
+                    max_prefill_tokens=p["max_prefill"], max_running_requests=p["max_running"],
+                    new_token_ratio=p["ratio"])
+    rs = RankState(0, replace(preset, scheduler=sched), RequestTable(w), ordering, preemption)
+    t = rs.t
+    names = [f"{k}{i}" for k, i, _ in everyone]
+    for ch in p["chains"]:
+        rs.cache.lock(ch)
+        rs.cache.unlock(ch)
+    for x, (kind, i, r) in enumerate(everyone):
+        t.generated[x] = r["generated"]
+        t.fill_len[x] = t.input[x] + r["generated"]
+        t.queue_entry[x] = r["entry"]
+        if kind == "r":
+            m = len(r["pages"])
+            rs.cache.lock(r["pages"])
+            t.held_blocks[x] = m
+            t.private[x] = int(t.fill_len[x]) - m * bt
+            rs.private_kv += int(t.private[x])
+            rs.running.append(x)
+        elif kind == "w":
+            rs.waiting.append(x)
+        else:
+            t.prefilled[x] = r["prefilled"]
+            t.private[x] = r["prefilled"]
+            rs.private_kv += r["prefilled"]
+            rs.chunked = x
+    batch = rs.schedule_prefill(0.0)
+    out = [(names[x], e, pre) for x, e, pre in batch]
+    new_chunked = names[rs.chunked] if rs.chunked is not None else None
+    requeued = {names[x] for x in rs.waiting if t.preemptions[x]}
+    return out, new_chunked, [names[x] for x in rs.waiting], requeued, rs.batch_is_full
+
+
+PASS_POLICIES = [  # (upstream policy, priority scheduling + preemption, our ordering, our preemption)
+    ("fcfs", False, ours.FcfsOrdering, None), ("fcfs", True, ours.FcfsPriorityOrdering, "priority"),
+    ("lpm", False, ours.LpmOrdering, None), ("shortest-prefill-first", False, ours.ShortestPrefillFirstOrdering, None),
+]
+
+
+def test_prefill_pass_equals_upstream_scheduler_and_prefill_adder(monkeypatch):
+    """One pass on the same state: the same requests admitted with the same extend and prefix lengths (the chunk
+    and budget arithmetic), the same chunked request, the same victims preempted and queue left behind, the same
+    batch_is_full verdict."""
+    import sglang.srt.managers.scheduler as scheduler_mod
+    from sglang.srt.runtime_context import get_schedule
+
+    def init_new(can_run_list, *args, **kwargs):
+        raise _Captured(list(can_run_list))
+
+    monkeypatch.setattr(scheduler_mod.ScheduleBatch, "init_new", staticmethod(init_new))
+    seen = {name + ("+priority" if pr else ""): dict(cases=0, admitted=0, chunked=0, no_token=0, preempted=0)
+            for name, pr, _, _ in PASS_POLICIES}
+
+    @CASES
+    @given(seed=SEEDS)
+    def check(seed):
+        p = draw_pass(seed)
+        for name, priority, ordering, preemption in PASS_POLICIES:
+            pre = ours.PriorityPreemption(p["threshold"]) if preemption else None
+            with get_schedule().override(schedule_low_priority_values_first=p["low_first"]):
+                theirs = _upstream_pass(p, name, priority, scheduler_mod)
+            mine = _sim_pass(p, ordering(), pre)
+            assert mine[0] == theirs[0], ("batch", name, priority)
+            assert mine[1] == theirs[1], ("chunked", name, priority)
+            assert mine[3] == theirs[3], ("preempted", name, priority)
+            # the queue left behind: upstream re-queues one preemption's victims from a set (unordered)
+            assert [r for r in mine[2] if r not in mine[3]] == [r for r in theirs[2] if r not in theirs[3]]
+            assert set(mine[2]) == set(theirs[2])
+            assert mine[4] == theirs[4], ("batch_is_full", name, priority)
+            c = seen[name + ("+priority" if priority else "")]
+            c["cases"] += 1
+            c["admitted"] += bool(theirs[0])
+            c["chunked"] += theirs[1] is not None
+            c["no_token"] += theirs[4]
+            c["preempted"] += bool(theirs[3])
+
+    check()
+    for key, c in seen.items():
+        assert c["cases"] >= 1000 and c["admitted"] >= 100 and c["chunked"] >= 50 and c["no_token"] >= 50, (key, c)
+    assert seen["fcfs+priority"]["preempted"] >= 20, seen

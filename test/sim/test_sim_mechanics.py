@@ -107,8 +107,10 @@ def test_decode_steps_time_and_tpot():
 
 
 def test_kv_pressure_retracts_and_everything_still_finishes():
+    # ratio 0 reserves nothing for running requests: once the short request leaves (admission reopens), two more
+    # are admitted against KV the three long ones still grow into, and decode runs out of KV
     p = preset(dp=1, kv_capacity_tokens=3000, new_token_ratio=0.0)
-    w = workload([0.0] * 6, [400] * 6, [300] * 6)
+    w = workload([0.0] * 6, [400] * 6, [300, 300, 300, 10, 300, 300])
     r = run(p, w)
     assert r.metrics["retractions"] > 0
     assert r.metrics["finished"] == 6

@@ -41,6 +41,10 @@ class BlockLRUCache:
                 break
         return n
 
+    def unlocked_tokens(self, blocks: Sequence[int]) -> int:
+        """Tokens of `blocks` cached and not pinned (what pinning them takes out of the evictable pool)."""
+        return sum(1 for h in blocks if h in self._unlocked) * self.block_tokens
+
     def lock(self, blocks: Sequence[int]) -> None:
         """Pin blocks (present or new) while a request uses them; new blocks are inserted."""
         for h in blocks:

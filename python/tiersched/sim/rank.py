@@ -1,23 +1,94 @@
 """One DP rank's SGLang-like scheduler: waiting queue, chunked prefill, running decodes, KV pool, prefix cache.
 
 Mirrors upstream `Scheduler.get_next_batch_to_run` without mixed chunking: each step a rank either runs a
-prefill (extend) batch built by `PrefillAdder` (chunked_prefill_size and max_prefill_tokens budgets, at most one
-chunked request, KV budget = free + evictable - reserved future decode tokens of running requests x
-new_token_ratio, max_running_requests) or decodes every running request one token. When the KV pool cannot
-hold one more token per running request, `retract_decode` sends requests back to the queue, fewest generated
-tokens first (longest input among equals); their computed prefix stays in the cache.
+prefill (extend) batch built as `Scheduler._get_new_batch_prefill_raw` and `PrefillAdder` build it (page size 1;
+`PrefillPassBudget` is the adder's token arithmetic: chunked_prefill_size and max_prefill_tokens budgets, at most
+one chunked request, KV budget = free + evictable - reserved future decode of running requests x new_token_ratio
+- this pass's admissions; max_running_requests; the `batch_is_full` flag that stops admission until a request
+leaves) or decodes every running request one token. When the KV pool cannot hold one more token per running
+request, `retract_decode` sends requests back to the queue, fewest generated tokens first (longest input among
+equals); their computed prefix stays in the cache. test/core/test_request_upstream_diff.py runs one pass of this
+against upstream's own scheduler loop and PrefillAdder.
 Requests live in the shared columnar `RequestTable` (index = request id).
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from tiersched.core.request import OrderingPolicy, PreemptionPolicy, RunningRequest, WaitingRequest
-from tiersched.core.request.upstream import (IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD,
+from tiersched.core.request.upstream import (CLIP_MAX_NEW_TOKENS, IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD,
                                              IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD)
 from tiersched.sim.prefix_cache import BlockLRUCache
+
+
+# PrefillAdder's AddReqResult
+CONTINUE, NO_TOKEN, OTHER = "continue", "no_token", "other"
+
+
+@dataclass
+class PrefillPassBudget:
+    """PrefillAdder's token budgets for one prefill pass, at page size 1 with one token pool (no SWA, Mamba or
+    HiCache pools). Compute budgets: rem_input (max_prefill_tokens) and rem_chunk (chunked_prefill_size). KV:
+    offsets against `free` = allocator available + evictable cache, which the caller reads live (a pinned prefix or
+    a preempted request changes it): total_offset holds the running requests' reserved future decode
+    (`reserved_output`) and every admission's extend + one page + reserved output, current_offset the admissions'
+    extend + one page (upstream allocates them only when the batch is built)."""
+
+    rem_input: float
+    rem_chunk: float
+    total_offset: float = 0.0
+    current_offset: float = 0.0
+
+    @staticmethod
+    def reserved_output(remaining_output: int, new_token_ratio: float) -> float:
+        """_get_running_request_total_token_offset: a running request's reserved future decode."""
+        return min(remaining_output, CLIP_MAX_NEW_TOKENS) * new_token_ratio
+
+    def state(self, free: float) -> str:
+        """budget_state: NO_TOKEN before OTHER (input or chunk budget spent)."""
+        if free - self.total_offset <= 0 or free - self.current_offset <= 0:
+            return NO_TOKEN
+        if self.rem_input <= 0 or self.rem_chunk <= 0:
+            return OTHER
+        return CONTINUE
+
+    def charge(self, extend: int, reserved_output: int) -> None:
+        """_update_prefill_budget -> PrefillBudget.reserve."""
+        self.total_offset += extend + 1 + reserved_output
+        self.current_offset += extend + 1
+        self.rem_input -= extend
+        self.rem_chunk -= extend
+
+    def chunk_continuation(self, free: float, remaining: int, max_new_tokens: int, limit: int | None) -> int:
+        """add_chunked_req: the running chunked request's next chunk (at most the KV left, unless none is left:
+        the chunk must progress to free its KV), capped by the ordering's `limit`; charged with its output when
+        it is the last chunk."""
+        rem = min(self.rem_chunk, int(free - self.total_offset))
+        if rem <= 0:
+            rem = self.rem_chunk
+        if limit is not None:
+            rem = min(rem, limit)
+        extend = int(min(remaining, rem))
+        self.charge(extend, min(max_new_tokens, CLIP_MAX_NEW_TOKENS) if remaining <= rem else 0)
+        return extend
+
+    def admission(self, free: float, extend_total: int, remaining_output: int) -> tuple[str, int]:
+        """add_one_req's check and chunk choice (`free` with the candidate's prefix pinned, as upstream locks it
+        while checking): (NO_TOKEN, 0) if extend + remaining output + a page does not fit, (OTHER, 0) if no chunk
+        budget is left, else (CONTINUE, extend), a chunk when extend < extend_total. Charge with `charge`."""
+        total = extend_total + min(max(remaining_output, 0), CLIP_MAX_NEW_TOKENS) + 1
+        if not total < free - self.total_offset:
+            return NO_TOKEN, 0
+        if extend_total > self.rem_chunk:
+            extend = int(self.rem_chunk)
+            return (OTHER, 0) if extend <= 0 else (CONTINUE, extend)
+        return CONTINUE, extend_total
+
+    def tokens_to_free(self, free: float, extend_total: int, max_new_tokens: int) -> float:
+        """preempt_to_schedule's min_tokens_to_remove (the full output, not the remainder; no pinned prefix)."""
+        return extend_total + min(max_new_tokens, CLIP_MAX_NEW_TOKENS) - (free - self.total_offset)
 
 
 class RequestTable:
@@ -42,6 +113,9 @@ class RequestTable:
         self.finish = np.full(n, np.nan)
         self.preemptions = np.zeros(n, dtype=np.int64)
         self.queue_entry = self.arrival.copy()  # when it last entered a waiting queue (upstream wait_queue_entry_time)
+        # prefix upstream's Req.prefix_len holds between passes (set when the admission loop reaches it, 0 when new
+        # or re-queued): what preempt_to_schedule reads, before the request is matched again
+        self.last_prefix = np.zeros(n, dtype=np.int64)
 
 
 class RankState:
@@ -60,6 +134,9 @@ class RankState:
         self.retractions = 0
         self.preemption_events = 0
         self.capped_chunks = 0  # steps whose chunked prefill the ordering's chunk_limit shortened
+        # running_batch.batch_is_full: set when slots or KV ran out; no admission is tried until a request leaves
+        # the running batch (reset every pass when a preemption policy runs, as with upstream's priority preemption)
+        self.batch_is_full = False
         # Lockstep LS signal: the ordering's view of the DP-attention group's LS-waiting count, set by the loop each
         # step for orderings with `lockstep_signal_lag_steps` (the request tier's DP-wide chunk cap).
         self.group_ls_waiting = 0
@@ -73,7 +150,8 @@ class RankState:
         if not self.running:
             return 0.0
         idx = np.fromiter(self.running, dtype=np.int64, count=len(self.running))
-        return float((self.t.output[idx] - self.t.generated[idx]).sum()) * self.s.new_token_ratio
+        remaining = np.minimum(self.t.output[idx] - self.t.generated[idx], CLIP_MAX_NEW_TOKENS)
+        return float(remaining.sum()) * self.s.new_token_ratio
 
     def _allocate(self, tokens: int) -> None:
         free = self.s.kv_capacity_tokens - self.private_kv - self.cache.total_tokens
@@ -112,6 +190,7 @@ class RankState:
         self.release(rid)
         t.fill_len[rid] = t.input[rid] + t.generated[rid]
         t.prefilled[rid] = 0
+        t.last_prefix[rid] = 0  # Req.reset_for_retract
         t.preemptions[rid] += 1
         self.enqueue(rid, now_s)
 
@@ -125,6 +204,7 @@ class RankState:
             self.running.remove(victim)
             self.requeue(victim, now_s)
             self.retractions += 1
+            self.batch_is_full = False
 
     # ---- prefill admission (PrefillAdder) -------------------------------------------------------------------
     def _waiting_snapshots(self, now_s: float) -> tuple[list[WaitingRequest], list[int]]:
@@ -163,7 +243,7 @@ class RankState:
         t, bt, ratio = self.t, self.cache.block_tokens, self.s.new_token_ratio
         out = []
         for r in self.running:
-            reserved = float(t.output[r] - t.generated[r]) * ratio
+            reserved = PrefillPassBudget.reserved_output(int(t.output[r] - t.generated[r]), ratio)
             held = int(t.private[r]) + int(t.held_blocks[r]) * bt
             out.append(RunningRequest(t.rid[r], int(t.priority[r]), float(t.arrival[r]), int(held + reserved),
                                       int(t.input[r] + t.generated[r]), reserved, float(t.queue_entry[r])))
@@ -176,69 +256,70 @@ class RankState:
         self.waiting = [self.waiting[i] for i in order]
         return [snaps[i] for i in order], [matched[i] for i in order]
 
-    def _preempt_for(self, snap: WaitingRequest, rid: int, slots: int, rem_total: float, now_s: float) -> int:
-        """Ask the preemption policy to make room for `snap`; returns the slots freed (0: nobody preempted).
-        Upstream only asks when slots are full; a policy with `preempts_on_kv_shortage = False` is not asked
-        on a KV-only shortage. The KV shortfall is upstream's min_tokens_to_remove (extend + remaining output)."""
-        t = self.t
-        kv_short = int(math.ceil(max(0.0, snap.input_tokens - snap.cached_tokens
-                                     + float(t.output[rid] - t.generated[rid]) - rem_total)))
-        if slots > 0 and not self.preemption.preempts_on_kv_shortage:
-            return 0
-        victims = self.preemption.choose_victims(snap, self._running_snapshots(), max(0, 1 - slots), kv_short, now_s)
+    def _preempt_for(self, snap: WaitingRequest, slots_short: int, kv_short: float, budget: PrefillPassBudget,
+                     now_s: float) -> bool:
+        """Ask the preemption policy to make room for `snap` (upstream: preempt_to_schedule, asked when the batch
+        is full; a policy with `preempts_on_kv_shortage` is also asked on a KV shortage). Victims go back to the
+        queue and their reserved decode leaves the pass's budget. True when somebody was preempted."""
+        running = self._running_snapshots()
+        victims = self.preemption.choose_victims(snap, running, slots_short, kv_short, now_s)
         if not victims:
-            return 0
+            return False
+        reserved = {r.rid: r.reserved_tokens for r in running}
         for v in victims:
             vid = int(v)
             self.running.remove(vid)
             self.requeue(vid, now_s)
+            budget.total_offset -= reserved[v]
         self.preemption_events += 1
-        return len(victims)
+        return True
 
     def schedule_prefill(self, now_s: float) -> list[tuple[int, int, int]]:
         """Build this step's prefill batch: [(rid, extend_tokens, prefix_tokens_before)] (empty: decode).
 
-        Order as upstream's _get_new_batch_prefill_raw: calc_priority sorts the queue, then the running chunked
-        request gets its next chunk (capped by the ordering's `chunk_limit` when it `limits_chunks`, as upstream's
-        shortest_prefill_chunk_limit seam), then waiting requests fill the remaining budgets; while a chunked
-        request is unfinished only whole requests join (upstream tracks one chunked request)."""
+        As upstream's _get_new_batch_prefill_raw: nothing while the batch is full (unless a chunk runs);
+        calc_priority sorts the queue; the running chunked request gets its next chunk (capped by the ordering's
+        `chunk_limit` when it `limits_chunks`, upstream's shortest_prefill_chunk_limit seam); then waiting requests
+        in order until a budget is spent: when the slots are full the preemption policy must make room for each
+        further one; a request that does not fit (NO_TOKEN) ends the pass and marks the batch full. Only one
+        chunked request at a time."""
         t, s = self.t, self.s
         batch: list[tuple[int, int, int]] = []
-        budget_chunk, budget_input = s.chunked_prefill_size, s.max_prefill_tokens
-        rem_total = self.free_for_alloc() - self._reserved_decode()
+        if self.preemption is not None or not self.running:
+            self.batch_is_full = False
+        if (self.batch_is_full or not self.waiting) and self.chunked is None:
+            return batch
+        if s.max_running_requests - len(self.running) <= 0 and self.chunked is None and self.preemption is None:
+            self.batch_is_full = True
+            return batch
         ordering = self.ordering
-        snaps: list[WaitingRequest] = []
-        matched: list[int] = []
-        if self.waiting and (self.chunked is None or ordering.limits_chunks):
-            snaps, matched = self._ordered_waiting(now_s)
+        snaps, matched = self._ordered_waiting(now_s) if self.waiting else ([], [])
+        budget = PrefillPassBudget(s.max_prefill_tokens, s.chunked_prefill_size, self._reserved_decode())
+        allocated = 0  # tokens this pass allocated already (upstream allocates when the batch is built)
+
+        def free() -> int:
+            return self.free_for_alloc() + allocated
+
         chunk_unfinished = False
         if self.chunked is not None:
             rid = self.chunked
             remaining = int(t.fill_len[rid] - t.prefilled[rid])
-            cap = budget_chunk
+            limit = None
             if ordering.limits_chunks and (snaps or self.group_ls_waiting):
                 waiting_uncached = [(w.priority, max(1, w.input_tokens - w.cached_tokens)) for w in snaps]
-                limit = ordering.chunk_limit(int(t.priority[rid]), remaining, waiting_uncached, budget_chunk, 1,
-                                             group_ls_waiting=self.group_ls_waiting)
-                if limit is not None and limit < min(remaining, cap):
-                    cap = limit
+                limit = ordering.chunk_limit(int(t.priority[rid]), remaining, waiting_uncached, int(budget.rem_chunk),
+                                             1, group_ls_waiting=self.group_ls_waiting)
+                if limit is not None and limit < min(remaining, budget.rem_chunk):
                     self.capped_chunks += 1
-            extend = int(min(remaining, cap))
+            extend = budget.chunk_continuation(free(), remaining, int(t.output[rid]), limit)
             batch.append((rid, extend, int(t.prefilled[rid])))
             self._allocate(extend)
+            allocated += extend
             t.private[rid] += extend
-            budget_chunk -= extend
-            budget_input -= extend
-            rem_total -= extend
             if t.prefilled[rid] + extend < t.fill_len[rid]:
                 chunk_unfinished = True
             else:
                 self.chunked = None
-        if budget_chunk <= 0 or budget_input <= 0 or not self.waiting:
-            return batch
-        if not snaps:  # the chunk finished this step and the ordering was not needed to size it
-            snaps, matched = self._ordered_waiting(now_s)
-        slots = s.max_running_requests - len(self.running) - len(batch)
         admitted: list[int] = []
         # LS protection also bounds NEW best-effort admissions this step (request tier: be_admission_budget).
         tells_ls = ordering.ls_priority is not None
@@ -246,24 +327,32 @@ class RankState:
         local_ls = sum(1 for w in snaps if is_ls(w.priority)) if tells_ls else 0
         be_tokens = sum(e for r, e, _ in batch if not is_ls(int(t.priority[r]))) if tells_ls else 0
         for pos, rid in enumerate(list(self.waiting)):  # preemption appends victims to self.waiting
-            if pos >= len(snaps):
+            if pos >= len(snaps) or budget.state(free()) == OTHER:
                 break
             snap = snaps[pos]
+            if len(batch) >= s.max_running_requests - len(self.running):
+                self.batch_is_full = True
+            if self.batch_is_full:
+                extend_now = int(t.fill_len[rid]) - int(t.last_prefix[rid])
+                if self.preemption is None or not self._preempt_for(
+                        snap, 1, budget.tokens_to_free(free(), extend_now, int(t.output[rid])), budget, now_s):
+                    break
+            t.last_prefix[rid] = snap.cached_tokens  # init_next_round_input matches it again
+            m = matched[pos]
             extend_total = int(t.fill_len[rid]) - snap.cached_tokens
-            need = extend_total + (t.output[rid] - t.generated[rid]) * s.new_token_ratio
-            if slots <= 0 or need > rem_total:
-                if self.preemption is None:
-                    break
-                freed = self._preempt_for(snap, rid, slots, rem_total, now_s)
-                if not freed:
-                    break
-                slots += freed
-                rem_total = self.free_for_alloc() - self._reserved_decode() - sum(e for _, e, _ in batch)
-                if slots <= 0 or need > rem_total:
-                    break
-            if budget_chunk <= 0 or budget_input <= 0:
+            remaining_output = int(t.output[rid] - t.generated[rid])
+            verdict, extend = budget.admission(free() - self.cache.unlocked_tokens(t.blocks[rid][:m]), extend_total,
+                                               remaining_output)
+            if verdict == NO_TOKEN and self.preemption is not None and self.preemption.preempts_on_kv_shortage:
+                short = (extend_total + min(remaining_output, CLIP_MAX_NEW_TOKENS) + 1
+                         - (free() - self.cache.unlocked_tokens(t.blocks[rid][:m]) - budget.total_offset) + 1)
+                if self._preempt_for(snap, 0, short, budget, now_s):
+                    verdict, extend = budget.admission(free() - self.cache.unlocked_tokens(t.blocks[rid][:m]),
+                                                       extend_total, remaining_output)
+            if verdict != CONTINUE:
+                if verdict == NO_TOKEN:
+                    self.batch_is_full = bool(batch) or bool(self.running)
                 break
-            extend = min(extend_total, budget_chunk)
             if tells_ls and not is_ls(int(t.priority[rid])):
                 be_left = ordering.be_admission_tokens(local_ls, self.group_ls_waiting, be_tokens)
                 if be_left is not None:
@@ -273,22 +362,24 @@ class RankState:
                     be_tokens += extend
             if extend < extend_total and chunk_unfinished:
                 break  # one chunked request at a time
-            m = matched[pos]
             self.cache.lock(t.blocks[rid][:m])
             t.held_blocks[rid] = m
             t.prefilled[rid] = snap.cached_tokens
             if t.cached_at_admit[rid] < 0:
                 t.cached_at_admit[rid] = snap.cached_tokens
             self._allocate(extend)
+            allocated += extend
             t.private[rid] += extend
             batch.append((rid, extend, snap.cached_tokens))
             admitted.append(rid)
-            budget_chunk -= extend
-            budget_input -= extend
-            rem_total -= need
-            slots -= 1
+            budget.charge(extend, min(int(t.output[rid]), CLIP_MAX_NEW_TOKENS) if extend == extend_total else 0)
             if extend < extend_total:
                 self.chunked = rid
+                break
+            verdict = budget.state(free())
+            if verdict != CONTINUE:
+                if verdict == NO_TOKEN:
+                    self.batch_is_full = True
                 break
         if admitted:
             gone = set(admitted)
@@ -303,6 +394,7 @@ class RankState:
             t.prefilled[rid] += extend
             processed += extend
             if t.prefilled[rid] < t.fill_len[rid]:
+                self.batch_is_full = False  # the chunked request leaves the finished batch before it merges
                 continue
             blocks = t.blocks[rid]
             full = min(len(blocks), int(t.prefilled[rid]) // bt)
@@ -320,6 +412,7 @@ class RankState:
                 t.finish[rid] = now_s
                 self.release(rid)
                 done.append(rid)
+                self.batch_is_full = False
             else:
                 self.running.append(rid)
         self.ordering.observe_prefill_tokens(processed)
@@ -336,6 +429,7 @@ class RankState:
         t.generated[idx] += steps
         finished = idx[t.generated[idx] >= t.output[idx]]
         if finished.size:
+            self.batch_is_full = False
             gone = set(finished.tolist())
             self.running = [r for r in self.running if r not in gone]
             for rid in gone:

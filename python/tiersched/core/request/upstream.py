@@ -23,6 +23,9 @@ WAITING_QUEUE_PREFIX_MATCH_MAX = 128
 # ahead of it in the queue (SchedulePolicy._compute_prefix_matches).
 IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD = 32
 IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD = 32
+# schedule_policy.CLIP_MAX_NEW_TOKENS (SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION): admission budgets count at most this
+# many future output tokens per request.
+CLIP_MAX_NEW_TOKENS = 4096
 
 
 class FcfsOrdering(OrderingPolicy):
