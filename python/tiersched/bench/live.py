@@ -1,53 +1,67 @@
 """`python -m tiersched.bench live [--quick] [--json]`: A/B of upstream's best flags vs tiersched on real servers.
 
 For each deployment (dp2, dpattn, ep2; `--quick`: dp2 only) one server per arm is started (tiny MoE on this CPU,
-flags from tiersched.live.arms), the server's sustainable rate is measured with a burst, and the
-shared-prefix request set (Mooncake-derived, LS/BE mix; synthetic without ../shared) is replayed at
-`--load × capacity` on every arm, alternating runs. The JSON has the headline ratios (> 1 = tiersched better):
-`cached_tokens_ratio` = ours ÷ upstream cached tokens, `ls_ttft_ratio` = upstream ÷ ours LS-class mean TTFT,
-both against the upstream arm that is best on that metric, plus per-arm ratios with min/max over repeats,
-`errors` and `lost` summed over every run. `--record DIR` writes each run as a replay record; `--replay`
-simulates the recorded tiersched run (tiersched.live.replay).
+flags from tiersched.live.arms), the upstream-lpm server's capacity is measured (median of `--capacity-bursts`
+bursts of 20 requests sent at once: completions per second), and the shared-prefix request set (Mooncake-derived,
+LS/BE mix; synthetic without ../shared) is replayed at each of `--loads` × capacity on every arm, alternating runs
+(A B C, C B A, ...). Headline JSON fields, all against the upstream arm best on that metric, > 1 = tiersched better:
+`ttft_ratio` (mean TTFT over all requests, upstream ÷ ours) and `ls_ttft_ratio` (LS-class TTFT at `ls_ttft_stat`:
+P95 from 200 LS samples per arm, P99 from 1,000, fewer samples a lower quantile, tiersched.live.stats), each with
+`*_ci95` (95% bootstrap interval, requests resampled within each repeat) and `*_p_value` (one-sided bootstrap)
+plus `*_mannwhitney_p` (one-sided Mann-Whitney U over the pooled per-request TTFTs); `cached_tokens_ratio` (ours ÷
+upstream cached tokens, geometric mean of paired repeats); `repeats`, `load` (multiple of the measured capacity)
+and `errors`, `lost` summed over every run. The headline is the first deployment at the first load; every
+(deployment, load, set) has its table under `deployments`. `--record DIR` writes each run as a replay record;
+`--replay` simulates the recorded tiersched run (tiersched.live.replay).
 
-Time on the 2-core development machine: the full mode is 18 runs of 150 requests per deployment (15-30 min each)
-and about an hour in all; run it one deployment at a time (`--deployments dpattn --requests 40`: 634 s).
+Time on the 2-core development machine: `--quick` (dp2, 3 repeats of 60 requests at 1.0x) takes a few minutes;
+a full deployment at four loads with 5 repeats takes most of an hour: run one deployment at a time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import signal
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tiersched.live import ab as live_ab, arms as live_arms
-from tiersched.live.report import compare_arms, headline
+from tiersched.live.report import compare_arms, headline, request_level_ratios
 from tiersched.live.requests import lengths_set, shared_prefix_set
 
-# --quick uses the reduced A/B test's set (test/live/test_live_server.py): Mooncake blocks at 48 tokens (prompts long enough
-# that an LS request meets BE prefill steps) at 0.5x capacity; at 8 tokens per block nothing queues and LS TTFT
-# differs by noise only (docs/live-results.md). The full mode keeps the set its documented tables were run with.
-QUICK = {"deployments": ["dp2"], "repeats": 2, "requests": 30, "sets": ["shared-prefix"],
-         "block_tokens": 48, "max_input": 3072, "load": 0.5}
-FULL = {"deployments": list(live_arms.DEPLOYMENTS), "repeats": 3, "requests": 150,
-        "sets": ["shared-prefix", "lengths"], "block_tokens": 8, "max_input": 1024, "load": 1.0}
+# Both modes use the reduced A/B test's set (test/live/test_live_server.py): Mooncake blocks at 48 tokens (prompts
+# long enough that an LS request meets BE prefill steps; at 8 tokens per block nothing queues and LS TTFT differs by
+# noise only, docs/live-results.md), at loads where queues form: 1.0x the measured capacity for --quick, 0.5x to
+# 1.2x in the full mode.
+QUICK = {"deployments": ["dp2"], "repeats": 3, "requests": 60, "sets": ["shared-prefix"],
+         "block_tokens": 48, "max_input": 3072, "loads": [1.0]}
+FULL = {"deployments": list(live_arms.DEPLOYMENTS), "repeats": 5, "requests": 100, "sets": ["shared-prefix"],
+        "block_tokens": 48, "max_input": 3072, "loads": [0.5, 0.8, 1.0, 1.2]}
+CAPACITY_BURST = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="dp2 only, 2 repeats, 30 requests (< 10 min)")
+    parser.add_argument("--quick", action="store_true", help="dp2 only, 3 repeats of 60 requests at 1.0x capacity")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--deployments", default=None, help=f"comma list of {', '.join(live_arms.DEPLOYMENTS)}")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--requests", type=int, default=None, help="requests per run")
-    parser.add_argument("--load", type=float, default=None,
-                        help="arrival rate as a multiple of the measured capacity (default: 0.5 quick, 1.0 full)")
+    parser.add_argument("--load", type=float, default=None, help="one load: arrival rate as a multiple of the "
+                        "measured capacity (default: 1.0 quick; full mode: --loads)")
+    parser.add_argument("--loads", default=None,
+                        help="comma list of loads run one after another on the same servers (full default "
+                        "0.5,0.8,1.0,1.2)")
+    parser.add_argument("--sets", default=None, help="comma list of request sets: shared-prefix, lengths")
+    parser.add_argument("--capacity-bursts", type=int, default=3,
+                        help="capacity = median completions/s over this many 20-request bursts")
     parser.add_argument("--rate", type=float, default=None, help="fixed arrival rate (req/s); skips measuring")
     parser.add_argument("--block-tokens", type=int, default=None,
-                        help="tokens per Mooncake 512-token block (default: 48 quick, 8 full)")
+                        help="tokens per Mooncake 512-token block (default 48)")
     parser.add_argument("--max-input", type=int, default=None,
-                        help="leave out requests with longer scaled prompts (default: 3072 quick, 1024 full)")
+                        help="leave out requests with longer scaled prompts (default 3072)")
     parser.add_argument("--record", default=None, help="directory for per-run replay records (JSONL)")
     parser.add_argument("--replay", action="store_true", help="simulate the recorded tiersched run (needs --record)")
     parser.add_argument("--ablate", action="store_true",
@@ -65,49 +79,74 @@ def _request_sets(names, n: int, rate: float, block_tokens: int, max_input: int)
     return sets
 
 
+def measure_capacity(servers, arm_name: str, plan: dict, bursts: int) -> tuple[float, list[float]]:
+    """Median completions/s over `bursts` bursts of CAPACITY_BURST requests on `arm_name`'s server (others paused)."""
+    probe = shared_prefix_set(max(plan["requests"], CAPACITY_BURST), 1.0, plan["block_tokens"],
+                              max_input=plan["max_input"])
+    values = []
+    with live_ab.only_running(servers, arm_name) as srv:
+        for _ in range(max(1, bursts)):
+            values.append(live_ab.measure_capacity(srv.url, probe, n=CAPACITY_BURST))
+    return float(statistics.median(values)), [round(v, 3) for v in values]
+
+
 def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir: str | None) -> dict:
     from tiersched.live.replay import write_record
 
     arms = live_arms.arms_for(deployment, ablate=args.ablate)
     out: dict = {"missing_tiers": arms[-1].skipped_tiers, "tiersched_tiers": list(arms[-1].tiers),
-                 "arms": {a.name: " ".join(live_arms.server_args(deployment, a)) for a in arms}, "sets": {}}
+                 "arms": {a.name: " ".join(live_arms.server_args(deployment, a)) for a in arms}, "loads": []}
     for tier, why in arms[-1].skipped_tiers.items():
         print(f"[live] WARNING {deployment}: tier {tier!r} not in the tiersched arm: {why}", file=sys.stderr)
     with live_ab.servers_for(model_dir, deployment, arms) as servers:
-        probe = shared_prefix_set(plan["requests"], 1.0, plan["block_tokens"], max_input=plan["max_input"])
         if args.rate is None:
-            with live_ab.only_running(servers, arms[0].name) as srv:
-                capacity = live_ab.measure_capacity(srv.url, probe, n=min(20, plan["requests"]))
-            rate = max(0.2, plan["load"] * capacity)
-            out["capacity_req_s"] = round(capacity, 3)
-        else:
-            rate = args.rate
-        out["rate_req_s"] = round(rate, 3)
-        for request_set in _request_sets(plan["sets"], plan["requests"], rate, plan["block_tokens"], plan["max_input"]):
-            def record(arm, repeat, results, request_set=request_set):
-                path = live_ab.record_path(record_dir, deployment, request_set.name, arm, repeat)
-                if path is not None:
-                    write_record(path, {"deployment": deployment, "arm": arm, "repeat": repeat, "dp": 2,
-                                        "server_args": out["arms"][arm], "rate_req_s": rate}, request_set, results)
+            capacity, bursts = measure_capacity(servers, arms[0].name, plan, args.capacity_bursts)
+            out["capacity_req_s"], out["capacity_bursts_req_s"] = round(capacity, 3), bursts
+            out["capacity_arm"] = arms[0].name
+            print(f"[live] {deployment}: capacity {capacity:.3f} req/s (bursts {bursts})", file=sys.stderr)
+        for load in plan["loads"]:
+            rate = args.rate if args.rate is not None else max(0.2, load * capacity)
+            block: dict = {"load": load if args.rate is None else None, "rate_req_s": round(rate, 3), "sets": {}}
+            for request_set in _request_sets(plan["sets"], plan["requests"], rate, plan["block_tokens"],
+                                             plan["max_input"]):
+                def record(arm, repeat, results, request_set=request_set, load=load):
+                    name = request_set.name if len(plan["loads"]) == 1 else f"{request_set.name}-x{load:g}"
+                    path = live_ab.record_path(record_dir, deployment, name, arm, repeat)
+                    if path is not None:
+                        write_record(path, {"deployment": deployment, "arm": arm, "repeat": repeat, "dp": 2,
+                                            "server_args": out["arms"][arm], "rate_req_s": rate, "load": load},
+                                     request_set, results)
 
-            runs = live_ab.run_ab(servers, arms, request_set, plan["repeats"], record=record)
-            summaries = {name: r.summaries for name, r in runs.items()}
-            out["sets"][request_set.name] = {
-                "source": request_set.source, "requests": len(request_set),
-                "reusable_block_fraction": round(request_set.reusable_block_fraction(), 4),
-                "ratios": compare_arms(summaries, live_arms.TIERSCHED), "runs": summaries,
-            }
-            ablation = {name: compare_arms({k: v for k, v in summaries.items() if not k.startswith(live_arms.TIERSCHED)
-                                            or k == name}, name)
-                        for name in summaries if name.startswith(live_arms.TIERSCHED + "-")}
-            if ablation:
-                out["sets"][request_set.name]["ablation_ratios"] = ablation
+                print(f"[live] {deployment} {request_set.name} at {load:g}x = {rate:.3f} req/s", file=sys.stderr)
+                runs = live_ab.run_ab(servers, arms, request_set, plan["repeats"], record=record)
+                summaries = {name: r.summaries for name, r in runs.items()}
+                entry = {
+                    "source": request_set.source, "requests": len(request_set),
+                    "reusable_block_fraction": round(request_set.reusable_block_fraction(), 4),
+                    "ratios": compare_arms(summaries, live_arms.TIERSCHED),
+                    "request_ratios": request_level_ratios({n: r.results for n, r in runs.items()
+                                                            if not n.startswith(live_arms.TIERSCHED + "-")},
+                                                           live_arms.TIERSCHED),
+                    "runs": summaries,
+                }
+                ablation = {name: compare_arms({k: v for k, v in summaries.items()
+                                                if not k.startswith(live_arms.TIERSCHED) or k == name}, name)
+                            for name in summaries if name.startswith(live_arms.TIERSCHED + "-")}
+                if ablation:
+                    entry["ablation_ratios"] = ablation
+                block["sets"][request_set.name] = entry
+            out["loads"].append(block)
+    out["sets"] = out["loads"][0]["sets"] if out["loads"] else {}
     return out
 
 
 def _exit_on_sigterm() -> None:
     """A plain SIGTERM (e.g. `timeout`) would skip the finally blocks that stop our servers; exit cleanly instead."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def main(args) -> int:
@@ -121,9 +160,15 @@ def main(args) -> int:
             return 2
     plan["repeats"] = args.repeats or plan["repeats"]
     plan["requests"] = args.requests or plan["requests"]
-    for key in ("block_tokens", "max_input", "load"):
+    for key in ("block_tokens", "max_input"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
+    if args.loads:
+        plan["loads"] = _floats(args.loads)
+    if args.load is not None:
+        plan["loads"] = [args.load]
+    if args.sets:
+        plan["sets"] = [x.strip() for x in args.sets.split(",") if x.strip()]
     if args.replay and not args.record:
         args.record = tempfile.mkdtemp(prefix="tiersched-live-records-")
     t0 = time.monotonic()
@@ -132,7 +177,8 @@ def main(args) -> int:
         from tiersched.rig.tiny_model import make_tiny_moe
 
         model_dir = make_tiny_moe(tempfile.mkdtemp(prefix="tiersched-live-model-"))
-    report: dict = {"plan": plan, "load": plan["load"], "deployments": {}}
+    report: dict = {"plan": plan, "load": plan["loads"][0] if args.rate is None else None,
+                    "repeats": plan["repeats"], "deployments": {}}
     for deployment in plan["deployments"]:
         try:
             report["deployments"][deployment] = run_deployment(model_dir, deployment, args, plan, args.record)
@@ -154,27 +200,49 @@ def _headlines(report: dict) -> None:
     errors = lost = 0
     first = None
     for name, dep in report["deployments"].items():
-        for s in dep.get("sets", {}).values():
-            for runs in s["runs"].values():
-                errors += sum(r["errors"] for r in runs)
-                lost += sum(r["lost"] for r in runs)
-        if first is None and "shared-prefix" in dep.get("sets", {}):
-            first = (name, dep["sets"]["shared-prefix"]["ratios"])
+        for block in dep.get("loads", []):
+            for s in block["sets"].values():
+                for runs in s["runs"].values():
+                    errors += sum(r["errors"] for r in runs)
+                    lost += sum(r["lost"] for r in runs)
+            if first is None and "shared-prefix" in block["sets"]:
+                first = (name, dep, block)
     report["errors"], report["lost"] = errors, lost
-    report["cached_tokens_ratio"] = headline(first[1], "cached_tokens") if first else None
-    report["ls_ttft_ratio"] = headline(first[1], "ls_ttft_mean_s") if first else None
+    for key in ("cached_tokens_ratio", "ttft_ratio", "ttft_ratio_ci95", "ttft_p_value", "ttft_mannwhitney_p",
+                "ls_ttft_ratio", "ls_ttft_ratio_ci95", "ls_ttft_p_value", "ls_ttft_mannwhitney_p", "ls_ttft_stat"):
+        report[key] = None
     report["headline_deployment"] = first[0] if first else None
-    if first:
-        ratios = first[1]
-        report["spread"] = {k: ratios[k]["vs_best"] | {"vs": ratios[k]["best_upstream"]}
-                            for k in ("cached_tokens", "ls_ttft_mean_s", "ttft_mean_s", "tpot_mean_s",
-                                      "throughput_tok_s") if k in ratios}
+    if first is None:
+        return
+    name, dep, block = first
+    entry = block["sets"]["shared-prefix"]
+    ratios, req = entry["ratios"], entry["request_ratios"]
+    report["load"] = block["load"]
+    report["rate_req_s"] = block["rate_req_s"]
+    report["capacity_req_s"] = dep.get("capacity_req_s")
+    report["cached_tokens_ratio"] = headline(ratios, "cached_tokens")
+    for prefix, key in (("ttft", "ttft_mean"), ("ls_ttft", "ls_ttft_tail")):
+        best = req.get(key, {}).get("vs_best")
+        if best is None:
+            continue
+        report[f"{prefix}_ratio"] = best["ratio"]
+        report[f"{prefix}_ratio_ci95"] = best["ci95"]
+        report[f"{prefix}_p_value"] = best["p_value"]
+        report[f"{prefix}_mannwhitney_p"] = best["mannwhitney_p"]
+        report[f"{prefix}_vs"] = req[key]["best_upstream"]
+    if "ls_ttft_tail" in req:
+        best = req["ls_ttft_tail"]["vs_best"]
+        report["ls_ttft_stat"] = best["stat"]
+        report["ls_samples_per_arm"] = min(best["n_ours"], best["n_base"])
+    report["spread"] = {k: ratios[k]["vs_best"] | {"vs": ratios[k]["best_upstream"]}
+                        for k in ("cached_tokens", "ls_ttft_mean_s", "ttft_mean_s", "tpot_mean_s",
+                                  "throughput_tok_s") if k in ratios}
 
 
 def _replay_tiersched(record_dir: str, deployment: str) -> dict:
     from tiersched.live.replay import replay
 
-    paths = sorted(Path(record_dir).glob(f"{deployment}-shared-prefix-{live_arms.TIERSCHED}-r*.jsonl"))
+    paths = sorted(Path(record_dir).glob(f"{deployment}-shared-prefix*-{live_arms.TIERSCHED}-r*.jsonl"))
     if not paths:
         return {"status": "missing", "reason": f"no tiersched record in {record_dir}"}
     try:

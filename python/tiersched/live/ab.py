@@ -50,8 +50,10 @@ def check_tiers(server: Server, arm: live_arms.Arm) -> None:
 
 @contextlib.contextmanager
 def servers_for(model_dir: str, deployment: str, arms: Sequence[live_arms.Arm], log_dir: str | None = None,
-                env: dict | None = None, timeout_s: float = 300.0):
-    """Start one server per arm (concurrently: start-up is mostly imports and waits), yield {arm: Server}, stop all."""
+                env: dict | None = None, timeout_s: float | None = None):
+    """Start one server per arm (concurrently: start-up is mostly imports and waits), yield {arm: Server}, stop all.
+    `timeout_s` per start: None = the rig's default (TIERSCHED_SERVER_TIMEOUT_S, else 420 s); three servers
+    starting at once on a loaded 2-core machine have taken over 300 s."""
     managers = {arm.name: launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm), env=env,
                                         timeout_s=timeout_s, max_total_tokens=MAX_TOTAL_TOKENS, log_dir=log_dir)
                 for arm in arms}

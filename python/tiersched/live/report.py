@@ -50,6 +50,8 @@ def summarize(results: Sequence[RequestResult], wall_s: float | None = None) -> 
         "cached_tokens": int(sum(r.cached_tokens for r in ok)),
         "prompt_tokens": int(sum(r.prompt_len for r in ok)),
         "duration_s": span,
+        # requests in the server on average (Little's law); > 1 per rank means requests waited for each other
+        "concurrency_mean": sum(r.latency for r in ok) / span if span > 0 else None,
     }
     out["cached_fraction"] = out["cached_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
     for cls in ("ls", "be"):
@@ -104,3 +106,50 @@ def compare_arms(runs: dict[str, list[dict]], ours: str) -> dict:
 def headline(comparison: dict, metric: str) -> float | None:
     entry = comparison.get(metric)
     return None if entry is None else entry["vs_best"]["ratio"]
+
+
+def _samples(runs: Sequence[Sequence[RequestResult]], cls: str | None, field: str) -> list[list[float]]:
+    """Per repeat, one value per successful request (of class `cls`, or all): its TTFT or TPOT."""
+    out = []
+    for results in runs:
+        vals = []
+        for r in results:
+            if not r.success or (cls is not None and r.cls != cls):
+                continue
+            v = r.ttft if field == "ttft" else r.tpot
+            if v is not None:
+                vals.append(v)
+        out.append(vals)
+    return out
+
+
+def request_level_ratios(results: dict[str, Sequence[Sequence[RequestResult]]], ours: str) -> dict:
+    """Per-request A/B statistics over every repeat pooled (tiersched.live.stats.request_ratio: ratio > 1 = ours
+    better, 95% bootstrap interval resampling requests within each repeat, one-sided p-values).
+
+    Keys: `ttft_mean` (all requests), `ls_ttft_mean`, `ls_ttft_tail` (the LS class at the highest quantile the
+    sample-size rule allows for the smaller arm: P99 from 1,000 samples, P95 from 200, ...), `tpot_mean`. Each:
+    upstream arm -> ratio dict, plus `best_upstream` / `vs_best` (the upstream arm with the lowest ratio)."""
+    from tiersched.live import stats
+
+    upstream = [name for name in results if name != ours and not name.startswith(ours)]
+    specs = {"ttft_mean": (None, "ttft", False), "ls_ttft_mean": ("ls", "ttft", False),
+             "ls_ttft_tail": ("ls", "ttft", True), "tpot_mean": (None, "tpot", False)}
+    out: dict = {}
+    for key, (cls, field, tail) in specs.items():
+        mine = _samples(results[ours], cls, field)
+        per_arm = {}
+        for name in upstream:
+            theirs = _samples(results[name], cls, field)
+            q = None
+            if tail:
+                q = stats.tail_quantile(min(sum(map(len, mine)), sum(map(len, theirs))))
+                if q is None:
+                    continue
+            r = stats.request_ratio(mine, theirs, q=q)
+            if r is not None:
+                per_arm[name] = r
+        if per_arm:
+            best = min(per_arm, key=lambda k: per_arm[k]["ratio"])
+            out[key] = {**per_arm, "best_upstream": best, "vs_best": per_arm[best]}
+    return out

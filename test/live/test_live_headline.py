@@ -1,0 +1,61 @@
+"""`bench live` headline fields from per-request results (no server): ratios, intervals, the LS tail statistic."""
+import numpy as np
+import pytest
+
+from tiersched.bench import live as bench_live
+from tiersched.live.driver import RequestResult
+from tiersched.live.report import compare_arms, request_level_ratios, summarize
+
+
+def _run(rng, ls_ttft, be_ttft, n_ls, n_be):
+    out = []
+    for i, (cls, lo_hi, n) in enumerate((("ls", ls_ttft, n_ls), ("be", be_ttft, n_be))):
+        for j in range(n):
+            t = float(rng.uniform(*lo_hi))
+            out.append(RequestResult(f"{cls}{j}", cls, 10 if cls == "ls" else 0, 100, 5, sent_s=j * 0.1,
+                                     success=True, finished=True, ttft=t, latency=t + 0.4, completion_tokens=5,
+                                     cached_tokens=50))
+    return out
+
+
+def _results(rng, repeats, n_ls, n_be=30):
+    return {"upstream-lpm": [_run(rng, (0.4, 0.6), (0.35, 0.45), n_ls, n_be) for _ in range(repeats)],
+            "upstream-priority": [_run(rng, (0.3, 0.5), (0.8, 1.0), n_ls, n_be) for _ in range(repeats)],
+            "tiersched": [_run(rng, (0.1, 0.2), (0.2, 0.3), n_ls, n_be) for _ in range(repeats)]}
+
+
+@pytest.mark.parametrize("n_ls, stat", [(70, "p95"), (20, "p75"), (6, None)])
+def test_ls_tail_statistic_follows_the_sample_size(n_ls, stat):
+    req = request_level_ratios(_results(np.random.default_rng(0), 3, n_ls), "tiersched")
+    if stat is None:  # 18 LS samples per arm: no quantile is quoted
+        assert "ls_ttft_tail" not in req
+    else:
+        assert req["ls_ttft_tail"]["vs_best"]["stat"] == stat
+        assert req["ls_ttft_tail"]["best_upstream"] == "upstream-priority"  # the faster LS arm is the bar
+    assert req["ttft_mean"]["best_upstream"] == "upstream-lpm"
+
+
+def test_headline_fields_from_a_report():
+    rng = np.random.default_rng(1)
+    results = _results(rng, 3, 70)
+    summaries = {name: [summarize(r) for r in runs] for name, runs in results.items()}
+    entry = {"ratios": compare_arms(summaries, "tiersched"), "request_ratios": request_level_ratios(results, "tiersched"),
+             "runs": summaries}
+    report = {"repeats": 3, "deployments": {"dp2": {"capacity_req_s": 4.0, "loads": [
+        {"load": 1.0, "rate_req_s": 4.0, "sets": {"shared-prefix": entry}}]}}}
+    bench_live._headlines(report)
+    assert report["errors"] == 0 and report["lost"] == 0 and report["load"] == 1.0
+    assert report["cached_tokens_ratio"] == pytest.approx(1.0)
+    # tiersched's TTFTs are drawn well below both upstream arms': clearly better, tight interval
+    assert report["ttft_ratio"] > 1.3 and report["ttft_ratio_ci95"][0] > 1.2 and report["ttft_p_value"] < 0.01
+    assert report["ls_ttft_stat"] == "p95" and report["ls_ttft_ratio"] > 2 and report["ls_ttft_vs"] == "upstream-priority"
+    assert report["ls_ttft_ratio_ci95"][0] <= report["ls_ttft_ratio"] <= report["ls_ttft_ratio_ci95"][1]
+    assert report["ls_samples_per_arm"] == 210
+
+
+def test_summary_concurrency_is_littles_law():
+    rs = [RequestResult("a", "be", 0, 10, 5, sent_s=0.0, success=True, finished=True, ttft=0.5, latency=2.0,
+                        completion_tokens=5),
+          RequestResult("b", "be", 0, 10, 5, sent_s=1.0, success=True, finished=True, ttft=0.5, latency=1.0,
+                        completion_tokens=5)]
+    assert summarize(rs)["concurrency_mean"] == pytest.approx(3.0 / 2.0)
