@@ -40,6 +40,27 @@ def test_lowest_priority_then_newest_first():
     assert set(pol.choose_victims(LS, running, 3, 0, 5.0)) == {"p0-new", "p0-old", "p2-newest"}
 
 
+def test_a_request_preempted_max_times_is_no_longer_a_victim():
+    """Newest first would pick the same request every time; after the bound the next-newest one goes instead,
+    and with no other victim the LS request is not helped by preemption at all."""
+    pol = LatencySensitivePreemption(RequestTierConfig(max_preemptions_per_request=2))
+    old, new = RunningRequest("old", 0, 1.0, 100, 100), RunningRequest("new", 0, 3.0, 100, 100, preemptions=1)
+    assert pol.choose_victims(LS, [old, new], 1, 0, 5.0) == ["new"]
+    tired = RunningRequest("new", 0, 3.0, 100, 100, preemptions=2)
+    assert pol.choose_victims(LS, [old, tired], 1, 0, 5.0) == ["old"]
+    assert pol.choose_victims(LS, [tired], 1, 0, 5.0) is None
+    never = LatencySensitivePreemption(RequestTierConfig(max_preemptions_per_request=0))
+    assert never.choose_victims(LS, [old], 1, 0, 5.0) is None
+
+
+def test_max_preemptions_per_request_is_validated():
+    import pytest
+
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match="max_preemptions_per_request"):
+            RequestTierConfig(max_preemptions_per_request=bad).validate()
+
+
 def test_kv_shortage_preempts_only_as_many_as_needed():
     pol = LatencySensitivePreemption()
     running = [R("old-big", 0, 1.0, kv=900), R("new-small", 0, 3.0, kv=50)]

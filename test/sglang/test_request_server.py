@@ -134,3 +134,40 @@ def test_kv_preempted_victim_resumes_from_its_cached_prefix(server):
     new_tokens, cached = resumed[0][1], resumed[0][2]
     assert cached >= len(victim_prompt) // 2, (cached, computed)
     assert cached + new_tokens >= len(victim_prompt)
+
+
+def test_repeatedly_preempted_request_is_preempted_at_most_the_bound_and_keeps_its_age(server):
+    """LS requests arrive one after another, each while the same BE request runs alone, each short of KV only
+    because of it (as above): the BE request is preempted `max_preemptions_per_request` times (its default),
+    then no more, so the next LS request waits for it; it finishes, and its wait before its last admission is
+    within Theorem 1's bound (docs/request-tier.md) with the preemptions counted as LS overtakes."""
+    from tiersched.core.request import RequestTierConfig
+
+    cfg = RequestTierConfig()
+    bound = cfg.max_preemptions_per_request
+    start = log_len(server)
+    submitted = time.monotonic()
+    victim = Submitted(server.url, unique_prompt(300, 700, 300), 400, BE)
+    wait_for_log(server, r"Decode batch.*#running-req: 1", start)
+    ls_done, ls_service = [], []
+    for i in range(bound + 1):
+        sent = time.monotonic()
+        ls = Submitted(server.url, unique_prompt(301 + i, 300, 301 + i), 8, LS)
+        ls.wait()
+        ls_done.append(ls.done_at)
+        ls_service.append(ls.done_at - sent)
+        if i < bound:  # the victim runs again, alone, before the next LS request comes
+            wait_for_log(server, r"Decode batch.*#running-req: 1", log_len(server))
+            last_admission_by = time.monotonic()
+    victim_out = victim.wait()
+    assert victim_out["meta_info"]["completion_tokens"] == 400
+    assert victim_out["meta_info"]["num_retractions"] == bound, victim_out["meta_info"]
+    log = open(server.log_path, errors="replace").read()[start:]
+    preempted = re.findall(r"tiersched preempted 1 request\(s\) \[([^\]]+)\] for \S+ \(reason=kv", log)
+    assert len(preempted) == bound and len(set(preempted)) == 1, preempted
+    assert victim.done_at < ls_done[-1]  # the last LS request could not preempt it: it waited for it
+    assert all(d < victim.done_at for d in ls_done[:-1])
+    # Theorem 1: wait <= aging_cap_s + one step + older backlog (none) + overtakes x LS service; the LS requests
+    # that preempted it are its overtakes (their whole service counted as the step bound too).
+    waited = last_admission_by - submitted
+    assert waited <= cfg.aging_cap_s + (bound + 1) * max(ls_service), (waited, ls_service)

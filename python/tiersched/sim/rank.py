@@ -246,7 +246,8 @@ class RankState:
             reserved = PrefillPassBudget.reserved_output(int(t.output[r] - t.generated[r]), ratio)
             held = int(t.private[r]) + int(t.held_blocks[r]) * bt
             out.append(RunningRequest(t.rid[r], int(t.priority[r]), float(t.arrival[r]), int(held + reserved),
-                                      int(t.input[r] + t.generated[r]), reserved, float(t.queue_entry[r])))
+                                      int(t.input[r] + t.generated[r]), reserved, float(t.queue_entry[r]),
+                                      int(t.preemptions[r])))
         return out
 
     def _ordered_waiting(self, now_s: float) -> tuple[list[WaitingRequest], list[int]]:

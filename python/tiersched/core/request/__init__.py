@@ -30,7 +30,7 @@ from typing import ClassVar, Sequence
 class WaitingRequest:
     rid: str
     priority: int  # higher = more urgent
-    arrival_s: float
+    arrival_s: float  # first arrival: kept when the request is preempted or retracted and re-queued (it ages)
     input_tokens: int
     cached_tokens: int = 0  # prefix already in this rank's radix cache when ordering runs
     shares_inflight_prefix: bool = False  # an uncached prefix it shares is being prefilled now: defer (LPM-like)
@@ -50,13 +50,16 @@ class WaitingRequest:
 class RunningRequest:
     rid: str
     priority: int
-    arrival_s: float
+    arrival_s: float  # first arrival, as WaitingRequest.arrival_s
     kv_tokens: int  # KV slots it holds now plus its reserved future decode (freed if preempted)
     computed_tokens: int  # tokens whose KV is computed (kept in the radix cache on preemption)
     # Future decode tokens the admission budget reserves for it (upstream PrefillAdder.
     # _get_running_request_total_token_offset: remaining max_new_tokens x new_token_ratio); part of kv_tokens.
     reserved_tokens: float = 0.0
     queue_entry_s: float | None = None  # when it last entered the waiting queue (None: arrival_s)
+    # Times it was already preempted or retracted (upstream Req.retraction_count); a request that reached
+    # `max_preemptions_per_request` is no longer a victim.
+    preemptions: int = 0
 
     @property
     def entry_s(self) -> float:
@@ -153,6 +156,9 @@ class RequestTierConfig:
     ls_priority: int = 1  # priority >= this is latency-sensitive (LS); below is best-effort (BE)
     preemption_threshold: int = 0  # an LS request preempts a BE victim only if priority difference > this
     enable_preemption: bool = True
+    # A request preempted or retracted this many times is not chosen as a victim again: victims are taken newest
+    # first, so without a bound the same request could be picked every time an LS request needs room.
+    max_preemptions_per_request: int = 3
     preempt_on_kv_shortage: bool = True  # upstream preempts only when running slots are full
     be_chunk_tokens: int = 512  # while LS work waits, a BE chunked prefill advances at most this many tokens
     min_chunk_tokens: int = 64  # a chunk is never capped below this (the long prefill always progresses)
@@ -189,6 +195,9 @@ class RequestTierConfig:
             raise ValueError(f"token_credit_per_s must be a finite number >= 0, got {self.token_credit_per_s!r}.")
         if self.preemption_threshold < 0:
             raise ValueError(f"preemption_threshold must be >= 0, got {self.preemption_threshold!r}.")
+        if not (isinstance(self.max_preemptions_per_request, int) and self.max_preemptions_per_request >= 0):
+            raise ValueError("max_preemptions_per_request must be an integer >= 0 (0: never preempt), "
+                             f"got {self.max_preemptions_per_request!r}.")
         if self.min_chunk_tokens < 1:
             raise ValueError(f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens!r}.")
         if not (math.isfinite(self.ls_hold_s) and self.ls_hold_s >= 0):

@@ -15,7 +15,8 @@ class LatencySensitivePreemption(PreemptionPolicy):
 
     Rules (docs/request-tier.md):
       * only an LS candidate (priority >= ls_priority) preempts, and only BE victims whose priority is lower by
-        more than `preemption_threshold`;
+        more than `preemption_threshold`, and that were preempted (or retracted) fewer than
+        `max_preemptions_per_request` times before;
       * candidates are taken lowest priority first, newest first within a priority (least work lost), until
         both the slot and the KV shortfall are covered; then any victim whose removal still leaves both covered
         is put back (latest taken first), so the set is minimal;
@@ -50,6 +51,7 @@ class LatencySensitivePreemption(PreemptionPolicy):
             for r in running
             if not cfg.is_latency_sensitive(r.priority)
             and candidate.priority - r.priority > cfg.preemption_threshold
+            and r.preemptions < cfg.max_preemptions_per_request
         ]
         eligible.sort(key=lambda r: (r.priority, -r.arrival_s))
         chosen: list[RunningRequest] = []

@@ -17,7 +17,8 @@ from tiersched.sglang.cli_choices import add_choice
 from tiersched.sglang.request import lockstep
 from tiersched.sglang.request.ordering import order_waiting_queue
 from tiersched.sglang.request.preempt import preempt
-from tiersched.sglang.request.state import POLICY_ATTR, POLICY_NAME, STATE, PolicyState, policy_state
+from tiersched.sglang.request.state import (POLICY_ATTR, POLICY_NAME, STATE, PolicyState, policy_state,
+                                            stamp_first_arrival)
 
 logger = logging.getLogger("tiersched.request_tier")
 
@@ -31,6 +32,7 @@ HOOKS = (
     ("sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority", "AROUND", "calc_priority"),
     ("sglang.srt.managers.schedule_policy.SchedulePolicy.shortest_prefill_chunk_limit", "AROUND", "chunk_limit"),
     ("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", "AROUND", "scope_prefill_pass"),
+    ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", "AROUND", "keep_first_arrival"),
     ("sglang.srt.managers.schedule_policy.PrefillAdder.preempt_to_schedule", "AROUND", "preempt_for_slots"),
     ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", "AROUND", "preempt_for_kv"),
 )
@@ -126,6 +128,16 @@ def chunk_limit(original_fn, self, chunked_req, waiting_queue, budget, page_size
                         "source=%s, no LS waiting on this rank)", chunked_req.rid, limit, remaining, group,
                         lockstep.signal_source())
     return limit
+
+
+def keep_first_arrival(original_fn, self, req, *args, **kwargs):
+    """Every request enters a waiting queue here, and every preempted or retracted one re-enters here (upstream
+    re-stamps its queue-entry time each time); under prefix-aging it keeps the time of its first entry, which the
+    ordering and the victim choice age from."""
+    result = original_fn(self, req, *args, **kwargs)
+    if policy_state(getattr(self, "policy", None)) is not None:
+        stamp_first_arrival(req)
+    return result
 
 
 # ---- preemption ----------------------------------------------------------------------------------------------

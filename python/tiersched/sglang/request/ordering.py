@@ -13,13 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 from tiersched.core.request.ordering import order_keys
-from tiersched.sglang.request.state import PolicyState
+from tiersched.sglang.request.state import PolicyState, first_arrival
 
 
 def order_waiting_queue(policy, waiting_queue: list, state: PolicyState, now_s: float) -> None:
     """Sort `waiting_queue` (a list of upstream Req) in place, most urgent first, as the prefix-aging `policy`
     (its PolicyState `state`: config, priority direction, LS overtake budget) orders it. `now_s`:
-    time.perf_counter(), the clock of Req.time_stats.wait_queue_entry_time."""
+    time.perf_counter(), the clock of Req.time_stats.wait_queue_entry_time. Requests age from their first
+    arrival (state.first_arrival), which preemption and retraction do not reset."""
     # deferred: schedule_policy imports torch and the scheduler stack
     from sglang.srt.managers.schedule_policy import WAITING_QUEUE_PREFIX_MATCH_MAX, CacheAwarePolicy
 
@@ -31,7 +32,7 @@ def order_waiting_queue(policy, waiting_queue: list, state: PolicyState, now_s: 
     if isinstance(policy.policy, CacheAwarePolicy) and n <= WAITING_QUEUE_PREFIX_MATCH_MAX:
         deferred_rids = policy._compute_prefix_matches(waiting_queue, CacheAwarePolicy.LPM)
     priority = np.fromiter((state.priority(r) for r in waiting_queue), np.float64, n)
-    arrival = np.fromiter((r.time_stats.wait_queue_entry_time or now_s for r in waiting_queue), np.float64, n)
+    arrival = np.fromiter((first_arrival(r, now_s) for r in waiting_queue), np.float64, n)
     uncached = np.fromiter(
         (len(r.origin_input_ids) + len(r.output_ids) - r.num_matched_prefix_tokens for r in waiting_queue), np.float64, n
     )

@@ -15,7 +15,7 @@ import time
 
 from tiersched.core.request import RunningRequest, WaitingRequest
 from tiersched.core.request.preemption import LatencySensitivePreemption
-from tiersched.sglang.request.state import PolicyState
+from tiersched.sglang.request.state import PolicyState, first_arrival
 
 logger = logging.getLogger("tiersched.request_tier")
 
@@ -34,16 +34,18 @@ def _kv_shortfall(adder, req) -> int:
     return int(max(0, need - adder.rem_total_tokens))
 
 
-def snapshot_running(adder, state: PolicyState) -> list:
+def snapshot_running(adder, state: PolicyState, now_s: float) -> list:
     """(RunningRequest, Req) for running requests that may be preempted now (upstream skips finished and
-    already-preempted ones: their KV may already be freed)."""
+    already-preempted ones: their KV may already be freed). `preemptions` is upstream's Req.retraction_count
+    (reset_for_retract counts our preemptions and upstream's retractions alike)."""
     out = []
     for r in adder.running_batch.reqs:
         if r in adder.preempt_list or r.finished():
             continue
         held = len(r.origin_input_ids) + len(r.output_ids)
         freed = int(held + adder._get_running_request_total_token_offset(r))
-        out.append((RunningRequest(r.rid, state.priority(r), r.time_stats.wait_queue_entry_time, freed, held), r))
+        out.append((RunningRequest(r.rid, state.priority(r), first_arrival(r, now_s), freed, held,
+                                   preemptions=r.retraction_count), r))
     return out
 
 
@@ -59,12 +61,11 @@ def preempt(adder, req, state: PolicyState, slots_short: int) -> bool:
     """Preempt for `req` as the prefix-aging policy `state` allows; True when room was made (the caller then
     admits it)."""
     kv_short = _kv_shortfall(adder, req)
-    candidate = WaitingRequest(
-        req.rid, state.priority(req), req.time_stats.wait_queue_entry_time, len(req.full_untruncated_fill_ids)
-    )
-    running = snapshot_running(adder, state)
+    now = time.perf_counter()
+    candidate = WaitingRequest(req.rid, state.priority(req), first_arrival(req, now), len(req.full_untruncated_fill_ids))
+    running = snapshot_running(adder, state, now)
     victims = LatencySensitivePreemption(state.config).choose_victims(
-        candidate, [s for s, _ in running], slots_short, kv_short, time.perf_counter()
+        candidate, [s for s, _ in running], slots_short, kv_short, now
     )
     if not victims:
         return False

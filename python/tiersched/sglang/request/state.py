@@ -8,6 +8,7 @@ feeds are module functions and batch records that carry no scheduler (PD and PP 
 """
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +19,22 @@ from tiersched.core.request.overtake import LsOvertakeBudget
 
 POLICY_NAME = "prefix-aging"
 POLICY_ATTR = "tiersched_policy"  # our attribute on upstream's SchedulePolicy
+FIRST_ARRIVAL_ATTR = "tiersched_first_arrival"  # our attribute on upstream's Req
+
+
+def stamp_first_arrival(req) -> None:
+    """Record when `req` first entered a waiting queue, once. Upstream's `Scheduler._add_request_to_queue` stamps
+    `time_stats.wait_queue_entry_time` again each time a preempted or retracted request is re-queued, so a request
+    aged from that field would start over after every preemption; this stamp is never overwritten."""
+    if getattr(req, FIRST_ARRIVAL_ATTR, None) is None:
+        setattr(req, FIRST_ARRIVAL_ATTR, req.time_stats.wait_queue_entry_time or time.perf_counter())
+
+
+def first_arrival(req, now_s: float) -> float:
+    """The time (time.perf_counter clock) `req` ages from: its first queue entry; a request that never passed
+    `_add_request_to_queue` (in-process use) falls back to its queue-entry time, else `now_s`."""
+    stamped = getattr(req, FIRST_ARRIVAL_ATTR, None)
+    return stamped if stamped is not None else (req.time_stats.wait_queue_entry_time or now_s)
 
 
 def normalised_priority(req, low_values_first: bool) -> int:
