@@ -1,15 +1,16 @@
 """Real upstream servers on this CPU with our plugin: it must be loaded in the scheduler processes (not only the
-launcher), and /generate must return tokens. Bounded: each server start is ~25-40 s here; the module's two
-servers (tp1, dp2) start at once."""
+launcher), and /generate must return tokens. Both servers come from the session's pool, shared with other modules
+(rig_servers.py): tp1 is the CPU fixes' float32 single-rank server, dp2 the fidelity check's."""
 import json
 import os
 import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_servers
+import rig_servers
 
-pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
+DEPLOYMENTS = {"tp1": rig_servers.TP1_F32_SKEWED, "dp2": rig_servers.DP2_METRICS}
+pytestmark = [pytest.mark.server, pytest.mark.timeout(420), pytest.mark.rig_servers(*DEPLOYMENTS.values())]
 
 
 def generate(url, text, max_new_tokens=8, **extra):
@@ -53,31 +54,20 @@ def idle_cpu_seconds(titles, name, seconds):
     return sum(proc.cpu_times()[:2]) - before
 
 
-DEPLOYMENTS = {"tp1": [], "dp2": ["--dp-size", "2"]}
-
-
-@pytest.fixture(scope="module")
-def servers(tiny_model_dir, tmp_path_factory):
-    """name -> (server, its plugin trace file), both started at once, stopped after the module."""
-    traces = {name: tmp_path_factory.mktemp(f"trace-{name}") / "plugin-trace.jsonl" for name in DEPLOYMENTS}
-    configs = [{"extra_args": args, "env": {"TIERSCHED_PLUGIN_TRACE": str(traces[name])}}
-               for name, args in DEPLOYMENTS.items()]
-    with launch_servers(tiny_model_dir, configs) as started:
-        yield {name: (srv, traces[name]) for name, srv in zip(DEPLOYMENTS, started)}
-
-
 @pytest.mark.parametrize("name, schedulers", [("tp1", 1), ("dp2", 2)], ids=["tp1", "dp2"])
-def test_plugin_loaded_in_schedulers_and_generate_works(servers, name, schedulers):
-    srv, trace = servers[name]
+def test_plugin_loaded_in_schedulers_and_generate_works(rig_pool, name, schedulers):
+    srv = rig_pool.get(DEPLOYMENTS[name])
+    trace = srv.trace_path  # every pooled server writes the plugin's process trace
     outputs = [generate(srv.url, f"Hello world {i}") for i in range(2 * schedulers)]
     titles = process_titles(trace)
     controller_idle_cpu_s = idle_cpu_seconds(titles, "data_parallel_controller", 2.0)
     scheduler_cores = sorted(main_thread_cores(pid) for pid, (t, _) in titles.items() if "scheduler" in t)
-    log = srv.log_tail(200)
+    with open(srv.log_path, errors="replace") as f:
+        log = f.read()  # the start-up lines: a shared server may have served other tests since
     for out in outputs:
         assert out["meta_info"]["completion_tokens"] == 8 and len(out["output_ids"]) == 8, out
     scheduler_procs = [t for t, active in titles.values() if "scheduler" in t]
-    assert len(scheduler_procs) == schedulers, f"plugin-loaded processes: {titles}\n{log}"
+    assert len(scheduler_procs) == schedulers, f"plugin-loaded processes: {titles}\n{log[-6000:]}"
     assert all("cpu-fixes" in active for _, active in titles.values())
     assert "[tiersched] active tiers:" in log
     if schedulers > 1:

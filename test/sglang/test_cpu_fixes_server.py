@@ -2,19 +2,20 @@
 attention is checked on the plain DP-attention server of test_request_dpattn_server.py (test_dp_attention_serves)."""
 import pytest
 
+import rig_servers
 from test_server_smoke import generate
-from tiersched.rig.server import launch_servers
 
-pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
+SINGLE, EXPERT_PARALLEL = rig_servers.TP1_F32_SKEWED, rig_servers.TP2_EP2_F32_SKEWED  # shared (rig_servers.py)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600), pytest.mark.rig_servers(SINGLE, EXPERT_PARALLEL)]
 
 PROMPTS = ["Hello world, this is", "The quick brown fox", "Mixture of experts models route"]
 
 
-def test_expert_parallel_matches_single_rank_in_float32(skewed_tiny_model_dir):
-    configs = [{"extra_args": ["--dtype", "float32", *args]} for args in ([], ["--tp", "2", "--ep-size", "2"])]
-    with launch_servers(skewed_tiny_model_dir, configs) as (single, expert_parallel):  # started at once
-        reference = [generate(single.url, p, max_new_tokens=12)["output_ids"] for p in PROMPTS]
-        outputs = [generate(expert_parallel.url, p, max_new_tokens=12)["output_ids"] for p in PROMPTS]
-        log = expert_parallel.log_tail(300)
-    assert outputs == reference, log
+def test_expert_parallel_matches_single_rank_in_float32(rig_pool):
+    single, expert_parallel = rig_pool.get_many([SINGLE, EXPERT_PARALLEL])
+    reference = [generate(single.url, p, max_new_tokens=12)["output_ids"] for p in PROMPTS]
+    outputs = [generate(expert_parallel.url, p, max_new_tokens=12)["output_ids"] for p in PROMPTS]
+    with open(expert_parallel.log_path, errors="replace") as f:
+        log = f.read()  # from start-up: the server is shared
+    assert outputs == reference, log[-6000:]
     assert "cpu-fixes" in log

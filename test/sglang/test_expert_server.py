@@ -1,8 +1,8 @@
 """Expert tier on a real CPU server: `--tp 2 --ep-size 2 --enable-eplb --eplb-algorithm
 source_aware` with the skewed tiny router. Rebalances run (log lines), greedy tokens equal a tp2 ep2 run without
 EPLB in float32, and bad statistics injected into some rebalances (test-only env TIERSCHED_EXPERT_INJECT_BAD_STATS,
-i-th entry -> i-th rebalance) keep the current placement while the server keeps serving. Two servers in all,
-started at once."""
+i-th entry -> i-th rebalance) keep the current placement while the server keeps serving. The reference tp2 ep2
+server is the CPU fixes' (rig_servers.py, shared through the session's pool)."""
 from __future__ import annotations
 
 import json
@@ -11,13 +11,16 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_servers
-
-pytestmark = [pytest.mark.server, pytest.mark.timeout(1100)]
+import rig_servers
+from tiersched.rig.server import spec
 
 BASE_ARGS = ["--tp", "2", "--ep-size", "2", "--dtype", "float32", "--ep-num-redundant-experts", "2"]
 EPLB_ARGS = ["--enable-eplb", "--eplb-algorithm", "source_aware", "--eplb-rebalance-num-iterations", "6"]
 FAULTS = "ok,nan,ok,negative,shape,ok,empty,ok"
+PLAIN = rig_servers.TP2_EP2_F32_SKEWED  # tp2 ep2 float32 without EPLB
+EPLB = spec("tiny-skewed", BASE_ARGS + EPLB_ARGS, env={"TIERSCHED_EXPERT_INJECT_BAD_STATS": FAULTS,
+                                                     "TIERSCHED_TIERS": "expert"}, timeout_s=480, name="ep2 eplb faults")
+pytestmark = [pytest.mark.server, pytest.mark.timeout(1100), pytest.mark.rig_servers(PLAIN, EPLB)]
 PROMPTS = ["The quick brown fox", "Hello world 1", "1 2 3 4 5 6", "zzzz yyyy xxxx", "Expert parallel load"]
 
 
@@ -29,15 +32,12 @@ def generate(url, text, max_new_tokens=8):
         return json.loads(r.read())["output_ids"]
 
 
-def test_source_aware_eplb_rebalances_keeps_tokens_and_survives_bad_statistics(skewed_tiny_model_dir):
-    env = {"TIERSCHED_EXPERT_INJECT_BAD_STATS": FAULTS, "TIERSCHED_TIERS": "expert"}
-    configs = [{"extra_args": BASE_ARGS, "timeout_s": 480},
-               {"extra_args": BASE_ARGS + EPLB_ARGS, "env": env, "timeout_s": 480}]
-    with launch_servers(skewed_tiny_model_dir, configs) as (plain, srv):
-        reference = [generate(plain.url, p) for p in PROMPTS]
-        rounds = [[generate(srv.url, p) for p in PROMPTS] for _ in range(3)]  # ~9 passes per prompt: many rebalances
-        log = open(srv.log_path).read()
-        alive = srv.alive()
+def test_source_aware_eplb_rebalances_keeps_tokens_and_survives_bad_statistics(rig_pool):
+    plain, srv = rig_pool.get_many([PLAIN, EPLB])
+    reference = [generate(plain.url, p) for p in PROMPTS]
+    rounds = [[generate(srv.url, p) for p in PROMPTS] for _ in range(3)]  # ~9 passes per prompt: many rebalances
+    log = open(srv.log_path).read()
+    alive = srv.alive()
     tail = log[-6000:]
     assert alive, tail
     for outputs in rounds:

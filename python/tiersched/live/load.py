@@ -304,18 +304,27 @@ def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: f
 EXPERT_FAULT_ENV = "TIERSCHED_EXPERT_INJECT_BAD_STATS"  # the expert tier's test-only fault switch (sglang/expert/hooks.py)
 
 
+def eplb_fault_server_args(rebalance_every: int = 16) -> list[str]:
+    """The ep2 tiersched arm's flags with EPLB rebalancing every `rebalance_every` forward passes."""
+    arm = live_arms.tiersched_arm("ep2")
+    return [*live_arms.server_args("ep2", arm), "--eplb-rebalance-num-iterations", str(rebalance_every)]
+
+
 def eplb_fault_run(model_dir: str, faults: str = "ok,nan,negative", rebalance_every: int = 16, n: int = 40,
-                   rate: float = 4.0) -> dict:
+                   rate: float = 4.0, server: Server | None = None) -> dict:
     """ep2 with EPLB (tiersched's source_aware) rebalancing every `rebalance_every` forward passes; the i-th
     rebalance gets the i-th fault of `faults` injected into its statistics. Reports what the server logged about
-    each rebalance (planned / kept the current placement) and whether any request failed or was lost."""
+    each rebalance (planned / kept the current placement) and whether any request failed or was lost. `server`:
+    an already running server with `eplb_fault_server_args(rebalance_every)` and `faults` in its environment
+    (EXPERT_FAULT_ENV) that has not rebalanced yet (left running), else a fresh one is started and stopped."""
     arm = live_arms.tiersched_arm("ep2")
     if "expert" not in arm.tiers:
         return {"status": "pending", "reason": arm.skipped_tiers.get("expert", "expert tier not in the arm")}
-    args = [*live_arms.server_args("ep2", arm), "--eplb-rebalance-num-iterations", str(rebalance_every)]
     requests = shared_prefix_set(n, rate)
-    with launch_server(model_dir, extra_args=args, env={EXPERT_FAULT_ENV: faults},
-                       max_total_tokens=live_ab.MAX_TOTAL_TOKENS) as srv:
+    with contextlib.ExitStack() as stack:
+        srv = server or stack.enter_context(launch_server(
+            model_dir, extra_args=eplb_fault_server_args(rebalance_every), env={EXPERT_FAULT_ENV: faults},
+            max_total_tokens=live_ab.MAX_TOTAL_TOKENS))
         live_ab.check_tiers(srv, arm)
         results = drive(srv.url, requests.requests, timeout_s=400)
         log = srv.log_tail(20000)

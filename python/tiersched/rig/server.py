@@ -40,6 +40,7 @@ class Server:
     log_path: str
     process: subprocess.Popen
     args: list[str] = field(default_factory=list)
+    trace_path: str = ""  # the plugin's process trace (TIERSCHED_PLUGIN_TRACE) where the caller asked for one
 
     def log_tail(self, lines: int = 60) -> str:
         try:
@@ -190,3 +191,145 @@ def launch_servers(model_path: str, configs: Sequence[Mapping]) -> Iterator[list
         if failure is not None:
             raise failure
         yield servers
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What a pooled server is: equal specs are one server. `model` is a name the pool resolves to a model folder
+    (e.g. "tiny"); `env` is a sorted tuple of pairs so that the spec is hashable (`spec()` builds it from a dict).
+    `timeout_s` and `name` (a label for logs and errors) are not part of the identity."""
+
+    model: str
+    flags: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    max_total_tokens: int = 8192
+    timeout_s: float | None = field(default=None, compare=False)
+    name: str = field(default="", compare=False)
+
+    def label(self) -> str:
+        return self.name or f"{self.model} {' '.join(self.flags)}".strip()
+
+
+def spec(model: str, flags: Sequence[str] = (), env: Mapping[str, str] | None = None, max_total_tokens: int = 8192,
+         timeout_s: float | None = None, name: str = "") -> ServerSpec:
+    return ServerSpec(model, tuple(flags), tuple(sorted((env or {}).items())), max_total_tokens, timeout_s, name)
+
+
+class ServerPool:
+    """Servers shared across tests: each spec's server starts on first `get` and runs until `release` (or `close`).
+
+    The caller says when a server is no longer needed (test/conftest.py releases a spec after the last test that
+    declared it). `plan` optionally lists the specs in the order they will first be asked for: a start then also
+    starts the next planned specs at the same time (a start is mostly one process importing at a time, so on two
+    cores two or three starts take little longer than one), as long as at most `max_alive` servers run.
+
+    Every pooled server writes the plugin's process trace (`TIERSCHED_PLUGIN_TRACE`) to `server.trace_path`. A
+    server found dead on `get` is restarted (its log says why it died); a spec whose start failed raises the same
+    error again on every later `get` rather than starting again.
+    """
+
+    def __init__(self, models: Mapping[str, str] | None = None, resolve_model=None, max_alive: int = 4,
+                 log_dir: str | None = None):
+        self._models = dict(models or {})
+        self._resolve_model = resolve_model
+        self.max_alive = max_alive
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="tiersched-pool-")
+        self._servers: dict[ServerSpec, tuple[Server, contextlib.ExitStack]] = {}
+        self._failed: dict[ServerSpec, BaseException] = {}
+        self._plan: list[ServerSpec] = []
+        self._lock = threading.RLock()
+        self.starts: list[tuple[str, float]] = []  # (label, seconds) per start, for reports
+        self.expected: set[ServerSpec] | None = None  # when set, `get` of any other spec is an error
+
+    def model_path(self, name: str) -> str:
+        if name not in self._models:
+            if self._resolve_model is None:
+                raise KeyError(f"no model named {name!r} in this pool (known: {sorted(self._models)})")
+            self._models[name] = self._resolve_model(name)
+        return self._models[name]
+
+    def set_plan(self, specs: Sequence[ServerSpec]) -> None:
+        """The specs in the order of their first use (duplicates ignored); drives the starts done ahead of need."""
+        self._plan = list(dict.fromkeys(specs))
+
+    def alive(self) -> list[ServerSpec]:
+        return list(self._servers)
+
+    def get(self, spec_: ServerSpec) -> Server:
+        return self.get_many([spec_])[0]
+
+    def get_many(self, specs: Sequence[ServerSpec]) -> list[Server]:
+        """The servers of `specs`, starting every missing one (and the next planned ones) concurrently."""
+        with self._lock:
+            undeclared = [s.label() for s in specs if self.expected is not None and s not in self.expected]
+            if undeclared:
+                raise ValueError(f"server spec(s) not declared by this test: {undeclared}; declare them (test/"
+                                 "README.md, 'Real servers') so the pool knows when they are no longer needed")
+            for s in specs:
+                if s in self._servers and not self._servers[s][0].alive():
+                    dead = self._servers.pop(s)
+                    print(f"[rig pool] {s.label()}: server died (exit {dead[0].process.returncode}), restarting; "
+                          f"its log: {dead[0].log_path}", file=sys.stderr)
+                    dead[1].close()
+            for s in specs:
+                if s in self._failed:
+                    raise self._failed[s]
+            missing = [s for s in dict.fromkeys(specs) if s not in self._servers]
+            if missing:
+                self._start([*missing, *self._ahead(missing)])
+            for s in specs:
+                if s in self._failed:
+                    raise self._failed[s]
+            return [self._servers[s][0] for s in specs]
+
+    def _ahead(self, missing: list[ServerSpec]) -> list[ServerSpec]:
+        """Planned specs after the missing ones, in order, while the count of running servers stays in bounds."""
+        if not self._plan or not any(s in self._plan for s in missing):
+            return []
+        first = max(self._plan.index(s) for s in missing if s in self._plan)
+        room = self.max_alive - len(self._servers) - len(missing)
+        ahead = []
+        for s in self._plan[first + 1:]:
+            if room <= 0:
+                break
+            if s in self._servers or s in self._failed or s in missing:
+                continue
+            ahead.append(s)
+            room -= 1
+        return ahead
+
+    def _start(self, specs: list[ServerSpec]) -> None:
+        def start(s: ServerSpec):
+            t0 = time.monotonic()
+            log_dir = tempfile.mkdtemp(prefix="server-", dir=self.log_dir)
+            trace = os.path.join(log_dir, "plugin-trace.jsonl")
+            stack = contextlib.ExitStack()
+            server = stack.enter_context(launch_server(
+                self.model_path(s.model), extra_args=s.flags, env={"TIERSCHED_PLUGIN_TRACE": trace, **dict(s.env)},
+                timeout_s=s.timeout_s, max_total_tokens=s.max_total_tokens, log_dir=log_dir))
+            server.trace_path = trace
+            return server, stack, time.monotonic() - t0
+
+        labels = ", ".join(s.label() for s in specs)
+        print(f"[rig pool] starting {len(specs)}: {labels}", file=sys.stderr)
+        with ThreadPoolExecutor(len(specs)) as executor:
+            futures = [executor.submit(start, s) for s in specs]
+        for s, future in zip(specs, futures):
+            try:
+                server, stack, seconds = future.result()
+            except Exception as exc:  # launch_server already stopped it
+                self._failed[s] = exc
+                continue
+            self._servers[s] = (server, stack)
+            self.starts.append((s.label(), seconds))
+
+    def release(self, *specs: ServerSpec) -> None:
+        """Stop these specs' servers now (a later `get` starts a fresh one)."""
+        with self._lock:
+            for s in specs:
+                entry = self._servers.pop(s, None)
+                if entry is not None:
+                    entry[1].close()
+
+    def close(self) -> None:
+        self.release(*list(self._servers))

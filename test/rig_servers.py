@@ -1,0 +1,21 @@
+"""Server specs that several test modules share (one server each in a session; see test/conftest.py). A spec only
+one module uses lives in that module."""
+from __future__ import annotations
+
+from tiersched.live import ab as live_ab, arms as live_arms, fidelity
+from tiersched.rig.server import ServerSpec, spec
+
+# dp2 with upstream's default scheduling and dispatch, metrics on: the reduced fidelity check's server
+# (live/fidelity.py SERVER_ARGS); the smoke test's dp2 checks run on it too.
+DP2_METRICS = spec("tiny", fidelity.SERVER_ARGS, max_total_tokens=16384, timeout_s=480, name="dp2 metrics")
+# float32 on the skewed-router model: tp1 is the CPU fixes' single-rank reference and the smoke test's tp1;
+# tp2 ep2 (no EPLB) is the CPU fixes' expert-parallel check and the expert tier's token reference.
+TP1_F32_SKEWED = spec("tiny-skewed", ["--dtype", "float32"], name="tp1 f32 skewed")
+TP2_EP2_F32_SKEWED = spec("tiny-skewed", ["--dtype", "float32", "--tp", "2", "--ep-size", "2"],
+                          name="tp2 ep2 f32 skewed")
+
+
+def dp2_arm(arm: live_arms.Arm) -> ServerSpec:
+    """A live A/B arm's dp2 server (the flags `tiersched.bench live` gives it)."""
+    return spec("tiny", live_arms.server_args("dp2", arm), max_total_tokens=live_ab.MAX_TOTAL_TOKENS,
+                name=f"dp2 {arm.name}")
