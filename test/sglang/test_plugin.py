@@ -78,9 +78,12 @@ def test_every_tier_registers_its_hook_tables_through_the_registry_it_is_given()
     recorder = RecordingRegistry()
     before = {target: list(rows) for target, rows in HookRegistry._hooks.items()}
     active = plugin.register_all(load_config({}), recorder, HookType, cpu=False)
-    assert active == list(load_config({}).tiers) == ["request", "engine", "expert"]
+    assert active == ["input-validation", *load_config({}).tiers] == ["input-validation", "request", "engine", "expert"]
     want = []
-    for tier in active:
+    for name in plugin.ALWAYS:
+        module = importlib.import_module(name)
+        want += [(t, getattr(module, fn), getattr(HookType, kind)) for t, kind, fn in module.HOOKS]
+    for tier in active[1:]:
         for name in plugin.TIER_ADAPTERS[tier].hook_modules:
             module = importlib.import_module(name)
             want += [(t, getattr(module, fn), getattr(HookType, kind)) for t, kind, fn in module.HOOKS]

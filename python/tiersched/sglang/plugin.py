@@ -40,6 +40,9 @@ TIER_ADAPTERS: dict[str, TierAdapter] = {
                           ("tiersched.sglang.expert.hooks", "tiersched.sglang.expert.capture")),
 }
 CPU_FIXES = "tiersched.sglang.cpu_fixes"
+# Registered whatever tiers are on: bug fixes for every deployment, and the start-up report of what is in effect.
+ALWAYS = ("tiersched.sglang.input_validation", "tiersched.sglang.in_effect", "tiersched.sglang.state_report")
+INPUT_VALIDATION = "input-validation"
 
 
 @dataclass
@@ -93,12 +96,15 @@ def _resolve(dotted: str):
 
 
 def register_all(config, registry, hook_types, cpu: bool) -> list[str]:
-    """Configure each active tier's adapter and register its hooks (and the CPU fixes) with `registry`; returns
-    what was activated."""
+    """Configure each active tier's adapter and register its hooks (and the CPU fixes, the input validation and the
+    start-up report) with `registry`; returns what was loaded."""
     active = []
     if cpu:
         register_hooks(registry, hook_types, importlib.import_module(CPU_FIXES))
         active.append("cpu-fixes")
+    for name in ALWAYS:
+        register_hooks(registry, hook_types, importlib.import_module(name))
+    active.append(INPUT_VALIDATION)
     for tier in config.tiers:
         adapter = TIER_ADAPTERS[tier]
         _resolve(adapter.configure)(config.tier(tier))
@@ -135,5 +141,8 @@ def register() -> None:
 
     active = register_all(config, HookRegistry, HookType, cpu=is_cpu_deployment())
     STATE.registered, STATE.config, STATE.active = True, config, tuple(active)
-    print(f"[tiersched] active tiers: {', '.join(active) or 'none'} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    # Which tiers act depends on the server's flags, parsed later: the launcher prints "[tiersched] active tiers:"
+    # once they are known (tiersched.sglang.in_effect).
+    print(f"[tiersched] plugin loaded: {', '.join(active) or 'nothing'} (pid {os.getpid()})", file=sys.stderr,
+          flush=True)
     _trace(active)

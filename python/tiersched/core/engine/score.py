@@ -186,3 +186,12 @@ class ScoreDispatcher(Dispatcher):
     def pending_work(self) -> list[int]:
         """Per-rank uncached prefill tokens queued, as last reported plus optimistic charges."""
         return list(self._pending)
+
+    def state_sizes(self) -> dict:
+        """Sizes of the per-request state this dispatcher keeps (each bounded by its config; read by the live
+        state report): prefix-index keys and blocks per rank, optimistic charges per rank, sessions."""
+        return {"prefix_index_keys": len(self.index),
+                "prefix_blocks_per_rank": [self.index.blocks_on(r) for r in range(self.num_ranks)],
+                "prefix_blocks_max_per_rank": self.index.max_blocks_per_rank,
+                "pending_charges_per_rank": [len(c) for c in self._charges],
+                "sessions": len(self._sessions), "sessions_max": self.config.max_sessions}

@@ -35,6 +35,11 @@ class LsOvertakeBudget:
         self._last_now = -np.inf
         self.overtakes = 0  # LS admissions that went ahead of a waiting promoted request (read by tests/bench)
 
+    @property
+    def tracked(self) -> int:
+        """LS requests remembered as placed ahead of promoted ones (at most `burst`: cleared when none is promoted)."""
+        return len(self._ahead)
+
     def reorder(self, perm: np.ndarray, rid_of: Callable[[int], Hashable], is_ls: np.ndarray,
                 arrival_s: np.ndarray, now_s: float) -> np.ndarray:
         """`perm` (int64[n]): the key order (order_keys: every promoted request first). rid_of(i): request i's id;

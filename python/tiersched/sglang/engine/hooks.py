@@ -17,6 +17,7 @@ Every hook passes straight through unless the server was started with `--load-ba
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import Optional
@@ -97,13 +98,16 @@ def install_on_controller(result, controller, *args, **kwargs):
 
 
 def on_control_message(controller, obj, *args, **kwargs):
-    """BEFORE send_control_message: a cache flush clears our prefix index; a drain request changes the status."""
-    from sglang.srt.managers.io_struct import SetInternalStateReq  # deferred: io_struct imports torch
+    """BEFORE send_control_message: a cache flush clears our prefix index; a drain request changes the status; a
+    state read (`GET /server_info`) logs the sizes of the dispatcher's per-request state (sglang/state_report.py)."""
+    from sglang.srt.managers.io_struct import GetInternalStateReq, SetInternalStateReq  # deferred: imports torch
 
     forget_flushed_cache(controller, obj)
     state = dispatch_state(controller)
     if state is not None and isinstance(obj, SetInternalStateReq):
         apply_drain_request(controller, obj, state.num_ranks)  # removes the keys it applied
+    if state is not None and isinstance(obj, GetInternalStateReq):
+        logger.info("tiersched engine state: %s", json.dumps(state.dispatcher.state_sizes()))
     return None
 
 
