@@ -69,7 +69,8 @@ def test_plugin_loaded_in_schedulers_and_generate_works(rig_pool, name, schedule
     scheduler_procs = [t for t, active in titles.values() if "scheduler" in t]
     assert len(scheduler_procs) == schedulers, f"plugin-loaded processes: {titles}\n{log[-6000:]}"
     assert all("cpu-fixes" in active for _, active in titles.values())
-    assert "[tiersched] active tiers:" in log
+    with open(srv.log_path, errors="replace") as f:  # the launcher prints it once, early in the log
+        assert "[tiersched] active tiers:" in f.read()
     if schedulers > 1:
         assert any("data_parallel_controller" in t or "dp_controller" in t.lower() for t, _ in titles.values()), titles
         ranks = {out["meta_info"].get("dp_rank") for out in outputs}
