@@ -35,7 +35,7 @@ def test_request_sizes_count_the_ls_requests_placed_ahead_of_promoted_ones(monke
     assert [r.rid for r in queue][:2] == ["r1", "r2"]  # two LS overtakes (burst 2) ahead of the promoted r0
     monkeypatch.setattr(plugin, "STATE", plugin.PluginState(True, None, ("input-validation", "request")))
     sizes = state_report.tiersched_sizes(SimpleNamespace(policy=pol))
-    assert sizes["active"] == ["input-validation", "request"] and "expert" not in sizes
+    assert sizes["loaded"] == ["input-validation", "request"] and "expert" not in sizes
     assert sizes["request"]["overtake_ahead_tracked"] == 2 and sizes["request"]["overtake_burst"] == 2
     assert state_report.tiersched_sizes(SimpleNamespace(policy=SimpleNamespace()))["request"] is None
 

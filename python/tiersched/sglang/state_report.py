@@ -42,7 +42,7 @@ def expert_tier_sizes() -> dict:
 def tiersched_sizes(scheduler) -> dict:
     from tiersched.sglang.plugin import STATE
 
-    out: dict = {"active": list(STATE.active)}
+    out: dict = {"loaded": list(STATE.active)}  # what the plugin registered (/server_info has the flags in effect)
     if "request" in STATE.active:
         out["request"] = request_tier_sizes(scheduler)
     if "expert" in STATE.active:
