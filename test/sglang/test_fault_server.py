@@ -95,6 +95,25 @@ def error_message(payload) -> str:
     return str(payload)
 
 
+# Upstream warnings logged with exc_info that are not failures: the launcher's POST /freeze_gc to itself right
+# after start-up may find the HTTP server not yet listening (http_server.py, "post-warmup freeze_gc failed").
+KNOWN_UPSTREAM_WARNINGS = ("post-warmup freeze_gc failed",)
+
+
+def unexpected_tracebacks(log: str) -> list[str]:
+    """Each traceback in the server log (with 3000 characters of context) not announced by a known warning; a
+    chained one ("The above exception was the direct cause ...") belongs to the traceback before it."""
+    out, head_known = [], False
+    for m in re.finditer(r"Traceback \(most recent call last\)", log):
+        previous_line = log[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        chained = previous_line.startswith(("The above exception", "During handling of the above exception"))
+        if not chained:
+            head_known = any(w in previous_line for w in KNOWN_UPSTREAM_WARNINGS)
+        if not head_known:
+            out.append(log[max(0, m.start() - 1000):m.start() + 2000])
+    return out
+
+
 def log_text(srv) -> str:
     with open(srv.log_path, errors="replace") as f:
         return f.read()
@@ -116,7 +135,7 @@ def test_bad_inputs_get_a_clear_error_and_the_server_keeps_serving(servers, mode
     cases = {
         # upstream crashes on these two (patches/input-validation.md); ours: 400 naming the problem
         "empty text": (gen(text=""), r"prompt is empty"),
-        "empty input_ids": (gen(ids=[]), r"prompt is empty"),
+        "empty input_ids": (gen(ids=[]), r"input_ids cannot be empty"),  # upstream rejects this one itself
         "id >= vocabulary": (gen(ids=[5, 6, vocab + 3]), rf"input_ids\[2\] = {vocab + 3} .*vocabulary has {vocab}"),
         "negative id": (gen(ids=[-1, 5]), r"input_ids\[0\] = -1"),
         # upstream's own errors
@@ -281,8 +300,8 @@ def test_zz_after_the_run_healthy_nothing_lost_and_state_bounded(servers, name):
     assert all(b <= engine["prefix_blocks_max_per_rank"] for b in engine["prefix_blocks_per_rank"]), engine
     assert engine["sessions"] <= engine["sessions_max"]
     assert all(c <= 64 for c in engine["pending_charges_per_rank"]), engine  # charges expire with each snapshot
-    log = log_text(srv)
-    assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:6000]
+    unexpected = unexpected_tracebacks(log_text(srv))
+    assert not unexpected, unexpected[0]
     print(f"{name}: tiersched state after the run: {states}; engine {engine}")
 
 
