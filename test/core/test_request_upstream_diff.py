@@ -488,3 +488,57 @@ def test_prefill_pass_equals_upstream_scheduler_and_prefill_adder(monkeypatch):
     for key, c in seen.items():
         assert c["cases"] >= 1000 and c["admitted"] >= 100 and c["chunked"] >= 50 and c["no_token"] >= 50, (key, c)
     assert seen["fcfs+priority"]["preempted"] >= 20, seen
+
+
+# ---- retraction: which running request goes first, and where it goes ---------------------------------------------
+
+@CASES
+@given(seed=SEEDS)
+def test_retraction_order_equals_upstream(seed):
+    """The sequence of victims RankState.retraction_victim picks is ScheduleBatch._get_decode_retraction_order popped
+    from the end (fewest output tokens first, longest prompt among equals, the last in batch order among full ties)."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 12))
+    inputs = rng.choice([5, 8, 13], size=n).astype(np.int64)
+    generated = rng.choice([1, 2, 3], size=n).astype(np.int64)
+    reqs = []
+    for i in range(n):
+        req = Req(str(i), "", array("q", range(int(inputs[i]))), SamplingParams(max_new_tokens=64))
+        req.output_ids = array("q", [7] * int(generated[i]))
+        reqs.append(req)
+    batch_order = [int(x) for x in rng.permutation(n)]
+    upstream = ScheduleBatch._get_decode_retraction_order([reqs[i] for i in batch_order])
+    theirs = [batch_order[upstream.pop()] for _ in range(n)]
+    w = Workload("retract", np.zeros(n), inputs, np.full(n, 64, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                 np.zeros(n, dtype=np.int64))
+    rs = RankState(0, get_preset("qwen3"), RequestTable(w), ours.FcfsOrdering(), None)
+    rs.t.generated[:] = generated
+    rs.running = list(batch_order)
+    mine = []
+    while rs.running:
+        mine.append(rs.retraction_victim())
+        rs.running.remove(mine[-1])
+    assert mine == theirs
+
+
+def test_retracted_and_preempted_requests_go_to_the_back_with_a_new_entry_time():
+    """Scheduler._add_request_to_queue: appended, wait_queue_entry_time and HRRN's arrival snapshot taken anew."""
+    n = 4
+    w = Workload("requeue", np.zeros(n), np.full(n, 100, dtype=np.int64), np.full(n, 50, dtype=np.int64),
+                 np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
+    hrrn = ours.HrrnOrdering()
+    preset = get_preset("qwen3")
+    rs = RankState(0, replace(preset, scheduler=replace(preset.scheduler, kv_capacity_tokens=1000)), RequestTable(w),
+                   hrrn, None)
+    for i in (2, 3):
+        rs.enqueue(i, 1.0)
+    hrrn.observe_prefill_tokens(500)
+    rs.running = [0, 1]
+    rs.t.generated[:2] = [5, 9]
+    rs.private_kv = 999  # one free token for two running requests: retract one
+    rs.retract_for_decode(7.0)
+    assert rs.waiting == [2, 3, 0] and rs.running == [1]  # fewest generated goes, to the back
+    assert rs.t.queue_entry[0] == 7.0 and rs.t.queue_entry[2] == 1.0
+    assert hrrn._arrival_processed["0"] == 500 and hrrn._arrival_processed["2"] == 0

@@ -198,13 +198,17 @@ class RankState:
         """retract_decode: free enough KV for one more token per running request. Victim: fewest generated tokens,
         longest input among equals, the last in running order among full ties (upstream sorts the batch stably in
         reverse and pops from the end)."""
-        t = self.t
         while self.running and self.free_for_alloc() < len(self.running):
-            victim = min(reversed(self.running), key=lambda r: (t.generated[r], -t.input[r]))
+            victim = self.retraction_victim()
             self.running.remove(victim)
             self.requeue(victim, now_s)
             self.retractions += 1
             self.batch_is_full = False
+
+    def retraction_victim(self) -> int:
+        """The running request retract_decode takes next (ScheduleBatch._get_decode_retraction_order's last)."""
+        t = self.t
+        return min(reversed(self.running), key=lambda r: (t.generated[r], -t.input[r]))
 
     # ---- prefill admission (PrefillAdder) -------------------------------------------------------------------
     def _waiting_snapshots(self, now_s: float) -> tuple[list[WaitingRequest], list[int]]:
