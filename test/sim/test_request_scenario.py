@@ -111,6 +111,14 @@ def test_bench_reports_the_backlog_drain_and_the_long_overload_block():
     for arm in ("fcfs", "fcfs_priority", "tiersched"):
         assert out[f"max_be_wait_s_{arm}"] >= out[f"be_drain_s_{arm}"] - 1e-9
         assert out[f"be_unstarted_at_last_arrival_{arm}"] >= 0
+    # Tail rule: a 30 s run has far fewer than 1,000 LS requests per arm, so the LS tail is P95.
+    assert out["ls_samples_min"] < 1000 and out["ls_tail_percentile"] == 95
+    assert out["ls_tail_ttft_ratio"] == pytest.approx(out["ls_p95_ttft_s_fcfs_priority"] / out["ls_p95_ttft_s_tiersched"])
+    other = dict(out, ls_p95_ttft_ratio=out["ls_p95_ttft_ratio"] * 1.2)
+    summary = bench.summarise_seeds({0: out, 1: other})
+    assert summary["ls_tail_percentile"] == 95 and summary["ls_samples_min"] == out["ls_samples_min"]
+    lo, hi = summary["ls_tail_ttft_ratio_mean_ci95"]
+    assert lo <= summary["ls_tail_ttft_ratio_mean"] <= hi and lo >= out["ls_p95_ttft_ratio"] - 1e-4
     long = bench.sustained_overload(30.0, "qwen3", [0], RequestTierConfig())
     row = long["per_seed"]["0"]
     assert long["ls_p99_ttft_ratio"] == pytest.approx(row["ls_p99_ttft_s_fcfs_priority"] / row["ls_p99_ttft_s_tiersched"])

@@ -34,11 +34,9 @@ import numpy as np
 from tiersched.bench import upstream_space as space
 from tiersched.bench.runner import (HEADLINE, Scenario, _WORKLOAD_CACHE, _workload_key, build_preset,
                                     idle_cluster_bound, prepare_workloads, run_many, simulator_refuses, worker_pool)
+from tiersched.bench.stats import TAIL_MIN_SAMPLES, bootstrap_ci, headroom, tail_percentile
 from tiersched.sim import PolicySet
 
-TAIL_MIN_SAMPLES = 1000  # P99 only where every arm has at least this many finished requests in every run
-BOOTSTRAP_RESAMPLES = 4000
-BOOTSTRAP_SEED = 20260101
 WINNERS = ("ttft", "tpot", "p99")  # upstream_best_<name>
 DEFAULT_ARMS = ("dispatch-only", "ordering-only", "expert-only", "tiersched", "tiersched+feedback", "vllm-dp",
                 "tiersched@upstream-chunk")
@@ -75,31 +73,6 @@ def winner_of(metric: str) -> str:
     return {"ttft_mean": "ttft", "tpot_mean": "tpot"}.get(metric, "p99" if metric.startswith("ttft_p") else "tpot")
 
 
-def headroom(best: float | None, ours: float | None, bound: float | None) -> float | None:
-    """Share of the gap between upstream-best and a lower bound that ours closes (1 = reaches the bound, 0 = no
-    better than upstream-best, < 0 = worse); None where the bound leaves no gap."""
-    if best is None or ours is None or bound is None or best - bound <= 0:
-        return None
-    return (best - ours) / (best - bound)
-
-
-def bootstrap_ci(stat, arrays: list[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = BOOTSTRAP_SEED) -> list[float] | None:
-    """95% percentile-bootstrap CI of `stat(*means)` where each mean is over the same resampled seeds of every
-    array (arrays: one value per seed, paired by seed). None with fewer than 2 seeds or non-finite values."""
-    n = len(arrays[0])
-    if n < 2 or any(not np.all(np.isfinite(a)) for a in arrays):
-        return None
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        values = stat(*[a[idx].mean(axis=1) for a in arrays])
-    values = values[np.isfinite(values)]
-    if values.size < resamples // 2:
-        return None
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [round(float(lo), 4), round(float(hi), 4)]
-
-
 def _ratio(o, b):
     return o / b
 
@@ -125,7 +98,7 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
     has_priorities = any(len(np.unique(w.priority)) > 1 for w in work)
     dims, dropped = space.usable_dimensions(space.dimensions(preset, has_priorities),
                                             lambda changes: simulator_refuses(sc, changes))
-    tail = 99 if min(len(w) for w in work) >= TAIL_MIN_SAMPLES else 95
+    tail = tail_percentile(min(len(w) for w in work))
     search_metrics = {"ttft": "ttft_mean", "tpot": "tpot_mean", "p99": f"ttft_p{tail}"}
     pool = worker_pool(workers)
     try:
@@ -171,7 +144,7 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
     finished_min = min(int(m.get("finished") or 0) for k, ms in per_seed.items() if k != "bound:idle-cluster"
                        for m in ms)
     notes = sorted({n for r in results for n in r.get("notes", [])})
-    if tail == 99 and finished_min < TAIL_MIN_SAMPLES:
+    if tail == 99 and tail_percentile(finished_min) == 95:
         tail = 95
         notes.append(f"a run finished only {finished_min} requests: tails reported as P95; the tail winner was "
                      "searched on P99")

@@ -152,6 +152,7 @@ def mixed_priority(duration_s: float, preset: str, seed: int, cfg=None) -> dict:
     from tiersched.core.request.preemption import LatencySensitivePreemption
     from tiersched.sim import PolicySet, capacity, simulate
     from tiersched.sim.presets import get_preset
+    from tiersched.bench.stats import tail_percentile
 
     p = get_preset(preset).with_scheduler(max_running_requests=UPSTREAM_DEFAULT_MAX_RUNNING)
     work = capacity.mixed_priority_at_overload(ls_fraction=0.2, overload=1.5, preset=p, duration_s=duration_s,
@@ -185,6 +186,8 @@ def mixed_priority(duration_s: float, preset: str, seed: int, cfg=None) -> dict:
         ls, be = m["per_class"]["LS"], m["per_class"]["BE"]
         key = name.replace("-", "_")
         out[f"ls_p99_ttft_s_{key}"] = ls["ttft_p99"]
+        out[f"ls_p95_ttft_s_{key}"] = ls["ttft_p95"]
+        out[f"ls_finished_{key}"] = ls["finished"]
         out[f"ls_p50_ttft_s_{key}"] = ls["ttft_p50"]
         out[f"max_be_wait_s_{key}"] = be["max_wait_s"]
         # Sustained overload leaves a backlog at the last arrival; the longest wait is about the time to drain it.
@@ -206,6 +209,14 @@ def mixed_priority(duration_s: float, preset: str, seed: int, cfg=None) -> dict:
     base, ours, uncapped, local = (out[f"be_total_tok_s_{k}"] for k in (
         "fcfs_priority", "tiersched", "tiersched_no_chunk_cap", "tiersched_local_cap"))
     fcfs_p99 = out["ls_p99_ttft_s_fcfs_priority"]
+    # Tail rule: P99 only where every arm finished >= TAIL_MIN_SAMPLES LS requests, else P95 (ls_tail_*).
+    ls_samples = min(out[f"ls_finished_{name.replace('-', '_')}"] for name in arms)
+    tail = tail_percentile(ls_samples)
+    out.update({
+        "ls_p95_ttft_ratio": out["ls_p95_ttft_s_fcfs_priority"] / out["ls_p95_ttft_s_tiersched"],
+        "ls_samples_min": ls_samples,
+        "ls_tail_percentile": tail,
+    })
     out.update({
         "ls_p99_ttft_ratio": fcfs_p99 / out["ls_p99_ttft_s_tiersched"],
         "ls_p99_ttft_ratio_local_cap": fcfs_p99 / out["ls_p99_ttft_s_tiersched_local_cap"],
@@ -231,6 +242,7 @@ def mixed_priority(duration_s: float, preset: str, seed: int, cfg=None) -> dict:
         "sim_max_running_requests": UPSTREAM_DEFAULT_MAX_RUNNING,
         "sim_preset": p.name,
     })
+    out["ls_tail_ttft_ratio"] = out[f"ls_p{tail}_ttft_ratio"]
     return out
 
 
@@ -279,11 +291,29 @@ def summarise_seeds(per_seed: dict[int, dict]) -> dict:
     """Headline = median LS ratio, mean BE loss, worst BE wait over the seeds; every seed's numbers kept."""
     import statistics
 
+    import numpy as np
+
+    from tiersched.bench.stats import TAIL_MIN_SAMPLES, bootstrap_ci, tail_percentile
+
     first = per_seed[min(per_seed)]
     out = {k: v for k, v in first.items() if k.startswith("sim_") and k != "sim_requests"}
-    for key in [k for k in first if k.startswith("ls_p99_ttft_ratio") and k != "ls_p99_ttft_ratio_upper_bound"]:
+    for key in [k for k in first if k.startswith(("ls_p99_ttft_ratio", "ls_p95_ttft_ratio"))
+                and k != "ls_p99_ttft_ratio_upper_bound"]:
         out[key] = statistics.median(r[key] for r in per_seed.values())
         out[key + "_min"] = min(r[key] for r in per_seed.values())
+    # The tail every seed can carry: P95 if any seed's run has fewer than TAIL_MIN_SAMPLES LS requests in an arm.
+    out["ls_samples_min"] = min(r["ls_samples_min"] for r in per_seed.values())
+    tail = tail_percentile(out["ls_samples_min"])
+    out["ls_tail_percentile"] = tail
+    ratios = [r[f"ls_p{tail}_ttft_ratio"] for r in per_seed.values()]
+    out["ls_tail_ttft_ratio"] = statistics.median(ratios)
+    out["ls_tail_ttft_ratio_min"] = min(ratios)
+    ci = bootstrap_ci(lambda m: m, [np.array(ratios)])
+    if ci is not None:  # of the mean over seeds of the per-seed ratio (upstream fcfs-priority / tiersched)
+        out["ls_tail_ttft_ratio_mean"] = float(np.mean(ratios))
+        out["ls_tail_ttft_ratio_mean_ci95"] = ci
+    out["ls_tail_rule"] = (f"LS TTFT tail = P99 only where every arm of every seed finished >= {TAIL_MIN_SAMPLES} "
+                           f"LS requests, else P95; fewest here: {out['ls_samples_min']}")
     for key in [k for k in first if k.startswith(("be_throughput_loss", "chunk_cap_be", "lockstep_cap_be"))]:
         out[key] = statistics.fmean(r[key] for r in per_seed.values())
     for key in [k for k in first if k.startswith(("max_be_wait_s", "be_drain_s", "be_unstarted_at_last_arrival"))]:
