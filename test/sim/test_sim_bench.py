@@ -79,6 +79,33 @@ def test_upstream_orderings_hand_cases():
     assert hrrn.order(q[:2], 1) == [0, 1]  # a waited 1000 tokens / 900 uncached; b just arrived
 
 
+def test_lof_and_random_orderings_match_upstreams_sorts():
+    """lof / lof-priority order as upstream's SchedulePolicy._sort_by_longest_output on the same requests (random
+    queues, ties included); random is a fresh permutation per call, repeatable for a seed."""
+    import random
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_policy import SchedulePolicy
+
+    from tiersched.core.request.upstream import LofOrdering, LofPriorityOrdering, RandomOrdering
+
+    rng = random.Random(3)
+    for case in range(300):
+        q = [WaitingRequest(f"r{i}", rng.choice([0, 5, 20]), float(i), 100,
+                            max_new_tokens=rng.choice([16, 64, 256]))
+             for i in range(rng.randint(0, 12))]
+        for priority, ours in ((False, LofOrdering()), (True, LofPriorityOrdering())):
+            reqs = [SimpleNamespace(rid=w.rid, priority=w.priority,
+                                    sampling_params=SimpleNamespace(max_new_tokens=w.max_new_tokens)) for w in q]
+            SchedulePolicy._sort_by_longest_output(reqs, priority, -1)  # -1: higher priority first (default)
+            assert [q[i].rid for i in ours.order(q, 0.0)] == [r.rid for r in reqs], (case, priority)
+    q = [_w(f"r{i}") for i in range(8)]
+    a, b = RandomOrdering(seed=1), RandomOrdering(seed=1)
+    first, second = a.order(q, 0.0), a.order(q, 0.0)
+    assert sorted(first) == list(range(8)) and first != second  # a fresh shuffle each call
+    assert b.order(q, 0.0) == first
+
+
 def test_upstream_priority_preemption_threshold_and_order():
     pre = PriorityPreemption(threshold=10)
     running = [RunningRequest("old", 0, 0.0, 300, 300), RunningRequest("new", 0, 5.0, 200, 200),

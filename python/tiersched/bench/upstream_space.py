@@ -37,10 +37,6 @@ NOT_MODELLED = {
     "--schedule-policy dfs-weight": "orders by subtree weights of upstream's radix tree (tree_cache.dfs_weight_order "
                                     "over req.last_node); the simulator's prefix cache keeps per-rank block sets, "
                                     "not a radix tree with node weights",
-    "--schedule-policy lof": "sorts by max_new_tokens; the request tier's WaitingRequest snapshot carries no output "
-                             "budget, so the simulator's orderings cannot see it",
-    "--schedule-policy random": "a fresh random.shuffle of the queue every step; not in the simulator's ordering "
-                                "registry",
     "--schedule-policy routing-key": "orders by the request's routing key's frequency in the running batch; the "
                                      "workloads carry no routing keys, and without any upstream leaves the queue "
                                      "as it is (= fcfs, which is searched)",

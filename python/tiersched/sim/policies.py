@@ -1,6 +1,7 @@
 """PolicySet: which policy object runs at each tier, by registry name or as an object.
 
-Names: ordering "fcfs", "lpm", "hrrn", "shortest-prefill-first", "fcfs-priority", "tiersched"; dispatch
+Names: ordering "fcfs", "lpm", "hrrn", "shortest-prefill-first", "lof", "random", "fcfs-priority", "lof-priority"
+(the `-priority` ones: upstream's --enable-priority-scheduling), "tiersched"; dispatch
 "round_robin", "total_requests", "total_tokens", "vllm-dp", "tiersched"; eplb "none", upstream's
 `--eplb-algorithm` values (UPSTREAM_EPLB_NAMES: "deepseek", "deepseek_hierarchical", "deepseek_vec",
 "deepseek_vec_hierarchical", "elasticity_aware", "elasticity_aware_hierarchical", "auto"; hyphens are accepted for
@@ -25,8 +26,9 @@ from tiersched.core.expert.placement import rebalance
 from tiersched.core.request import OrderingPolicy, PreemptionPolicy
 from tiersched.core.request.ordering import AgingPrefixOrdering
 from tiersched.core.request.preemption import LatencySensitivePreemption
-from tiersched.core.request.upstream import (FcfsOrdering, FcfsPriorityOrdering, HrrnOrdering, LpmOrdering,
-                                             PriorityPreemption, ShortestPrefillFirstOrdering)
+from tiersched.core.request.upstream import (FcfsOrdering, FcfsPriorityOrdering, HrrnOrdering, LofOrdering,
+                                             LofPriorityOrdering, LpmOrdering, PriorityPreemption, RandomOrdering,
+                                             ShortestPrefillFirstOrdering)
 from tiersched.sim.upstream_eplb import UPSTREAM_EPLB_NAMES, UpstreamEPLB
 
 ORDERINGS: dict[str, type[OrderingPolicy]] = {
@@ -35,6 +37,9 @@ ORDERINGS: dict[str, type[OrderingPolicy]] = {
     "lpm": LpmOrdering,
     "hrrn": HrrnOrdering,
     "shortest-prefill-first": ShortestPrefillFirstOrdering,
+    "lof": LofOrdering,
+    "lof-priority": LofPriorityOrdering,
+    "random": RandomOrdering,
     "tiersched": AgingPrefixOrdering,
 }
 PREEMPTIONS: dict[str, Callable[[Any], PreemptionPolicy]] = {  # name -> factory(preset)
@@ -42,7 +47,7 @@ PREEMPTIONS: dict[str, Callable[[Any], PreemptionPolicy]] = {  # name -> factory
     "tiersched": lambda preset: LatencySensitivePreemption(),
 }
 # preemption "auto": the preemption that runs with that ordering (upstream's priority scheduling, or ours).
-AUTO_PREEMPTION = {"fcfs-priority": "priority", "tiersched": "tiersched"}
+AUTO_PREEMPTION = {"fcfs-priority": "priority", "lof-priority": "priority", "tiersched": "tiersched"}
 DISPATCHERS: dict[str, type[Dispatcher]] = {**UPSTREAM_DISPATCHERS, ScoreDispatcher.name: ScoreDispatcher}
 
 

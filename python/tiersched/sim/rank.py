@@ -236,7 +236,8 @@ class RankState:
                     inflight_pages.update(blocks)
             snaps.append(WaitingRequest(t.rid[rid], int(t.priority[rid]), float(t.arrival[rid]),
                                         int(t.fill_len[rid]), max(0, cached), defer,
-                                        float(t.queue_entry[rid]), int(t.fill_len[rid] - t.input[rid])))
+                                        float(t.queue_entry[rid]), int(t.fill_len[rid] - t.input[rid]),
+                                        max_new_tokens=int(t.output[rid])))
             matched.append(m)
         return snaps, matched
 

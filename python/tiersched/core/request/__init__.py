@@ -10,8 +10,9 @@ policy overrides only what it uses.
   overtake.py       `LsOvertakeBudget`: how many LS requests may go ahead of promoted ones
   lockstep.py       LS protection under lockstep steps: `chunk_token_limit`, `be_admission_budget`, `LockstepLsSignal`
   step_plan.py      the DP-attention group's per-step prefill budgets: `plan_step`, `StepTimeModel`, `fit_roofline`
-  upstream.py       upstream SGLang's orderings (fcfs, fcfs-priority, lpm, hrrn, shortest-prefill-first) and its
-                    priority preemption: the only copy, used by the simulator, the benchmarks and the tests
+  upstream.py       upstream SGLang's orderings (fcfs, fcfs-priority, lpm, hrrn, shortest-prefill-first, lof,
+                    lof-priority, random) and its priority preemption: the only copy, used by the simulator, the
+                    benchmarks and the tests
   single_server.py  one non-preemptive server running an ordering: the model behind the wait-bound proof
   prefill_delayer.py  upstream's DP-attention prefill alignment (--enable-prefill-delayer): its per-pass decision
 
@@ -40,6 +41,7 @@ class WaitingRequest:
     # Output tokens generated before a preemption or retraction; counted in input_tokens, which they re-enter as
     # prompt to recompute (upstream keeps them apart: origin_input_ids vs output_ids).
     generated_tokens: int = 0
+    max_new_tokens: int = 0  # its output budget (upstream sampling_params.max_new_tokens; 0 = not known)
 
     @property
     def entry_s(self) -> float:

@@ -7,10 +7,13 @@ requests appended at the back, then whatever the previous step's sort left) and 
 upstream's stable in-place `list.sort`. `WaitingRequest.cached_tokens` plays `req.num_matched_prefix_tokens`,
 `entry_s` `req.time_stats.wait_queue_entry_time` (reset when a request is re-queued); `shares_inflight_prefix`
 plays the in-batch `temporary_deprioritized` set (the simulator computes it as upstream's waiting-queue radix tree
-check does). Priorities: higher = more urgent (upstream's default, schedule_low_priority_values_first=False).
+check does); `max_new_tokens` plays `req.sampling_params.max_new_tokens` (the simulator passes the request's output
+length: benchmark clients set the budget to the length they ask for and ignore EOS). Priorities: higher = more
+urgent (upstream's default, schedule_low_priority_values_first=False).
 """
 from __future__ import annotations
 
+import random
 from typing import Sequence
 
 from tiersched.core.request import OrderingPolicy, PreemptionPolicy, RunningRequest, WaitingRequest
@@ -131,6 +134,41 @@ class HrrnOrdering(OrderingPolicy):
             return (-max(0, self.processed_tokens - seen[w.rid]) / uncached, w.rid)
 
         return sorted(range(len(waiting)), key=key)
+
+
+class LofOrdering(OrderingPolicy):
+    """`lof`: SchedulePolicy._sort_by_longest_output without priority scheduling (largest max_new_tokens first;
+    stable, so ties keep queue order). Cache-agnostic: no fallback above 128 waiting, no in-batch deferral."""
+
+    name = "lof"
+
+    def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
+        return sorted(range(len(waiting)), key=lambda i: -waiting[i].max_new_tokens)
+
+
+class LofPriorityOrdering(OrderingPolicy):
+    """lof + `--enable-priority-scheduling`: _sort_by_longest_output with priority (priority, then largest
+    max_new_tokens)."""
+
+    name = "lof-priority"
+
+    def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
+        return sorted(range(len(waiting)), key=lambda i: (-waiting[i].priority, -waiting[i].max_new_tokens))
+
+
+class RandomOrdering(OrderingPolicy):
+    """`random`: SchedulePolicy._sort_randomly, a fresh shuffle each time the queue is ordered (upstream shuffles
+    with the process-global `random`; here a per-queue generator seeded by `seed`, so runs repeat)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def order(self, waiting: Sequence[WaitingRequest], now_s: float) -> list[int]:
+        order = list(range(len(waiting)))
+        self._rng.shuffle(order)
+        return order
 
 
 class PriorityPreemption(PreemptionPolicy):
