@@ -129,3 +129,53 @@ def test_compare_reports_upstream_best_per_metric_bounds_headroom_and_cis():
         assert e["ratio_vs_upstream_best"]["tpot_mean"] == pytest.approx(
             e["tpot_mean"] / report["upstream_best_tpot"]["tpot_mean"], abs=1e-4)
     assert policies["bound:idle-cluster"]["ttft_mean"] <= report["upstream_best_ttft"]["ttft_mean"]
+
+
+def _user_traces(tmp_path):
+    """A Mooncake JSONL and an Azure CSV of 60 requests over ~6 s (shared prefixes in the Mooncake one)."""
+    import json
+
+    rng = np.random.default_rng(5)
+    times = np.sort(rng.uniform(0, 6.0, 60))
+    rows = [{"timestamp": int(t * 1000), "input_length": int(n), "output_length": int(o),
+             "hash_ids": [0, 1] + [100 + i]} for i, (t, n, o) in
+            enumerate(zip(times, rng.integers(1100, 3000, 60), rng.integers(8, 120, 60)))]
+    mooncake = tmp_path / "user.jsonl"
+    mooncake.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    azure = tmp_path / "user.csv"
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{10 + t:010.7f},{r['input_length']},{r['output_length']}\n" for t, r in zip(times, rows)))
+    return mooncake, azure
+
+
+def test_compare_sweep_and_speed_take_a_users_trace_file(tmp_path, capsys):
+    import argparse
+    import json
+
+    from tiersched.bench import speed, sweep
+
+    for path in _user_traces(tmp_path):
+        parser = argparse.ArgumentParser()
+        compare.add_arguments(parser)
+        args = parser.parse_args(["--json", "--trace", str(path), "--seeds", "2", "--search-passes", "0",
+                                  "--workers", "1", "--quiet"])
+        assert compare.main(args) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["scenario"]["workload"] == str(path) and report["scenario"]["requests"] == 60
+        assert {"upstream_best_space", "upstream_best_ttft", "upstream_best_tpot", "upstream_best_p99"} <= set(report)
+        row = report["policies"]["tiersched"]
+        assert {"ttft_mean", "tpot_mean"} <= set(row["headroom_captured"])
+        assert {"ttft_mean", "tpot_mean"} <= set(row["ratio_vs_upstream_best_ci95"])
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    assert sweep.main(parser.parse_args(["--results", str(tmp_path / "s.jsonl"), "--presets", "qwen3", "--trace",
+                                         str(path), "--load", "0.5", "--seeds", "0", "--duration", "6",
+                                         "--search-passes", "0", "--workers", "1", "--json"])) == 0
+    row = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])
+    assert row["trace"] == str(path) and row["runs"]["tiersched"]["requests"] > 0
+    capsys.readouterr()
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    assert speed.main(parser.parse_args(["--json", "--duration", "6", "--trace", str(path)])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trace"]["requests"] == 60 and out["trace"]["realtime_factor"] > 0

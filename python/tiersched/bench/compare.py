@@ -48,7 +48,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workload", default="auto",
                         help="auto (Mooncake if ../shared/data exists, else synthetic), mooncake, azure, sharegpt, "
                              "servegen, mixed-priority, synthetic:<Random|Central|Descending|Two-end|Average>")
-    parser.add_argument("--trace", default=None, help="alias of --workload for a shared trace name")
+    parser.add_argument("--trace", default=None, metavar="PATH|NAME",
+                        help="a trace file (Mooncake JSONL, Azure CSV, BurstGPT CSV; format detected) or a shared "
+                             "trace name (as --workload)")
     parser.add_argument("--rate", type=float, default=None, help="arrival rate (req/s); traces: rescaled")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
     parser.add_argument("--seed", type=int, default=0, help="first seed (the upstream search runs on it)")

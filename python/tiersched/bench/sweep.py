@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--results", default="out/sweep.jsonl", help="results JSONL (appended; resumable)")
     parser.add_argument("--presets", default="qwen3-dp4ep4,qwen3-dp2tp2ep4")
     parser.add_argument("--shapes", default=",".join(workloads.SHAPES))
+    parser.add_argument("--trace", default=None, metavar="PATH",
+                        help="a trace file (Mooncake JSONL, Azure CSV, BurstGPT CSV) instead of the synthetic shapes: "
+                             "its requests, re-timed to each load's rate")
     parser.add_argument("--load", default="0.5,0.7,0.85,1.0", help="rates as fractions of nominal capacity")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--duration", type=float, default=30.0)
@@ -45,7 +48,8 @@ def add_arguments(parser) -> None:
 
 
 def _config_key(c: dict) -> str:
-    key = f"{c['preset']}|{c['shape']}|{c['load']}|{c['seed']}|{int(c['with_eplb'])}|{c['duration_s']}"
+    shape = c["shape"] if not c.get("trace") else f"trace:{c['trace']}"
+    key = f"{c['preset']}|{shape}|{c['load']}|{c['seed']}|{int(c['with_eplb'])}|{c['duration_s']}"
     key += f"|eplb{c['eplb_steps']}" if c.get("eplb_steps") else ""
     return key + f"|{SEARCH_VERSION}|passes{c.get('search_passes', 2)}"
 
@@ -61,9 +65,15 @@ def run_config(c: dict) -> dict:
     preset = get_preset(c["preset"])
     if c.get("eplb_steps"):
         preset = preset.with_scheduler(eplb_rebalance_steps=int(c["eplb_steps"]))
-    base = workloads.synthetic(c["shape"], rate=1.0, duration_s=10.0, seed=c["seed"])
+    if c.get("trace"):
+        from tiersched.traces import load_trace
+
+        base, workload = load_trace(c["trace"], duration_s=c["duration_s"]), c["trace"]
+    else:
+        base = workloads.synthetic(c["shape"], rate=1.0, duration_s=10.0, seed=c["seed"])
+        workload = f"synthetic:{c['shape']}"
     cap = capacity.nominal_capacity_req_s(preset, float(base.input_tokens.mean()), float(base.output_tokens.mean()))
-    sc = Scenario(preset=c["preset"], workload=f"synthetic:{c['shape']}", rate=c["load"] * cap,
+    sc = Scenario(preset=c["preset"], workload=workload, rate=c["load"] * cap,
                   duration_s=c["duration_s"], seed=c["seed"], eplb_rebalance_steps=c.get("eplb_steps"))
     arm = "tiersched" if c["with_eplb"] else "ordering+dispatch"
     rep = compare(sc, workers=1, seeds=1, search_passes=c.get("search_passes", 2), quiet=True, arms=(arm,))
@@ -152,9 +162,15 @@ def main(args) -> int:
                 done[row["key"]] = row
     if args.eplb_steps is not None and args.eplb_steps < 1:
         raise SystemExit("--eplb-steps needs a positive number of forward steps.")
+    if args.trace:  # check the file before anything runs: a malformed record stops here with its line and field
+        from tiersched.traces import read_trace
+
+        read_trace(args.trace)
+    shapes = ["trace"] if args.trace else args.shapes.split(",")
     configs = [dict(preset=p, shape=s, load=float(l), seed=int(seed), duration_s=args.duration,
-                    with_eplb=args.with_eplb, eplb_steps=args.eplb_steps, search_passes=args.search_passes)
-               for p in args.presets.split(",") for s in args.shapes.split(",") for l in args.load.split(",")
+                    with_eplb=args.with_eplb, eplb_steps=args.eplb_steps, search_passes=args.search_passes,
+                    **({"trace": args.trace} if args.trace else {}))
+               for p in args.presets.split(",") for s in shapes for l in args.load.split(",")
                for seed in args.seeds.split(",")]
     todo = [c for c in configs if _config_key(c) not in done]
     if todo and not args.summary_only:
