@@ -59,3 +59,34 @@ def test_summary_concurrency_is_littles_law():
           RequestResult("b", "be", 0, 10, 5, sent_s=1.0, success=True, finished=True, ttft=0.5, latency=1.0,
                         completion_tokens=5)]
     assert summarize(rs)["concurrency_mean"] == pytest.approx(3.0 / 2.0)
+
+
+def test_report_rebuilt_from_records_counts_lost_and_keeps_loads(tmp_path):
+    from tiersched.live.replay import write_record
+    from tiersched.live.requests import synthetic_shared_prefix
+
+    s = synthetic_shared_prefix(n=30, block_tokens=8, rate=4.0, seed=1)
+    rng = np.random.default_rng(2)
+    for load in (0.8, 1.0):
+        for arm, lo in (("upstream-lpm", 0.4), ("upstream-priority", 0.5), ("tiersched", 0.1)):
+            for rep in range(2):
+                res = []
+                for i, r in enumerate(s.requests):
+                    lost = arm == "tiersched" and rep == 1 and load == 1.0 and i >= 25  # its server died
+                    t = float(rng.uniform(lo, lo + 0.1))
+                    res.append(RequestResult(r.rid, r.cls, r.priority, len(r.input_ids), r.output_len, sent_s=i * 0.2,
+                                             success=not lost, finished=not lost, ttft=0.0 if lost else t,
+                                             latency=0.0 if lost else t + 0.3,
+                                             completion_tokens=0 if lost else r.output_len, cached_tokens=4,
+                                             dp_rank=i % 2))
+                write_record(tmp_path / f"dpattn-shared-prefix-x{load:g}-{arm}-r{rep}.jsonl",
+                             {"deployment": "dpattn", "arm": arm, "repeat": rep, "dp": 2, "rate_req_s": 5.0 * load,
+                              "load": load}, s, res)
+    report = bench_live.from_records(str(tmp_path), ["dpattn"])
+    bench_live._headlines(report)
+    loads = report["deployments"]["dpattn"]["loads"]
+    assert [b["load"] for b in loads] == [0.8, 1.0] and report["repeats"] == 2
+    assert report["load"] == 0.8 and report["lost"] == 5 and report["errors"] == 0
+    assert report["ttft_ratio"] > 2.5 and report["ttft_vs"] == "upstream-lpm"
+    last = loads[1]["sets"]["shared-prefix"]["runs"]["tiersched"][1]
+    assert last["lost"] == 5 and last["completed"] == 25

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import statistics
 import sys
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 from tiersched.live import ab as live_ab, arms as live_arms
-from tiersched.live.report import compare_arms, headline, request_level_ratios
+from tiersched.live.report import compare_arms, headline, request_level_ratios, summarize
 from tiersched.live.requests import lengths_set, shared_prefix_set
 
 # Both modes use the reduced A/B test's set (test/live/test_live_server.py): Mooncake blocks at 48 tokens (prompts
@@ -67,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="also run one arm per tier alone (over upstream-lpm) to see which tier does what")
     parser.add_argument("--model", default=None, help="model dir (default: a freshly generated tiny MoE)")
+    parser.add_argument("--from-records", default=None, metavar="DIR",
+                        help="no server: rebuild the report from the replay records a --record run wrote to DIR")
 
 
 def _request_sets(names, n: int, rate: float, block_tokens: int, max_input: int):
@@ -119,25 +122,75 @@ def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir
 
                 print(f"[live] {deployment} {request_set.name} at {load:g}x = {rate:.3f} req/s", file=sys.stderr)
                 runs = live_ab.run_ab(servers, arms, request_set, plan["repeats"], record=record)
-                summaries = {name: r.summaries for name, r in runs.items()}
-                entry = {
-                    "source": request_set.source, "requests": len(request_set),
-                    "reusable_block_fraction": round(request_set.reusable_block_fraction(), 4),
-                    "ratios": compare_arms(summaries, live_arms.TIERSCHED),
-                    "request_ratios": request_level_ratios({n: r.results for n, r in runs.items()
-                                                            if not n.startswith(live_arms.TIERSCHED + "-")},
-                                                           live_arms.TIERSCHED),
-                    "runs": summaries,
-                }
-                ablation = {name: compare_arms({k: v for k, v in summaries.items()
-                                                if not k.startswith(live_arms.TIERSCHED) or k == name}, name)
-                            for name in summaries if name.startswith(live_arms.TIERSCHED + "-")}
-                if ablation:
-                    entry["ablation_ratios"] = ablation
+                entry = ab_entry({n: r.summaries for n, r in runs.items()}, {n: r.results for n, r in runs.items()})
+                entry.update({"source": request_set.source, "requests": len(request_set),
+                              "reusable_block_fraction": round(request_set.reusable_block_fraction(), 4)})
+                died = [n for n, r in runs.items() if r.died]
+                if died:
+                    entry["servers_died"] = died
                 block["sets"][request_set.name] = entry
             out["loads"].append(block)
+            if any("servers_died" in e for e in block["sets"].values()):
+                out["stopped"] = "a server died; later loads not run (see servers_died)"
+                break
     out["sets"] = out["loads"][0]["sets"] if out["loads"] else {}
     return out
+
+
+def ab_entry(summaries: dict[str, list[dict]], results: dict[str, list[list]]) -> dict:
+    """One (deployment, load, set) table: per-run ratios, per-request ratios, per-arm run summaries."""
+    ours = live_arms.TIERSCHED
+    entry = {"ratios": compare_arms(summaries, ours),
+             "request_ratios": request_level_ratios({n: r for n, r in results.items()
+                                                     if not n.startswith(ours + "-")}, ours),
+             "runs": summaries}
+    ablation = {name: compare_arms({k: v for k, v in summaries.items() if not k.startswith(ours) or k == name}, name)
+                for name in summaries if name.startswith(ours + "-")}
+    if ablation:
+        entry["ablation_ratios"] = ablation
+    return entry
+
+
+RECORD_NAME = re.compile(r"^(?P<dep>[^-]+)-(?P<set>.+?)(?:-x(?P<load>[0-9.]+))?-(?P<arm>upstream-[a-z]+|tiersched(?:-[a-z]+-only)?)"
+                         r"-r(?P<rep>\d+)\.jsonl$")
+
+
+def from_records(record_dir: str, deployments) -> dict:
+    """The report rebuilt from `--record` files (no server): same tables and headline fields, e.g. for a run whose
+    process ended early. Records carry every request's outcome; run wall times are not recorded."""
+    from tiersched.live.replay import read_record, results_from_rows
+
+    found: dict = {}
+    for path in sorted(Path(record_dir).glob("*.jsonl")):
+        m = RECORD_NAME.match(path.name)
+        if not m or (deployments and m["dep"] not in deployments):
+            continue
+        meta, rows = read_record(path)
+        load = meta.get("load", float(m["load"]) if m["load"] else None)
+        key = (m["dep"], load, m["set"])
+        found.setdefault(key, {}).setdefault(m["arm"], {})[int(m["rep"])] = (meta, results_from_rows(rows))
+    if not found:
+        raise SystemExit(f"no records in {record_dir}" + (f" for {', '.join(deployments)}" if deployments else ""))
+    report: dict = {"from_records": record_dir, "deployments": {}}
+    repeats = set()
+    for (dep, load, set_name), arms in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        results = {arm: [reps[i][1] for i in sorted(reps)] for arm, reps in arms.items()}
+        repeats.update(len(r) for r in results.values())
+        summaries = {arm: [summarize(r) for r in runs] for arm, runs in results.items()}
+        meta = next(iter(next(iter(arms.values())).values()))[0]
+        entry = ab_entry(summaries, results)
+        entry.update({"source": meta.get("source"), "requests": len(next(iter(results.values()))[0])})
+        dep_out = report["deployments"].setdefault(dep, {"loads": []})
+        block = next((b for b in dep_out["loads"] if b["load"] == load), None)
+        if block is None:
+            block = {"load": load, "rate_req_s": meta.get("rate_req_s"), "sets": {}}
+            dep_out["loads"].append(block)
+        block["sets"][set_name] = entry
+    for dep_out in report["deployments"].values():
+        dep_out["sets"] = dep_out["loads"][0]["sets"]
+    report["repeats"] = max(repeats) if repeats else 0
+    report["load"] = None
+    return report
 
 
 def _exit_on_sigterm() -> None:
@@ -169,6 +222,11 @@ def main(args) -> int:
         plan["loads"] = [args.load]
     if args.sets:
         plan["sets"] = [x.strip() for x in args.sets.split(",") if x.strip()]
+    if args.from_records:
+        report = from_records(args.from_records, plan["deployments"] if args.deployments else None)
+        _headlines(report)
+        print(json.dumps(report) if args.json else json.dumps(report, indent=1))
+        return 1 if report["errors"] or report["lost"] else 0
     if args.replay and not args.record:
         args.record = tempfile.mkdtemp(prefix="tiersched-live-records-")
     t0 = time.monotonic()

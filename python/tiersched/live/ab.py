@@ -34,6 +34,7 @@ class ArmRuns:
     summaries: list[dict] = field(default_factory=list)
     results: list[list[RequestResult]] = field(default_factory=list)
     log_tail: str = ""
+    died: bool = False  # the arm's server exited during the runs (its unanswered requests count as lost)
 
 
 def check_tiers(server: Server, arm: live_arms.Arm) -> None:
@@ -130,9 +131,13 @@ def run_ab(servers: dict[str, Server], arms: Sequence[live_arms.Arm], request_se
                   f"cached {summary['cached_tokens']} errors {summary['errors']} lost {summary['lost']} "
                   f"({summary['wall_s']} s)", file=sys.stderr)
     for name, srv in servers.items():
+        if name not in runs:
+            continue
         runs[name].log_tail = srv.log_tail(40)
         if not srv.alive():
-            raise RuntimeError(f"server of arm {name} died during the runs; log tail:\n{runs[name].log_tail}")
+            runs[name].died = True
+            print(f"[live] server of arm {name} died during the runs (log {srv.log_path}); log tail:\n"
+                  f"{runs[name].log_tail}", file=sys.stderr)
     return runs
 
 

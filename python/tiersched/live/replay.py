@@ -45,7 +45,8 @@ def write_record(path: str | Path, meta: dict, request_set: RequestSet, results:
                 "input_tokens": len(req.input_ids), "output_tokens": req.output_len, "priority": req.priority,
                 "cls": req.cls, "prefix_blocks": list(req.prefix_blocks), "dp_rank": res.dp_rank,
                 "success": res.success, "ttft_s": res.ttft, "latency_s": res.latency, "tpot_s": res.tpot,
-                "cached_tokens": res.cached_tokens,
+                "cached_tokens": res.cached_tokens, "finished": res.finished, "error": res.error,
+                "completion_tokens": res.completion_tokens,
             }) + "\n")
 
 
@@ -61,6 +62,21 @@ def read_record(path: str | Path) -> tuple[dict, list[dict]]:
     if not meta:
         raise ValueError(f"{path} has no meta line; it is not a live-run record.")
     return meta, rows
+
+
+def results_from_rows(rows: Sequence[dict]) -> list[RequestResult]:
+    """The driver's results back from a record's request rows. Records written before `finished` was kept count
+    a failed request as lost (never answered)."""
+    out = []
+    for r in rows:
+        ok = bool(r["success"])
+        out.append(RequestResult(
+            r["rid"], r["cls"], int(r["priority"]), int(r["input_tokens"]), int(r["output_tokens"]),
+            sent_s=float(r["arrival_s"]), success=ok, finished=bool(r.get("finished", ok)), error=r.get("error") or "",
+            ttft=float(r["ttft_s"] or 0.0), latency=float(r["latency_s"] or 0.0),
+            completion_tokens=int(r.get("completion_tokens", r["output_tokens"] if ok else 0)),
+            cached_tokens=int(r["cached_tokens"] or 0), dp_rank=r["dp_rank"]))
+    return out
 
 
 def live_metrics(rows: Sequence[dict]) -> dict:
