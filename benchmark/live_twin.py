@@ -3,7 +3,8 @@
 Reads the replay records `python -m tiersched.bench live ... --record DIR` wrote (one JSONL per deployment, set,
 load, arm and repeat), replays each tiersched record through `tiersched.live.replay.replay` (same arrivals,
 lengths, priorities and prefix blocks on the `cpu-tiny` preset, every arm's policies as counterfactuals) and
-prints, per set/load, the live per-arm means over repeats next to the simulated ones, and the simulated ratios
+prints, per set/load, the live per-arm means over repeats (runs with a failed or lost request left out) next to
+the simulated ones, and the simulated ratios
 tiersched vs each upstream arm (> 1 = tiersched better) that the live ratios can be held against.
 
     .venv/bin/python benchmark/live_twin.py DIR [--deployment dpattn] [--repeats 2] [--json]
@@ -37,10 +38,13 @@ def _ratio(ours, base, metric):
 
 def twin(record_dir: str, deployment: str, repeats: int) -> dict:
     records: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    skipped: list[str] = []  # runs with a failed or lost request (e.g. the server died): not a fair comparison
     for path in sorted(Path(record_dir).glob(f"{deployment}-*.jsonl")):
         m = NAME.match(path.name)
-        if m:
+        if m and all(r["success"] for r in read_record(path)[1]):
             records[m["set"]][m["arm"]].append(path)
+        elif m:
+            skipped.append(path.name)
     if not records:
         raise SystemExit(f"no {deployment} records in {record_dir}")
     out = {}
@@ -51,7 +55,8 @@ def twin(record_dir: str, deployment: str, repeats: int) -> dict:
         sims = [s for s in sims if s.get("status") == "ok"]
         simulated = {arm: {k: _mean([s["simulated"][arm].get(k) for s in sims]) for k in METRICS}
                      for arm in ARM_POLICIES} if sims else {}
-        entry = {"live": live, "simulated": simulated, "replayed_records": len(sims),
+        entry = {"live": live, "simulated": simulated, "replayed_records": len(sims), "skipped_records": skipped,
+                 "live_records": {arm: len(paths) for arm, paths in arms.items()},
                  "ratios": {}}
         for base in (a for a in ARM_POLICIES if a != "tiersched"):
             entry["ratios"][base] = {
