@@ -24,15 +24,16 @@ def _results(rng, repeats, n_ls, n_be=30):
             "tiersched": [_run(rng, (0.1, 0.2), (0.2, 0.3), n_ls, n_be) for _ in range(repeats)]}
 
 
-@pytest.mark.parametrize("n_ls, stat", [(70, "p95"), (20, "p75"), (6, None)])
-def test_ls_tail_statistic_follows_the_sample_size(n_ls, stat):
-    req = request_level_ratios(_results(np.random.default_rng(0), 3, n_ls), "tiersched")
-    if stat is None:  # 18 LS samples per arm: no quantile is quoted
+@pytest.mark.parametrize("n_ls, repeats, stat", [(70, 3, "p95"), (6, 3, "p95"), (250, 4, "p99"), (0, 3, None)])
+def test_ls_tail_statistic_follows_the_sample_size(n_ls, repeats, stat):
+    req = request_level_ratios(_results(np.random.default_rng(0), repeats, n_ls), "tiersched")
+    if stat is None:  # no LS request at all: no tail
         assert "ls_ttft_tail" not in req
     else:
         assert req["ls_ttft_tail"]["vs_best"]["stat"] == stat
         assert req["ls_ttft_tail"]["best_upstream"] == "upstream-priority"  # the faster LS arm is the bar
-    assert req["ttft_mean"]["best_upstream"] == "upstream-lpm"
+    # BE requests are faster on upstream-lpm, LS ones on upstream-priority: the mix decides the better mean
+    assert req["ttft_mean"]["best_upstream"] == ("upstream-lpm" if n_ls <= 70 else "upstream-priority")
 
 
 def test_headline_fields_from_a_report():

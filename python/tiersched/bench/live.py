@@ -6,7 +6,7 @@ bursts of 20 requests sent at once: completions per second), and the shared-pref
 LS/BE mix; synthetic without ../shared) is replayed at each of `--loads` × capacity on every arm, alternating runs
 (A B C, C B A, ...). Headline JSON fields, all against the upstream arm best on that metric, > 1 = tiersched better:
 `ttft_ratio` (mean TTFT over all requests, upstream ÷ ours) and `ls_ttft_ratio` (LS-class TTFT at `ls_ttft_stat`:
-P95 from 200 LS samples per arm, P99 from 1,000, fewer samples a lower quantile, tiersched.live.stats), each with
+P95, P99 from 1,000 LS samples per arm, the project's tail rule), each with
 `*_ci95` (95% bootstrap interval, requests resampled within each repeat) and `*_p_value` (one-sided bootstrap)
 plus `*_mannwhitney_p` (one-sided Mann-Whitney U over the pooled per-request TTFTs); `cached_tokens_ratio` (ours ÷
 upstream cached tokens, geometric mean of paired repeats); `repeats`, `load` (multiple of the measured capacity)

@@ -224,8 +224,8 @@ def compare(groups: dict[str, dict[str, Group]], ours: str) -> dict:
                 if s is None:
                     continue
                 q = stats.tail_quantile(min(sum(map(len, a)), sum(map(len, s)))) if tail else None
-                if tail and (q is None or q == 50.0):
-                    continue  # too few samples for a tail: the mean and median say it all
+                if tail and q is None:
+                    continue
                 r = stats.request_ratio(a, s, q=q, lower_is_better=True)
                 if r is not None:
                     per[b] = r

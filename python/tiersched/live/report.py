@@ -127,8 +127,8 @@ def request_level_ratios(results: dict[str, Sequence[Sequence[RequestResult]]], 
     """Per-request A/B statistics over every repeat pooled (tiersched.live.stats.request_ratio: ratio > 1 = ours
     better, 95% bootstrap interval resampling requests within each repeat, one-sided p-values).
 
-    Keys: `ttft_mean` (all requests), `ls_ttft_mean`, `ls_ttft_tail` (the LS class at the highest quantile the
-    sample-size rule allows for the smaller arm: P99 from 1,000 samples, P95 from 200, ...), `tpot_mean`. Each:
+    Keys: `ttft_mean` (all requests), `ls_ttft_mean`, `ls_ttft_tail` (the LS class at the quantile the
+    project's tail rule allows for the smaller arm: P99 from 1,000 samples, else P95), `tpot_mean`. Each:
     upstream arm -> ratio dict, plus `best_upstream` / `vs_best` (the upstream arm with the lowest ratio)."""
     from tiersched.live import stats
 

@@ -3,9 +3,8 @@
 Orientation is the one of tiersched.live.report: a ratio is > 1 when ours is better (`lower_is_better` metrics
 such as latency: baseline ÷ ours; otherwise ours ÷ baseline).
 
-Sample-size rule for tails: quantile q is quoted only when at least `TAIL_SAMPLES_BEYOND` (10) samples lie beyond
-it, i.e. n >= 10 / (1 - q): P99 from 1,000 samples per arm, P95 from 200, P90 from 100, P75 from 40, the median
-from 20. `tail_quantile(n)` returns the highest of those that n allows (or None below 20).
+Sample-size rule for tails: the project's one rule (tiersched.bench.stats.tail_percentile): P99 only where the
+smaller arm has at least 1,000 samples, else P95. `tail_quantile(n)` applies it (None without a sample).
 
 Intervals are percentile bootstraps. Per-request samples are resampled within each repeat (stratified), so a run
 that was slow as a whole stays one run's worth of samples; per-run values are resampled by repeat index, paired
@@ -20,18 +19,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-TAIL_SAMPLES_BEYOND = 10
-TAIL_QUANTILES = (99.0, 95.0, 90.0, 75.0, 50.0)
 BOOTSTRAP_REPLICATES = 2000
 CI_LEVEL = 0.95
 
 
 def tail_quantile(n: int) -> float | None:
-    """The highest quantile (percent) in TAIL_QUANTILES with at least TAIL_SAMPLES_BEYOND samples beyond it."""
-    for q in TAIL_QUANTILES:
-        if n * (1.0 - q / 100.0) >= TAIL_SAMPLES_BEYOND - 1e-9:
-            return q
-    return None
+    """The tail quantile (percent) `n` samples per arm allow: 99 from 1,000, else 95; None for no sample."""
+    from tiersched.bench.stats import tail_percentile
+
+    return float(tail_percentile(n)) if n > 0 else None
 
 
 def stat_name(q: float | None) -> str:
