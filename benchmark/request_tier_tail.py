@@ -34,8 +34,8 @@ def _logged_run(preset, work, policies, seed):
     steps: dict[float, dict] = {}  # keyed by start time: all ranks of one lockstep step share it
     orig_schedule, orig_finish = rank_mod.RankState.schedule_prefill, rank_mod.RankState.finish_prefill
 
-    def schedule(self, now_s):
-        batch = orig_schedule(self, now_s)
+    def schedule(self, now_s, budget=None):
+        batch = orig_schedule(self, now_s, budget)
         if batch:
             step = steps.setdefault(now_s, {"start": now_s, "end": None, "batches": {}, "signal": {}})
             step["batches"][self.rank] = list(batch)

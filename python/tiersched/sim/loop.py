@@ -24,6 +24,7 @@ from tiersched.core.engine import DispatchRequest, RankLoad
 from tiersched.core.expert import ExpertStats
 from tiersched.core.expert.metrics import expert_pressure
 from tiersched.sim.cost_model import StepCostModel
+from tiersched.sim.lockstep import arrival_rates, make_planner, rank_summary, run_lockstep_free
 from tiersched.sim.metrics import SimResult, build_result
 from tiersched.sim.moe_routing import MoeRouting, make_routing, token_probs
 from tiersched.sim.policies import PolicySet, make_dispatcher, make_eplb, make_ordering, make_preemption
@@ -87,6 +88,8 @@ class Simulation:
         self.drifts = 0
         self.last_refresh = -np.inf
         self._ls_signal_setup()
+        self.planner = make_planner(policies.step_plan, preset, self.cost)
+        self.plans = 0  # steps the lockstep step plan shaped
 
     # ---- engine tier ----------------------------------------------------------------------------------------
     def _pressure(self) -> np.ndarray:
@@ -209,6 +212,18 @@ class Simulation:
         for rs in self.ranks:
             rs.group_ls_waiting = rs.ordering.observe_group_ls_waiting(best, self.now)
 
+    def _plan_budgets(self) -> list:
+        """Each rank's prefill budget from the group's step plan (None: upstream's budgets)."""
+        if self.planner is None or not any(rs.waiting or rs.chunked is not None for rs in self.ranks):
+            return [None] * len(self.ranks)
+        rates = arrival_rates(self.table, self.now, len(self.ranks))
+        plan = self.planner.plan([rank_summary(rs, rs.ordering.ls_priority, rates[r])
+                                  for r, rs in enumerate(self.ranks)])
+        if not plan.planned:
+            return [None] * len(self.ranks)
+        self.plans += 1
+        return list(plan.budgets)
+
     def _report_pending_first_tokens(self, ranks, batches, first_step_s: float) -> None:
         """cpu-tiny: first tokens of the last prefill on a rank are reported when this step ends on that rank."""
         for r, (rs, batch) in enumerate(zip(ranks, batches)):
@@ -268,8 +283,9 @@ class Simulation:
             if self.ls_signal_lag == 0:
                 self._publish_ls_signal()
             # A rank with nothing waiting and no chunk in flight cannot prefill: skip PrefillAdder entirely.
-            batches = [rs.schedule_prefill(self.now) if (rs.waiting or rs.chunked is not None) else []
-                       for rs in ranks]
+            budgets = self._plan_budgets()
+            batches = [rs.schedule_prefill(self.now, budgets[r]) if (rs.waiting or rs.chunked is not None) else []
+                       for r, rs in enumerate(ranks)]
             if self.ls_signal_lag == 1:  # gathered with this step's batch, used by the next step's scheduling
                 self._publish_ls_signal(batches)
             any_prefill = any(batches)
@@ -347,10 +363,11 @@ class Simulation:
 def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed: int = 0,
              duration_s: float | None = None, *, ideal_balance: bool = False, routing: MoeRouting | None = None,
              record_timeline: bool = True, co_busy: np.ndarray | None = None,
-             record_busy: bool = False, seen_prefill_shapes=None) -> SimResult:
+             record_busy: bool = False, seen_prefill_shapes=None, lockstep_free: bool = False) -> SimResult:
     """Simulate `workload` on `preset` (a Preset or its name) under `policies`; deterministic for a seed.
     co_busy / record_busy: host-CPU contention of a per-rank replay (see the module docstring);
-    seen_prefill_shapes: per rank, prefill token counts already run before the workload (cpu-tiny new-shape cost)."""
+    seen_prefill_shapes: per rank, prefill token counts already run before the workload (cpu-tiny new-shape cost);
+    lockstep_free: the reference bound without lockstep, each rank on its own clock (sim/lockstep.run_lockstep_free)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     policies = policies or PolicySet()
     if duration_s is not None:
@@ -359,7 +376,7 @@ def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed
     start = time.perf_counter()
     sim = Simulation(preset, workload, policies, seed, ideal_balance, routing, record_timeline, co_busy, record_busy,
                      seen_prefill_shapes)
-    sim.run()
+    run_lockstep_free(sim) if lockstep_free else sim.run()
     wall = time.perf_counter() - start
     result = build_result(sim, wall)
     if sim.busy is not None:

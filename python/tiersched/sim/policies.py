@@ -58,6 +58,8 @@ class PolicySet:
     dispatch: Any = "round_robin"
     eplb: Any = "none"
     expert_feedback: bool = False  # publish expert_pressure in RankLoad (dispatch may use it)
+    # Lockstep step plan of the DP-attention group (sim/lockstep.make_planner): "none", "tiersched" or a StepPlanner.
+    step_plan: Any = "none"
 
     def label(self) -> str:
         def name(x):
@@ -65,7 +67,8 @@ class PolicySet:
 
         dispatch = self.dispatch if isinstance(self.dispatch, str) else self.dispatch.name  # a Dispatcher
         parts = [name(self.ordering), dispatch, name(self.eplb)]
-        return "/".join(parts) + ("+feedback" if self.expert_feedback else "")
+        plan = "" if self.step_plan in (None, False, "none") else "+plan"
+        return "/".join(parts) + ("+feedback" if self.expert_feedback else "") + plan
 
 
 def make_ordering(spec: Any, preset) -> OrderingPolicy:

@@ -280,7 +280,7 @@ class RankState:
         self.preemption_events += 1
         return True
 
-    def schedule_prefill(self, now_s: float) -> list[tuple[int, int, int]]:
+    def schedule_prefill(self, now_s: float, plan_tokens: int | None = None) -> list[tuple[int, int, int]]:
         """Build this step's prefill batch: [(rid, extend_tokens, prefix_tokens_before)] (empty: decode).
 
         As upstream's _get_new_batch_prefill_raw: nothing while the batch is full (unless a chunk runs);
@@ -288,7 +288,8 @@ class RankState:
         `chunk_limit` when it `limits_chunks`, upstream's shortest_prefill_chunk_limit seam); then waiting requests
         in order until a budget is spent: when the slots are full the preemption policy must make room for each
         further one; a request that does not fit (NO_TOKEN) ends the pass and marks the batch full. Only one
-        chunked request at a time."""
+        chunked request at a time. `plan_tokens`: this rank's prefill tokens in the lockstep step plan
+        (core/request/step_plan.py), a cap on both compute budgets (None: upstream's budgets)."""
         t, s = self.t, self.s
         batch: list[tuple[int, int, int]] = []
         if self.preemption is not None or not self.running:
@@ -300,7 +301,10 @@ class RankState:
             return batch
         ordering = self.ordering
         snaps, matched = self._ordered_waiting(now_s) if self.waiting else ([], [])
-        budget = PrefillPassBudget(s.max_prefill_tokens, s.chunked_prefill_size, self._reserved_decode())
+        rem_input, rem_chunk = s.max_prefill_tokens, s.chunked_prefill_size
+        if plan_tokens is not None:
+            rem_input, rem_chunk = min(rem_input, plan_tokens), min(rem_chunk, plan_tokens)
+        budget = PrefillPassBudget(rem_input, rem_chunk, self._reserved_decode())
         allocated = 0  # tokens this pass allocated already (upstream allocates when the batch is built)
 
         def free() -> int:

@@ -12,12 +12,13 @@ aligned). For each B every rank with prefill demand gets b_r = min(demand_r, B) 
 max over ranks is not set by one rank), and the step time S(b) is predicted by a `StepTimeModel`. The plan takes
 the B that minimises the predicted delay per prefill token of the step:
 
-    J(B) = [ S(b) * (W + D_prefilling + (w_ls - 1) * LS) + D_decoding * (S(b) - S_decode) ] / sum_r b_r
+    J(B) = [ S(b) * (W + D_prefilling + (w_ls - 1) * LS) + D_decoding * (S(b) - S_decode)
+             + lambda * S(b)^2 / 2 ] / sum_r b_r
 
   W: requests waiting on prefilling ranks (they wait the whole step), D_prefilling: running requests on ranks that
   prefill (no decode token this step), LS: waiting latency-sensitive requests (weight `plan_ls_weight`),
   D_decoding: running requests on ranks that decode (their step is stretched from S_decode, the all-decode step,
-  to S(b)). Below the cost model's "knee" (prefill tokens that ride under the step's weight-bound floor) S(b) is
+  to S(b)), lambda: the group's recent arrival rate (an arrival waits on average S/2 for the step to end). Below the cost model's "knee" (prefill tokens that ride under the step's weight-bound floor) S(b) is
   flat and J falls with B; past it the stretch of the decoding ranks grows with B, so a large decode batch shrinks
   the chunk, a prefill-bound group (many waiters, few decodes) grows it, and a rank whose demand is short keeps
   the others' chunks short (equalisation). While LS work waits anywhere, candidates are capped at the LS
@@ -57,6 +58,7 @@ class RankStepSummary:
     decode_context: int = 0  # their total context tokens (KV read per decode step)
     kv_room_tokens: int = 0  # KV tokens a new admission may take now (free + evictable - reserved decode)
     slot_room: int = 0  # running-request slots free
+    arrival_rate: float = 0.0  # requests per second recently received by this rank (arrivals wait out the step)
 
     def demand(self) -> int:
         """Tokens this rank could prefill this step: the chunk's remainder, plus new admissions within KV room and
@@ -259,7 +261,10 @@ def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_ch
     weight_pref = ((waiting + dcount + (ls_weight - 1.0) * ls)[None, :] * prefilling).sum(axis=1)  # [K]
     ls_elsewhere = ((ls_weight * ls)[None, :] * ~prefilling).sum(axis=1)  # LS waiting on a rank that cannot prefill
     decoding = (dcount[None, :] * ~prefilling).sum(axis=1)
-    cost = step * (weight_pref + ls_elsewhere) + decoding * np.maximum(step - s_decode, 0.0)
+    # Requests arriving during the step wait on average half of it before they can be scheduled.
+    arrivals = float(sum(max(0.0, s.arrival_rate) for s in ranks))
+    cost = (step * (weight_pref + ls_elsewhere) + decoding * np.maximum(step - s_decode, 0.0)
+            + arrivals * step * step / 2.0)
     per_token = cost / np.maximum(budgets.sum(axis=1), 1.0)
     best = int(np.argmin(per_token))  # first minimum: the smallest chunk among equals
     chosen = tuple(int(b) for b in budgets[best])

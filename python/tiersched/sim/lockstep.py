@@ -1,0 +1,165 @@
+"""The simulator side of lockstep step planning (tiersched.core.request.step_plan).
+
+`prior_model(cost)`: the planner's step-time model for a deployment, fitted with the core's `fit_roofline` to
+the simulator's own step-cost model over random steps: the same fit a live server runs on its measured step
+timings (the simulator's model is the prior there). `summaries(ranks)`: each rank's `RankStepSummary`, built
+from the rank's state exactly where the loop forms batches. `make_planner(spec, preset, cost)`: the `PolicySet.
+step_plan` value -> a `StepPlanner` (or None).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tiersched.core.request import RequestTierConfig
+from tiersched.core.request.step_plan import RankStepSummary, RooflineStepModel, StepPlanner, fit_roofline
+
+PRIOR_SAMPLES = 600
+
+
+def sample_steps(cost, samples: int = PRIOR_SAMPLES, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Random lockstep steps priced by the simulator's StepCostModel `cost`: (tokens, pairs, decode count, decode
+    context, seconds), arrays [N, R] and [N]. Each rank prefills (1..upstream chunk tokens, a prefix up to 16k),
+    decodes (1..max_running requests, 100..8000 tokens of context each) or idles."""
+    preset = cost.preset
+    r = preset.dp
+    rng = np.random.default_rng(seed)
+    chunk = preset.scheduler.chunked_prefill_size
+    mode = rng.choice(3, size=(samples, r), p=[0.45, 0.45, 0.10])  # 0 prefill, 1 decode, 2 idle
+    tokens = np.where(mode == 0, np.rint(np.exp(rng.uniform(0, np.log(chunk), (samples, r)))), 0.0)
+    prefix = np.where(rng.uniform(size=(samples, r)) < 0.5, 0.0, rng.uniform(0, 16_384, (samples, r)))
+    pairs = tokens * (prefix + (tokens + 1) / 2)
+    count = np.where(mode == 1, rng.integers(1, preset.scheduler.max_running_requests + 1, (samples, r)), 0)
+    ctx = count * rng.uniform(100, 8000, (samples, r))
+    seconds = np.empty(samples)
+    for i in range(samples):
+        step_tokens = np.where(tokens[i] > 0, tokens[i], count[i]).astype(float)
+        seconds[i] = float(cost.step_times(step_tokens, pairs[i], ctx[i])[0][0])
+    return tokens, pairs, count.astype(float), ctx, seconds
+
+
+def prior_model(cost, samples: int = PRIOR_SAMPLES, seed: int = 0) -> RooflineStepModel:
+    """The planner's model of this deployment: `fit_roofline` over `sample_steps` of the simulator's cost model."""
+    return fit_roofline(*sample_steps(cost, samples, seed))
+
+
+def make_planner(spec, preset, cost, config: RequestTierConfig | None = None) -> StepPlanner | None:
+    """PolicySet.step_plan -> planner: "none"/None/False -> None; "tiersched"/True -> a StepPlanner with the
+    prior model and the [request] plan tunables; a StepPlanner object -> itself."""
+    if isinstance(spec, StepPlanner):
+        return spec
+    if spec in (None, False, "none"):
+        return None
+    if spec not in (True, "tiersched"):
+        raise ValueError(f"unknown step_plan {spec!r}; use none, tiersched or a StepPlanner.")
+    if preset.dp <= 1:
+        return None  # no lockstep group: upstream's budgets exactly
+    cfg = config or RequestTierConfig()
+    return StepPlanner(prior_model(cost), min_chunk_tokens=cfg.min_chunk_tokens, ls_weight=cfg.plan_ls_weight,
+                       ls_chunk_tokens=cfg.be_chunk_tokens)
+
+
+ARRIVAL_WINDOW_S = 1.0
+
+
+def arrival_rates(table, now_s: float, dp: int, window_s: float = ARRIVAL_WINDOW_S) -> np.ndarray:
+    """Requests per second each rank received over the last `window_s` seconds ([R])."""
+    lo, hi = np.searchsorted(table.arrival, [now_s - window_s, now_s], side="right")
+    ranks = table.rank[lo:hi]
+    return np.bincount(ranks[ranks >= 0], minlength=dp)[:dp] / window_s
+
+
+def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> RankStepSummary:
+    """The summary a rank publishes: its chunk, its waiting queue's uncached tokens (prefix-cache matches taken
+    now, summed only until the upstream budget is covered), running decodes, KV and slot room."""
+    t, s = rs.t, rs.s
+    upstream = min(s.chunked_prefill_size, s.max_prefill_tokens)
+    chunk_tokens = chunk_prefix = 0
+    ls = ls_tokens = 0
+    if rs.chunked is not None:
+        chunk_tokens = int(t.fill_len[rs.chunked] - t.prefilled[rs.chunked])
+        chunk_prefix = int(t.prefilled[rs.chunked])
+        if ls_priority is not None and t.priority[rs.chunked] >= ls_priority:
+            ls, ls_tokens = 1, chunk_tokens
+    waiting_tokens = 0
+    bt = rs.cache.block_tokens
+    for rid in rs.waiting:
+        is_ls = ls_priority is not None and t.priority[rid] >= ls_priority
+        if waiting_tokens >= upstream and not is_ls:
+            continue
+        blocks = t.blocks[rid]
+        cached = min(rs.cache.match(blocks) * bt, int(t.fill_len[rid]) - 1) if blocks else 0
+        uncached = int(t.fill_len[rid]) - max(0, cached)
+        waiting_tokens += uncached
+        if is_ls:
+            ls += 1
+            ls_tokens += uncached
+    decode_count = len(rs.running)
+    return RankStepSummary(
+        rank=rs.rank, upstream_budget=upstream, chunk_tokens=chunk_tokens, chunk_prefix=chunk_prefix,
+        waiting_tokens=waiting_tokens, waiting_requests=len(rs.waiting) + (rs.chunked is not None),
+        ls_waiting=ls, ls_tokens=ls_tokens, decode_count=decode_count,
+        decode_context=rs.decode_context() if decode_count else 0,
+        kv_room_tokens=int(rs.free_for_alloc() - rs._reserved_decode()),
+        slot_room=s.max_running_requests - decode_count, arrival_rate=float(arrival_rate))
+
+
+def run_lockstep_free(sim) -> None:
+    """Run `sim` (a loop.Simulation) without lockstep: the reference bound beside perfect balance.
+
+    Every rank keeps its own clock and runs its own steps back to back; a step of rank r costs the step overhead
+    + r's own attention-side work + the MoE/all-to-all time of the tokens every rank has in flight now (r's step
+    and the other ranks' current steps: MoE as it is). So no rank ever waits for another rank's attention, which
+    no DP-attention deployment can do, while each request's attention stays on its own rank (perfect balance
+    spreads it over all ranks). Arrivals are dispatched when the earliest rank clock passes them; one step at a
+    time (no macro steps); GPU presets only (no host-CPU contention or new-shape costs)."""
+    t, ranks, cost = sim.table, sim.ranks, sim.cost
+    dp, hw = len(ranks), sim.preset.hardware
+    if hw.contention_prefill or hw.contention_decode or hw.new_shape_s or hw.first_token_one_step_late:
+        raise ValueError("the lockstep-free bound models GPU presets only (no host-CPU contention or new-shape costs).")
+    clock = np.zeros(dp)
+    current = np.zeros(dp)  # tokens of each rank's step in flight (MoE load)
+    arrivals, n, nxt = t.arrival, t.n, 0
+    horizon = (arrivals[-1] if n else 0.0) + 1800.0
+    while True:
+        r = int(np.argmin(clock))
+        now = float(clock[r])
+        if now > horizon:
+            break
+        while nxt < n and arrivals[nxt] <= now:
+            sim.now = float(arrivals[nxt])
+            sim._dispatch(nxt)
+            nxt += 1
+        rs = ranks[r]
+        batch = rs.schedule_prefill(now) if (rs.waiting or rs.chunked is not None) else []
+        if not batch and rs.running:
+            rs.retract_for_decode()
+        if not batch and not rs.running:
+            current[r] = 0.0
+            if nxt < n:
+                clock[r] = max(now, float(arrivals[nxt]))
+                continue
+            if not any(q.waiting or q.running or q.chunked is not None for q in ranks):
+                break
+            clock[r] = np.inf  # idle for good; the others finish
+            continue
+        tokens = np.zeros(dp)
+        pairs = np.zeros(dp)
+        ctx = np.zeros(dp)
+        if batch:
+            tokens[r] = sum(e for _, e, _ in batch)
+            pairs[r] = sum(e * (p + (e + 1) / 2) for _, e, p in batch)
+        else:
+            tokens[r] = len(rs.running)
+            ctx[r] = rs.decode_context()
+        current[r] = tokens[r]
+        attn = float(cost.attention_time(tokens, pairs, ctx)[r])
+        moe, stats = cost.moe_time(current)
+        step = hw.step_overhead_s + attn + moe
+        clock[r] = now + step
+        sim.steps += 1
+        if batch:
+            rs.finish_prefill(batch, float(clock[r]))
+        else:
+            rs.advance_decode(1, float(clock[r]))
+    finite = clock[np.isfinite(clock)]
+    sim.now = float(finite.max()) if finite.size else sim.now
