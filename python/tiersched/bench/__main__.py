@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "plots": ("plots", "PNG plots: TTFT/TPOT CDFs, per-rank load over time, expert-load heatmap"),
     "live": ("live", "A/B runs on real upstream SGLang servers on this CPU"),
     "serving-ab": ("serving_ab", "A/B table (ratios, bootstrap CIs) from sglang.bench_serving --output-file results"),
+    "lockstep": ("lockstep", "lockstep step plan vs upstream's best chunk size, perfect-balance and lockstep-free bounds"),
 }
 # Earlier names of the tier subcommands, kept so scripts and documented checks keep working.
 ALIASES = {"request-tier": "request", "dispatch": "engine"}
