@@ -132,7 +132,7 @@ def run_lockstep_free(sim) -> None:
         rs = ranks[r]
         batch = rs.schedule_prefill(now) if (rs.waiting or rs.chunked is not None) else []
         if not batch and rs.running:
-            rs.retract_for_decode()
+            rs.retract_for_decode(now)
         if not batch and not rs.running:
             current[r] = 0.0
             if nxt < n:
