@@ -104,20 +104,22 @@ def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> Rank
 
 
 def run_lockstep_free(sim) -> None:
-    """Run `sim` (a loop.Simulation) without lockstep: the reference bound beside perfect balance.
+    """Run `sim` (a loop.Simulation) without lockstep: the reference beside the perfect-balance bound.
 
     Every rank keeps its own clock and runs its own steps back to back; a step of rank r costs the step overhead
     + r's own attention-side work + the MoE/all-to-all time of the tokens every rank has in flight now (r's step
-    and the other ranks' current steps: MoE as it is). So no rank ever waits for another rank's attention, which
-    no DP-attention deployment can do, while each request's attention stays on its own rank (perfect balance
-    spreads it over all ranks). Arrivals are dispatched when the earliest rank clock passes them; one step at a
-    time (no macro steps); GPU presets only (no host-CPU contention or new-shape costs)."""
+    and the other ranks' current steps: MoE as it is). So no rank waits for another rank's attention, which no
+    DP-attention deployment can do, while each request's attention stays on its own rank (perfect balance
+    spreads it over all ranks). Each rank's step pays a whole MoE pass, so where MoE dominates the step (many
+    ranks, e.g. deepseek-v3-32) this reference can be slower than lockstep and is no bound there. Arrivals are
+    dispatched when the earliest rank clock passes them; one step at a time (no macro steps); GPU presets only
+    (no host-CPU contention or new-shape costs)."""
     t, ranks, cost = sim.table, sim.ranks, sim.cost
     dp, hw = len(ranks), sim.preset.hardware
     if hw.contention_prefill or hw.contention_decode or hw.new_shape_s or hw.first_token_one_step_late:
         raise ValueError("the lockstep-free bound models GPU presets only (no host-CPU contention or new-shape costs).")
     clock = np.zeros(dp)
-    current = np.zeros(dp)  # tokens of each rank's step in flight (MoE load)
+    current = np.zeros(dp)  # tokens of each rank's step in flight (the MoE load every step sees)
     arrivals, n, nxt = t.arrival, t.n, 0
     horizon = (arrivals[-1] if n else 0.0) + 1800.0
     while True:
@@ -151,9 +153,9 @@ def run_lockstep_free(sim) -> None:
         else:
             tokens[r] = len(rs.running)
             ctx[r] = rs.decode_context()
-        current[r] = tokens[r]
         attn = float(cost.attention_time(tokens, pairs, ctx)[r])
-        moe, stats = cost.moe_time(current)
+        current[r] = tokens[r]
+        moe, _ = cost.moe_time(current)
         step = hw.step_overhead_s + attn + moe
         clock[r] = now + step
         sim.steps += 1
