@@ -199,6 +199,13 @@ def mixed(duration_s: float, seeds, chunks) -> dict:
 
 def summarise(result: dict) -> dict:
     rows = result["configs"]
+    out = _summary(rows)
+    out["per_preset"] = {p: _summary([r for r in rows if r["preset"] == p])
+                         for p in sorted({r["preset"] for r in rows})}
+    return out
+
+
+def _summary(rows: list[dict]) -> dict:
     loaded = [r for r in rows if r["load"] >= 0.7]
     sat = [r for r in rows if r["load"] == max(x["load"] for x in rows)]
     worst = max(rows, key=lambda r: max(r[f"loss_{m}"] for m in METRICS))
