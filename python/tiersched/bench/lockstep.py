@@ -28,6 +28,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from tiersched.bench.stats import headroom, tail_percentile
+
 PRESETS = ("qwen3-dp4ep4", "qwen3-dp2tp2ep4", "deepseek-v3-32")
 LOADS = (0.5, 0.7, 0.85, 1.0, 1.2)
 CHUNKS = (1024, 2048, 4096, 8192)
@@ -98,11 +100,6 @@ def _pool(workers: int):
     return ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("fork"))
 
 
-def _headroom(up: float, ours: float, bound: float) -> float | None:
-    gap = up - bound
-    return (up - ours) / gap if gap > 1e-12 else None
-
-
 def grid(presets, shapes, loads, seeds, chunks, duration_s: float, workers: int, progress=None) -> dict:
     with _pool(workers) as pool:
         caps = {(p, s): c for p, s, c in pool.map(_capacity, [(p, s) for p in presets for s in shapes])}
@@ -139,9 +136,9 @@ def grid(presets, shapes, loads, seeds, chunks, duration_s: float, workers: int,
             loss = (up - ours[metric]) / up if metric == "throughput" else (ours[metric] - up) / up
             row[f"loss_{metric}"] = loss
         for metric in ("ttft_mean", "tpot_mean"):
-            row[f"headroom_{metric}_ideal"] = _headroom(row[f"upstream_best_{metric}"], ours[metric],
+            row[f"headroom_{metric}_ideal"] = headroom(row[f"upstream_best_{metric}"], ours[metric],
                                                         row[f"ideal_{metric}"])
-            row[f"headroom_{metric}_free"] = _headroom(row[f"upstream_best_{metric}"], ours[metric],
+            row[f"headroom_{metric}_free"] = headroom(row[f"upstream_best_{metric}"], ours[metric],
                                                        row[f"free_{metric}"])
         row["unfinished_ours"] = ours["requests"] - ours["finished"]
         configs.append(row)
@@ -182,7 +179,7 @@ def mixed(duration_s: float, seeds, chunks) -> dict:
                                            preemption=LatencySensitivePreemption(cfg), step_plan="tiersched"),
                         seed, record_timeline=False)
         ls_ttft = ours.records["ttft"][(ours.records["class_of"] == 0) & np.isfinite(ours.records["ttft"])]
-        q = 99 if ls_ttft.size >= 1000 else 95
+        q = tail_percentile(int(ls_ttft.size))
         per_seed.append({
             "seed": seed, "ls_samples": int(ls_ttft.size), "percentile": q,
             "ls_tail_s": float(np.percentile(ls_ttft, q)), "ls_floor_s": float(np.percentile(floor_all, q)),
@@ -218,9 +215,9 @@ def _summary(rows: list[dict]) -> dict:
         # What the lockstep-free reference itself captures of the perfect-balance headroom: the most any plan of
         # a lockstep group can approach if it removed every lockstep stall and nothing else.
         "lockstep_free_share_of_headroom_tpot": _median(
-            _headroom(r["upstream_best_tpot_mean"], r["free_tpot_mean"], r["ideal_tpot_mean"]) for r in loaded),
+            headroom(r["upstream_best_tpot_mean"], r["free_tpot_mean"], r["ideal_tpot_mean"]) for r in loaded),
         "lockstep_free_share_of_headroom_ttft": _median(
-            _headroom(r["upstream_best_ttft_mean"], r["free_ttft_mean"], r["ideal_ttft_mean"]) for r in loaded),
+            headroom(r["upstream_best_ttft_mean"], r["free_ttft_mean"], r["ideal_ttft_mean"]) for r in loaded),
         "saturation_throughput_vs_bound": _median(r["ours_throughput"] / r["ideal_throughput"] for r in sat),
         "saturation_throughput_vs_lockstep_free": _median(r["ours_throughput"] / r["free_throughput"] for r in sat),
         "upstream_best_saturation_throughput_vs_bound": _median(
