@@ -250,6 +250,11 @@ def capped_be_add(original_fn, adder, req, policy: PolicyState, *args, **kwargs)
         return original_fn(adder, req, *args, **kwargs)
     if left <= 0:
         return AddReqResult.OTHER
+    has_chunked_req = kwargs.get("has_chunked_req", args[0] if args else False)
+    if has_chunked_req and _uncached_len(req) > left:
+        # The scheduler still holds a chunked request this pass (its chunk did not fit): upstream tracks one
+        # chunked request, and a second one started under the cap would hit its `assert self.chunked_req is None`.
+        return AddReqResult.OTHER
     saved = adder.rem_chunk_tokens
     adder.rem_chunk_tokens = left
     try:
@@ -257,6 +262,11 @@ def capped_be_add(original_fn, adder, req, policy: PolicyState, *args, **kwargs)
     finally:
         adder.rem_chunk_tokens = saved - (left - adder.rem_chunk_tokens)
         ls.counters.be_admissions_capped += 1
+
+
+def _uncached_len(req) -> int:
+    """Tokens `req` still has to prefill (after init_next_round_input set its prefix)."""
+    return max(0, len(req.full_untruncated_fill_ids) - req.prefix_len)
 
 
 def _extend_len(req) -> int:
