@@ -42,6 +42,10 @@ def test_sweep_is_resumable_and_reports_upstream_best_and_headroom(tmp_path, cap
     assert first["metrics"]["ttft_mean"]["headroom_captured_median"] == pytest.approx(float(np.median(heads)),
                                                                                       abs=1e-4)
     assert first["metrics"]["tpot_mean"]["against"] == "upstream-best-tpot"
+    at_chunk = [json.loads(line)["runs"]["tiersched@upstream-chunk"]["ttft_mean"] for line in lines[1:]]
+    best = [json.loads(line)["runs"]["upstream-best-ttft"]["ttft_mean"] for line in lines[1:]]
+    assert first["metrics_at_upstream_chunk"]["ttft_mean"]["median_change"] == pytest.approx(
+        float(np.median([(o - b) / b for o, b in zip(at_chunk, best)])), abs=1e-4)
     assert sweep.main(parser.parse_args(argv)) == 0  # nothing left to run: the file does not grow
     assert (tmp_path / "s.jsonl").read_text().splitlines() == lines
 

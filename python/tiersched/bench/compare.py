@@ -114,7 +114,7 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
         res = space.search(dims, list(dict.fromkeys(search_metrics.values())), run, max_passes=search_passes)
         win = {name: res.combos[res.winners[m]] for name, m in search_metrics.items()}
         rows = {name: row for name, row in _rows(win["ttft"], dims).items() if name in arms}
-        jobs, where = [], []
+        jobs, where, same = [], [], {}
         distinct = list({space.combination_key(c): c for c in win.values()}.values())
         for i, s in enumerate(scs):
             for c in distinct:
@@ -123,7 +123,12 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
                 if i > 0:  # the search seed's winner runs are in res already
                     jobs.append((scc, space.label(c, dims), space.policy_set(c), False)); where.append((key, i))
                 jobs.append((scc, space.label(c, dims), space.policy_set(c), True)); where.append(("balance", key, i))
+            first_of: dict = {}  # rows that run the same policies and flags run once (e.g. @upstream-chunk at 8192)
             for name, (pol, sched) in rows.items():
+                if (pol, sched) in first_of:
+                    same[name] = first_of[(pol, sched)]
+                    continue
+                first_of[(pol, sched)] = name
                 jobs.append((replace(s, scheduler=sched), name, pol, False)); where.append((name, i))
         _log(quiet, f"{len(res.runs)} search runs done; {len(jobs)} evaluation runs on {len(scs)} seed(s)")
         results = run_many(jobs, workers, pool)
@@ -142,6 +147,8 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
             per_seed[("balance", w[1])][w[2]] = r["metrics"]
         else:
             per_seed.setdefault(w[0], [None] * len(scs))[w[1]] = r["metrics"]
+    for name, twin in same.items():
+        per_seed[name] = per_seed[twin]
     per_seed["bound:idle-cluster"] = idle
     finished_min = min(int(m.get("finished") or 0) for k, ms in per_seed.items() if k != "bound:idle-cluster"
                        for m in ms)
@@ -241,6 +248,9 @@ def _rows(best: dict, dims) -> dict:
                                          expert_feedback=True), ours_sched),
         "vllm-dp": (PolicySet(ordering=o, dispatch="vllm-dp", eplb=e), upstream_sched),
         # Not a headline row: all three tiers at the winner's chunk size, to show what the chunk choice is worth.
+        "ordering+dispatch@upstream-chunk": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb=e),
+                                             space.scheduler_changes(dict(ours, chunked_prefill_size=best.get(
+                                                 "chunked_prefill_size", ours.get("chunked_prefill_size"))), dims)),
         "tiersched@upstream-chunk": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware"),
                                      space.scheduler_changes(dict(ours, chunked_prefill_size=best.get(
                                          "chunked_prefill_size", ours.get("chunked_prefill_size"))), dims)),
