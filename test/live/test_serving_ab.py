@@ -136,3 +136,11 @@ def test_cli_needs_ours_and_a_baseline(tmp_path, capsys):
     assert bench_main(["serving-ab", "--json", "--ours", "b", str(other)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ours"] == "b" and out["ttft_ratio"] == pytest.approx(100 / 90, rel=1e-3)
+
+
+def test_run_level_p_value_is_the_exact_sign_flip_test():
+    assert stats.sign_flip_p([2.0, 2.0, 2.0]) == pytest.approx(1 / 8)  # all pairs agree: 1 of 8 flips as extreme
+    assert stats.sign_flip_p([2.0, 0.5]) == pytest.approx(0.75)
+    r = stats.run_ratio([1.0] * 5, [2.0] * 5, lower_is_better=True)
+    assert r["p_value"] == pytest.approx(1 / 32) and r["ci95"] == [2.0, 2.0]
+    assert stats.run_ratio([1.0, 2.0], [2.0, 2.0, 3.0], lower_is_better=True)["p_value"] is None  # not paired
