@@ -168,8 +168,9 @@ async def _burst(url, n):
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def one(i):
-            body = gen(ids=[3 + i % 7] * 8 + [10 + i % 200, 11 + i % 150], max_new_tokens=4,
-                       priority=LS if i % 5 == 0 else BE)
+            # 34 tokens: a full 32-token prefix-index page that differs per request, so the engine tier indexes it
+            body = gen(ids=[3 + (i * 7 + k) % 500 for k in range(32)] + [10 + i % 200, 11 + i % 150],
+                       max_new_tokens=4, priority=LS if i % 5 == 0 else BE)
             async with session.post(url + "/generate", json=body) as r:
                 return r.status, await r.json()
 
@@ -297,6 +298,7 @@ def test_zz_after_the_run_healthy_nothing_lost_and_state_bounded(servers, name):
         assert time.monotonic() < deadline, "the DP controller logged no engine state"
         time.sleep(0.5)
     engine = json.loads(m.group(1))
+    assert engine["prefix_index_keys"] > 0, engine  # the bursts' pages were indexed: the sizes are real
     assert all(b <= engine["prefix_blocks_max_per_rank"] for b in engine["prefix_blocks_per_rank"]), engine
     assert engine["sessions"] <= engine["sessions_max"]
     assert all(c <= 64 for c in engine["pending_charges_per_rank"]), engine  # charges expire with each snapshot
