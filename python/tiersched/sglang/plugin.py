@@ -34,7 +34,8 @@ class TierAdapter:
 
 TIER_ADAPTERS: dict[str, TierAdapter] = {
     "request": TierAdapter("tiersched.sglang.request.hooks.configure",
-                           ("tiersched.sglang.request.hooks", "tiersched.sglang.request.lockstep")),
+                           ("tiersched.sglang.request.hooks", "tiersched.sglang.request.lockstep",
+                            "tiersched.sglang.request.step_plan")),
     "engine": TierAdapter("tiersched.sglang.engine.hooks.configure", ("tiersched.sglang.engine.hooks",)),
     "expert": TierAdapter("tiersched.sglang.expert.hooks.configure",
                           ("tiersched.sglang.expert.hooks", "tiersched.sglang.expert.capture")),

@@ -14,7 +14,7 @@ import time
 from tiersched.core.request import RequestTierConfig
 from tiersched.core.request.lockstep import chunk_token_limit
 from tiersched.sglang.cli_choices import add_choice
-from tiersched.sglang.request import lockstep
+from tiersched.sglang.request import lockstep, step_plan
 from tiersched.sglang.request.ordering import order_waiting_queue
 from tiersched.sglang.request.preempt import preempt
 from tiersched.sglang.request.state import (POLICY_ATTR, POLICY_NAME, STATE, PolicyState, policy_state,
@@ -145,12 +145,15 @@ def keep_first_arrival(original_fn, self, req, *args, **kwargs):
 
 def scope_prefill_pass(original_fn, self, *args, **kwargs):
     """Scheduler.get_new_batch_prefill builds this pass's PrefillAdder and runs it: for the duration, the adder
-    hooks below act for this scheduler's policy (prefix-aging: its PolicyState; any other policy: upstream)."""
+    hooks below act for this scheduler's policy (prefix-aging: its PolicyState; any other policy: upstream), and
+    the lockstep step plan's budget for this rank, if any, is its chunk budget."""
     # getattr: Scheduler.policy is set in Scheduler.__init__; a scheduler assembled without it (upstream's
     # in-process tests) reaches this method too and must run upstream's pass unchanged.
     token = _prefill_pass.set(policy_state(getattr(self, "policy", None)))
     try:
-        return original_fn(self, *args, **kwargs)
+        # The group's step plan (step_plan.py) caps this pass's chunk budget; no plan for this iteration: upstream's.
+        with step_plan.BudgetCap(self, step_plan.planned_budget(self, STATE.lockstep.iteration)):
+            return original_fn(self, *args, **kwargs)
     finally:
         _prefill_pass.reset(token)
 

@@ -36,6 +36,7 @@ import time
 import weakref
 
 from tiersched.core.request.lockstep import be_admission_budget
+from tiersched.sglang.request import step_plan
 from tiersched.sglang.request.state import POLICY_NAME, STATE, LockstepState, PolicyState, normalised_priority
 
 logger = logging.getLogger("tiersched.request_tier")
@@ -96,8 +97,25 @@ def track_iteration(original_fn, self, *args, **kwargs):
         ls.same_step_group = same_step_group(self)
         ls.same_step_decided = True
     if ls.same_step_group is not None:
-        reduce_same_step(self, ls.same_step_group)
+        if _plan_active(ls):  # one all-gather carries the LS count and the step plan's summaries (step_plan.py)
+            running_batch, last_batch = _batches(*args, **kwargs)
+            group_ls = step_plan.gather_and_plan(self, ls.same_step_group, running_batch, last_batch, _ls_test(ls),
+                                                 ls.same_step_ranks, ls.iteration, ls.config)
+            if _tier_active(ls):
+                _observe_same_step(ls, group_ls)
+        else:
+            reduce_same_step(self, ls.same_step_group)
     return original_fn(self, *args, **kwargs)
+
+
+def _batches(running_batch=None, last_batch=None, *_, **__):
+    """(running_batch, last_batch): Scheduler.get_next_batch_to_run's arguments."""
+    return running_batch, last_batch
+
+
+def _plan_active(ls: LockstepState) -> bool:
+    """The step plan is on: `[request] step_plan` under prefix-aging scheduling (every rank reads the same)."""
+    return ls.config.step_plan and _schedule_settings(ls)[0]
 
 
 def same_step_group(scheduler):
@@ -106,7 +124,8 @@ def same_step_group(scheduler):
     `require_mlp_sync`; `prepare_mlp_sync_batch_raw` gathers unless num_dp_ranks == 1 or
     `should_skip_scheduler_all_gather`); only global config is read, so every rank decides the same."""
     ls = _lockstep()
-    if not (_tier_active(ls) and ls.config.same_step_signal and scheduler.require_mlp_sync):
+    wanted = (_tier_active(ls) and ls.config.same_step_signal) or _plan_active(ls)
+    if not (wanted and scheduler.require_mlp_sync):
         return None
     # deferred: upstream's dp-attention modules import torch.distributed
     from sglang.srt.layers.dp_attention import world_dp_gather_enabled
@@ -118,8 +137,13 @@ def same_step_group(scheduler):
         return None  # only DP attention puts ranks in lockstep
     if should_skip_scheduler_all_gather(parallel.num_dp_ranks) or world_dp_gather_enabled():
         return None  # no per-iteration gather to mirror (elastic WORLD gathers resize: keep the lag-1 column)
-    logger.info("tiersched lockstep: same-step LS all-reduce over the attention-DP CPU group (%d DP ranks)",
-                parallel.num_dp_ranks)
+    ls.same_step_ranks = parallel.num_dp_ranks
+    if _plan_active(ls):
+        logger.info("tiersched lockstep: same-step step-plan all-gather over the attention-DP CPU group (%d DP "
+                    "ranks)", parallel.num_dp_ranks)
+    else:
+        logger.info("tiersched lockstep: same-step LS all-reduce over the attention-DP CPU group (%d DP ranks)",
+                    parallel.num_dp_ranks)
     return parallel.tp_group.cpu_group
 
 
@@ -143,7 +167,11 @@ def reduce_same_step(scheduler, group) -> int:
     ls = _lockstep()
     value = torch.tensor([safe_local_ls_count(scheduler)], dtype=torch.int64)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    group_ls = int(value.item())
+    return _observe_same_step(ls, int(value.item()))
+
+
+def _observe_same_step(ls: LockstepState, group_ls: int) -> int:
+    """Record this iteration's same-step group LS count (from the all-reduce or the step plan's all-gather)."""
     ls.same_step_ls, ls.reduced_at = group_ls, ls.iteration
     ls.counters.same_step_reduces += 1
     ls.counters.same_step_reduces_with_ls += group_ls > 0

@@ -112,6 +112,7 @@ class LockstepState:
     gathered_at: int = -1
     same_step_decided: bool = False  # same_step_group is decided once, at the first iteration
     same_step_group: object = None  # the process group of the same-step all-reduce, None: no reduce
+    same_step_ranks: int = 0  # DP ranks in that group
     same_step_ls: int = 0
     reduced_at: int = -1
     source: str = "hold"

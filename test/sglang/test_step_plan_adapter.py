@@ -1,0 +1,136 @@
+"""The step plan's adapter without a server: the all-gather row encoding, the budget cap, the prior."""
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiersched.core.request.step_plan import ROOFLINE_PARAMS, RankStepSummary, RooflineStepModel, plan_step
+from tiersched.sglang.request import step_plan as sp
+
+MODEL = RooflineStepModel(overhead_s=0.0034, dense_floor_s=0.0034, dense_per_token_s=1e-9, pair_s=3.4e-8,
+                          ctx_s=3.3e-7, moe_floor_s=0.0, moe_per_token_s=1.1e-5)
+
+
+def _summary_values(draw, rank):
+    values = {}
+    for f in fields(RankStepSummary):
+        if f.name == "rank":
+            continue
+        if f.type in (float, "float"):
+            values[f.name] = draw(st.floats(0, 1e6, allow_nan=False))
+        else:
+            values[f.name] = draw(st.integers(-10_000, 2**40))
+    return RankStepSummary(rank=rank, **values)
+
+
+@st.composite
+def groups(draw):
+    dp = draw(st.integers(1, 4))
+    attn_tp = draw(st.integers(1, 2))
+    summaries = [_summary_values(draw, r) for r in range(dp)]
+    ls = [draw(st.integers(0, 50)) for _ in range(dp)]
+    last = [sp.StepFeatures(draw(st.integers(0, 8192)), float(draw(st.integers(0, 2**40))), draw(st.integers(0, 256)),
+                            draw(st.integers(0, 2**30)), draw(st.integers(0, 10**9)) / 1e9) for _ in range(dp)]
+    model = draw(st.one_of(st.none(), st.builds(RooflineStepModel, *[st.floats(0, 1.0) for _ in ROOFLINE_PARAMS])))
+    return dp, attn_tp, summaries, ls, last, model
+
+
+@settings(max_examples=200, deadline=None)
+@given(groups())
+def test_rows_round_trip(group):
+    """What every rank decodes from the gathered rows is exactly what each DP rank published (summaries with their
+    rank from the row position, last steps, DP rank 0's model bit for bit; other rows' models are ignored)."""
+    dp, attn_tp, summaries, ls, last, model = group
+    rows = []
+    for r in range(dp):
+        for t in range(attn_tp):  # attn-tp ranks of one DP rank publish the same state
+            rows.append(sp.encode_row(ls[r], summaries[r], last[r], model if r == 0 else MODEL))
+    assert all(len(row) == sp.ROW_WIDTH and all(isinstance(v, int) and -2**63 <= v < 2**63 for v in row)
+               for row in rows)
+    got = sp.decode_rows(rows, dp)
+    assert got.summaries == tuple(summaries)
+    assert got.ls_counts == tuple(ls)
+    assert got.model == model
+    for a, b in zip(got.last, last):
+        assert (a.prefill_tokens, a.decode_count, a.decode_context) == (b.prefill_tokens, b.decode_count,
+                                                                        b.decode_context)
+        assert a.prefill_pairs == round(b.prefill_pairs) and a.measured_s == pytest.approx(b.measured_s, abs=1e-9)
+    # and so every rank plans the same from them
+    if model is not None:
+        assert plan_step(got.summaries, got.model) == plan_step(summaries, model)
+
+
+def test_rows_reject_wrong_shapes():
+    row = sp.encode_row(0, RankStepSummary(rank=0, upstream_budget=8), sp.StepFeatures(), None)
+    with pytest.raises(ValueError, match="width"):
+        sp.decode_rows([row[:-1], row], 2)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        sp.decode_rows([row, row, row], 2)
+    assert sp.decode_rows([row], 1).model is None
+
+
+def test_last_step_is_the_slowest_forward():
+    rows = [sp.encode_row(0, RankStepSummary(rank=0, upstream_budget=8), sp.StepFeatures(128, 8256.0, 0, 0, 0.031),
+                          MODEL),
+            sp.encode_row(0, RankStepSummary(rank=0, upstream_budget=8), sp.StepFeatures(0, 0.0, 3, 900, 0.029), None)]
+    got = sp.decode_rows(rows, 2)
+    assert got.last_step_s() == pytest.approx(0.031)
+    tok, pairs, count, ctx = got.last_arrays()
+    assert tok.tolist() == [128, 0] and count.tolist() == [0, 3] and ctx.tolist() == [0, 900]
+
+
+def test_budget_cap_applies_only_the_current_plan():
+    sched = SimpleNamespace(chunked_prefill_size=512)
+    sp.reset()
+    try:
+        plan = plan_step([RankStepSummary(rank=0, upstream_budget=512, chunk_tokens=3000, kv_room_tokens=10**6,
+                                          slot_room=8),
+                          RankStepSummary(rank=1, upstream_budget=512, decode_count=40, decode_context=40_000,
+                                          kv_room_tokens=10**6, slot_room=8)], MODEL, min_chunk_tokens=16)
+        assert plan.planned and plan.budgets[0] < 512 and plan.budgets[1] == 0
+        sp.PLAN.plan, sp.PLAN.plan_iteration, sp.PLAN.dp_rank = plan, 7, 0
+        assert sp.planned_budget(sched, 8) is None  # a stale plan is never applied
+        budget = sp.planned_budget(sched, 7)
+        assert budget == plan.budgets[0]
+        with sp.BudgetCap(sched, budget):
+            assert sched.chunked_prefill_size == budget
+        assert sched.chunked_prefill_size == 512 and sp.PLAN.budgets_applied == 1
+        sp.PLAN.dp_rank = 1  # no demand on this rank: upstream's budget stands
+        assert sp.planned_budget(sched, 7) is None
+        with sp.BudgetCap(sched, None):
+            assert sched.chunked_prefill_size == 512
+        sp.PLAN.dp_rank = 0
+        off = SimpleNamespace(chunked_prefill_size=None)  # chunked prefill off: nothing to cap
+        assert sp.planned_budget(off, 7) is None
+    finally:
+        sp.reset()
+
+
+def test_batch_features():
+    mode = lambda ext, dec: SimpleNamespace(is_extend=lambda: ext, is_decode=lambda: dec)  # noqa: E731
+    req = lambda n_in, n_out: SimpleNamespace(origin_input_ids=[0] * n_in, output_ids=[0] * n_out)  # noqa: E731
+    ext = SimpleNamespace(forward_mode=mode(True, False), extend_lens=[100, 28], prefix_lens=[0, 256])
+    f = sp.batch_features(ext)
+    assert f.prefill_tokens == 128 and f.prefill_pairs == 100 * 50.5 + 28 * (256 + 14.5)
+    dec = SimpleNamespace(forward_mode=mode(False, True), reqs=[req(10, 3), req(20, 1)])
+    f = sp.batch_features(dec)
+    assert (f.prefill_tokens, f.decode_count, f.decode_context) == (0, 2, 34)
+    assert sp.batch_features(SimpleNamespace(forward_mode=mode(False, False))) == sp.StepFeatures()
+
+
+def test_simulator_prior_prices_a_prefill_above_a_decode():
+    pytest.importorskip("tiersched.sim.presets")
+    prior = sp.simulator_prior(2, samples=200)
+    if prior is None:
+        pytest.skip("cpu-tiny preset not calibrated in this checkout")
+    z = np.zeros(2)
+    decode = prior.step_seconds(z, z, np.array([4.0, 4.0]), np.array([800.0, 800.0]))
+    prefill = prior.step_seconds(np.array([1024.0, 0.0]), np.array([1024 * 512.5, 0.0]), np.array([0.0, 4.0]),
+                                 np.array([0.0, 800.0]))
+    assert 0 < decode < prefill and math.isfinite(prefill)
