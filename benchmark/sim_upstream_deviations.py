@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
+
+import numpy as np
 
 from tiersched.bench.runner import Scenario, build_preset, build_workload
 from tiersched.sim import PolicySet, simulate
@@ -27,7 +30,12 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="qwen3")
-    ap.add_argument("--new-token-ratio", type=float, default=None, help="override the preset's new_token_ratio")
+    ap.add_argument("--new-token-ratio", type=float, default=None,
+                    help="override the preset's initial new_token_ratio (upstream: SGLANG_INIT_NEW_TOKEN_RATIO x "
+                         "--schedule-conservativeness); it still decays and resets as upstream's")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="send every request with ignore_eos (sglang.bench_serving's traffic): admission reserves "
+                         "the whole remaining output of running requests")
     ap.add_argument("--arms", default=",".join(ARMS))
     args = ap.parse_args()
     sc = Scenario(preset=args.preset, workload=args.workload, rate=args.rate, duration_s=args.duration, seed=args.seed)
@@ -35,11 +43,14 @@ def main() -> int:
     if args.new_token_ratio is not None:
         preset = preset.with_scheduler(new_token_ratio=args.new_token_ratio)
     workload = build_workload(sc)
+    if args.ignore_eos:
+        workload = replace(workload, ignore_eos=np.ones(len(workload), dtype=bool))
     for arm in args.arms.split(","):
         r = simulate(preset, workload, PolicySet(ordering=arm), seed=sc.seed, record_timeline=False)
         row = {k: r.metrics.get(k) for k in FIELDS}
         print(json.dumps({"arm": arm, "workload": sc.resolved_workload(), "rate": sc.rate, "duration_s": sc.duration_s,
-                          "new_token_ratio": preset.scheduler.new_token_ratio, **row}), flush=True)
+                          "new_token_ratio": preset.scheduler.new_token_ratio,
+                          "ignore_eos": args.ignore_eos, **row}), flush=True)
     return 0
 
 

@@ -285,7 +285,7 @@ def draw_pass(seed: int) -> dict:
         out = int(rng.choice([8, 64, 300, 5000]))
         running.append(dict(pages=pages, tail=int(rng.integers(1, 60)), output=out,
                             generated=int(rng.integers(1, min(out, 400))), prio=int(rng.integers(-15, 16)),
-                            entry=float(rng.integers(0, 30))))
+                            entry=float(rng.integers(0, 30)), ignore_eos=bool(rng.integers(0, 3) == 0)))
     for i in range(int(rng.integers(0, 9))):
         chain = chains[int(rng.integers(0, 2))]
         pages = chain[: int(rng.integers(0, len(chain) + 1))] + tuple(500 + 4 * i + k for k in range(
@@ -293,24 +293,39 @@ def draw_pass(seed: int) -> dict:
         out = int(rng.choice([1, 8, 64, 300, 5000]))
         waiting.append(dict(pages=pages, tail=int(rng.integers(1, 300)), output=out,
                             generated=int(rng.choice([0, 0, 0, min(out - 1, int(rng.integers(1, 50)))])),
-                            prio=int(rng.integers(-15, 16)), entry=float(rng.integers(0, 30))))
+                            prio=int(rng.integers(-15, 16)), entry=float(rng.integers(0, 30)),
+                            ignore_eos=bool(rng.integers(0, 3) == 0)))
     chunked = None
     if rng.integers(0, 3) == 0:
         total = int(rng.integers(40, 1500))
         chunked = dict(pages=(), tail=total, output=int(rng.choice([8, 300])), generated=0, prio=0, entry=0.0,
-                       prefilled=int(rng.integers(1, total)))
+                       prefilled=int(rng.integers(1, total)), ignore_eos=bool(rng.integers(0, 2)))
     chunk = int(rng.choice([16, 64, 256, 1024]))
     held = (len({h for ch in chains for h in ch}) * bt + sum(r["tail"] + r["generated"] for r in running)
             + (chunked["prefilled"] if chunked else 0))  # KV in use: cached pages, running requests, the chunk
     return dict(bt=bt, chains=chains, running=running, waiting=waiting, chunked=chunked,
                 capacity=held + int(rng.integers(0, 5000)), chunk=chunk,
                 max_prefill=int(rng.choice([chunk, 2 * chunk, 16384])), max_running=int(rng.integers(1, 9)),
-                ratio=float(rng.choice([0.0, 0.3, 0.7, 1.0])), threshold=int(rng.choice([0, 1, 10])),
+                # the new-token ratio: a fixed value, or upstream's tracker after this many decode steps
+                ratio=float(rng.choice([0.0, 0.3, 0.7, 1.0])), decays=int(rng.choice([-1, -1, 0, 1, 37, 599, 700])),
+                threshold=int(rng.choice([0, 1, 10])),
                 low_first=bool(rng.integers(0, 2)))
 
 
 def _pass_tokens(bt, i, r):
     return [h * bt + j for h in r["pages"] for j in range(bt)] + [TAIL_BASE + 1000 * i + j for j in range(r["tail"])]
+
+
+def _upstream_tracker(p):
+    """Upstream's NewTokenRatioTracker (from its config) after p["decays"] decode steps, or fixed at p["ratio"]."""
+    from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import NewTokenRatioTracker
+
+    tracker = NewTokenRatioTracker.from_config()
+    if p["decays"] < 0:
+        tracker.current = p["ratio"]
+    for _ in range(max(p["decays"], 0)):
+        tracker.decay_step()
+    return tracker
 
 
 def _upstream_pass(p, policy_name, priority_preemption, scheduler_mod):
@@ -337,7 +352,8 @@ def _upstream_pass(p, policy_name, priority_preemption, scheduler_mod):
         rid = f"{kind}{i}"
         toks = _pass_tokens(bt, i if kind != "c" else 99, r)
         gen = r["generated"]
-        req = Req(rid, "", array("q", toks), SamplingParams(max_new_tokens=r["output"]), priority=sign * r["prio"])
+        req = Req(rid, "", array("q", toks), SamplingParams(max_new_tokens=r["output"], ignore_eos=r["ignore_eos"]),
+                  priority=sign * r["prio"])
         req.output_ids = array("q", [7] * gen)
         req.full_untruncated_fill_ids = array("q", toks + [7] * gen)  # refresh_fill_ids' result
         req.time_stats.wait_queue_entry_time = r["entry"]
@@ -376,7 +392,7 @@ def _upstream_pass(p, policy_name, priority_preemption, scheduler_mod):
         processed_tokens_counter=0, chunked_prefill_size=p["chunk"], dynamic_chunk_sizer=None,
         tp_worker=SimpleNamespace(model_runner=SimpleNamespace(attn_backend=object())),
         get_prefill_adder_class=lambda: sp_mod.PrefillAdder, page_size=1, tree_cache=tree,
-        token_to_kv_pool_allocator=alloc, new_token_ratio_tracker=SimpleNamespace(current=p["ratio"]),
+        token_to_kv_pool_allocator=alloc, new_token_ratio_tracker=_upstream_tracker(p),
         max_prefill_tokens=p["max_prefill"], is_mixed_chunk=False,
         priority_scheduling_preemption_threshold=p["threshold"], max_prefill_bs=0,
         max_running_requests=p["max_running"],
@@ -405,12 +421,15 @@ def _sim_pass(p, ordering, preemption):
     w = Workload("pass", np.zeros(n), inputs,
                  np.array([r["output"] for _, _, r in everyone], dtype=np.int64),
                  np.array([r["prio"] for _, _, r in everyone], dtype=np.int64), np.zeros(n, dtype=np.int64),
-                 prefix_blocks=tuple(r["pages"] for _, _, r in everyone), block_tokens=bt)
+                 prefix_blocks=tuple(r["pages"] for _, _, r in everyone), block_tokens=bt,
+                 ignore_eos=np.array([r["ignore_eos"] for _, _, r in everyone], dtype=bool))
     preset = get_preset("qwen3")
     sched = replace(preset.scheduler, kv_capacity_tokens=p["capacity"], chunked_prefill_size=p["chunk"],
-                    max_prefill_tokens=p["max_prefill"], max_running_requests=p["max_running"],
-                    new_token_ratio=p["ratio"])
+                    max_prefill_tokens=p["max_prefill"], max_running_requests=p["max_running"])
     rs = RankState(0, replace(preset, scheduler=sched), RequestTable(w), ordering, preemption)
+    if p["decays"] < 0:
+        rs.token_ratio.current = p["ratio"]
+    rs.token_ratio.decay_steps(max(p["decays"], 0))
     t = rs.t
     names = [f"{k}{i}" for k, i, _ in everyone]
     for ch in p["chains"]:
@@ -542,3 +561,88 @@ def test_retracted_and_preempted_requests_go_to_the_back_with_a_new_entry_time()
     assert rs.waiting == [2, 3, 0] and rs.running == [1]  # fewest generated goes, to the back
     assert rs.t.queue_entry[0] == 7.0 and rs.t.queue_entry[2] == 1.0
     assert hrrn._arrival_processed["0"] == 500 and hrrn._arrival_processed["2"] == 0
+
+
+# ---- the new-token ratio: upstream's NewTokenRatioTracker, step by step ------------------------------------------
+
+@CASES
+@given(seed=SEEDS)
+def test_new_token_ratio_sequence_equals_upstream_tracker(seed):
+    """A random sequence of decode steps (in runs, as the simulator's macro steps advance them), retractions (the
+    estimate over the kept batch, upstream's on real Reqs) and idle resets leaves RankState's ratio exactly where
+    upstream's tracker is after each event."""
+    from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import NewTokenRatioTracker
+
+    rng = np.random.default_rng(seed)
+    theirs = NewTokenRatioTracker.from_config()
+    w = Workload("ratio", np.zeros(1), np.ones(1, dtype=np.int64), np.ones(1, dtype=np.int64),
+                 np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
+    mine = RankState(0, get_preset("qwen3"), RequestTable(w), ours.FcfsOrdering(), None).token_ratio
+    assert (mine.init, mine.min, mine.decay, mine.current) == (theirs.init, theirs.min, theirs.decay, theirs.current)
+    for _ in range(int(rng.integers(1, 12))):
+        event = int(rng.integers(0, 4))
+        if event <= 1:
+            k = int(rng.choice([1, 3, 50, 400, 900]))
+            for _ in range(k):
+                theirs.decay_step()
+            mine.decay_steps(k)
+        elif event == 2:
+            n = int(rng.integers(0, 6))
+            out = [int(x) for x in rng.integers(1, 5000, size=n)]
+            gen = [int(rng.integers(1, o + 1)) for o in out]
+            reqs = []
+            for o, g in zip(out, gen):
+                req = Req("x", "", array("q", [1, 2]), SamplingParams(max_new_tokens=o))
+                req.output_ids = array("q", [7] * g)
+                reqs.append(req)
+            theirs.current = NewTokenRatioTracker.estimate_new_token_ratio_after_retract(reqs)
+            mine.after_retract(gen, out)
+        else:
+            theirs.reset()
+            mine.reset()
+        assert mine.current == theirs.current
+
+
+def _recording_rank(monkeypatch):
+    """Record (time, ratio, waiting rids) at each prefill pass of the simulator."""
+    seen = []
+    orig = RankState.schedule_prefill
+
+    def spy(self, now_s):
+        seen.append((now_s, self.token_ratio.current, list(self.waiting), int(self.t.generated[0])))
+        return orig(self, now_s)
+
+    monkeypatch.setattr(RankState, "schedule_prefill", spy)
+    return seen
+
+
+def test_simulation_decays_per_decode_step_and_resets_when_idle(monkeypatch):
+    """Through the simulation loop (macro steps included): when request 1 arrives while request 0 decodes, the rank's
+    ratio is upstream's tracker after as many decode steps as request 0 has run (its first token came from the
+    prefill); when request 2 arrives after the DP group went idle, the ratio is back at init. ignore_eos requests
+    reserve their whole remaining output."""
+    from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import NewTokenRatioTracker
+
+    from tiersched.sim import PolicySet, simulate
+
+    seen = _recording_rank(monkeypatch)
+    w = Workload("ratio", np.array([0.0, 0.5, 100.0]), np.array([100, 100, 100]), np.array([3000, 5, 5]),
+                 np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64))
+    preset = get_preset("qwen3")
+    simulate(replace(preset, dp=1), w, PolicySet(ordering="fcfs"), record_timeline=False)
+    at_1 = next(s for s in seen if 1 in s[2])
+    decode_steps = at_1[3] - 1
+    assert decode_steps > 10  # several macro steps' worth
+    tracker = NewTokenRatioTracker.from_config()
+    for _ in range(decode_steps):
+        tracker.decay_step()
+    assert at_1[1] == tracker.current < tracker.init
+    at_2 = next(s for s in seen if 2 in s[2])
+    assert at_2[1] == tracker.init
+
+    t = RequestTable(replace(w, ignore_eos=np.array([True, False, False])))
+    rs = RankState(0, preset, t, ours.FcfsOrdering(), None)
+    rs.running = [0, 1]
+    t.generated[:2] = [1, 1]
+    rs.token_ratio.current = 0.5
+    assert rs._reserved_decode() == 2999 * 1.0 + 4 * 0.5

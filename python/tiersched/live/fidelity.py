@@ -275,7 +275,8 @@ def _workload(arrivals, inputs, outputs):
     return Workload(name="fidelity", arrival_s=np.asarray(arrivals, dtype=float),
                     input_tokens=np.asarray(inputs, dtype=np.int64),
                     output_tokens=np.asarray(outputs, dtype=np.int64),
-                    priority=np.zeros(n, dtype=np.int64), class_of=np.zeros(n, dtype=np.int64))
+                    priority=np.zeros(n, dtype=np.int64), class_of=np.zeros(n, dtype=np.int64),
+                    ignore_eos=np.ones(n, dtype=bool))  # the fidelity requests are sent with ignore_eos
 
 
 def merge_intervals(intervals: list[np.ndarray]) -> np.ndarray:

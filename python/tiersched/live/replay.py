@@ -112,6 +112,7 @@ def to_workload(meta: dict, rows: Sequence[dict]):
         class_names=CLASS_NAMES,
         prefix_blocks=tuple(tuple(r["prefix_blocks"]) for r in rows),
         block_tokens=int(meta.get("block_tokens") or 1),
+        ignore_eos=np.ones(len(rows), dtype=bool),  # the live driver sends every request with ignore_eos
         meta={"recorded_ranks": [r["dp_rank"] for r in rows]},
     ), rows
 

@@ -290,6 +290,8 @@ class Simulation:
                 self._publish_ls_signal(batches)
             any_prefill = any(batches)
             if not any_prefill and not any(rs.running for rs in ranks):
+                for rs in ranks:
+                    rs.on_group_idle()
                 if nxt >= n:
                     break
                 self.now = max(self.now, float(arrivals[nxt]))
@@ -388,4 +390,5 @@ def _head(w: Workload, n: int) -> Workload:
     cut = lambda a: None if a is None else a[:n]
     return replace(w, arrival_s=w.arrival_s[:n], input_tokens=w.input_tokens[:n], output_tokens=w.output_tokens[:n],
                    priority=w.priority[:n], class_of=w.class_of[:n], session=cut(w.session),
+                   ignore_eos=cut(w.ignore_eos),
                    prefix_blocks=w.prefix_blocks[:n] if w.prefix_blocks else ())

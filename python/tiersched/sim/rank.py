@@ -4,6 +4,8 @@ Mirrors upstream `Scheduler.get_next_batch_to_run` without mixed chunking: each 
 prefill (extend) batch built as `Scheduler._get_new_batch_prefill_raw` and `PrefillAdder` build it (page size 1;
 `PrefillPassBudget` is the adder's token arithmetic: chunked_prefill_size and max_prefill_tokens budgets, at most
 one chunked request, KV budget = free + evictable - reserved future decode of running requests x new_token_ratio
+(`NewTokenRatio`: upstream's per-scheduler ratio that decays every decode step, is set by a retraction and reset
+when the DP group idles; 1.0 for ignore_eos requests)
 - this pass's admissions; max_running_requests; the `batch_is_full` flag that stops admission until a request
 leaves) or decodes every running request one token. When the KV pool cannot hold one more token per running
 request, `retract_decode` sends requests back to the queue, fewest generated tokens first (longest input among
@@ -91,6 +93,42 @@ class PrefillPassBudget:
         return extend_total + min(max_new_tokens, CLIP_MAX_NEW_TOKENS) - (free - self.total_offset)
 
 
+@dataclass
+class NewTokenRatio:
+    """Upstream's NewTokenRatioTracker (scheduler_components/new_token_ratio_tracker.py), one per rank: the share
+    of a running request's remaining output that admission reserves. Starts at `init`, loses `decay` per decode step
+    down to `min`, is set from the kept batch after a retraction and back to `init` when the scheduler idles."""
+
+    init: float
+    min: float
+    decay: float
+    current: float
+    retract_decode_steps: int = 20
+
+    @classmethod
+    def from_settings(cls, s) -> "NewTokenRatio":
+        """from_config with the init ratio already scaled by --schedule-conservativeness."""
+        init = min(s.new_token_ratio, 1.0)
+        low = min(init * s.min_new_token_ratio_factor, 1.0)
+        return cls(init=init, min=low, decay=(init - low) / s.new_token_ratio_decay_steps, current=init,
+                   retract_decode_steps=s.retract_decode_steps)
+
+    def decay_steps(self, steps: int) -> None:
+        """`steps` decode steps without retraction (decay_step each), subtracting one decay at a time as upstream."""
+        for _ in range(steps):
+            if self.current <= self.min:
+                self.current = max(self.current, self.min)
+                break
+            self.current = max(self.current - self.decay, self.min)
+
+    def reset(self) -> None:
+        self.current = self.init
+
+    def after_retract(self, decoded: list[int], max_new_tokens: list[int]) -> None:
+        """estimate_new_token_ratio_after_retract over the requests the retraction kept."""
+        self.current = min(1.0, (sum(decoded) + self.retract_decode_steps * len(decoded)) / (sum(max_new_tokens) + 1))
+
+
 class RequestTable:
     def __init__(self, workload):
         n = len(workload)
@@ -100,6 +138,10 @@ class RequestTable:
         self.input = np.asarray(workload.input_tokens, dtype=np.int64)
         self.output = np.asarray(workload.output_tokens, dtype=np.int64)
         self.priority = np.asarray(workload.priority, dtype=np.int64)
+        # ignore_eos requests reserve their whole remaining output (upstream: a fixed length gains nothing from the
+        # early-EOS estimate)
+        self.ignore_eos = (np.zeros(n, dtype=bool) if workload.ignore_eos is None
+                           else np.asarray(workload.ignore_eos, dtype=bool))
         self.blocks = workload.prefix_blocks if workload.prefix_blocks else ((),) * n
         self.rid = [str(i) for i in range(n)]
         self.rank = np.full(n, -1, dtype=np.int64)
@@ -140,18 +182,25 @@ class RankState:
         # Lockstep LS signal: the ordering's view of the DP-attention group's LS-waiting count, set by the loop each
         # step for orderings with `lockstep_signal_lag_steps` (the request tier's DP-wide chunk cap).
         self.group_ls_waiting = 0
+        self.token_ratio = NewTokenRatio.from_settings(self.s)
+        self._retracted_this_step = False  # that step's decode does not decay the ratio
 
     # ---- accounting -------------------------------------------------------------------------------------
     def free_for_alloc(self) -> int:
         """KV tokens allocatable now: free + evictable cache (evicted on demand)."""
         return self.s.kv_capacity_tokens - self.private_kv - self.cache.locked_tokens
 
+    def ratios(self, idx: np.ndarray) -> np.ndarray:
+        """Per request: 1.0 when ignore_eos, else the rank's current new-token ratio."""
+        return np.where(self.t.ignore_eos[idx], 1.0, self.token_ratio.current)
+
     def _reserved_decode(self) -> float:
+        """Sum of _get_running_request_total_token_offset over the running batch, in its order (as upstream sums)."""
         if not self.running:
             return 0.0
         idx = np.fromiter(self.running, dtype=np.int64, count=len(self.running))
         remaining = np.minimum(self.t.output[idx] - self.t.generated[idx], CLIP_MAX_NEW_TOKENS)
-        return float(remaining.sum()) * self.s.new_token_ratio
+        return sum((remaining * self.ratios(idx)).tolist())
 
     def _allocate(self, tokens: int) -> None:
         free = self.s.kv_capacity_tokens - self.private_kv - self.cache.total_tokens
@@ -198,12 +247,18 @@ class RankState:
         """retract_decode: free enough KV for one more token per running request. Victim: fewest generated tokens,
         longest input among equals, the last in running order among full ties (upstream sorts the batch stably in
         reverse and pops from the end)."""
+        if not self.running or self.free_for_alloc() >= len(self.running):
+            return
         while self.running and self.free_for_alloc() < len(self.running):
             victim = self.retraction_victim()
             self.running.remove(victim)
             self.requeue(victim, now_s)
             self.retractions += 1
             self.batch_is_full = False
+        t = self.t
+        self.token_ratio.after_retract([int(t.generated[r]) for r in self.running],
+                                       [int(t.output[r]) for r in self.running])
+        self._retracted_this_step = bool(self.running)  # its decode follows this step
 
     def retraction_victim(self) -> int:
         """The running request retract_decode takes next (ScheduleBatch._get_decode_retraction_order's last)."""
@@ -245,9 +300,10 @@ class RankState:
         """kv_tokens: what preempting it frees for admission (its private KV, its pinned prompt pages, which turn
         evictable, and its reserved future decode); reserved_tokens: the reserve alone (upstream's
         _get_running_request_total_token_offset)."""
-        t, bt, ratio = self.t, self.cache.block_tokens, self.s.new_token_ratio
+        t, bt = self.t, self.cache.block_tokens
         out = []
         for r in self.running:
+            ratio = 1.0 if t.ignore_eos[r] else self.token_ratio.current
             reserved = PrefillPassBudget.reserved_output(int(t.output[r] - t.generated[r]), ratio)
             held = int(t.private[r]) + int(t.held_blocks[r]) * bt
             out.append(RunningRequest(t.rid[r], int(t.priority[r]), float(t.arrival[r]), int(held + reserved),
@@ -429,9 +485,12 @@ class RankState:
         return done
 
     def advance_decode(self, steps: int, now_s: float) -> list[int]:
-        """Every running request generates `steps` tokens; returns those that finished."""
+        """Every running request generates `steps` tokens; returns those that finished. Each step decays the
+        new-token ratio (update_running_batch), except the one whose retraction set it."""
+        retracted, self._retracted_this_step = self._retracted_this_step, False
         if not self.running:
             return []
+        self.token_ratio.decay_steps(steps - 1 if retracted else steps)
         t = self.t
         idx = np.fromiter(self.running, dtype=np.int64, count=len(self.running))
         self._allocate(steps * len(idx))
@@ -446,6 +505,16 @@ class RankState:
                 t.finish[rid] = now_s
                 self.release(rid)
         return finished.tolist()
+
+    def idle(self) -> bool:
+        """is_fully_idle: nothing running, waiting or chunked."""
+        return not self.running and not self.waiting and self.chunked is None
+
+    def on_group_idle(self) -> None:
+        """on_idle: upstream's scheduler runs it when no rank of the DP-attention group has a batch (an idle rank of
+        a busy group runs an idle batch instead); a fully idle rank resets its ratio."""
+        if self.idle():
+            self.token_ratio.reset()
 
     def min_remaining(self) -> int:
         idx = np.fromiter(self.running, dtype=np.int64, count=len(self.running))

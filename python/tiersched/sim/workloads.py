@@ -30,6 +30,9 @@ class Workload:
     prefix_blocks: tuple[tuple[int, ...], ...] = ()  # chained page hashes per request, () = no sharing
     block_tokens: int = 64
     session: np.ndarray | None = None  # int [N] tenant / session id for stickiness
+    # bool [N] requests sent with ignore_eos (run to max_new_tokens, as sglang.bench_serving and our live driver send
+    # them); None = none: trace and synthetic requests are real traffic that stops at EOS
+    ignore_eos: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -74,7 +74,14 @@ class SchedulerSettings:
     chunked_prefill_size: int = 8192
     max_prefill_tokens: int = 16384
     kv_capacity_tokens: int = 400_000
-    new_token_ratio: float = 0.7  # share of each running request's remaining output reserved at admission
+    # Share of each running request's remaining output reserved at admission (upstream's NewTokenRatioTracker:
+    # SGLANG_INIT_NEW_TOKEN_RATIO x --schedule-conservativeness at start, decays per decode step to
+    # init x SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR over SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS, set after a retraction
+    # from the kept batch with SGLANG_RETRACT_DECODE_STEPS, reset when idle; 1.0 for ignore_eos requests).
+    new_token_ratio: float = 0.7
+    min_new_token_ratio_factor: float = 0.14
+    new_token_ratio_decay_steps: int = 600
+    retract_decode_steps: int = 20
     priority_preemption_threshold: int = 10
     load_refresh_interval_s: float = 0.02  # DP controller refreshes rank loads at most every 20 ms
     eplb_rebalance_steps: int = 1000
