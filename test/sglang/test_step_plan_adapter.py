@@ -134,3 +134,50 @@ def test_simulator_prior_prices_a_prefill_above_a_decode():
     prefill = prior.step_seconds(np.array([1024.0, 0.0]), np.array([1024 * 512.5, 0.0]), np.array([0.0, 4.0]),
                                  np.array([0.0, 800.0]))
     assert 0 < decode < prefill and math.isfinite(prefill)
+
+
+def _fake_scheduler(rank):
+    req = lambda n: SimpleNamespace(origin_input_ids=[1] * n, output_ids=[], num_matched_prefix_tokens=0,  # noqa: E731
+                                    priority=None)
+    running = SimpleNamespace(reqs=[SimpleNamespace(origin_input_ids=[1] * 40, output_ids=[2] * 9)] * 6)
+    return SimpleNamespace(
+        chunked_prefill_size=512, max_prefill_tokens=16384, chunked_req=None, page_size=1, device="cpu",
+        waiting_queue=[req(3000)] if rank == 0 else [], max_running_requests=32,
+        token_to_kv_pool_allocator=SimpleNamespace(available_size=lambda: 12000),
+        tree_cache=SimpleNamespace(evictable_size=lambda: 0),
+        req_to_token_pool=SimpleNamespace(available_size=lambda: 32)), (None if rank == 0 else running)
+
+
+def _gather_worker(rank, path, out):
+    import torch.distributed as dist
+
+    from tiersched.core.request import RequestTierConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    try:
+        sched, running = _fake_scheduler(rank)
+        sp.PLAN.last = sp.StepFeatures(128 if rank == 0 else 0, 8256.0, 0 if rank == 0 else 6, 0 if rank == 0 else 300,
+                                       0.02 + rank * 0.001)
+        ls = sp.gather_and_plan(sched, dist.group.WORLD, running, None, lambda r: False, 2, 1, RequestTierConfig())
+        out.put((rank, ls, sp.PLAN.plan, sp.PLAN.dp_rank, sp.planned_budget(sched, 1), sp.PLAN.model_in_use))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_gather_and_compute_the_same_plan(tmp_path):
+    """The real collective (gloo, two processes): both ranks get the same plan, priced by DP rank 0's model; the
+    prefilling rank gets a budget, the decoding rank none."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_gather_worker, args=(r, str(tmp_path / "store"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    (r0, ls0, plan0, dp0, b0, m0), (r1, ls1, plan1, dp1, b1, m1) = got
+    assert (dp0, dp1) == (0, 1) and ls0 == ls1 == 0
+    assert plan0 == plan1 and plan0.planned and m0 == m1 is not None
+    assert b0 == plan0.budgets[0] and 0 < b0 <= 512 and b1 is None
