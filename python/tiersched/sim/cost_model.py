@@ -8,6 +8,8 @@ Attention-side work of rank r (tp GPUs, ideal TP split):
   dense: max(2 * tokens * dense_params / flops, dense_params * weight_bytes / hbm)    (compute- vs weight-bound)
   prefill attention: attn_flops_per_ctx_token * sum over chunks of chunk * (prefix + (chunk + 1) / 2) / flops
   decode attention: sum of decode contexts * kv_bytes_per_token / hbm                (KV reads)
+  mixed step (enable_mixed_chunk): a prefilling rank's running decodes add one token each to its tokens and their
+  contexts to its decode attention (KV reads), priced like the same rows in a decode step
   cpu-tiny only: + prefill_overhead_s on a prefilling rank, + decode_token_extra_s per decoding request; the whole
   step x (1 + contention_prefill or contention_decode) when more than one rank is busy (host-CPU contention)
 Expert work of GPU g at layer l: max(2 * expert_params * assignments / flops, active_slots * expert bytes / hbm),
@@ -130,14 +132,18 @@ class StepCostModel:
         self._moe_memo[key] = (expert_time + a2a_time, stats)
         return expert_time + a2a_time, stats
 
-    def attention_time(self, tokens: np.ndarray, prefill_pairs: np.ndarray, decode_ctx: np.ndarray) -> np.ndarray:
-        """Per-rank attention-side time [..., R] from tokens, prefill (query, context) pairs and decode contexts."""
+    def attention_time(self, tokens: np.ndarray, prefill_pairs: np.ndarray, decode_ctx: np.ndarray,
+                       decode_reqs: np.ndarray | None = None) -> np.ndarray:
+        """Per-rank attention-side time [..., R] from tokens, prefill (query, context) pairs and decode contexts.
+        decode_reqs [R]: decode rows a prefilling rank carries in a mixed step (None: none)."""
         tokens = np.asarray(tokens, dtype=float)
         dense = np.where(tokens > 0, np.maximum(tokens * self.dense_flops_per_token, self.dense_weight_time), 0.0)
         attn = dense + prefill_pairs * self.prefill_pair_time + decode_ctx * self.decode_ctx_time
         if self.hw.prefill_overhead_s or self.hw.decode_token_extra_s:  # calibrated CPU preset only
             prefill = prefill_pairs > 0
             attn = attn + np.where(prefill, self.hw.prefill_overhead_s, tokens * self.hw.decode_token_extra_s)
+            if decode_reqs is not None:  # a mixed step's decode rows cost what they cost in a decode step
+                attn = attn + np.where(prefill, np.asarray(decode_reqs) * self.hw.decode_token_extra_s, 0.0)
         if self.hw.active_expert_s:  # cpu-tiny decode: per expert touched (a prefill's intercept includes all)
             m = self.model
             touched = expected_active_experts(tokens, m.moe_layers, m.num_experts, m.top_k)
@@ -146,13 +152,13 @@ class StepCostModel:
 
     def step_times(self, tokens: np.ndarray, prefill_pairs: np.ndarray, decode_ctx: np.ndarray,
                    ctx_growth: np.ndarray | None = None, steps: int = 1,
-                   horizon_s: float | None = None) -> tuple[np.ndarray, dict]:
+                   horizon_s: float | None = None, decode_reqs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """Times [<= steps] of consecutive steps with the same batch; decode contexts grow by ctx_growth [R] per
         step (one token per running request). With horizon_s, only the steps that can start before horizon_s
         are priced (step times never shrink within a run, so at most horizon_s / first step + 2 of them).
         Returns (times, moe stats of one step)."""
         moe, stats = self.moe_time(tokens)
-        attn0 = self.attention_time(tokens, prefill_pairs, decode_ctx)  # [R]
+        attn0 = self.attention_time(tokens, prefill_pairs, decode_ctx, decode_reqs)  # [R]
         scale = self.contention_scale(np.asarray(tokens) > 0, bool(np.any(np.asarray(prefill_pairs) > 0)))
         first = (self.hw.step_overhead_s + float(self._reduce(attn0, 0)) + moe) * scale
         if horizon_s is not None and steps > 1:

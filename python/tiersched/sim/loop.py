@@ -12,6 +12,10 @@ busy, from an earlier pass of a per-rank replay) a step that starts inside one i
 contention factor, and macro steps end at the intervals' boundaries; `record_busy` returns this run's busy intervals.
 New prefill shapes (cpu-tiny only): a rank's first prefill step of a token count costs the preset's new-shape extra;
 with `first_token_one_step_late` (cpu-tiny) a request's first token is reported when the rank's next step ends.
+Upstream's prefill delayer (`enable_prefill_delayer`): each step every rank's prefill pass runs to the point where
+upstream negotiates, the ranks' infos are gathered, every rank takes the verdict and finishes its pass
+(`_negotiated_prefill`). Mixed chunking (`enable_mixed_chunk`): a rank whose prefill batch carries its running
+decodes (`RankState.mixes_running`) prices both in one step and advances the decodes one token with it.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ import numpy as np
 from tiersched.core.engine import DispatchRequest, RankLoad
 from tiersched.core.expert import ExpertStats
 from tiersched.core.expert.metrics import expert_pressure
+from tiersched.core.request.prefill_delayer import (
+    PrefillDelayer, PrefillDelayerConfig, RankPrefillDelayer, estimate_attempted_prefill_bs,
+)
 from tiersched.sim.cost_model import StepCostModel
 from tiersched.sim.lockstep import arrival_rates, make_planner, rank_summary, run_lockstep_free
 from tiersched.sim.metrics import SimResult, build_result
@@ -41,10 +48,6 @@ class Simulation:
                  ideal_balance: bool = False, routing: MoeRouting | None = None, record_timeline: bool = True,
                  co_busy: np.ndarray | None = None, record_busy: bool = False, seen_prefill_shapes=None):
         self.preset, self.workload, self.policies = preset, workload, policies
-        sched = preset.scheduler
-        if sched.enable_prefill_delayer or sched.enable_mixed_chunk:
-            raise NotImplementedError("enable_prefill_delayer / enable_mixed_chunk are not modelled by the simulator "
-                                      "yet; refusing to run them as if they were off")
         # Prefill token counts each rank has run (cpu-tiny's new-shape cost); seeded with a warm-up's.
         self.seen_shapes = [set(s) for s in (seen_prefill_shapes or [()] * preset.dp)]
         self.first_token_pending: list[list[int]] = [[] for _ in range(preset.dp)]  # first_token_one_step_late
@@ -54,11 +57,22 @@ class Simulation:
         self.table = RequestTable(workload)
         self.routing = routing if routing is not None else make_routing(preset, seed)
         self.cost = StepCostModel(preset, token_probs(self.routing, preset.dp), ideal_balance)
+        sched = preset.scheduler
+        delayer = None
+        if sched.enable_prefill_delayer:  # every DP-attention rank holds one (upstream: one per scheduler)
+            delayer = PrefillDelayer(PrefillDelayerConfig(
+                max_delay_passes=sched.prefill_delayer_max_delay_passes,
+                token_usage_low_watermark=sched.prefill_delayer_token_usage_low_watermark,
+                queue_min_ratio=sched.prefill_delayer_queue_min_ratio,
+                max_delay_ms=sched.prefill_delayer_max_delay_ms,
+                num_dp_ranks=preset.dp, attn_dp_enabled=True))
         self.ranks = [
             RankState(r, preset, self.table, make_ordering(policies.ordering, preset),
-                      make_preemption(policies.preemption, policies.ordering, preset))
+                      make_preemption(policies.preemption, policies.ordering, preset),
+                      RankPrefillDelayer(delayer) if delayer is not None else None)
             for r in range(preset.dp)
         ]
+        self.mixed_steps = 0  # rank-steps whose prefill batch carried the rank's running decodes
         self.dispatcher = make_dispatcher(policies.dispatch, preset)
         self.eplb = make_eplb(policies.eplb, preset)
         self.record_timeline = record_timeline
@@ -262,6 +276,41 @@ class Simulation:
         else:
             self.busy.append([start, end])
 
+    # ---- upstream's prefill delayer and mixed chunking ------------------------------------------------------
+    def _negotiated_prefill(self, ranks, budgets) -> list[list[tuple[int, int, int]]]:
+        """One scheduler pass of every rank with upstream's prefill delayer: each rank's pass runs to where upstream
+        negotiates (or ends: not prefillable), the ranks' infos are all-gathered, each rank's delayer takes the
+        verdict, the passes finish; then each rank records its prefill batch size (upstream's finalize)."""
+        max_running = self.preset.scheduler.max_running_requests
+        batches: list = [[] for _ in ranks]
+        asked: list = [None] * len(ranks)  # (running_batch, waiting_queue_len) where a pass negotiated
+        passes, infos = {}, []
+        for r, rs in enumerate(ranks):
+            usage = rs.kv_used() / rs.s.kv_capacity_tokens  # upstream: max pool usage when the pass starts
+            if rs.waiting or rs.chunked is not None:
+                gen = rs.prefill_pass(self.now, budgets[r])
+                try:
+                    asked[r] = next(gen)
+                    passes[r] = gen
+                except StopIteration as done:
+                    batches[r] = done.value
+            running, queue = asked[r] if asked[r] is not None else (0, 0)
+            infos.append(rs.delayer.info(prefillable=asked[r] is not None, token_usage=usage, running_batch=running,
+                                         waiting_queue_len=queue, now_s=self.now))
+        verdicts = [rs.delayer.decide(infos, max_running, self.now).allow for rs in ranks]
+        for r, gen in passes.items():
+            try:
+                gen.send(verdicts[r])
+            except StopIteration as done:
+                batches[r] = done.value
+            else:
+                raise RuntimeError("prefill_pass negotiated twice in one pass")
+        for r, rs in enumerate(ranks):
+            actual = len(batches[r]) + (len(rs.running) if rs.mixes_running(batches[r]) else 0)
+            attempted = estimate_attempted_prefill_bs(asked[r][0], max_running, asked[r][1]) if asked[r] else 0
+            rs.delayer.observe_pass(actual, attempted)
+        return batches
+
     # ---- main loop ------------------------------------------------------------------------------------------
     def _record(self) -> None:
         if self.record_timeline:
@@ -273,6 +322,7 @@ class Simulation:
 
     def run(self) -> None:
         t, ranks, dp = self.table, self.ranks, self.preset.dp
+        mixed_chunk = self.preset.scheduler.enable_mixed_chunk
         arrivals, n = t.arrival, t.n
         nxt = 0
         horizon = (arrivals[-1] if n else 0.0) + DRAIN_LIMIT_S
@@ -284,14 +334,23 @@ class Simulation:
                 self._publish_ls_signal()
             # A rank with nothing waiting and no chunk in flight cannot prefill: skip PrefillAdder entirely.
             budgets = self._plan_budgets()
-            batches = [rs.schedule_prefill(self.now, budgets[r]) if (rs.waiting or rs.chunked is not None) else []
-                       for r, rs in enumerate(ranks)]
+            if ranks[0].delayer is not None:
+                batches = self._negotiated_prefill(ranks, budgets)
+            else:
+                batches = [rs.schedule_prefill(self.now, budgets[r]) if (rs.waiting or rs.chunked is not None) else []
+                           for r, rs in enumerate(ranks)]
+            mixed = [rs.mixes_running(b) for rs, b in zip(ranks, batches)] if mixed_chunk else [False] * dp
             if self.ls_signal_lag == 1:  # gathered with this step's batch, used by the next step's scheduling
                 self._publish_ls_signal(batches)
             any_prefill = any(batches)
             if not any_prefill and not any(rs.running for rs in ranks):
                 for rs in ranks:
                     rs.on_group_idle()
+                if ranks[0].delayer is not None and any(rs.delayer.state.wait is not None for rs in ranks):
+                    # A delayed prefill on an otherwise idle group: upstream's loop keeps running passes without a
+                    # forward; each is priced at step_overhead_s (assumed: the scheduler's per-step overhead).
+                    self.now += self.preset.hardware.step_overhead_s
+                    continue
                 if nxt >= n:
                     break
                 self.now = max(self.now, float(arrivals[nxt]))
@@ -303,11 +362,17 @@ class Simulation:
             pairs = np.zeros(dp)
             ctx = np.zeros(dp)
             growth = np.zeros(dp)
+            decode_reqs = np.zeros(dp) if any(mixed) else None  # decode rows of mixed prefill steps
             k = MAX_MACRO_STEPS
             for r, (rs, batch) in enumerate(zip(ranks, batches)):
                 if batch:
                     tokens[r] = sum(e for _, e, _ in batch)
                     pairs[r] = sum(e * (p + (e + 1) / 2) for _, e, p in batch)
+                    if mixed[r]:  # the running decodes ride in the same forward: one token each, their KV read
+                        idx = np.fromiter(rs.running, dtype=np.int64, count=len(rs.running))
+                        tokens[r] += idx.size
+                        ctx[r] = float((t.input[idx] + t.generated[idx]).sum())
+                        decode_reqs[r] = idx.size
                 elif rs.running:
                     # One pass over the running set gives the context and the run length bound.
                     idx = np.fromiter(rs.running, dtype=np.int64, count=len(rs.running))
@@ -315,10 +380,12 @@ class Simulation:
                     tokens[r] = growth[r] = idx.size
                     ctx[r] = float((t.input[idx] + gen).sum())
                     k = min(k, int((t.output[idx] - gen).min()), max(1, rs.free_for_alloc() // idx.size))
+            if ranks[0].delayer is not None and any(rs.delayer.state.wait is not None for rs in ranks):
+                k = 1  # a delayed prefill: the next pass negotiates again (no macro steps while a wait is on)
             other_busy, co_change = self._co_busy_at(self.now) if self.co_end.size else (False, None)
             if any_prefill:
                 k = 1
-                times, stats = self.cost.step_times(tokens, pairs, ctx)
+                times, stats = self.cost.step_times(tokens, pairs, ctx, decode_reqs=decode_reqs)
                 if other_busy:
                     times = times * self.cost.contention_scale(tokens > 0, True, True)
                 times = times + self._new_shape_cost(tokens, batches)
@@ -346,6 +413,9 @@ class Simulation:
             self._account_moe(stats, tokens, k)
             for r, (rs, batch) in enumerate(zip(ranks, batches)):
                 if batch:
+                    if mixed[r]:  # the decodes first: the requests this prefill finishes join them afterwards
+                        rs.advance_decode(1, self.now)
+                        self.mixed_steps += 1
                     rs.finish_prefill(batch, self.now)
                     if self.preset.hardware.first_token_one_step_late:
                         self.first_token_pending[r] = [rid for rid, _, _ in batch if t.first_token[rid] == self.now

@@ -86,6 +86,8 @@ def build_result(sim, wall_s: float) -> SimResult:
     m["migration_stall_s"] = float(acc["stall_s"])
     m["preemptions"] = int(t.preemptions.sum())
     m["retractions"] = int(sum(r.retractions for r in sim.ranks))
+    m["prefill_delayed_passes"] = int(sum(r.delayed_passes for r in sim.ranks))  # enable_prefill_delayer
+    m["mixed_steps"] = int(sim.mixed_steps)  # enable_mixed_chunk: rank-steps that carried their decodes
     per_rank = np.bincount(t.rank[t.rank >= 0], minlength=preset.dp)
     m["requests_per_rank"] = per_rank.tolist()
     m["sim_time_s"] = float(sim.now)

@@ -1,7 +1,6 @@
 """One DP rank's SGLang-like scheduler: waiting queue, chunked prefill, running decodes, KV pool, prefix cache.
 
-Mirrors upstream `Scheduler.get_next_batch_to_run` without mixed chunking: each step a rank either runs a
-prefill (extend) batch built as `Scheduler._get_new_batch_prefill_raw` and `PrefillAdder` build it (page size 1;
+Mirrors upstream `Scheduler.get_next_batch_to_run`: each step a rank either runs a prefill (extend) batch built as `Scheduler._get_new_batch_prefill_raw` and `PrefillAdder` build it (page size 1;
 `PrefillPassBudget` is the adder's token arithmetic: chunked_prefill_size and max_prefill_tokens budgets, at most
 one chunked request, KV budget = free + evictable - reserved future decode of running requests x new_token_ratio
 (`NewTokenRatio`: upstream's per-scheduler ratio that decays every decode step, is set by a retraction and reset
@@ -11,6 +10,14 @@ leaves) or decodes every running request one token. When the KV pool cannot hold
 request, `retract_decode` sends requests back to the queue, fewest generated tokens first (longest input among
 equals); their computed prefix stays in the cache. test/core/test_request_upstream_diff.py runs one pass of this
 against upstream's own scheduler loop and PrefillAdder.
+With `enable_mixed_chunk` (upstream --enable-mixed-chunk) the running requests take one token each off the chunk,
+input and KV budgets (upstream's num_mixed_decode_tokens), and a non-empty prefill batch carries them (one decode
+token each) in the same forward when the KV pool still holds one more token per running request after the prefill's
+allocation (`mixes_running`); otherwise they sit out that step, without retraction, as upstream.
+With `enable_prefill_delayer` the rank holds a `RankPrefillDelayer` (core/request/prefill_delayer.py):
+`prefill_pass` stops where upstream's PrefillAdder negotiates (the chunked request, or the first waiting request that
+passes admission), yields the rank's numbers for the DP group's all-gather and takes the verdict; a delayed rank
+admits no new request that step (its chunked request still runs its chunk).
 Requests live in the shared columnar `RequestTable` (index = request id).
 """
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tiersched.core.request import OrderingPolicy, PreemptionPolicy, RunningRequest, WaitingRequest
+from tiersched.core.request.prefill_delayer import RankPrefillDelayer
 from tiersched.core.request.upstream import (CLIP_MAX_NEW_TOKENS, IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD,
                                              IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD)
 from tiersched.sim.prefix_cache import BlockLRUCache
@@ -162,7 +170,7 @@ class RequestTable:
 
 class RankState:
     def __init__(self, rank: int, preset, table: RequestTable, ordering: OrderingPolicy,
-                 preemption: PreemptionPolicy | None):
+                 preemption: PreemptionPolicy | None, delayer: RankPrefillDelayer | None = None):
         self.rank = rank
         self.s = preset.scheduler
         self.t = table
@@ -184,6 +192,8 @@ class RankState:
         self.group_ls_waiting = 0
         self.token_ratio = NewTokenRatio.from_settings(self.s)
         self._retracted_this_step = False  # that step's decode does not decay the ratio
+        self.delayer = delayer  # upstream's prefill delayer (enable_prefill_delayer), else None
+        self.delayed_passes = 0  # passes the delayer's verdict held back this rank's new admissions
 
     # ---- accounting -------------------------------------------------------------------------------------
     def free_for_alloc(self) -> int:
@@ -338,6 +348,16 @@ class RankState:
 
     def schedule_prefill(self, now_s: float, plan_tokens: int | None = None) -> list[tuple[int, int, int]]:
         """Build this step's prefill batch: [(rid, extend_tokens, prefix_tokens_before)] (empty: decode).
+        Without a delayer; with one, the loop drives `prefill_pass` for every rank together."""
+        gen = self.prefill_pass(now_s, plan_tokens)
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
+        raise RuntimeError("prefill_pass asked for a prefill-delayer verdict on a rank without a delayer")
+
+    def prefill_pass(self, now_s: float, plan_tokens: int | None = None):
+        """Generator building this step's prefill batch; returns [(rid, extend_tokens, prefix_tokens_before)].
 
         As upstream's _get_new_batch_prefill_raw: nothing while the batch is full (unless a chunk runs);
         calc_priority sorts the queue; the running chunked request gets its next chunk (capped by the ordering's
@@ -345,7 +365,9 @@ class RankState:
         in order until a budget is spent: when the slots are full the preemption policy must make room for each
         further one; a request that does not fit (NO_TOKEN) ends the pass and marks the batch full. Only one
         chunked request at a time. `plan_tokens`: this rank's prefill tokens in the lockstep step plan
-        (core/request/step_plan.py), a cap on both compute budgets (None: upstream's budgets)."""
+        (core/request/step_plan.py), a cap on both compute budgets (None: upstream's budgets).
+        With a delayer it yields once, where upstream negotiates, (running_batch, waiting_queue_len) and is sent the
+        verdict (True = prefill allowed); a pass that never yields was not prefillable."""
         t, s = self.t, self.s
         batch: list[tuple[int, int, int]] = []
         if self.preemption is not None or not self.running:
@@ -360,7 +382,10 @@ class RankState:
         rem_input, rem_chunk = s.max_prefill_tokens, s.chunked_prefill_size
         if plan_tokens is not None:
             rem_input, rem_chunk = min(rem_input, plan_tokens), min(rem_chunk, plan_tokens)
-        budget = PrefillPassBudget(rem_input, rem_chunk, self._reserved_decode())
+        queue_len = len(self.waiting)  # upstream's waiting_queue_len: the queue when the adder is built
+        mixed = len(self.running) if s.enable_mixed_chunk else 0  # decode rows riding along: a token each
+        budget = PrefillPassBudget(rem_input - mixed, rem_chunk - mixed, self._reserved_decode() + mixed, mixed)
+        allow: bool | None = None  # the delayer's verdict once asked
         allocated = 0  # tokens this pass allocated already (upstream allocates when the batch is built)
 
         def free() -> int:
@@ -377,11 +402,14 @@ class RankState:
                                              1, group_ls_waiting=self.group_ls_waiting)
                 if limit is not None and limit < min(remaining, budget.rem_chunk):
                     self.capped_chunks += 1
+            if self.delayer is not None:  # a mid-chunk rank prefills regardless of the verdict (upstream)
+                allow = yield len(self.running), queue_len
             extend = budget.chunk_continuation(free(), remaining, int(t.output[rid]), limit)
-            batch.append((rid, extend, int(t.prefilled[rid])))
-            self._allocate(extend)
-            allocated += extend
-            t.private[rid] += extend
+            if extend > 0:  # (only mixed decode rows filling the whole chunk budget leave none)
+                batch.append((rid, extend, int(t.prefilled[rid])))
+                self._allocate(extend)
+                allocated += extend
+                t.private[rid] += extend
             if t.prefilled[rid] + extend < t.fill_len[rid]:
                 chunk_unfinished = True
             else:
@@ -428,6 +456,12 @@ class RankState:
                     be_tokens += extend
             if extend < extend_total and chunk_unfinished:
                 break  # one chunked request at a time
+            if self.delayer is not None:
+                if allow is None:  # the first request that passes admission: negotiate with the DP group
+                    allow = yield len(self.running), queue_len
+                if not allow:
+                    self.delayed_passes += 1
+                    break
             self.cache.lock(t.blocks[rid][:m])
             t.held_blocks[rid] = m
             t.prefilled[rid] = snap.cached_tokens
@@ -451,6 +485,12 @@ class RankState:
             gone = set(admitted)
             self.waiting = [r for r in self.waiting if r not in gone]
         return batch
+
+    def mixes_running(self, batch: list[tuple[int, int, int]]) -> bool:
+        """enable_mixed_chunk: does this prefill batch carry the running decodes? Upstream mixes when the batch is
+        non-empty and, after the prefill's allocation, the pool holds one more token per running request."""
+        return bool(self.s.enable_mixed_chunk and batch and self.running
+                    and self.free_for_alloc() >= len(self.running))
 
     def finish_prefill(self, batch: list[tuple[int, int, int]], now_s: float) -> list[int]:
         """Account a completed prefill step; returns requests that finished outright (one output token)."""
