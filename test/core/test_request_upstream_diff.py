@@ -608,9 +608,9 @@ def _recording_rank(monkeypatch):
     seen = []
     orig = RankState.schedule_prefill
 
-    def spy(self, now_s):
+    def spy(self, now_s, *args):
         seen.append((now_s, self.token_ratio.current, list(self.waiting), int(self.t.generated[0])))
-        return orig(self, now_s)
+        return orig(self, now_s, *args)
 
     monkeypatch.setattr(RankState, "schedule_prefill", spy)
     return seen
