@@ -2,6 +2,9 @@
 one module uses lives in that module."""
 from __future__ import annotations
 
+import json
+import urllib.request
+
 from tiersched.live import ab as live_ab, arms as live_arms, fidelity
 from tiersched.rig.server import ServerSpec, spec
 
@@ -19,3 +22,12 @@ def dp2_arm(arm: live_arms.Arm) -> ServerSpec:
     """A live A/B arm's dp2 server (the flags `tiersched.bench live` gives it)."""
     return spec("tiny", live_arms.server_args("dp2", arm), max_total_tokens=live_ab.MAX_TOTAL_TOKENS,
                 name=f"dp2 {arm.name}")
+
+
+def generate(url: str, text: str, max_new_tokens: int = 8, **extra) -> dict:
+    """POST /generate (greedy) and return the response."""
+    body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}, **extra}
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())

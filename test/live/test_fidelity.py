@@ -13,13 +13,12 @@ broken model or a missing CPU fix (without CPU fix 5 the real TPOT was 3-12x the
 from __future__ import annotations
 
 import json
-import tempfile
 
 import numpy as np
 import pytest
 
+import rig_servers
 from tiersched.live import fidelity
-
 from tiersched.sim import get_preset, preset_names
 from tiersched.sim.presets.cpu_tiny import calibration_path
 
@@ -68,23 +67,15 @@ def test_fits_recover_known_coefficients():
 @calibrated
 @pytest.mark.server
 @pytest.mark.timeout(600)
-def test_reduced_fidelity_against_the_real_cpu_server():
-    from tiersched.rig.server import launch_server
-    from tiersched.rig.tiny_model import make_tiny_moe
-
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "sim_fidelity", Path(__file__).resolve().parents[2] / "benchmark" / "sim_fidelity.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+@pytest.mark.rig_servers(rig_servers.DP2_METRICS)
+def test_reduced_fidelity_against_the_real_cpu_server(rig_pool):
+    """On the pool's `fidelity.SERVER_ARGS` server (rig_servers.DP2_METRICS), used here first."""
+    bench = _bench()
     cal = json.loads(calibration_path().read_text())
-    model = make_tiny_moe(tempfile.mkdtemp(prefix="tiny-moe-fid-test-"))
-    with launch_server(model, extra_args=list(fidelity.SERVER_ARGS), timeout_s=480, max_total_tokens=16384) as srv:
-        seen = fidelity.warm_up(srv.url, 16384, mixed_requests=30)
-        cal = bench.calibrate_in_situ(srv.url, cal, seen)  # same server, same load, right before the requests
-        report = bench.compare(srv.url, 12, 0.5, 1, cal, seen)  # the benchmark's rate, fewer requests
+    srv = rig_pool.get(rig_servers.DP2_METRICS)
+    seen = fidelity.warm_up(srv.url, rig_servers.DP2_METRICS.max_total_tokens, mixed_requests=30)
+    cal = bench.calibrate_in_situ(srv.url, cal, seen)  # same server, same load, right before the requests
+    report = bench.compare(srv.url, 12, 0.5, 1, cal, seen)  # the benchmark's rate, fewer requests
     assert report["real"]["requests"] == report["sim"]["requests"] == 12
     assert report["throughput_rel_error"] < THROUGHPUT_TOLERANCE, report
     for key in ("ttft_mean", "tpot_mean"):

@@ -1,24 +1,34 @@
 """Real-server evidence, CI-sized: reduced A/B, load at 2x capacity, DP rank drained mid-run.
 
-Real upstream servers (tiny MoE on this CPU): the three dp2 arms' servers start once for the module (`dp2`):
-the A/B uses all three and stops the upstream ones when it is done; the load run and the mid-run drain reuse the
-tiersched one (each reads only what it caused: its own requests, the log written during its run). The EPLB
-fault run has its own ep2 server. The 5-minute load run is behind TIERSCHED_LIVE_FULL_LOAD=1.
+Real upstream servers (tiny MoE on this CPU) from the session's pool: the three dp2 arms' servers start at once
+(with the next planned ones): the A/B uses all three, after which the pool stops the upstream ones; the load run
+and the mid-run drain reuse the tiersched one (each reads only what it caused: its own requests, the log written
+during its run). The EPLB fault run has its own ep2 server. The 5-minute load run is behind
+TIERSCHED_LIVE_FULL_LOAD=1.
 """
-import contextlib
 import os
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from scipy.stats import mannwhitneyu
 
 from tiersched.live import ab as live_ab, arms as live_arms
-from tiersched.live.load import eplb_fault_run, load_run, midrun_drain_run, rss_bounded
+from tiersched.live.load import (EXPERT_FAULT_ENV, eplb_fault_run, eplb_fault_server_args, load_run,
+                                 midrun_drain_run, rss_bounded)
 from tiersched.live.requests import shared_prefix_set
-from tiersched.rig.server import launch_server
+from tiersched.rig.server import spec
+
+import rig_servers
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+UPSTREAM = ("upstream-lpm", "upstream-priority")
+ARMS = {**{n: live_arms.Arm(n, live_arms.UPSTREAM_ARMS[n]) for n in UPSTREAM},
+        live_arms.TIERSCHED: live_arms.tiersched_arm("dp2")}
+DP2 = {name: rig_servers.dp2_arm(arm) for name, arm in ARMS.items()}
+EPLB_FAULTS, EPLB_REBALANCE_EVERY = "ok,nan,negative", 16
+EPLB_FAULT_SERVER = spec("tiny", eplb_fault_server_args(EPLB_REBALANCE_EVERY), env={EXPERT_FAULT_ENV: EPLB_FAULTS},
+                         max_total_tokens=live_ab.MAX_TOTAL_TOKENS, name="ep2 tiersched eplb faults")
 
 # "Not worse" on LS TTFT is a one-sided Mann-Whitney U test over every LS request of all repeats pooled (7 LS
 # requests per run, 21 per arm; the runs alternate A B C, C B A, A B C) against the upstream arm with the lower median: the test fails
@@ -45,62 +55,29 @@ def _need(tiers):
         pytest.skip("tier adapter(s) not in this build: " + "; ".join(missing.values()))
 
 
-class Dp2Servers:
-    """dp2 servers by arm, each started on first use (those asked for together start concurrently, as
-    live_ab.servers_for does), checked to run the arm's tiers, and kept until `stop` or the module's end."""
-
-    def __init__(self, model_dir):
-        self.model_dir, self.servers, self.stacks = model_dir, {}, {}
-
-    def _start(self, arm):
-        stack = contextlib.ExitStack()
-        srv = stack.enter_context(launch_server(self.model_dir, extra_args=live_arms.server_args("dp2", arm),
-                                                max_total_tokens=live_ab.MAX_TOTAL_TOKENS))
-        self.stacks[arm.name], self.servers[arm.name] = stack, srv  # stopped by close() whatever happens next
-        live_ab.check_tiers(srv, arm)
-
-    def get(self, arms):
-        missing = [arm for arm in arms if arm.name not in self.servers]
-        if missing:
-            with ThreadPoolExecutor(len(missing)) as pool:
-                futures = [pool.submit(self._start, arm) for arm in missing]
-            for future in futures:
-                future.result()
-        return {arm.name: self.servers[arm.name] for arm in arms}
-
-    def stop(self, names):
-        for name in names:
-            self.servers.pop(name, None)
-            if name in self.stacks:
-                self.stacks.pop(name).close()
-
-    def close(self):
-        self.stop(list(self.stacks))
+def _dp2_servers(rig_pool, names):
+    """name -> the dp2 arm's server, checked to run the arm's tiers."""
+    servers = dict(zip(names, rig_pool.get_many([DP2[name] for name in names])))
+    for name, srv in servers.items():
+        live_ab.check_tiers(srv, ARMS[name])
+    return servers
 
 
-@pytest.fixture(scope="module")
-def dp2(tiny_model_dir):
-    servers = Dp2Servers(tiny_model_dir)
-    yield servers
-    servers.close()
-
-
-def _tiersched_dp2_server(dp2):
-    return dp2.get([live_arms.tiersched_arm("dp2")])[live_arms.TIERSCHED]
+def _tiersched_dp2_server(rig_pool):
+    return _dp2_servers(rig_pool, [live_arms.TIERSCHED])[live_arms.TIERSCHED]
 
 
 @pytest.mark.timeout(900)
-def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(dp2):
+@pytest.mark.rig_servers(*DP2.values())  # fresh servers: the A/B runs first in this module
+def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(rig_pool):
     """All tiers vs upstream's best flags for each metric, 24 shared-prefix requests, 3 alternating repeats
     at 1 req/s: cached tokens >= the better of upstream-lpm / upstream-priority; LS TTFT not significantly worse than the better."""
     _need(("request", "engine"))
-    upstream = ("upstream-lpm", "upstream-priority")
-    arms = [*(live_arms.Arm(n, live_arms.UPSTREAM_ARMS[n]) for n in upstream), live_arms.tiersched_arm("dp2")]
+    upstream = UPSTREAM
+    arms = list(ARMS.values())
     request_set = shared_prefix_set(24, 1.0, block_tokens=AB_BLOCK_TOKENS, max_input=AB_MAX_INPUT)
-    try:  # fresh servers: the A/B runs first in this module
-        runs = live_ab.run_ab(dp2.get(arms), arms, request_set.with_rate(AB_RATE_REQ_S), repeats=AB_REPEATS)
-    finally:
-        dp2.stop(upstream)  # the later tests use only the tiersched server
+    servers = _dp2_servers(rig_pool, list(ARMS))
+    runs = live_ab.run_ab(servers, arms, request_set.with_rate(AB_RATE_REQ_S), repeats=AB_REPEATS)
     summaries = {name: runs[name].summaries for name in runs}
     for name, arm_summaries in summaries.items():
         for s in arm_summaries:
@@ -120,9 +97,9 @@ def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(dp2):
     assert worse.pvalue >= WORSE_P_VALUE, (best, worse.pvalue, ls_ttft, summaries)
 
 
-def _load(tiny_model_dir, dp2, duration_s):
+def _load(tiny_model_dir, rig_pool, duration_s):
     _need(("request", "engine"))
-    out = load_run(tiny_model_dir, duration_s=duration_s, factor=2.0, server=_tiersched_dp2_server(dp2))
+    out = load_run(tiny_model_dir, duration_s=duration_s, factor=2.0, server=_tiersched_dp2_server(rig_pool))
     print("load run:", out)
     assert out["server_alive"]
     assert out["errors"] == 0 and out["lost"] == 0, out
@@ -135,28 +112,31 @@ def _load(tiny_model_dir, dp2, duration_s):
 
 
 @pytest.mark.timeout(600)
-def test_load_twice_capacity_ci_sized(tiny_model_dir, dp2):
-    _load(tiny_model_dir, dp2, 60)
+@pytest.mark.rig_servers(DP2[live_arms.TIERSCHED])
+def test_load_twice_capacity_ci_sized(tiny_model_dir, rig_pool):
+    _load(tiny_model_dir, rig_pool, 60)
 
 
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(os.environ.get("TIERSCHED_LIVE_FULL_LOAD") != "1",
                     reason="the 5-minute load run; set TIERSCHED_LIVE_FULL_LOAD=1")
-def test_load_twice_capacity_five_minutes(tiny_model_dir, dp2):
+@pytest.mark.rig_servers(DP2[live_arms.TIERSCHED])
+def test_load_twice_capacity_five_minutes(tiny_model_dir, rig_pool):
     """2x capacity for 300 s: 0 errors, 0 lost, and RSS bounded. Only the schedulers grow, and equally with
     upstream's flags alone (docs/live-results.md), so the check is that the growth stops, not that it is zero."""
-    out = _load(tiny_model_dir, dp2, 300)
+    out = _load(tiny_model_dir, rig_pool, 300)
     # memory bounded: the group's RSS stops growing (3rd -> 4th quarter), see live.load.rss_bounded
     assert rss_bounded(out), {k: v for k, v in out.items() if k.startswith("rss_")}
 
 
 @pytest.mark.timeout(400)
-def test_rank_drained_mid_run_gets_no_more_requests_and_none_are_lost(tiny_model_dir, dp2):
+@pytest.mark.rig_servers(DP2[live_arms.TIERSCHED])
+def test_rank_drained_mid_run_gets_no_more_requests_and_none_are_lost(tiny_model_dir, rig_pool):
     """Fault test: drain DP rank 1 over HTTP in the middle of a stream; take it back after the stream."""
     _need(("request", "engine"))
     n, tail = 30, 6
     out = midrun_drain_run(tiny_model_dir, drained_rank=1, n=n, rate=3.0, drain_after=12, after_undrain=tail,
-                           server=_tiersched_dp2_server(dp2))
+                           server=_tiersched_dp2_server(rig_pool))
     print("mid-run drain:", out)
     assert out["server_alive"]
     assert out["errors"] == 0 and out["lost"] == 0 and out["completed"] == n + tail, out
@@ -170,9 +150,11 @@ def test_rank_drained_mid_run_gets_no_more_requests_and_none_are_lost(tiny_model
 
 
 @pytest.mark.timeout(400)
-def test_bad_eplb_statistics_mid_run_keep_the_placement(tiny_model_dir):
+@pytest.mark.rig_servers(EPLB_FAULT_SERVER)
+def test_bad_eplb_statistics_mid_run_keep_the_placement(tiny_model_dir, rig_pool):
     _need(("request", "expert"))
-    out = eplb_fault_run(tiny_model_dir, faults="ok,nan,negative", rebalance_every=16, n=30)
+    out = eplb_fault_run(tiny_model_dir, faults=EPLB_FAULTS, rebalance_every=EPLB_REBALANCE_EVERY, n=30,
+                         server=rig_pool.get(EPLB_FAULT_SERVER))
     print("eplb fault run:", out)
     assert out["status"] == "ok" and out["server_alive"]
     assert out["errors"] == 0 and out["lost"] == 0 and out["completed"] == 30, out

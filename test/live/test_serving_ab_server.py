@@ -1,5 +1,7 @@
 """The bench_serving A/B recipe at small size on real servers: upstream-lpm and tiersched (dp2), real
-`python -m sglang.bench_serving` processes (a BE and an LS stream per run), then serving-ab over their files."""
+`python -m sglang.bench_serving` processes (a BE and an LS stream per run), then serving-ab over their files. The two
+dp2 servers are the live A/B's (rig_servers.dp2_arm, shared through the session's pool; every run flushes the
+cache first)."""
 import json
 
 import pytest
@@ -8,19 +10,25 @@ from tiersched.bench import serving_ab
 from tiersched.bench.__main__ import main as bench_main
 from tiersched.live import ab as live_ab, arms as live_arms, serving
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+import rig_servers
+
+ARMS = [live_arms.Arm("upstream-lpm", live_arms.UPSTREAM_ARMS["upstream-lpm"]), live_arms.tiersched_arm("dp2")]
+SERVERS = [rig_servers.dp2_arm(arm) for arm in ARMS]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.rig_servers(*SERVERS)]
 
 
 @pytest.mark.timeout(900)
-def test_recipe_runs_bench_serving_against_both_arms_and_serving_ab_reads_it(tiny_model_dir, tmp_path, capsys):
+def test_recipe_runs_bench_serving_against_both_arms_and_serving_ab_reads_it(rig_pool, tmp_path, capsys):
     missing = live_arms.missing_tiers(("request", "engine"))
     if missing:
         pytest.skip("tier adapter(s) not in this build: " + "; ".join(missing.values()))
-    arms = [live_arms.Arm("upstream-lpm", live_arms.UPSTREAM_ARMS["upstream-lpm"]), live_arms.tiersched_arm("dp2")]
+    arms = ARMS
     streams = serving.default_streams(rate=4.0, ls_fraction=0.25, requests=16, groups=2)
     assert [(s.cls, s.groups, s.requests) for s in streams] == [("be", 2, 12), ("ls", 2, 4)]
-    with live_ab.servers_for(tiny_model_dir, "dp2", arms) as servers:
-        files = serving.run_recipe(servers, [a.name for a in arms], streams, tmp_path, repeats=2, timeout_s=300)
+    servers = dict(zip([a.name for a in arms], rig_pool.get_many(SERVERS)))
+    for arm in arms:
+        live_ab.check_tiers(servers[arm.name], arm)
+    files = serving.run_recipe(servers, [a.name for a in arms], streams, tmp_path, repeats=2, timeout_s=300)
     assert sorted(p.name for p in files) == ["tiersched-be.jsonl", "tiersched-ls.jsonl",
                                              "upstream-lpm-be.jsonl", "upstream-lpm-ls.jsonl"]
     for path in files:

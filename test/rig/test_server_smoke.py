@@ -3,21 +3,14 @@ launcher), and /generate must return tokens. Both servers come from the session'
 (rig_servers.py): tp1 is the CPU fixes' float32 single-rank server, dp2 the fidelity check's."""
 import json
 import os
-import urllib.request
 
 import pytest
 
 import rig_servers
+from rig_servers import generate
 
 DEPLOYMENTS = {"tp1": rig_servers.TP1_F32_SKEWED, "dp2": rig_servers.DP2_METRICS}
 pytestmark = [pytest.mark.server, pytest.mark.timeout(420), pytest.mark.rig_servers(*DEPLOYMENTS.values())]
-
-
-def generate(url, text, max_new_tokens=8, **extra):
-    body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}, **extra}
-    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
 
 
 def process_titles(trace_path):

@@ -3,7 +3,7 @@ attention is checked on the plain DP-attention server of test_request_dpattn_ser
 import pytest
 
 import rig_servers
-from test_server_smoke import generate
+from rig_servers import generate
 
 SINGLE, EXPERT_PARALLEL = rig_servers.TP1_F32_SKEWED, rig_servers.TP2_EP2_F32_SKEWED  # shared (rig_servers.py)
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600), pytest.mark.rig_servers(SINGLE, EXPERT_PARALLEL)]

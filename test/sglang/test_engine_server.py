@@ -1,5 +1,5 @@
-"""Engine tier on real upstream servers on this CPU (`--load-balance-method score`), three servers in all,
-started at once for the module:
+"""Engine tier on real upstream servers on this CPU (`--load-balance-method score`), three servers in all from the
+session's pool (test/conftest.py), started at once:
 
 - `--dp-size 2` and DP attention `--tp 2 --dp 2 --enable-dp-attention`: one prompt set with shared prefixes,
   sent twice in the same server session. Baseline pass: request i carries `routed_dp_rank = i % 2`, which is the
@@ -17,9 +17,7 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_servers
-
-pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
+from tiersched.rig.server import spec
 
 GROUPS, REPEATS, PREFIX, SUFFIX = 5, 4, 96, 8
 
@@ -64,17 +62,18 @@ def metrics_text(url):
 
 
 SCORE_DEPLOYMENTS = {"dp2": ["--dp-size", "2"], "dp-attention": ["--tp", "2", "--dp", "2", "--enable-dp-attention"]}
+# The two score deployments and the dp2 one with rank 1 drained at start, by name.
+SERVERS = {name: spec("tiny", [*args, "--load-balance-method", "score", "--enable-metrics"],
+                      env={"TIERSCHED_SET": "engine.block_tokens=16"}, name=f"{name} score")
+           for name, args in SCORE_DEPLOYMENTS.items()}
+SERVERS["drained"] = spec("tiny", ["--dp-size", "2", "--load-balance-method", "score"],
+                          env={"TIERSCHED_SET": "engine.drain_ranks=1"}, name="dp2 score rank 1 drained")
+pytestmark = [pytest.mark.server, pytest.mark.timeout(420), pytest.mark.rig_servers(*SERVERS.values())]
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_dir):
-    """The two score deployments and the dp2 one with rank 1 drained at start, by name."""
-    configs = [{"extra_args": [*args, "--load-balance-method", "score", "--enable-metrics"],
-                "env": {"TIERSCHED_SET": "engine.block_tokens=16"}} for args in SCORE_DEPLOYMENTS.values()]
-    configs.append({"extra_args": ["--dp-size", "2", "--load-balance-method", "score"],
-                    "env": {"TIERSCHED_SET": "engine.drain_ranks=1"}})
-    with launch_servers(tiny_model_dir, configs) as started:
-        yield dict(zip([*SCORE_DEPLOYMENTS, "drained"], started))
+def servers(rig_pool):
+    return dict(zip(SERVERS, rig_pool.get_many(list(SERVERS.values()))))
 
 
 @pytest.mark.parametrize("name", list(SCORE_DEPLOYMENTS))

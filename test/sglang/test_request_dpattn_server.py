@@ -22,9 +22,7 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_servers
-
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(360)]
+from tiersched.rig.server import spec
 
 LS, BE = 10, 0
 BE_TOKENS, LS_TOKENS, LS_REQUESTS = 3000, 48, 6
@@ -86,14 +84,18 @@ def run_workload(srv):
     return {rid: o["output_ids"] for rid, o in out.items()}
 
 
+# The request tier with `prefix-aging`, and the same flags with upstream's `fcfs` where no tier acts, only the
+# CPU fixes; from the session's pool (test/conftest.py), started at once.
+TIERED = spec("tiny", [*FLAGS, "--schedule-policy", "prefix-aging"], env=TIER_ENV, timeout_s=300,
+              name="dpattn f32 prefix-aging lockstep")
+PLAIN = spec("tiny", [*FLAGS, "--schedule-policy", "fcfs"], timeout_s=300, name="dpattn f32 fcfs")
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(360), pytest.mark.rig_servers(TIERED, PLAIN)]
+
+
 @pytest.fixture(scope="module")
-def servers(tiny_model_dir):
-    """(tiered, plain), started at once: the request tier with `prefix-aging`, and the same flags with upstream's
-    `fcfs` where no tier acts, only the CPU fixes."""
-    configs = [{"extra_args": [*FLAGS, "--schedule-policy", "prefix-aging"], "env": TIER_ENV, "timeout_s": 300},
-               {"extra_args": [*FLAGS, "--schedule-policy", "fcfs"], "timeout_s": 300}]
-    with launch_servers(tiny_model_dir, configs) as started:
-        yield tuple(started)
+def servers(rig_pool):
+    """(tiered, plain)."""
+    return tuple(rig_pool.get_many([TIERED, PLAIN]))
 
 
 def test_dp_attention_serves(servers):

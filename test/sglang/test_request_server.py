@@ -21,12 +21,14 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_server
-
-pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
+from tiersched.rig.server import spec
 
 LS, BE = 10, 0
 MAX_TOTAL_TOKENS = 1400
+SERVER = spec("tiny", ["--schedule-policy", "prefix-aging", "--enable-priority-scheduling", "--max-running-requests",
+                       "2", "--chunked-prefill-size", "512", "--decode-log-interval", "5"],
+              max_total_tokens=MAX_TOTAL_TOKENS, timeout_s=480, name="tp1 prefix-aging 2 slots")
+pytestmark = [pytest.mark.server, pytest.mark.timeout(900), pytest.mark.rig_servers(SERVER)]
 
 
 def generate(url, input_ids, max_new_tokens, priority, timeout=300):
@@ -83,11 +85,8 @@ def log_len(srv) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    args = ["--schedule-policy", "prefix-aging", "--enable-priority-scheduling", "--max-running-requests", "2",
-            "--chunked-prefill-size", "512", "--decode-log-interval", "5"]
-    with launch_server(tiny_model_dir, extra_args=args, max_total_tokens=MAX_TOTAL_TOKENS, timeout_s=480) as srv:
-        yield srv
+def server(rig_pool):
+    return rig_pool.get(SERVER)
 
 
 def test_ls_request_behind_many_be_finishes_first(server):
