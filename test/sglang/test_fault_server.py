@@ -1,7 +1,7 @@
 """Bad input and faults on REAL CPU servers with every tier on: a clear error, the server stays healthy, nothing is
 lost, and tiersched's own state stays bounded.
 
-Two servers for the module, started at once (tiny MoE, `tiersched.rig`): `dp2` (two DP ranks behind the DP
+Two servers for the module from the session's pool (test/conftest.py), started at once (tiny MoE, `tiersched.rig`): `dp2` (two DP ranks behind the DP
 controller: request + engine tiers) and `dpattn` (`--tp 2 --dp 2 --enable-dp-attention`, expert parallel with EPLB
 running our placement: request + engine + expert tiers). Each test sends its inputs to both; the last test of the
 module checks what the whole run left: `/health`, no traceback in the log, no request left on any rank
@@ -25,9 +25,7 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import launch_servers
-
-pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
+from tiersched.rig.server import spec
 
 LS, BE = 10, 0
 TIER_FLAGS = ["--schedule-policy", "prefix-aging", "--enable-priority-scheduling", "--load-balance-method", "score"]
@@ -39,13 +37,14 @@ DEPLOYMENTS = {
 }
 EXPECTED_TIERS = {"dp2": {"request", "engine"}, "dpattn": {"request", "engine", "expert"}}
 BURST = 500
+SERVERS = {name: spec("tiny", args, timeout_s=480, name=f"{name} all tiers (fault suite)")
+           for name, args in DEPLOYMENTS.items()}
+pytestmark = [pytest.mark.server, pytest.mark.timeout(900), pytest.mark.rig_servers(*SERVERS.values())]
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_dir):
-    configs = [{"extra_args": args, "timeout_s": 480} for args in DEPLOYMENTS.values()]
-    with launch_servers(tiny_model_dir, configs) as started:
-        yield dict(zip(DEPLOYMENTS, started))
+def servers(rig_pool):
+    return dict(zip(SERVERS, rig_pool.get_many(list(SERVERS.values()))))
 
 
 @pytest.fixture(scope="module")
