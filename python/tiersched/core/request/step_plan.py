@@ -162,21 +162,28 @@ def fit_roofline(prefill_tokens: np.ndarray, prefill_pairs: np.ndarray, decode_c
     return min(fits, key=lambda m: float(np.square(m.batch_seconds(pt, pp, dc, x[3]) / y - 1.0).sum()))
 
 
+def roofline_design(model: RooflineStepModel, tok, pp, ctx, total) -> np.ndarray:
+    """Rows [N, 7] such that rows @ theta = predicted step seconds, theta in RooflineStepModel's field order, with
+    the regimes (floor or per-token side, slowest rank) that `model` puts each step in. tok, pp, ctx: [N, R] per-rank
+    prefill tokens, prefill attention pairs and decode context; total: [N] tokens of the step over all ranks."""
+    rows = np.arange(tok.shape[0])
+    m = model
+    dense_floor_side = m.dense_floor_s >= m.dense_per_token_s * tok  # [N, R]
+    attn = (np.where(tok > 0, np.where(dense_floor_side, m.dense_floor_s, m.dense_per_token_s * tok), 0.0)
+            + m.pair_s * pp + m.ctx_s * ctx)
+    top = attn.argmax(axis=1)
+    t_top, p_top, c_top = tok[rows, top], pp[rows, top], ctx[rows, top]
+    f_top = dense_floor_side[rows, top] & (t_top > 0)
+    moe_floor_side = m.moe_floor_s >= m.moe_per_token_s * total
+    busy = total > 0
+    return np.stack([busy * 1.0, f_top * 1.0, np.where(f_top, 0.0, t_top), p_top, c_top,
+                     (busy & moe_floor_side) * 1.0, np.where(moe_floor_side, 0.0, total)], axis=1)
+
+
 def _fit_from(model: RooflineStepModel, tok, pp, ctx, total, y, iterations: int) -> RooflineStepModel:
-    rows = np.arange(y.size)
     scale = 1.0 / np.maximum(y, 1e-12)
     for _ in range(iterations):
-        m = model
-        dense_floor_side = m.dense_floor_s >= m.dense_per_token_s * tok  # [N, R]
-        attn = (np.where(tok > 0, np.where(dense_floor_side, m.dense_floor_s, m.dense_per_token_s * tok), 0.0)
-                + m.pair_s * pp + m.ctx_s * ctx)
-        top = attn.argmax(axis=1)
-        t_top, p_top, c_top = tok[rows, top], pp[rows, top], ctx[rows, top]
-        f_top = dense_floor_side[rows, top] & (t_top > 0)
-        moe_floor_side = m.moe_floor_s >= m.moe_per_token_s * total
-        busy = total > 0
-        a = np.stack([busy * 1.0, f_top * 1.0, np.where(f_top, 0.0, t_top), p_top, c_top,
-                      busy & moe_floor_side, np.where(moe_floor_side, 0.0, total)], axis=1)
+        a = roofline_design(model, tok, pp, ctx, total)
         theta, *_ = np.linalg.lstsq(a * scale[:, None], y * scale, rcond=None)
         new = RooflineStepModel(*np.maximum(theta, 0.0).tolist())
         if new == model:

@@ -20,23 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tiersched.core.request.step_plan import ROOFLINE_PARAMS, RooflineStepModel
-
-
-def _design(model: RooflineStepModel, tok, pp, ctx, total) -> np.ndarray:
-    """Rows [N, 7] such that design @ theta = predicted seconds, with the regimes of `model` (see module doc)."""
-    rows = np.arange(tok.shape[0])
-    m = model
-    dense_floor_side = m.dense_floor_s >= m.dense_per_token_s * tok  # [N, R]
-    attn = (np.where(tok > 0, np.where(dense_floor_side, m.dense_floor_s, m.dense_per_token_s * tok), 0.0)
-            + m.pair_s * pp + m.ctx_s * ctx)
-    top = attn.argmax(axis=1)
-    t_top, p_top, c_top = tok[rows, top], pp[rows, top], ctx[rows, top]
-    f_top = dense_floor_side[rows, top] & (t_top > 0)
-    moe_floor_side = m.moe_floor_s >= m.moe_per_token_s * total
-    busy = total > 0
-    return np.stack([busy * 1.0, f_top * 1.0, np.where(f_top, 0.0, t_top), p_top, c_top,
-                     (busy & moe_floor_side) * 1.0, np.where(moe_floor_side, 0.0, total)], axis=1)
+from tiersched.core.request.step_plan import ROOFLINE_PARAMS, RooflineStepModel, roofline_design
 
 
 def fit_step_model(prefill_tokens, prefill_pairs, decode_count, decode_context, measured_s,
@@ -61,7 +45,7 @@ def fit_step_model(prefill_tokens, prefill_pairs, decode_count, decode_context, 
     scale = 1.0 / y
     model = prior
     for _ in range(iterations):
-        a = _design(model, tok, pp, ctx, total)
+        a = roofline_design(model, tok, pp, ctx, total)
         # s_j: the prior's value; for a parameter the prior has at 0, the value that would explain the median
         # step by itself where that feature is present (so the pull is on the data's own scale).
         data_scale = np.array([np.median(y[col > 0] / col[col > 0]) if np.any(col > 0) else 1.0 for col in a.T])
