@@ -46,6 +46,12 @@ def test_sweep_is_resumable_and_reports_upstream_best_and_headroom(tmp_path, cap
     best = [json.loads(line)["runs"]["upstream-best-ttft"]["ttft_mean"] for line in lines[1:]]
     assert first["metrics_at_upstream_chunk"]["ttft_mean"]["median_change"] == pytest.approx(
         float(np.median([(o - b) / b for o, b in zip(at_chunk, best)])), abs=1e-4)
+    for line in lines[1:]:  # the arm's static-flag variants ran and say which flags they used
+        row = json.loads(line)
+        assert {"tiersched+mixed", "tiersched@upstream-tpot-flags"} <= set(row["runs"])
+        assert "--enable-mixed-chunk" in row["arm_static_flags"]["tiersched+mixed"]
+        assert "--enable-mixed-chunk" not in row["arm_static_flags"]["tiersched"]
+    assert first["metrics_with_mixed_chunk"]["tpot_mean"]["n"] == 2
     assert sweep.main(parser.parse_args(argv)) == 0  # nothing left to run: the file does not grow
     assert (tmp_path / "s.jsonl").read_text().splitlines() == lines
 

@@ -129,6 +129,16 @@ def test_compare_reports_upstream_best_per_metric_bounds_headroom_and_cis():
         assert e["ratio_vs_upstream_best"]["tpot_mean"] == pytest.approx(
             e["tpot_mean"] / report["upstream_best_tpot"]["tpot_mean"], abs=1e-4)
     assert policies["bound:idle-cluster"]["ttft_mean"] <= report["upstream_best_ttft"]["ttft_mean"]
+    # Our rows say which static upstream flags they run with; the headline row runs neither mixed chunk nor delayer.
+    assert "--enable-mixed-chunk" not in policies["tiersched"]["static_flags"]
+    assert "--enable-prefill-delayer" not in policies["tiersched"]["static_flags"]
+    assert policies["tiersched+mixed"]["static_flags"] == policies["tiersched"]["static_flags"] + " --enable-mixed-chunk"
+    assert policies["tiersched+mixed"]["ttft_mean"] != policies["tiersched"]["ttft_mean"]  # it ran with the flag
+    sched_flags = lambda text: {f.strip() for f in text.split("--") if f.strip() and not f.startswith(
+        ("schedule-policy", "load-balance-method", "enable-eplb", "eplb-", "enable-priority-scheduling"))}
+    assert sched_flags(policies["tiersched@upstream-tpot-flags"]["static_flags"]) == sched_flags(
+        report["upstream_best_tpot"]["flags"])
+    assert "our_rows_static_flags" in report
 
 
 def _user_traces(tmp_path):
@@ -179,3 +189,21 @@ def test_compare_sweep_and_speed_take_a_users_trace_file(tmp_path, capsys):
     assert speed.main(parser.parse_args(["--json", "--duration", "6", "--trace", str(path)])) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["trace"]["requests"] == 60 and out["trace"]["realtime_factor"] > 0
+
+
+def test_every_upstream_schedule_policy_is_searched_or_listed_with_its_reason():
+    """Upstream's own policy enums: each value is searched or named in not_searched; `priority`, a parser choice,
+    is refused by SchedulePolicy itself (as the note says)."""
+    sp = pytest.importorskip("sglang.srt.managers.schedule_policy")
+    upstream = {p.value for p in sp.CacheAwarePolicy} | {p.value for p in sp.CacheAgnosticPolicy}
+    searched = set(space.upstream_orderings(has_priorities=False))
+    listed = {k.split()[-1] for k in space.NOT_MODELLED if k.startswith("--schedule-policy ")}
+    assert upstream == (searched | listed) - {"priority"}
+    assert not searched & listed
+
+    class Cache:
+        disable = False
+
+    with pytest.raises(ValueError, match="Unknown schedule_policy"):
+        sp.SchedulePolicy._validate_and_adjust_policy(None, "priority", Cache())
+    assert sp.SchedulePolicy._validate_and_adjust_policy(None, "dfs-weight", Cache()) == sp.CacheAwarePolicy.DFS_WEIGHT

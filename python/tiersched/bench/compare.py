@@ -3,7 +3,7 @@
 1. Upstream-best, per metric (mean TTFT, mean TPOT, tail TTFT): a pruned search of upstream's flag space the
    simulator models (bench/upstream_space.py: every ordering incl. priority scheduling where the workload has
    priorities, every load-balance method, chunk size, every EPLB algorithm incl. none and its interval, the
-   prefill delayer and mixed chunking once the simulator models them), on the first seed. The JSON's
+   prefill delayer and its knobs, mixed chunking), on the first seed. The JSON's
    `upstream_best_space` says what was searched, how, and how many runs it took; `upstream_best_ttft`,
    `upstream_best_tpot`, `upstream_best_p99` name each metric's winner (its label and upstream flags).
 2. Ablation from the mean-TTFT winner: tiersched dispatch only, tiersched ordering (+ its preemption) only,
@@ -11,7 +11,9 @@
    reference row. Rows that keep an upstream ordering keep the winner's scheduler flags (chunk size included); rows
    with tiersched's ordering, which caps chunks adaptively, run at the preset's chunk size (their adaptive
    behaviour is theirs to claim), with the winner's EPLB interval; `tiersched@upstream-chunk` (all three tiers at
-   the winner's chunk size) is reported beside them, not as the headline.
+   the winner's chunk size) is reported beside them, not as the headline, and so are `tiersched+mixed` (with upstream's
+   static `--enable-mixed-chunk`) and `tiersched@upstream-tpot-flags` (every static scheduler flag of the mean-TPOT
+   winner: chunk size, mixed chunk, prefill delayer). Each row's `static_flags` lists the upstream flags it runs with.
 3. Lower bounds: perfect balance (each winner with every max over ranks replaced by the mean) and the idle
    cluster (each request alone), per seed.
 4. Every row and winner is run on `--seeds` seeds; per row, the ratio ours / upstream-best per metric (against
@@ -38,8 +40,14 @@ from tiersched.bench.stats import TAIL_MIN_SAMPLES, bootstrap_ci, headroom, tail
 from tiersched.sim import PolicySet
 
 WINNERS = ("ttft", "tpot", "p99")  # upstream_best_<name>
+OUR_ROWS_RULE = ("rows with tiersched's ordering run at the preset's chunk size with upstream's other scheduler defaults "
+                 "(no --enable-mixed-chunk, no --enable-prefill-delayer): the ordering caps chunks adaptively, so it "
+                 "does not take upstream's chunk choice. Beside them, not headline: +mixed rows add --enable-mixed-chunk; "
+                 "@upstream-chunk rows take the mean-TTFT winner's chunk size; @upstream-tpot-flags rows take every "
+                 "static scheduler flag of the mean-TPOT winner (chunk size, mixed chunk, prefill delayer and its "
+                 "knobs). Each row's static_flags lists the upstream flags it runs with.")
 DEFAULT_ARMS = ("dispatch-only", "ordering-only", "expert-only", "tiersched", "tiersched+feedback", "vllm-dp",
-                "tiersched@upstream-chunk")
+                "tiersched@upstream-chunk", "tiersched+mixed", "tiersched@upstream-tpot-flags")
 
 
 def add_arguments(parser) -> None:
@@ -113,7 +121,7 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
 
         res = space.search(dims, list(dict.fromkeys(search_metrics.values())), run, max_passes=search_passes)
         win = {name: res.combos[res.winners[m]] for name, m in search_metrics.items()}
-        rows = {name: row for name, row in _rows(win["ttft"], dims).items() if name in arms}
+        rows = {name: row for name, row in _rows(win["ttft"], dims, win["tpot"]).items() if name in arms}
         jobs, where, same = [], [], {}
         distinct = list({space.combination_key(c): c for c in win.values()}.values())
         for i, s in enumerate(scs):
@@ -165,7 +173,8 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
                  **_mean_entry(per_seed[key_of[name]])}
         report_rows["upstream-best" if name == "ttft" else f"upstream-best-{name}"] = entry
     for name, (pol, sched) in rows.items():
-        entry = {"label": pol.label() + space.scheduler_label(sched, dims), **_mean_entry(per_seed[name])}
+        entry = {"label": pol.label() + space.scheduler_label(sched, dims),
+                 "static_flags": space.scheduler_flags(sched, dims, preset), **_mean_entry(per_seed[name])}
         report_rows[name] = entry
     balance_key = ("balance", key_of["ttft"])
     report_rows["bound:perfect-balance"] = {"label": "upstream-best with mean instead of max over ranks",
@@ -211,6 +220,7 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
         "ablation_base": "upstream_best_ttft",
         "headroom_bound": "bound:idle-cluster",
         "policies": report_rows,
+        "our_rows_static_flags": OUR_ROWS_RULE,
         "notes": notes,
         "wall_s": round(time.perf_counter() - start, 2),
     }
@@ -225,8 +235,9 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
     return out
 
 
-def _rows(best: dict, dims) -> dict:
-    """The ablation rows built from the mean-TTFT winner `best`: name -> (PolicySet, SchedulerSettings changes)."""
+def _rows(best: dict, dims, tpot_best: dict | None = None) -> dict:
+    """The ablation rows built from the mean-TTFT winner `best`: name -> (PolicySet, SchedulerSettings changes).
+    `tpot_best`: the mean-TPOT winner, whose static scheduler flags the `@upstream-tpot-flags` rows take."""
     o, d, e = best["ordering"], best["dispatch"], best.get("eplb", "none")
     upstream_sched = space.scheduler_changes(best, dims)
     # Our ordering caps chunks itself: the preset's chunk size and upstream's defaults, the winner's EPLB interval.
@@ -237,24 +248,40 @@ def _rows(best: dict, dims) -> dict:
     keep_sched = dict(upstream_sched)
     if "eplb_rebalance_steps" in ours:  # the expert tier alone: the winner's flags, the winner's EPLB interval
         keep_sched["eplb_rebalance_steps"] = ours["eplb_rebalance_steps"]
-    return {
+    names = {dim.name for dim in dims}
+    # Static upstream flags our rows can run with (not the headline: each trades TTFT for TPOT, docs/results.md).
+    mixed = space.scheduler_changes(dict(ours, enable_mixed_chunk=True), dims) if "enable_mixed_chunk" in names \
+        else None
+    at_chunk = space.scheduler_changes(dict(ours, chunked_prefill_size=best.get(
+        "chunked_prefill_size", ours.get("chunked_prefill_size"))), dims)
+    tpot_flags = None
+    if tpot_best is not None:
+        tpot_flags = space.scheduler_changes(dict(ours, **{dim.name: tpot_best[dim.name] for dim in dims
+                                                           if dim.target == "scheduler"
+                                                           and dim.name != "eplb_rebalance_steps"}), dims)
+    ord_disp = PolicySet(ordering="tiersched", dispatch="tiersched", eplb=e)
+    all_three = PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware")
+    rows = {
         # The request and engine tiers on top of the winner's EPLB (sweep's arm without --with-eplb).
-        "ordering+dispatch": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb=e), ours_sched),
+        "ordering+dispatch": (ord_disp, ours_sched),
         "dispatch-only": (PolicySet(ordering=o, dispatch="tiersched", eplb=e), upstream_sched),
         "ordering-only": (PolicySet(ordering="tiersched", dispatch=d, eplb=e), ours_sched),
         "expert-only": (PolicySet(ordering=o, dispatch=d, eplb="source_aware"), tuple(keep_sched.items())),
-        "tiersched": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware"), ours_sched),
+        "tiersched": (all_three, ours_sched),
         "tiersched+feedback": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware",
                                          expert_feedback=True), ours_sched),
         "vllm-dp": (PolicySet(ordering=o, dispatch="vllm-dp", eplb=e), upstream_sched),
-        # Not a headline row: all three tiers at the winner's chunk size, to show what the chunk choice is worth.
-        "ordering+dispatch@upstream-chunk": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb=e),
-                                             space.scheduler_changes(dict(ours, chunked_prefill_size=best.get(
-                                                 "chunked_prefill_size", ours.get("chunked_prefill_size"))), dims)),
-        "tiersched@upstream-chunk": (PolicySet(ordering="tiersched", dispatch="tiersched", eplb="source_aware"),
-                                     space.scheduler_changes(dict(ours, chunked_prefill_size=best.get(
-                                         "chunked_prefill_size", ours.get("chunked_prefill_size"))), dims)),
+        # Not headline rows: all three tiers at the winner's chunk size, to show what the chunk choice is worth.
+        "ordering+dispatch@upstream-chunk": (ord_disp, at_chunk),
+        "tiersched@upstream-chunk": (all_three, at_chunk),
     }
+    if mixed is not None:  # upstream's --enable-mixed-chunk at the preset's chunk size
+        rows["ordering+dispatch+mixed"] = (ord_disp, mixed)
+        rows["tiersched+mixed"] = (all_three, mixed)
+    if tpot_flags is not None:  # every static scheduler flag of the mean-TPOT winner (chunk, mixed, delayer)
+        rows["ordering+dispatch@upstream-tpot-flags"] = (ord_disp, tpot_flags)
+        rows["tiersched@upstream-tpot-flags"] = (all_three, tpot_flags)
+    return rows
 
 
 def _mean_entry(runs: list[dict]) -> dict:

@@ -24,6 +24,11 @@ METRICS = {"ttft_mean": (-1, "upstream-best-ttft"), "ttft_tail": (-1, "upstream-
            "tpot_mean": (-1, "upstream-best-tpot"), "e2e_mean": (-1, "upstream-best-ttft"),
            "throughput": (1, "upstream-best-ttft"), "goodput": (1, "upstream-best-ttft")}
 SEARCH_VERSION = "search1"  # part of the key: rows from before the upstream-best search are not reused
+# tiersched's arm with other static upstream flags, beside the headline arm (compare's rows of these suffixes):
+# the mean-TTFT winner's chunk size, --enable-mixed-chunk, every static scheduler flag of the mean-TPOT winner.
+VARIANTS = ("@upstream-chunk", "+mixed", "@upstream-tpot-flags")
+SUMMARY_OF = {"@upstream-chunk": "metrics_at_upstream_chunk", "+mixed": "metrics_with_mixed_chunk",
+              "@upstream-tpot-flags": "metrics_at_upstream_tpot_flags"}
 
 
 def add_arguments(parser) -> None:
@@ -77,17 +82,19 @@ def run_config(c: dict) -> dict:
                   duration_s=c["duration_s"], seed=c["seed"], eplb_rebalance_steps=c.get("eplb_steps"))
     arm = "tiersched" if c["with_eplb"] else "ordering+dispatch"
     rep = compare(sc, workers=1, seeds=1, search_passes=c.get("search_passes", 2), quiet=True,
-                  arms=(arm, f"{arm}@upstream-chunk"))
+                  arms=(arm,) + tuple(f"{arm}{v}" for v in VARIANTS))
     pol = rep["policies"]
     keep = lambda e: {k: e.get(k) for k in KEEP}
     runs = {"upstream-best-ttft": keep(pol["upstream-best"]), "upstream-best-tpot": keep(pol["upstream-best-tpot"]),
             "upstream-best-p99": keep(pol["upstream-best-p99"]), "tiersched": keep(pol[arm]),
-            # not the headline: tiersched's arm at the mean-TTFT winner's chunk size
-            "tiersched@upstream-chunk": keep(pol[f"{arm}@upstream-chunk"]),
+            # not the headline: tiersched's arm with other static upstream flags (VARIANTS)
+            **{f"tiersched{v}": keep(pol[f"{arm}{v}"]) for v in VARIANTS if f"{arm}{v}" in pol},
             "bound:perfect-balance": keep(pol["bound:perfect-balance"]),
             "bound:idle-cluster": keep(pol["bound:idle-cluster"])}
     sp = rep["upstream_best_space"]
     return {**c, "key": _config_key(c), "rate_req_s": c["load"] * cap, "arm": pol[arm]["label"],
+            "arm_static_flags": {f"tiersched{v}": pol[f"{arm}{v}"]["static_flags"] for v in ("",) + VARIANTS
+                                 if f"{arm}{v}" in pol},
             "upstream_best": "upstream-best-ttft", "tail_percentile": rep["tail_percentile"],
             **{f"upstream_best_{n}": {k: rep[f"upstream_best_{n}"][k] for k in ("label", "flags", "metric")}
                for n in ("ttft", "tpot", "p99")},
@@ -140,11 +147,12 @@ def _metrics(rows: list[dict], arm: str) -> dict:
 
 def summarise(rows: list[dict]) -> dict:
     """Per metric, over configurations: how often tiersched beats that metric's upstream-best, the median and worst
-    change, and the median headroom captured (idle-cluster and perfect-balance bounds); `metrics_at_upstream_chunk`:
-    the same for tiersched's arm at the mean-TTFT winner's chunk size (not the headline)."""
+    change, and the median headroom captured (idle-cluster and perfect-balance bounds); `metrics_at_upstream_chunk`,
+    `metrics_with_mixed_chunk`, `metrics_at_upstream_tpot_flags`: the same for tiersched's arm with those static
+    upstream flags (VARIANTS; not the headline)."""
     out = {"configs": len(rows), "metrics": _metrics(rows, "tiersched"), "tail_percentiles": {}}
-    out["metrics_at_upstream_chunk"] = _metrics([r for r in rows if "tiersched@upstream-chunk" in r["runs"]],
-                                                "tiersched@upstream-chunk")
+    for v in VARIANTS:
+        out[SUMMARY_OF[v]] = _metrics([r for r in rows if f"tiersched{v}" in r["runs"]], f"tiersched{v}")
     for r in rows:
         out["tail_percentiles"][str(r["tail_percentile"])] = out["tail_percentiles"].get(str(r["tail_percentile"]),
                                                                                         0) + 1
@@ -216,10 +224,13 @@ def main(args) -> int:
             print(f"{k:<12}{v['against']:>20}{v['win_share']:>11.1%}{v['median_change']:>+15.1%}"
                   f"{v['worst_change']:>+14.1%}{'-' if h is None else format(h, '+.2f'):>19}"
                   f"{'-' if hb is None else format(hb, '+.2f'):>12}")
-        at_chunk = summary["metrics_at_upstream_chunk"]
-        if at_chunk:
-            print("tiersched's arm at the mean-TTFT winner's chunk size (not the headline): " + ", ".join(
-                f"{k} {v['win_share']:.0%} wins, median {v['median_change']:+.1%}" for k, v in at_chunk.items()))
+        for v, what in (("@upstream-chunk", "at the mean-TTFT winner's chunk size"),
+                        ("+mixed", "with --enable-mixed-chunk"),
+                        ("@upstream-tpot-flags", "with the mean-TPOT winner's static scheduler flags")):
+            other = summary[SUMMARY_OF[v]]
+            if other:
+                print(f"tiersched's arm {what} (not the headline): " + ", ".join(
+                    f"{k} {e['win_share']:.0%} wins, median {e['median_change']:+.1%}" for k, e in other.items()))
         for name in ("ttft", "tpot", "p99"):
             top = list(summary[f"upstream_best_{name}_winners"].items())[:3]
             print(f"upstream best on {name}: " + ", ".join(f"{label} ({n})" for label, n in top))

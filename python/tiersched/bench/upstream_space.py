@@ -34,12 +34,19 @@ OUR_ORDERINGS = ("tiersched",)
 OUR_DISPATCH = ("tiersched", "vllm-dp")  # vllm-dp: vLLM's DP balancer, a reference row, not an upstream SGLang flag
 # Upstream choices the simulator does not run, and why (reported in the output).
 NOT_MODELLED = {
-    "--schedule-policy dfs-weight": "orders by subtree weights of upstream's radix tree (tree_cache.dfs_weight_order "
-                                    "over req.last_node); the simulator's prefix cache keeps per-rank block sets, "
-                                    "not a radix tree with node weights",
-    "--schedule-policy routing-key": "orders by the request's routing key's frequency in the running batch; the "
-                                     "workloads carry no routing keys, and without any upstream leaves the queue "
-                                     "as it is (= fcfs, which is searched)",
+    "--schedule-policy dfs-weight": "allowed with DP attention in 0.5.23 (no launch check ties --schedule-policy to DP "
+                                    "attention; it falls back to fcfs only when the radix cache is disabled, and "
+                                    "unlike lpm/hrrn it keeps sorting above 128 waiting); not modelled: it orders by "
+                                    "subtree weights of upstream's radix tree (tree_cache.dfs_weight_order over each "
+                                    "request's req.last_node, children visited heaviest first), and the simulator's "
+                                    "prefix cache keeps per-rank block sets, not a radix tree with node weights",
+    "--schedule-policy routing-key": "a --schedule-policy value (0.5.23 has no routing-key --load-balance-method), "
+                                     "allowed with DP attention; it sorts only when a running request carries a "
+                                     "client-set routing_key, and none of these workloads carries one, so it leaves "
+                                     "the queue as it is: the same runs as fcfs, which is searched",
+    "--schedule-policy priority": "accepted by the argument parser but SchedulePolicy raises 'Unknown "
+                                  "schedule_policy' at start-up (no policy of that name); priority scheduling is "
+                                  "--enable-priority-scheduling, searched where the workload has priorities",
     "--load-balance-method follow_bootstrap_room": "PD-disaggregation prefill servers only (not this deployment)",
     "--load-balance-method auto": "resolves to round_robin without PD disaggregation (searched)",
 }
@@ -172,6 +179,21 @@ def flags(combo: dict, dims: list[Dimension], preset: Preset) -> str:
                                    and d.name != "chunked_prefill_size"):
             continue
         text = d.flag_text(combo[d.name], preset)
+        if text:
+            out.append(text)
+    return " ".join(out)
+
+
+def scheduler_flags(changes: tuple, dims: list[Dimension], preset: Preset) -> str:
+    """SchedulerSettings changes (as `scheduler_changes` gives them) as the upstream flags they play: the chunk size
+    always, every other one only off upstream's default (e.g. what one of our rows runs with)."""
+    by_name = {d.name: d for d in dims}
+    out = []
+    for k, v in changes:
+        d = by_name.get(k)
+        if d is None or (v == d.default and k != "chunked_prefill_size"):
+            continue
+        text = d.flag_text(v, preset)
         if text:
             out.append(text)
     return " ".join(out)
