@@ -2,8 +2,6 @@
 lockstep-free reference bound."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -92,20 +90,3 @@ def test_lockstep_free_bound_sits_between(work):
 def test_lockstep_free_refuses_cpu_presets(work):
     with pytest.raises(ValueError, match="GPU presets only"):
         simulate("cpu-tiny", work, lockstep_free=True)
-
-
-def test_bench_lockstep_prints_the_checked_fields(capsys):
-    from tiersched.bench.__main__ import main
-
-    rc = main(["lockstep", "--json", "--presets", "qwen3-dp4ep4", "--shapes", "Two-end", "--loads", "0.7,1.2",
-               "--seeds", "0", "--duration-s", "1.5", "--workers", "1", "--mixed-duration-s", "0"])
-    out = json.loads(capsys.readouterr().out)
-    assert rc == 0
-    for key in ("headroom_captured_tpot", "headroom_captured_ttft", "saturation_throughput_vs_bound", "worst_loss",
-                "ls_tail_over_floor", "be_throughput_loss", "configs", "per_preset"):
-        assert key in out
-    assert len(out["configs"]) == 2 and {r["load"] for r in out["configs"]} == {0.7, 1.2}
-    row = out["configs"][0]
-    # upstream-best is the best of the searched chunk sizes per metric
-    assert row["upstream_best_ttft_mean_chunk"] in out["upstream_space"]["chunked_prefill_size"]
-    assert 0 < out["saturation_throughput_vs_bound"] <= 1.05

@@ -20,15 +20,22 @@ Shapes: L MoE layers, S = R = DP ranks (token sources), E logical experts, P phy
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from tiersched.core.expert import Placement
 
 
+@functools.lru_cache(maxsize=16)
 def trivial_placement(layers: int, experts: int, slots: int) -> Placement:
-    """Upstream's `ExpertLocationMetadata.init_trivial`: physical slot p holds logical expert p % E."""
+    """Upstream's `ExpertLocationMetadata.init_trivial`: physical slot p holds logical expert p % E. Memoised with
+    read-only arrays (every simulation starts from it; placements are replaced, never edited in place)."""
     phy2log = np.tile(np.arange(slots) % experts, (layers, 1)).astype(np.int64)
-    return placement_from_phy2log(phy2log, experts)
+    placement = placement_from_phy2log(phy2log, experts)
+    for array in (placement.phy2log, placement.log2phy, placement.logcnt):
+        array.flags.writeable = False
+    return placement
 
 
 def placement_from_phy2log(phy2log: np.ndarray, experts: int) -> Placement:

@@ -8,6 +8,8 @@ step_plan` value -> a `StepPlanner` (or None).
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from tiersched.core.request import RequestTierConfig
@@ -38,8 +40,21 @@ def sample_steps(cost, samples: int = PRIOR_SAMPLES, seed: int = 0) -> tuple[np.
 
 
 def prior_model(cost, samples: int = PRIOR_SAMPLES, seed: int = 0) -> RooflineStepModel:
-    """The planner's model of this deployment: `fit_roofline` over `sample_steps` of the simulator's cost model."""
-    return fit_roofline(*sample_steps(cost, samples, seed))
+    """The planner's model of this deployment: `fit_roofline` over `sample_steps` of the simulator's cost model.
+    Memoised on everything the fit reads (the preset, the cost model's routing probabilities, placement and
+    balance mode): it is the same fit for every simulation of a deployment, and a large share of a short one."""
+    key = (repr(cost.preset), cost.ideal_balance, samples, seed, cost.probs.shape,
+           hashlib.sha1(np.ascontiguousarray(cost.probs).tobytes()).hexdigest(),
+           hashlib.sha1(np.ascontiguousarray(cost.placement.phy2log).tobytes()).hexdigest())
+    model = _PRIOR_MEMO.get(key)
+    if model is None:
+        if len(_PRIOR_MEMO) >= 64:
+            _PRIOR_MEMO.clear()
+        model = _PRIOR_MEMO[key] = fit_roofline(*sample_steps(cost, samples, seed))
+    return model
+
+
+_PRIOR_MEMO: dict = {}  # prior_model's memo (RooflineStepModel is frozen)
 
 
 def make_planner(spec, preset, cost, config: RequestTierConfig | None = None) -> StepPlanner | None:
@@ -113,11 +128,17 @@ def run_lockstep_free(sim) -> None:
     spreads it over all ranks). Each rank's step pays a whole MoE pass, so where MoE dominates the step (many
     ranks, e.g. deepseek-v3-32) this reference can be slower than lockstep and is no bound there. Arrivals are
     dispatched when the earliest rank clock passes them; one step at a time (no macro steps); GPU presets only
-    (no host-CPU contention or new-shape costs)."""
+    (no host-CPU contention or new-shape costs). With `enable_mixed_chunk` a rank's running decodes ride in its
+    prefill step as in the lockstep loop (one token each, their KV read priced), so its own prefill no longer
+    stalls its own decodes; upstream's prefill delayer has no meaning without a lockstep group and is refused."""
     t, ranks, cost = sim.table, sim.ranks, sim.cost
     dp, hw = len(ranks), sim.preset.hardware
     if hw.contention_prefill or hw.contention_decode or hw.new_shape_s or hw.first_token_one_step_late:
         raise ValueError("the lockstep-free bound models GPU presets only (no host-CPU contention or new-shape costs).")
+    if sim.preset.scheduler.enable_prefill_delayer:
+        raise ValueError("the lockstep-free bound has no DP group to negotiate with: run it without the prefill "
+                         "delayer.")
+    mixed_chunk = sim.preset.scheduler.enable_mixed_chunk
     clock = np.zeros(dp)
     current = np.zeros(dp)  # tokens of each rank's step in flight (the MoE load every step sees)
     arrivals, n, nxt = t.arrival, t.n, 0
@@ -147,19 +168,29 @@ def run_lockstep_free(sim) -> None:
         tokens = np.zeros(dp)
         pairs = np.zeros(dp)
         ctx = np.zeros(dp)
+        mixed = mixed_chunk and rs.mixes_running(batch)
+        decode_reqs = None
         if batch:
             tokens[r] = sum(e for _, e, _ in batch)
             pairs[r] = sum(e * (p + (e + 1) / 2) for _, e, p in batch)
+            if mixed:  # the running decodes ride in the same forward: one token each, their KV read
+                decode_reqs = np.zeros(dp)
+                decode_reqs[r] = len(rs.running)
+                tokens[r] += len(rs.running)
+                ctx[r] = rs.decode_context()
         else:
             tokens[r] = len(rs.running)
             ctx[r] = rs.decode_context()
-        attn = float(cost.attention_time(tokens, pairs, ctx)[r])
+        attn = float(cost.attention_time(tokens, pairs, ctx, decode_reqs)[r])
         current[r] = tokens[r]
         moe, _ = cost.moe_time(current)
         step = hw.step_overhead_s + attn + moe
         clock[r] = now + step
         sim.steps += 1
         if batch:
+            if mixed:  # the decodes first: the requests this prefill finishes join them afterwards
+                rs.advance_decode(1, float(clock[r]))
+                sim.mixed_steps += 1
             rs.finish_prefill(batch, float(clock[r]))
         else:
             rs.advance_decode(1, float(clock[r]))

@@ -31,6 +31,7 @@ capacity.nominal_capacity_req_s prices its closed-form estimate with.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 from abc import ABC, abstractmethod
@@ -284,10 +285,19 @@ class ZipfRouting(MoeRouting):
 
 def make_routing(preset, seed: int = 0) -> RoutingModel:
     """The routing every simulation of `preset` uses unless given one: RoutingModel.synthetic, one source per DP
-    rank."""
+    rank. Memoised per (layers, ranks, experts, top_k, seed) with read-only arrays: building it is a large share
+    of a short simulation, and the model is immutable (drift makes a new one)."""
     model = preset.model
-    return RoutingModel.synthetic(num_layers=model.moe_layers, num_sources=preset.dp, num_experts=model.num_experts,
-                                  top_k=model.top_k, seed=seed)
+    return _synthetic_routing(model.moe_layers, preset.dp, model.num_experts, model.top_k, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _synthetic_routing(layers: int, sources: int, experts: int, top_k: int, seed: int) -> RoutingModel:
+    routing = RoutingModel.synthetic(num_layers=layers, num_sources=sources, num_experts=experts, top_k=top_k,
+                                     seed=seed)
+    for array in (routing.popularity, routing.home, routing.successor):
+        array.flags.writeable = False
+    return routing
 
 
 def token_probs(routing: MoeRouting, sources: int) -> np.ndarray:
