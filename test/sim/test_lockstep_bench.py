@@ -69,9 +69,23 @@ def test_upstream_best_searches_the_delayer_and_mixed_chunking(bench_out):
 
 def test_every_distinct_run_simulates_once(bench_out):
     search = bench_out["upstream_space_searched"]["per_preset_shape"]["qwen3-dp2tp2ep4/Two-end"]
-    per_config = len(search["candidates"]) + 1 + 2 * 3  # candidates, ours, at most 3 variants per reference
-    upper = search["runs"] + search["perfect_balance_reference_runs"] + search["lockstep_free_reference_runs"] + 2 * per_config
+    # per configuration: the candidates, ours per metric and on upstream's defaults, at most 3 runs per reference
+    per_config = len(search["candidates"]) + 3 + 1 + 2 * 3
+    upper = (search["runs"] + search["perfect_balance_reference_runs"] + search["lockstep_free_reference_runs"]
+             + len(search["ours_variants_at_search_load"]) + 2 * per_config)
     assert bench_out["simulations"] <= upper
+
+
+def test_ours_gets_the_static_flags_of_upstream_winners(bench_out):
+    search = bench_out["upstream_space_searched"]["per_preset_shape"]["qwen3-dp2tp2ep4/Two-end"]
+    variants = search["ours_variants_at_search_load"]
+    assert "fcfs/round_robin/none chunk=8192 +plan" in variants
+    assert any("mixed=True" in v for v in variants) and not any("delayer=True" in v for v in variants)
+    for metric, label in search["ours"].items():  # each metric's choice is the best variant on it
+        pick = max if metric == "throughput" else min
+        assert variants[label][metric] == pick(v[metric] for v in variants.values())
+    assert set(bench_out["plan_on_upstream_defaults"]) >= {"headroom_captured_tpot", "headroom_captured_ttft",
+                                                          "worst_loss"}
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,11 @@ have different winners).
 Expert placement is not searched: every arm here (ours and both references) runs upstream's trivial placement.
 The JSON's `upstream_space_searched` says what was searched, how it was pruned and what each search ran.
 
-ours: the step plan on (`PolicySet(step_plan="tiersched")`) with upstream's default flags otherwise; the preset's
-chunk size is its upper budget (the plan is adaptive, so it gets no chunk tuning).
+ours: the step plan on (`PolicySet(step_plan="tiersched")`) with the static flags a tiersched user sets as for
+upstream, chosen per metric at the search load like upstream's: fcfs / round_robin, or the ordering and
+load-balance method of an upstream winner, each without and with mixed chunking (not the prefill delayer, which
+the plan replaces); the preset's chunk size is the plan's upper budget (the plan is adaptive, so it gets no chunk
+tuning). `plan_on_upstream_defaults` reports the plan on fcfs / round_robin without mixed chunking beside it.
 
 References, each given the static freedoms upstream has (the ordering and load-balance method of each metric's
 upstream winner x chunk size x mixed chunking; the best per metric at the search load is evaluated everywhere and
@@ -339,6 +342,17 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
                 name = {"ideal": "perfect_balance", "free": "lockstep_free"}[arm]
                 res["report"][f"{name}_reference"] = {m: _variant_label(v, dims[p]) for m, v in chosen.items()}
                 res["report"][f"{name}_reference_runs"] = len(vs)
+            # ours: the plan on the static flags a tiersched user sets as upstream's (the prefill delayer aside,
+            # which the plan replaces), chosen per metric at the search load like upstream's
+            variants = list(dict.fromkeys(
+                [("fcfs", "round_robin", ())] + [(w["ordering"], w["dispatch"], mixed) for w in res["winners"]
+                                                 for mixed in ((), (("enable_mixed_chunk", True),))]))
+            ms = runner.run([(p, s, rate, dur[p], SEARCH_SEED, "ours") + v for v in variants])
+            res["ours"] = {m: min(zip(variants, ms), key=lambda vm: (vm[1][SEARCH_METRICS[m]],
+                                                                    vm[1]["neg_throughput"]))[0] for m in METRICS}
+            res["report"]["ours"] = {m: _variant_label(v, dims[p]) + " +plan" for m, v in res["ours"].items()}
+            res["report"]["ours_variants_at_search_load"] = {
+                _variant_label(v, dims[p]) + " +plan": {m: x[m] for m in METRICS} for v, x in zip(variants, ms)}
             say(f"searched {p}/{s}: {res['report']['runs']} upstream runs")
             return ps, res
 
@@ -353,10 +367,11 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
 
         def other_runs(p, s, load, seed):
             base = (p, s, load * caps[(p, s)], dur[p], seed)
-            ours = base + ("ours", "fcfs", "round_robin", ())
+            ours = {m: base + ("ours",) + v for m, v in searches[(p, s)]["ours"].items()}
+            plain = base + ("ours", "fcfs", "round_robin", ())
             ideal = [base + ("ideal",) + v for v in searches[(p, s)]["ideal_variants"]]
             free = [base + ("free",) + v for v in searches[(p, s)]["free_variants"]]
-            return ours, ideal, free
+            return ours, plain, ideal, free
 
         def shortlist(key):
             """Every candidate on the first seed; each metric's best of those on the other seeds."""
@@ -371,8 +386,8 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
 
         keys = [(p, s, load, seed) for p in presets for s in shapes for load in loads for seed in seeds]
         for k in keys:  # queued first; the shortlists' runs follow as each is decided
-            ours_run, ideal_run, free = other_runs(*k)
-            runner.submit([ours_run, *ideal_run, *free])
+            ours_run, plain_run, ideal_run, free = other_runs(*k)
+            runner.submit([*ours_run.values(), plain_run, *ideal_run, *free])
         psl = [(p, s, load) for p in presets for s in shapes for load in loads]
         with ThreadPoolExecutor(len(psl)) as threads:
             short = dict(threads.map(shortlist, psl))
@@ -381,13 +396,14 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
             all_cands = searches[(p, s)]["candidates"]
             idx = list(range(len(all_cands))) if seed == seeds[0] else short[(p, s, load)]
             up_m = runner.run(upstream_runs(p, s, load, seed, [all_cands[i] for i in idx]))
-            ours_run, ideal_run, free = other_runs(p, s, load, seed)
-            ours, = runner.run([ours_run])
+            ours_run, plain_run, ideal_run, free = other_runs(p, s, load, seed)
+            ours = {m: runner.run([r])[0] for m, r in ours_run.items()}
+            plain, = runner.run([plain_run])
             ideal_m = runner.run(ideal_run)
             free_m = runner.run(free)
             labels = [searches[(p, s)]["report"]["candidates"][i] for i in idx]
             row = {"preset": p, "shape": s, "load": load, "seed": seed, "rate": round(load * caps[(p, s)], 3),
-                   "duration_s": dur[p], "requests": ours["requests"]}
+                   "duration_s": dur[p], "requests": plain["requests"]}
             for metric in METRICS:
                 key = SEARCH_METRICS[metric]
                 i = min(range(len(up_m)), key=lambda j: (up_m[j][key], up_m[j]["neg_throughput"]))
@@ -395,17 +411,19 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
                 up = up_m[i][metric]
                 row[f"upstream_best_{metric}"] = up
                 row[f"upstream_best_{metric}_label"] = labels[i]
-                row[f"ours_{metric}"] = ours[metric]
+                row[f"ours_{metric}"] = ours[metric][metric]
                 row[f"ideal_{metric}"] = pick(m[metric] for m in ideal_m)
                 row[f"free_{metric}"] = pick(m[metric] for m in free_m)
-                row[f"loss_{metric}"] = ((up - ours[metric]) / up if metric == "throughput"
-                                         else (ours[metric] - up) / up)
+                row[f"loss_{metric}"] = _loss(metric, up, ours[metric][metric])
+                row[f"plain_{metric}"] = plain[metric]
+                row[f"plain_loss_{metric}"] = _loss(metric, up, plain[metric])
             for metric in ("ttft_mean", "tpot_mean"):
                 up = row[f"upstream_best_{metric}"]
-                row[f"headroom_{metric}_ideal"] = headroom(up, ours[metric], row[f"ideal_{metric}"])
-                row[f"headroom_{metric}_free"] = headroom(up, ours[metric], row[f"free_{metric}"])
+                row[f"headroom_{metric}_ideal"] = headroom(up, ours[metric][metric], row[f"ideal_{metric}"])
+                row[f"headroom_{metric}_free"] = headroom(up, ours[metric][metric], row[f"free_{metric}"])
+                row[f"plain_headroom_{metric}_ideal"] = headroom(up, plain[metric], row[f"ideal_{metric}"])
                 row[f"free_share_{metric}"] = headroom(up, row[f"free_{metric}"], row[f"ideal_{metric}"])
-            row["unfinished_ours"] = ours["requests"] - ours["finished"]
+            row["unfinished_ours"] = max(o["requests"] - o["finished"] for o in ours.values())
             configs.append(row)
         simulations = sum(1 for v in runner.memo.values() if isinstance(v, dict))
     finally:
@@ -413,6 +431,11 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
     return {"configs": configs, "capacity_req_s": {f"{p}/{s}": c for (p, s), c in caps.items()},
             "searches": {f"{p}/{s}": v["report"] for (p, s), v in searches.items()},
             "dims": dims, "dropped": dropped, "simulations": simulations}
+
+
+def _loss(metric: str, upstream: float, ours: float) -> float:
+    """Relative regression of ours against upstream (> 0: worse)."""
+    return (upstream - ours) / upstream if metric == "throughput" else (ours - upstream) / upstream
 
 
 def _median(values) -> float | None:
@@ -515,6 +538,12 @@ def _summary(rows: list[dict]) -> dict:
         "worst_loss": worst[f"loss_{worst_metric}"],
         "worst_loss_where": {k: worst[k] for k in ("preset", "shape", "load", "seed")} | {"metric": worst_metric},
         "share_of_configs_never_worse_2pct": sum(all(r[f"loss_{m}"] <= 0.02 for m in METRICS) for r in rows) / len(rows),
+        "plan_on_upstream_defaults": {  # the plan with fcfs / round_robin / no mixed chunking instead
+            "headroom_captured_tpot": _median(r["plain_headroom_tpot_mean_ideal"] for r in loaded),
+            "headroom_captured_ttft": _median(r["plain_headroom_ttft_mean_ideal"] for r in loaded),
+            "worst_loss": max(r[f"plain_loss_{m}"] for r in rows for m in METRICS),
+            "share_of_configs_never_worse_2pct": sum(all(r[f"plain_loss_{m}"] <= 0.02 for m in METRICS)
+                                                     for r in rows) / len(rows)},
         "upstream_best_uses_prefill_delayer": sum("delayer=True" in r[f"upstream_best_{m}_label"]
                                                   for r in rows for m in METRICS) / (len(rows) * len(METRICS)),
         "upstream_best_uses_mixed_chunk": sum("mixed=True" in r[f"upstream_best_{m}_label"]
