@@ -91,3 +91,27 @@ def test_report_rebuilt_from_records_counts_lost_and_keeps_loads(tmp_path):
     assert report["ttft_ratio"] > 2.5 and report["ttft_vs"] == "upstream-lpm"
     last = loads[1]["sets"]["shared-prefix"]["runs"]["tiersched"][1]
     assert last["lost"] == 5 and last["completed"] == 25
+
+
+def test_records_of_variant_arms_are_read_and_a_load_without_tiersched_is_reported(tmp_path):
+    from tiersched.live.replay import write_record
+    from tiersched.live.requests import synthetic_shared_prefix
+
+    s = synthetic_shared_prefix(n=12, block_tokens=8, rate=4.0, seed=1)
+
+    def write(load, arm):
+        res = [RequestResult(r.rid, r.cls, r.priority, len(r.input_ids), r.output_len, sent_s=i * 0.2, success=True,
+                             finished=True, ttft=0.2, latency=0.5, completion_tokens=r.output_len, cached_tokens=4,
+                             dp_rank=i % 2) for i, r in enumerate(s.requests)]
+        write_record(tmp_path / f"dpattn-shared-prefix-x{load:g}-{arm}-r0.jsonl",
+                     {"deployment": "dpattn", "arm": arm, "repeat": 0, "dp": 2, "rate_req_s": 5.0, "load": load}, s, res)
+
+    for arm in ("upstream-lpm", "upstream-lpm-mixed", "tiersched-nohold", "tiersched"):
+        write(0.8, arm)
+    write(1.0, "upstream-lpm")  # the run stopped before the tiersched arm ran at 1.0x
+    report = bench_live.from_records(str(tmp_path), ["dpattn"])
+    entry = report["deployments"]["dpattn"]["loads"][0]["sets"]["shared-prefix"]
+    assert set(entry["runs"]) == {"upstream-lpm", "upstream-lpm-mixed", "tiersched-nohold", "tiersched"}
+    assert "tiersched-nohold" in entry["ablation_ratios"]
+    assert [b["load"] for b in report["deployments"]["dpattn"]["loads"]] == [0.8]
+    assert report["incomplete"] == ["dpattn shared-prefix at 1.0: no tiersched record"]

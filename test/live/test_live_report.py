@@ -93,3 +93,41 @@ def test_ablation_arms_one_tier_each_and_not_counted_as_upstream():
     runs = {"tiersched": [{"cached_tokens": 10}], "tiersched-engine-only": [{"cached_tokens": 1}],
             "upstream-lpm": [{"cached_tokens": 5}]}
     assert compare_arms(runs, "tiersched")["cached_tokens"]["best_upstream"] == "upstream-lpm"
+
+
+def test_lockstep_variants_only_under_dp_attention_and_set_through_the_environment():
+    dpattn = {a.name: a for a in live_arms.arms_for("dpattn", ablate=True)}
+    full = dpattn["tiersched"]
+    for name, setting in live_arms.LOCKSTEP_VARIANTS.items():
+        arm = dpattn[f"tiersched-{name}"]
+        assert arm.args == full.args and arm.tiers == full.tiers
+        assert arm.env == {"TIERSCHED_SET": setting}
+    assert not any(n.startswith("tiersched-no") for n in (a.name for a in live_arms.arms_for("dp2", ablate=True)))
+
+
+def test_variant_arm_splits_server_flags_from_tier_settings():
+    arm = live_arms.variant_arm("dpattn", "mix", "--enable-mixed-chunk,request.ls_hold_s=0,--chunked-prefill-size=1024")
+    assert arm.name == "tiersched-mix" and arm.env == {"TIERSCHED_SET": "request.ls_hold_s=0"}
+    assert arm.args[-3:] == ("--enable-mixed-chunk", "--chunked-prefill-size", "1024")
+    up = live_arms.variant_arm("dpattn", "mix", "--enable-mixed-chunk", base="upstream-lpm")
+    assert up.name == "upstream-lpm-mix" and up.tiers == () and up.env == {}
+    assert up.args == (*live_arms.UPSTREAM_ARMS["upstream-lpm"], "--enable-mixed-chunk")
+    with pytest.raises(ValueError, match="server flags only"):
+        live_arms.variant_arm("dpattn", "x", "request.ls_hold_s=0", base="upstream-lpm")
+    with pytest.raises(ValueError, match="unknown arm"):
+        live_arms.arms_for("dpattn", only=("tiersched-nosuch",))
+
+
+def test_server_steps_counts_prefill_batches_and_caps_from_a_log():
+    from tiersched.live.ab import server_steps
+
+    log = ("[2026-12-03 09:15:19 DP1 TP1] Prefill batch, #new-seq: 2, #new-token: 956, #cached-token: 48, token "
+           "usage: 0.19\n"
+           "[2026-12-03 09:15:19 DP0 TP0] Prefill batch, #new-seq: 1, #new-token: 512, #cached-token: 0, x\n"
+           "tiersched lockstep cap: BE chunk abc capped to 303 of 1782 tokens\n"
+           "[2026-12-03 09:15:21 DP0 TP0] Decode batch, #running-req: 1, gen throughput (token/s): 40.00, #queue\n"
+           "[2026-12-03 09:15:22 DP1 TP1] Decode batch, #running-req: 3, gen throughput (token/s): 20.00, #queue\n")
+    steps = server_steps(log)
+    assert steps == {"prefill_batches": 2, "prefill_new_tokens": 1468, "prefill_seqs": 3,
+                     "prefill_cached_tokens": 48, "lockstep_caps_logged": 1, "decode_gen_tok_s_mean": 30.0}
+    assert server_steps("")["decode_gen_tok_s_mean"] is None

@@ -66,7 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", default=None, help="directory for per-run replay records (JSONL)")
     parser.add_argument("--replay", action="store_true", help="simulate the recorded tiersched run (needs --record)")
     parser.add_argument("--ablate", action="store_true",
-                        help="also run one arm per tier alone (over upstream-lpm) to see which tier does what")
+                        help="also run one arm per tier alone (over upstream-lpm) to see which tier does what, and "
+                        "(DP attention) the tiersched arm with each lockstep setting of live.arms.LOCKSTEP_VARIANTS "
+                        "changed")
+    parser.add_argument("--variant", action="append", default=[], metavar="[BASE:]NAME=SETTINGS",
+                        help="also run arm BASE (default tiersched; or an upstream arm) as BASE-NAME with SETTINGS, "
+                        "a comma list of server flags (--flag or --flag=value) and TIERSCHED_SET items "
+                        "(tier.key=value), e.g. bigchunk=request.be_chunk_tokens=2048 or "
+                        "upstream-lpm:mixed=--enable-mixed-chunk; repeatable")
+    parser.add_argument("--arms", default=None,
+                        help="comma list: start only these arms (the tiersched arm always runs), e.g. "
+                        "upstream-lpm,tiersched-nogroup")
     parser.add_argument("--model", default=None, help="model dir (default: a freshly generated tiny MoE)")
     parser.add_argument("--from-records", default=None, metavar="DIR",
                         help="no server: rebuild the report from the replay records a --record run wrote to DIR")
@@ -96,7 +106,8 @@ def measure_capacity(servers, arm_name: str, plan: dict, bursts: int) -> tuple[f
 def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir: str | None) -> dict:
     from tiersched.live.replay import write_record
 
-    arms = live_arms.arms_for(deployment, ablate=args.ablate)
+    only = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
+    arms = live_arms.arms_for(deployment, ablate=args.ablate, variants=_variants(args.variant), only=only)
     out: dict = {"missing_tiers": arms[-1].skipped_tiers, "tiersched_tiers": list(arms[-1].tiers),
                  "arms": {a.name: " ".join(live_arms.server_args(deployment, a)) for a in arms}, "loads": []}
     for tier, why in arms[-1].skipped_tiers.items():
@@ -137,6 +148,18 @@ def run_deployment(model_dir: str, deployment: str, args, plan: dict, record_dir
     return out
 
 
+def _variants(items) -> list[tuple[str, str, str]]:
+    """--variant [BASE:]NAME=SETTINGS items -> [(BASE, NAME, SETTINGS)] (live_arms.variant_arm)."""
+    out = []
+    for item in items:
+        head, sep, setting = item.partition("=")
+        base, _, name = head.rpartition(":")
+        if not sep or not re.fullmatch(r"[a-z0-9]+", name) or not setting:
+            raise SystemExit(f"--variant {item!r}: expected [BASE:]NAME=SETTINGS with NAME in [a-z0-9]+")
+        out.append((base or live_arms.TIERSCHED, name, setting))
+    return out
+
+
 def ab_entry(summaries: dict[str, list[dict]], results: dict[str, list[list]]) -> dict:
     """One (deployment, load, set) table: per-run ratios, per-request ratios, per-arm run summaries."""
     ours = live_arms.TIERSCHED
@@ -151,7 +174,7 @@ def ab_entry(summaries: dict[str, list[dict]], results: dict[str, list[list]]) -
     return entry
 
 
-RECORD_NAME = re.compile(r"^(?P<dep>[^-]+)-(?P<set>.+?)(?:-x(?P<load>[0-9.]+))?-(?P<arm>upstream-[a-z]+|tiersched(?:-[a-z]+-only)?)"
+RECORD_NAME = re.compile(r"^(?P<dep>[^-]+)-(?P<set>.+?)(?:-x(?P<load>[0-9.]+))?-(?P<arm>upstream-[a-z]+(?:-[a-z0-9]+)?|tiersched(?:-[a-z0-9]+(?:-only)?)?)"
                          r"-r(?P<rep>\d+)\.jsonl$")
 
 
@@ -173,7 +196,11 @@ def from_records(record_dir: str, deployments) -> dict:
         raise SystemExit(f"no records in {record_dir}" + (f" for {', '.join(deployments)}" if deployments else ""))
     report: dict = {"from_records": record_dir, "deployments": {}}
     repeats = set()
+    incomplete = []
     for (dep, load, set_name), arms in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        if live_arms.TIERSCHED not in arms:  # e.g. a run stopped before the tiersched arm's first repeat
+            incomplete.append(f"{dep} {set_name} at {load}: no {live_arms.TIERSCHED} record")
+            continue
         results = {arm: [reps[i][1] for i in sorted(reps)] for arm, reps in arms.items()}
         repeats.update(len(r) for r in results.values())
         summaries = {arm: [summarize(r) for r in runs] for arm, runs in results.items()}
@@ -188,6 +215,8 @@ def from_records(record_dir: str, deployments) -> dict:
         block["sets"][set_name] = entry
     for dep_out in report["deployments"].values():
         dep_out["sets"] = dep_out["loads"][0]["sets"]
+    if incomplete:
+        report["incomplete"] = incomplete
     report["repeats"] = max(repeats) if repeats else 0
     report["load"] = None
     return report

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -55,7 +56,8 @@ def servers_for(model_dir: str, deployment: str, arms: Sequence[live_arms.Arm], 
     """Start one server per arm (concurrently: start-up is mostly imports and waits), yield {arm: Server}, stop all.
     `timeout_s` per start: None = the rig's default (TIERSCHED_SERVER_TIMEOUT_S, else 420 s); three servers
     starting at once on a loaded 2-core machine have taken over 300 s."""
-    managers = {arm.name: launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm), env=env,
+    managers = {arm.name: launch_server(model_dir, extra_args=live_arms.server_args(deployment, arm),
+                                        env={**(env or {}), **arm.env},
                                         timeout_s=timeout_s, max_total_tokens=MAX_TOTAL_TOKENS, log_dir=log_dir)
                 for arm in arms}
     t0 = time.monotonic()
@@ -106,6 +108,38 @@ def only_running(servers: dict[str, Server], name: str):
                 os.killpg(srv.process.pid, signal.SIGCONT)
 
 
+PREFILL_LINE = re.compile(r"\] Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)")
+DECODE_LINE = re.compile(r"\] Decode batch, .*gen throughput \(token/s\): ([0-9.]+)")
+
+
+def server_steps(log_text: str) -> dict:
+    """What the server's schedulers logged in one run (upstream logs every prefill batch, and a decode line every
+    `--decode-log-interval` decode steps): prefill batches over all ranks, their new and cached tokens, the
+    lockstep caps tiersched logged, and the mean decode throughput of the decode lines (token/s per rank)."""
+    prefill = [tuple(map(int, m.groups())) for m in PREFILL_LINE.finditer(log_text)]
+    decode = [float(m.group(1)) for m in DECODE_LINE.finditer(log_text)]
+    return {"prefill_batches": len(prefill), "prefill_new_tokens": sum(p[1] for p in prefill),
+            "prefill_seqs": sum(p[0] for p in prefill), "prefill_cached_tokens": sum(p[2] for p in prefill),
+            "lockstep_caps_logged": log_text.count("tiersched lockstep cap:"),
+            "decode_gen_tok_s_mean": round(sum(decode) / len(decode), 2) if decode else None}
+
+
+def _log_size(server: Server) -> int:
+    try:
+        return os.path.getsize(server.log_path)
+    except OSError:
+        return 0
+
+
+def _log_since(server: Server, offset: int) -> str:
+    try:
+        with open(server.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def alternate(arms: Sequence[str], repeat: int) -> list[str]:
     return list(arms) if repeat % 2 == 0 else list(reversed(arms))
 
@@ -118,18 +152,22 @@ def run_ab(servers: dict[str, Server], arms: Sequence[live_arms.Arm], request_se
         for name in alternate([a.name for a in arms], repeat):
             with only_running(servers, name) as srv:
                 flush_cache(srv.url)
+                offset = _log_size(srv)
                 t0 = time.perf_counter()
                 results = drive(srv.url, request_set.requests, send_priority=runs[name].arm.send_priority,
                                 timeout_s=timeout_s)
             summary = summarize(results)
             summary["wall_s"] = round(time.perf_counter() - t0, 2)
+            summary["server_steps"] = server_steps(_log_since(srv, offset))
             runs[name].summaries.append(summary)
             runs[name].results.append(results)
             if record is not None:
                 record(name, repeat, results)
+            steps = summary["server_steps"]
             print(f"[live] repeat {repeat} {name}: ttft {summary['ttft_mean_s']} ls_ttft {summary['ls_ttft_mean_s']} "
-                  f"cached {summary['cached_tokens']} errors {summary['errors']} lost {summary['lost']} "
-                  f"({summary['wall_s']} s)", file=sys.stderr)
+                  f"tpot {summary['tpot_mean_s']} cached {summary['cached_tokens']} errors {summary['errors']} "
+                  f"lost {summary['lost']} prefill batches {steps['prefill_batches']} "
+                  f"({steps['prefill_new_tokens']} new tokens) ({summary['wall_s']} s)", file=sys.stderr)
     for name, srv in servers.items():
         if name not in runs:
             continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from typing import Sequence
 
 DEPLOYMENTS: dict[str, tuple[str, ...]] = {
     "dp2": ("--dp-size", "2"),
@@ -75,6 +76,7 @@ class Arm:
     send_priority: bool = True
     tiers: tuple[str, ...] = ()  # tiersched tiers this arm must show active in the server log
     skipped_tiers: dict = field(default_factory=dict)  # tier -> reason it is absent from this arm
+    env: dict = field(default_factory=dict)  # extra environment of this arm's server (e.g. TIERSCHED_SET)
 
 
 def _merge(base: tuple[str, ...], *overrides: tuple[str, ...]) -> tuple[str, ...]:
@@ -112,11 +114,63 @@ def single_tier_arms(deployment: str) -> list[Arm]:
             for tier in full.tiers] if len(full.tiers) > 1 else []
 
 
-def arms_for(deployment: str, upstream: tuple[str, ...] = tuple(UPSTREAM_ARMS), ablate: bool = False) -> list[Arm]:
+# Ablation of the request tier's lockstep machinery (DP attention only): the tiersched arm with one tunable changed,
+# as TIERSCHED_SET gives it to the server. Name -> setting.
+LOCKSTEP_VARIANTS: dict[str, str] = {
+    # no group signal at all: no same-step all-reduce, no MLP-sync column; BE capped only by this rank's LS waiters
+    "nogroup": "request.lockstep_chunk_cap=false",
+    # the group cap from upstream's MLP-sync row (one step late) only: no extra collective per step
+    "lagsignal": "request.same_step_signal=false",
+    # the cap only while LS work is seen waiting (no hold after it)
+    "nohold": "request.ls_hold_s=0",
+}
+
+
+def variant_arm(deployment: str, name: str, setting: str, base: str = TIERSCHED) -> Arm:
+    """Arm `base` (tiersched or an upstream arm) with `setting` applied, named `base`-`name`. `setting` is a comma
+    list: items starting with `--` are server flags (`--flag` or `--flag=value`, replacing the base's value),
+    the others TIERSCHED_SET items (tier.key=value)."""
+    flags: list[str] = []
+    tiersched_set: list[str] = []
+    for item in (x.strip() for x in setting.split(",") if x.strip()):
+        if item.startswith("--"):
+            flags.extend(item.split("=", 1))
+        else:
+            tiersched_set.append(item)
+    env = {"TIERSCHED_SET": ",".join(tiersched_set)} if tiersched_set else {}
+    if base == TIERSCHED:
+        full = tiersched_arm(deployment)
+        return Arm(f"{base}-{name}", _merge(full.args, tuple(flags)), True, full.tiers, full.skipped_tiers, env)
+    if base not in UPSTREAM_ARMS:
+        raise ValueError(f"variant base {base!r} is not {TIERSCHED} or one of {list(UPSTREAM_ARMS)}")
+    if tiersched_set:
+        raise ValueError(f"variant {base}-{name}: an upstream arm takes server flags only, got {tiersched_set}")
+    return Arm(f"{base}-{name}", _merge(UPSTREAM_ARMS[base], tuple(flags)), True)
+
+
+def lockstep_variant_arms(deployment: str) -> list[Arm]:
+    """Ablation arms of the request tier's lockstep signal and cap; none without DP attention (no lockstep)."""
+    if "--enable-dp-attention" not in DEPLOYMENTS[deployment]:
+        return []
+    return [variant_arm(deployment, name, setting) for name, setting in LOCKSTEP_VARIANTS.items()]
+
+
+def arms_for(deployment: str, upstream: tuple[str, ...] = tuple(UPSTREAM_ARMS), ablate: bool = False,
+             variants: Sequence[tuple[str, str, str]] = (), only: tuple[str, ...] | None = None) -> list[Arm]:
+    """Upstream arms, then (with `ablate`) one arm per tier alone and the lockstep variants, then `variants`
+    ((base arm, name, setting): `variant_arm`), then the tiersched arm (always last). `only`: keep just these
+    arm names (the tiersched arm is always kept)."""
     arms = [Arm(name, UPSTREAM_ARMS[name], True) for name in upstream]
     if ablate:
         arms.extend(single_tier_arms(deployment))
+        arms.extend(lockstep_variant_arms(deployment))
+    arms.extend(variant_arm(deployment, name, setting, base) for base, name, setting in variants)
     arms.append(tiersched_arm(deployment))
+    if only is not None:
+        unknown = set(only) - {a.name for a in arms}
+        if unknown:
+            raise ValueError(f"unknown arm(s) {sorted(unknown)}; this run has {[a.name for a in arms]}")
+        arms = [a for a in arms if a.name in only or a.name == TIERSCHED]
     return arms
 
 
