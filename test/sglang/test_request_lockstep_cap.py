@@ -69,3 +69,26 @@ def test_no_second_chunked_request_while_one_is_held(ls_waiting_here):
     short_be = make_req(priority=config.ls_priority - 1, uncached=config.be_chunk_tokens // 2)
     assert lockstep.capped_be_add(original, adder, short_be, policy, has_chunked_req=True) is AddReqResult.CONTINUE
     assert called == [short_be]
+
+
+@pytest.mark.parametrize("ls", [True, False])
+def test_no_request_is_chunked_while_a_held_chunk_left_budget(ls_waiting_here, ls):
+    """The held chunk was capped (LS cap or shorter-waiter reservation), so budget is left; any request, LS or BE,
+    that would need chunking in that budget waits; one that fits whole joins."""
+    config, policy = ls_waiting_here
+    priority = config.ls_priority + 1 if ls else config.ls_priority - 1
+    adder = SimpleNamespace(rem_chunk_tokens=300, can_run_list=[])
+    called = []
+
+    def original(a, req, *args, **kwargs):
+        called.append(req)
+        return AddReqResult.CONTINUE
+
+    too_long = make_req(priority=priority, uncached=301, prefix=48)
+    assert lockstep.capped_be_add(original, adder, too_long, policy, has_chunked_req=True) is AddReqResult.OTHER
+    assert called == []
+    fits = make_req(priority=priority, uncached=200 if ls else 100, prefix=48)
+    assert lockstep.capped_be_add(original, adder, fits, policy, has_chunked_req=True) is AddReqResult.CONTINUE
+    # without a held chunk upstream chunks it as usual
+    assert lockstep.capped_be_add(original, adder, too_long, policy, has_chunked_req=False) is AddReqResult.CONTINUE
+    assert called == [fits, too_long]

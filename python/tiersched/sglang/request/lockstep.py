@@ -263,11 +263,24 @@ def signal_source() -> str:
 
 
 def capped_be_add(original_fn, adder, req, policy: PolicyState, *args, **kwargs):
-    """add_one_req for a BE request while LS work waits in the group: its chunk this step is at most what is left
-    of `be_chunk_tokens` after the BE tokens already in the batch (core `be_admission_budget`)."""
+    """add_one_req under prefix-aging: never a second chunked request while the scheduler holds one, and, for a BE
+    request while LS work waits in the group, a chunk this step of at most what is left of `be_chunk_tokens` after
+    the BE tokens already in the batch (core `be_admission_budget`).
+
+    One chunked request: upstream's scheduler tracks one (`Scheduler.chunked_req`) and asserts `self.chunked_req is
+    None` when a pass makes a new one. Upstream's own pass only makes one while it holds one under
+    shortest-prefill-first, whose chunk limit can leave the held chunk unfinished with budget to spare, and its
+    adder refuses that case for that policy only. prefix-aging's chunk limit (`hooks.chunk_limit`: the shorter-waiter
+    reservation and the LS cap) leaves budget to spare the same way, for an LS or a BE request, so the same refusal
+    applies here: a request whose uncached prompt does not fit the budget left waits for the held chunk to finish."""
     from sglang.srt.managers.schedule_policy import AddReqResult  # deferred: imports torch and the scheduler stack
 
-    if adder.rem_chunk_tokens is None or policy.is_ls(req):
+    if adder.rem_chunk_tokens is None:
+        return original_fn(adder, req, *args, **kwargs)
+    has_chunked_req = kwargs.get("has_chunked_req", args[0] if args else False)
+    if has_chunked_req and _uncached_len(req) > adder.rem_chunk_tokens:
+        return AddReqResult.OTHER
+    if policy.is_ls(req):
         return original_fn(adder, req, *args, **kwargs)
     ls = _lockstep()
     sched = ls.scheduler() if ls.scheduler is not None else None
@@ -278,11 +291,8 @@ def capped_be_add(original_fn, adder, req, policy: PolicyState, *args, **kwargs)
         return original_fn(adder, req, *args, **kwargs)
     if left <= 0:
         return AddReqResult.OTHER
-    has_chunked_req = kwargs.get("has_chunked_req", args[0] if args else False)
     if has_chunked_req and _uncached_len(req) > left:
-        # The scheduler still holds a chunked request this pass (its chunk did not fit): upstream tracks one
-        # chunked request, and a second one started under the cap would hit its `assert self.chunked_req is None`.
-        return AddReqResult.OTHER
+        return AddReqResult.OTHER  # it would be chunked under the cap: the same one-chunked-request rule
     saved = adder.rem_chunk_tokens
     adder.rem_chunk_tokens = left
     try:
