@@ -2,26 +2,33 @@
 rank's radix cache holds).
 
 A prompt is cut into full pages of `block_tokens` tokens; page i's key hashes pages 0..i, so equal keys mean
-equal prefixes (the scheme of vLLM's prefix caching and Dynamo's KV router). Each rank keeps its pages in a
-dict (page key -> the insert that last touched it) bounded by its KV capacity in pages, evicted least recently
-used first. An insert touches a prompt's pages leaf-first, so a prefix's root is always at least as recent as
-its extensions: eviction trims leaves first, as RadixCache does, and every rank's pages stay prefix-closed.
-Matching a prompt is then a binary search per rank over the prompt's pages.
+equal prefixes (the scheme of vLLM's prefix caching and Dynamo's KV router). Each rank keeps its pages as a radix
+tree, like the rank's own RadixCache: a node holds a run of consecutive page keys, and a prompt's pages are one
+root-to-leaf walk. Each rank's pages are bounded by its KV capacity in pages and evicted least recently used first,
+page by page: an insert touches the prompt's pages leaf first, so a prefix's root is always at least as recent as
+its extensions, eviction trims leaves first, as RadixCache does, and every rank's pages stay prefix-closed.
+Matching walks the tree; the keys are chained, so a page key appears at one place in a rank's tree only.
 """
 from __future__ import annotations
 
-from collections import deque
-from itertools import compress, repeat
+from collections import OrderedDict
+from itertools import compress, count, repeat
+from operator import ne
 from typing import Sequence
 
 import numpy as np
 
 # Page keys: each page's tokens hashed by Python's tuple hash (C, no per-token Python work), then chained over
 # pages with a polynomial over Z/2^64 (key_i = sum_j page_j * Q^(i-j) + seed * Q^(i+1)), vectorised with numpy and
-# finished with the splitmix64 mixer. A collision (~2^-64 per pair of different prefixes of one length) only makes
-# the dispatcher expect a cache hit that is not there; the rank's radix cache compares the tokens themselves.
+# finished with the splitmix64 mixer. The position-dependent powers of Q matter: Python's tuple hash is close to
+# additive in its items (add, rotate, multiply by constants), so a plain running sum of page hashes would collide for
+# prompts whose pages hold the same small tokens in another order. A collision (~2^-64 per pair of different
+# prefixes of one length) only makes the dispatcher expect a cache hit that is not there; the rank's radix cache
+# compares the tokens themselves.
 _Q = np.uint64(0x9E3779B97F4A7C15)  # odd, so invertible mod 2^64
 _Q_INV = np.uint64(pow(int(_Q), -1, 1 << 64))
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64 finaliser constants
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 _POWERS: list[np.ndarray] = [np.ones(0, dtype=np.uint64), np.ones(0, dtype=np.uint64)]  # Q^i, Q^-i
 
 
@@ -38,7 +45,12 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
 def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int = 0) -> tuple[int, ...]:
     """Keys of the full pages of `token_ids` (length n) -> tuple of n // block_tokens ints in [0, 2^64); a partial
     last page is not cacheable as a block and gets no key. Equal keys at page i <=> equal tokens 0..(i+1)*B-1 (up to
-    hash collisions). Deterministic across processes (no per-process hash seed)."""
+    hash collisions). Deterministic across processes (no per-process hash seed).
+
+    Cost: one C-level pass over the ids (`zip` over one iterator cuts the pages, `map(hash)` hashes each as a tuple)
+    plus ~10 in-place numpy passes over the n // B page hashes. The ids arrive as a Python list; converting them to
+    a numpy array costs more per token than this whole pass (`bench engine` prints the one-pass floor
+    `hash(tuple(ids))` beside the hashing time), so only the per-page chain is vectorised."""
     if block_tokens <= 0:
         raise ValueError("block_tokens must be positive")
     n_blocks = len(token_ids) // block_tokens
@@ -49,25 +61,53 @@ def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int 
     # zip over one iterator yields the consecutive full pages as tuples (a partial last page is dropped)
     pages = np.fromiter(map(hash, zip(*[iter(token_ids)] * block_tokens)), dtype=np.int64, count=n_blocks)
     up, down = _powers(n_blocks)
-    with np.errstate(over="ignore"):
-        keys = (np.cumsum(pages.view(np.uint64) * down) + np.uint64(seed % (1 << 64)) * _Q) * up
-        keys ^= keys >> np.uint64(30)  # splitmix64 finaliser: spreads the linear chain over all bits
-        keys *= np.uint64(0xBF58476D1CE4E5B9)
-        keys ^= keys >> np.uint64(27)
-        keys *= np.uint64(0x94D049BB133111EB)
-        keys ^= keys >> np.uint64(31)
+    keys = pages.view(np.uint64)
+    keys *= down  # unsigned integer arrays wrap mod 2^64 silently
+    np.cumsum(keys, out=keys)
+    if seed % (1 << 64):
+        keys += np.uint64(seed * int(_Q) % (1 << 64))
+    keys *= up
+    tmp = keys >> _S30  # splitmix64 finaliser: spreads the linear chain over all bits
+    keys ^= tmp
+    keys *= _M1
+    np.right_shift(keys, _S27, out=tmp)
+    keys ^= tmp
+    keys *= _M2
+    np.right_shift(keys, _S31, out=tmp)
+    keys ^= tmp
     return tuple(keys.tolist())
 
 
+class _Node:
+    """A run of consecutive pages of one rank's tree: `run` their keys (root side first), `children` the next
+    runs keyed by their first key."""
+
+    __slots__ = ("run", "children", "parent")
+
+    def __init__(self, run: tuple, parent: "_Node | None") -> None:
+        self.run = run
+        self.children: dict[int, _Node] = {}
+        self.parent = parent
+
+
+def _common(run: tuple, keys: Sequence[int], start: int) -> int:
+    """Length of the common prefix of run and keys[start:] (C-level scan)."""
+    tail = keys[start : start + len(run)]
+    if tail == run:
+        return len(run)
+    return next(compress(count(), map(ne, run, tail)), min(len(run), len(tail)))
+
+
 class PrefixIndex:
-    """Which ranks hold which prefix pages, with per-rank LRU eviction.
+    """Which ranks hold which prefix pages, with per-rank LRU eviction of pages.
 
     capacity_blocks[r]: pages rank r can keep (its KV capacity / block_tokens, capped by max_blocks_per_rank).
-    Per rank: `_held` maps page key -> the number of the insert that last touched it; `_touches` lists the inserts
-    oldest first as [insert number, keys, next position to look at (from the leaf end)]. Eviction walks it from the
-    oldest insert, leaf to root, and drops a page only if that insert is still its last touch (a page touched
-    again later is skipped there and met again at its newer insert): the order of an LRU list that moves every
-    touched page to the end, without moving anything per page on an insert.
+    Per rank: a radix tree of page runs (`_roots[r]`), the page count, and `_lru[r]`, the tree's nodes from least
+    to most recently touched. An insert walks the prompt's path, splits the node where the prompt leaves it, adds one
+    node for the pages it brings, and moves the path's nodes to the recent end leaf first; every page of a node was
+    last touched by the same insert, so the page-level LRU order is the node order with each node's pages leaf
+    first, and the oldest node is always a leaf. Eviction trims the oldest leaves from their tail. An insert or a
+    match costs a few dict operations per node on the path, not per page.
     """
 
     def __init__(self, num_ranks: int, max_blocks_per_rank: int) -> None:
@@ -76,20 +116,26 @@ class PrefixIndex:
         self.num_ranks = num_ranks
         self.max_blocks_per_rank = max_blocks_per_rank
         self.capacity_blocks = [max_blocks_per_rank] * num_ranks
-        self._held: list[dict[int, int]] = [{} for _ in range(num_ranks)]
-        self._touches: list[deque[list]] = [deque() for _ in range(num_ranks)]
-        self._queued = [0] * num_ranks  # keys listed in _touches[r] not yet walked past
-        self._inserts = 0
+        self._roots = [_Node((), None) for _ in range(num_ranks)]
+        self._tops = [root.children for root in self._roots]  # first-page key -> node, per rank
+        self._lru: list[OrderedDict[_Node, None]] = [OrderedDict() for _ in range(num_ranks)]
+        self._pages = [0] * num_ranks
+        self._ranks = range(num_ranks)
 
     def __len__(self) -> int:
         """Number of (rank, page) entries held."""
-        return sum(len(held) for held in self._held)
+        return sum(self._pages)
 
     def blocks_on(self, rank: int) -> int:
-        return len(self._held[rank])
+        return self._pages[rank]
 
     def holds(self, rank: int, key: int) -> bool:
-        return key in self._held[rank]
+        """Whether rank holds the page with this key (a scan of its tree: for checks, not the hot path)."""
+        return any(key in node.run for node in self._lru[rank])
+
+    def pages_lru(self, rank: int) -> list[int]:
+        """rank's page keys from least to most recently touched (the order eviction takes them)."""
+        return [key for node in self._lru[rank] for key in reversed(node.run)]
 
     def set_capacity(self, rank: int, capacity_blocks: int) -> None:
         """Keep rank's page count within what its KV pool can hold (evicting LRU pages)."""
@@ -97,83 +143,88 @@ class PrefixIndex:
         self._evict(rank)
 
     def match(self, keys: Sequence[int]) -> list[int]:
-        """Matched prefix length in pages per rank -> list of num_ranks ints (0..len(keys)).
-
-        Each rank's pages are prefix-closed (leaf-first eviction), so a binary search over the prompt's pages
-        finds how far it holds the prompt; most ranks hold not even the first page (one lookup)."""
-        n = len(keys)
+        """Matched prefix length in pages per rank -> list of num_ranks ints (0..len(keys))."""
         depth = [0] * self.num_ranks
-        if n == 0:
-            return depth
-        first, last = keys[0], keys[-1]
-        for r, held in enumerate(self._held):
-            if first not in held:
-                continue
-            if last in held:
-                depth[r] = n
-                continue
-            lo, hi = 0, n - 1  # keys[lo] held, keys[hi] not
-            while hi - lo > 1:
-                mid = (lo + hi) >> 1
-                if keys[mid] in held:
-                    lo = mid
-                else:
-                    hi = mid
-            depth[r] = lo + 1
+        for r, d in self.match_held(keys):
+            depth[r] = d
         return depth
+
+    def match_held(self, keys: Sequence[int]) -> list[tuple[int, int]]:
+        """(rank, matched prefix length in pages) for the ranks that hold at least the first page, in rank order.
+        The ranks that hold not even the first page are skipped in one C-level pass over the ranks' roots."""
+        if not keys:
+            return []
+        first, n, tops = keys[0], len(keys), self._tops
+        out = []
+        for r in compress(self._ranks, map(dict.__contains__, tops, repeat(first))):
+            node, i = tops[r][first], 0
+            while True:
+                run = node.run
+                m = len(run)
+                if keys[i : i + m] != run:  # the prompt leaves or ends inside this run
+                    i += _common(run, keys, i)
+                    break
+                i += m
+                if i == n:
+                    break
+                node = node.children.get(keys[i])
+                if node is None:
+                    break
+            out.append((r, i))
+        return out
 
     def insert(self, rank: int, keys: Sequence[int]) -> None:
         """Record that rank now caches this prefix (all of keys), then evict down to its capacity."""
-        if not keys:
+        n = len(keys)
+        if n == 0:
             return
-        self._inserts += 1
         keys = tuple(keys)
-        self._held[rank].update(dict.fromkeys(keys, self._inserts))
-        self._touches[rank].append([self._inserts, keys, len(keys) - 1])
-        self._queued[rank] += len(keys)
-        self._evict(rank)
-        if self._queued[rank] > 4 * len(self._held[rank]) + 4096:
-            self._compact(rank)
+        lru, parent, i, path = self._lru[rank], self._roots[rank], 0, []
+        while i < n:
+            node = parent.children.get(keys[i])
+            if node is None:  # the rest of the prompt is new: one node
+                node = _Node(keys[i:], parent)
+                parent.children[keys[i]] = node
+                lru[node] = None
+                self._pages[rank] += n - i
+                path.append(node)
+                break
+            m = _common(node.run, keys, i)
+            if m < len(node.run):  # the prompt leaves (or ends inside) this run: split off the untouched tail
+                head = _Node(node.run[:m], parent)
+                parent.children[keys[i]] = head
+                node.run = node.run[m:]
+                node.parent = head
+                head.children[node.run[0]] = node
+                lru[head] = None
+                node = head
+            path.append(node)
+            parent = node
+            i += m
+        for node in reversed(path):  # leaf first: the root side ends up most recent
+            lru.move_to_end(node)
+        if self._pages[rank] > self.capacity_blocks[rank]:
+            self._evict(rank)
 
     def clear(self, rank: int | None = None) -> None:
         """Forget one rank's pages (its cache was flushed) or every rank's."""
         for r in range(self.num_ranks) if rank is None else (rank,):
-            self._held[r].clear()
-            self._touches[r].clear()
-            self._queued[r] = 0
+            self._roots[r].children.clear()
+            self._lru[r].clear()
+            self._pages[r] = 0
 
     def _evict(self, rank: int) -> None:
-        held = self._held[rank]
-        excess = len(held) - self.capacity_blocks[rank]
-        touches = self._touches[rank]
+        excess = self._pages[rank] - self.capacity_blocks[rank]
+        lru = self._lru[rank]
         while excess > 0:
-            touch = touches[0]
-            number, keys, pos = touch
-            leaf_first = keys[pos::-1]
-            # the pages this insert is still the last touch of, leaf first (C-level iterators: no per-page bytecode)
-            live = list(compress(leaf_first, map(number.__eq__, map(held.get, leaf_first, repeat(-1)))))
-            if len(live) <= excess:  # the whole insert goes
-                deque(map(held.__delitem__, live), maxlen=0)
-                excess -= len(live)
-                touches.popleft()
-                self._queued[rank] -= pos + 1
-                continue
-            while excess > 0:  # the oldest insert goes in part: walk it leaf first
-                key = keys[pos]
-                pos -= 1
-                self._queued[rank] -= 1
-                if held.get(key) == number:
-                    del held[key]
-                    excess -= 1
-            touch[2] = pos
-
-    def _compact(self, rank: int) -> None:
-        """Drop the listed touches that are no longer a page's last one (pages touched again and again while the
-        rank never reaches its capacity would otherwise grow the list without bound)."""
-        held, kept, queued = self._held[rank], deque(), 0
-        for number, keys, pos in self._touches[rank]:
-            live = tuple(k for k in keys[: pos + 1] if held.get(k) == number)
-            if live:
-                kept.append([number, live, len(live) - 1])
-                queued += len(live)
-        self._touches[rank], self._queued[rank] = kept, queued
+            node = next(iter(lru))  # the oldest node; a leaf (children are touched before their parents)
+            m = len(node.run)
+            if m <= excess:
+                del lru[node]
+                del node.parent.children[node.run[0]]
+                self._pages[rank] -= m
+                excess -= m
+            else:
+                node.run = node.run[: m - excess]
+                self._pages[rank] -= excess
+                excess = 0

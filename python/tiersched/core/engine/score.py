@@ -19,16 +19,61 @@ kv_overload_fraction are dropped unless every active rank is (overload escape). 
 lowest rank index (upstream's DPBudget tie-break). The chosen rank is charged optimistically (its pending
 prefill, KV and request count grow) until a snapshot newer than the charge replaces it, so a burst between
 snapshots spreads instead of herding onto the rank that looked idlest.
+
+Hot path: every request-independent term lives in one float64/int64 array per term (length num_ranks), refreshed
+when a snapshot or a charge changes it, so a decision is a handful of numpy operations over the ranks plus a
+correction for the few ranks that hold the prompt's first page; the per-rank score dicts of `Decision.scores` are
+built only when someone reads them (the adapter's debug log, tests). The arithmetic is the scalar formula's, term
+by term in the same order, so the costs are the same float64 values a per-rank loop computes.
 """
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
 
 from tiersched.core.engine import Decision, Dispatcher, DispatchRequest, EngineTierConfig, RankLoad
 from tiersched.core.engine.prefix_index import PrefixIndex
 
 SCORER_NAMES = ("prefill", "prefix", "decode", "kv", "queue", "expert", "session")
+
+
+class ScoreTable(Mapping):
+    """Decision.scores of one pick: rank -> {scorer: weighted score, "total": cost} over the candidate ranks, in
+    rank order. Holds the pick's per-rank term arrays (copies where the dispatcher's own arrays change later) and
+    builds the dicts on first read; a pick itself never needs them."""
+
+    __slots__ = ("_ranks", "_columns", "_table")
+
+    def __init__(self, ranks: np.ndarray | None, num_ranks: int, columns: dict[str, np.ndarray | float]) -> None:
+        self._ranks = ranks  # int [C] candidate ranks, or None: every rank
+        self._columns = columns  # name -> float [num_ranks] (or one float for every rank)
+        self._table: dict[int, dict[str, float]] | None = None
+        if ranks is None:
+            self._ranks = range(num_ranks)
+
+    def _built(self) -> dict[int, dict[str, float]]:
+        if self._table is None:
+            ranks = list(self._ranks)
+            cols = {name: (col[ranks].tolist() if isinstance(col, np.ndarray) else [float(col)] * len(ranks))
+                    for name, col in self._columns.items()}
+            names = (*SCORER_NAMES, "total")
+            self._table = {r: {name: cols[name][i] for name in names} for i, r in enumerate(ranks)}
+            self._columns = {}
+        return self._table
+
+    def __getitem__(self, rank: int) -> dict[str, float]:
+        return self._built()[rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._ranks)
+
+    def __repr__(self) -> str:
+        return repr(self._built())
 
 
 class ScoreDispatcher(Dispatcher):
@@ -47,15 +92,18 @@ class ScoreDispatcher(Dispatcher):
         self._opt_reqs = [0] * num_ranks
         self._charges: list[deque[tuple[float, int, int]]] = [deque() for _ in range(num_ranks)]
         self._sessions: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (rank, context tokens)
-        # Per-rank terms that do not depend on the request, refreshed when a snapshot or a charge changes them
-        # (keeps a decision to one cheap pass over the ranks).
-        self._pending = [0] * num_ranks
-        self._decode = [0.0] * num_ranks
-        self._kv = [0.0] * num_ranks
-        self._queue = [0.0] * num_ranks
-        self._static = [0.0] * num_ranks
-        self._expert_rate = [0.0] * num_ranks
+        # Per-rank terms that do not depend on the request (one entry per rank), refreshed when a snapshot or a
+        # charge changes them.
+        self._pending = np.zeros(num_ranks, dtype=np.int64)  # remaining prefill + optimistic, tokens
+        self._prefill = np.zeros(num_ranks)  # w_prefill * pending
+        self._decode = np.zeros(num_ranks)
+        self._kv = np.zeros(num_ranks)
+        self._queue = np.zeros(num_ranks)
+        self._static = np.zeros(num_ranks)  # decode + kv + queue
+        self._expert_rate = np.zeros(num_ranks)  # w_expert * (pressure - 1)
+        self._full = [False] * num_ranks  # KV use with optimistic charges at or above the overload fraction
         self._mean_capacity = 0.0
+        self._cands: tuple[np.ndarray | None, dict[int, str]] | None = None  # candidates() cache
 
     # --- snapshots -------------------------------------------------------------------------------------
 
@@ -82,19 +130,29 @@ class ScoreDispatcher(Dispatcher):
                 self._opt_reqs[r] -= 1
         caps = [load.kv_capacity_tokens for load in self.loads if load.kv_capacity_tokens > 0]
         self._mean_capacity = sum(caps) / len(caps) if caps else 0.0
+        self._cands = None
         for r in range(self.num_ranks):
             self._refresh(r)
 
     def _refresh(self, r: int) -> None:
+        """Recompute rank r's request-independent terms (Python floats, stored exactly in the float64 arrays)."""
         cfg, load = self.config, self.loads[r]
         cap = load.kv_capacity_tokens
-        self._pending[r] = load.remaining_prefill_tokens + self._opt_prefill[r]
-        self._decode[r] = cfg.weight_decode * load.running_decode_tokens
+        pending = load.remaining_prefill_tokens + self._opt_prefill[r]
+        self._pending[r] = pending
+        self._prefill[r] = cfg.weight_prefill * pending
+        decode = cfg.weight_decode * load.running_decode_tokens
         kv_scale = self._mean_capacity / cap if cap > 0 else 1.0
-        self._kv[r] = cfg.weight_kv * (load.kv_used_tokens + self._opt_kv[r]) * kv_scale
-        self._queue[r] = cfg.weight_queue * (load.queue_len + load.running_reqs + self._opt_reqs[r])
-        self._static[r] = self._decode[r] + self._kv[r] + self._queue[r]
+        kv_used = load.kv_used_tokens + self._opt_kv[r]
+        kv = cfg.weight_kv * kv_used * kv_scale
+        queue = cfg.weight_queue * (load.queue_len + load.running_reqs + self._opt_reqs[r])
+        self._decode[r], self._kv[r], self._queue[r] = decode, kv, queue
+        self._static[r] = decode + kv + queue
         self._expert_rate[r] = cfg.weight_expert * (load.expert_pressure - 1.0)
+        full = cap > 0 and kv_used >= cfg.kv_overload_fraction * cap
+        if full != self._full[r]:
+            self._full[r] = full
+            self._cands = None
 
     def forget_cache(self, rank: int | None = None) -> None:
         """The rank's (or every rank's) radix cache was flushed: drop what the index believes it holds."""
@@ -104,65 +162,86 @@ class ScoreDispatcher(Dispatcher):
 
     def candidates(self) -> tuple[list[int], dict[int, str]]:
         """Filters: active ranks, minus KV-overloaded ones unless that would leave none."""
-        loads, opt_kv, limit = self.loads, self._opt_kv, self.config.kv_overload_fraction
+        ranks, filtered = self._candidates()
+        return (list(range(self.num_ranks)) if ranks is None else ranks.tolist()), dict(filtered)
+
+    def _candidates(self) -> tuple[np.ndarray | None, dict[int, str]]:
+        """(candidate ranks as an int array, or None when every rank is one; why each other rank is not), cached
+        until a snapshot or a rank's overload state changes."""
+        if self._cands is not None:
+            return self._cands
+        loads, full_l = self.loads, self._full
         active = [load.rank for load in loads if load.active]
         filtered = {load.rank: "inactive" for load in loads if not load.active} if len(active) < len(loads) else {}
         if not active:
             raise RuntimeError("no active DP rank to dispatch to")
-        full = [
-            r for r in active
-            if loads[r].kv_capacity_tokens > 0
-            and loads[r].kv_used_tokens + opt_kv[r] >= limit * loads[r].kv_capacity_tokens
-        ]
-        if not full or len(full) == len(active):  # overload escape: all full, so rank them by cost anyway
-            return active, filtered
-        for r in full:
-            filtered[r] = "kv_overloaded"
-        full_set = set(full)
-        return [r for r in active if r not in full_set], filtered
+        full = [r for r in active if full_l[r]]
+        if full and len(full) < len(active):
+            for r in full:
+                filtered[r] = "kv_overloaded"
+            full_set = set(full)
+            active = [r for r in active if r not in full_set]
+        # (all full: the overload escape ranks every active rank by cost anyway)
+        ranks = None if len(active) == self.num_ranks else np.array(active, dtype=np.int64)
+        self._cands = (ranks, filtered)
+        return self._cands
 
     def pick(self, req: DispatchRequest, now_s: float) -> Decision:
         cfg = self.config
-        ranks, filtered = self.candidates()
+        ranks, filtered = self._candidates()
+        filtered = dict(filtered) if filtered else {}
         block = cfg.block_tokens
         n_in = req.input_tokens
-        depth = self.index.match(req.prefix_blocks) if req.prefix_blocks else None
+        held = self.index.match_held(req.prefix_blocks) if req.prefix_blocks else ()
         session = self._sessions.get(req.session_key) if req.session_key is not None else None
-        sticky_rank = session[0] if session is not None and session[0] in ranks else -1
+        sticky_rank = -1
+        if session is not None and (session[0] in ranks if ranks is not None else 0 <= session[0] < self.num_ranks):
+            sticky_rank = session[0]
         session_cost = cfg.weight_session * session[1] if sticky_rank >= 0 else 0.0
 
-        w_prefill, w_prefix = cfg.weight_prefill, cfg.weight_prefix
-        pending_l, static_l, expert_l = self._pending, self._static, self._expert_rate
-        decode_l, kv_l, queue_l = self._decode, self._kv, self._queue
-        scores: dict[int, dict[str, float]] = {}
-        best_rank, best_cost, best_hit = -1, float("inf"), 0
-        for r in ranks:
-            if depth is None:
-                hit = 0
-            else:
-                hit = depth[r] * block
+        # uncached tokens per rank: n_in everywhere but on the ranks that hold part of the prompt
+        hits = None
+        if held:
+            uncached = np.full(self.num_ranks, n_in, dtype=np.int64)
+            hits = {}
+            for r, depth in held:
+                hit = depth * block
                 if hit > n_in:
                     hit = n_in
-            uncached = n_in - hit
-            pending = pending_l[r]
-            prefill = w_prefill * pending
-            prefix = w_prefix * uncached
-            expert = expert_l[r] * (pending + uncached)
-            sticky = session_cost if r != sticky_rank else 0.0
-            cost = prefill + prefix + static_l[r] + expert + sticky
-            scores[r] = {
-                "prefill": prefill, "prefix": prefix, "decode": decode_l[r], "kv": kv_l[r], "queue": queue_l[r],
-                "expert": expert, "session": sticky, "total": cost,
-            }
-            if cost < best_cost:  # strict: ties keep the lower rank index
-                best_rank, best_cost, best_hit = r, cost, hit
+                hits[r] = hit
+                uncached[r] = n_in - hit
+            prefix = cfg.weight_prefix * uncached
+        else:
+            uncached = n_in
+            prefix = cfg.weight_prefix * n_in
+        pending, prefill = self._pending, self._prefill
+        expert = self._expert_rate * (pending + uncached)
+        cost = prefill + prefix
+        cost += self._static
+        cost += expert
+        sticky = 0.0
+        if sticky_rank >= 0:  # every other rank pays the session's context (the sticky rank adds 0.0)
+            keep = cost[sticky_rank]
+            cost += session_cost
+            cost[sticky_rank] = keep
+            sticky = np.full(self.num_ranks, session_cost)
+            sticky[sticky_rank] = 0.0
+        if ranks is None:
+            best_rank = int(np.argmin(cost))  # first minimum: ties keep the lower rank index
+        else:
+            best_rank = int(ranks[np.argmin(cost[ranks])])
+        best_hit = hits.get(best_rank, 0) if hits else 0
+        state = np.array((prefill, self._decode, self._kv, self._queue))  # as they are before the charge below
+        scores = ScoreTable(ranks, self.num_ranks, {
+            "prefill": state[0], "prefix": prefix, "decode": state[1], "kv": state[2], "queue": state[3],
+            "expert": expert, "session": sticky, "total": cost})
         self._charge(best_rank, req, best_hit, now_s)
         return Decision(rank=best_rank, expected_cached_tokens=best_hit, scores=scores, filtered=filtered)
 
     def record(self, rank: int, req: DispatchRequest, now_s: float) -> int:
         """Account a request that was routed to `rank` by someone else (e.g. an explicit routed_dp_rank);
         returns the cached tokens the index expected there."""
-        depth = self.index.match(req.prefix_blocks)[rank] if req.prefix_blocks else 0
+        depth = dict(self.index.match_held(req.prefix_blocks)).get(rank, 0) if req.prefix_blocks else 0
         hit = min(depth * self.config.block_tokens, req.input_tokens)
         self._charge(rank, req, hit, now_s)
         return hit
@@ -185,7 +264,7 @@ class ScoreDispatcher(Dispatcher):
 
     def pending_work(self) -> list[int]:
         """Per-rank uncached prefill tokens queued, as last reported plus optimistic charges."""
-        return list(self._pending)
+        return self._pending.tolist()
 
     def state_sizes(self) -> dict:
         """Sizes of the per-request state this dispatcher keeps (each bounded by its config; read by the live
