@@ -12,6 +12,7 @@ import math
 import types
 import uuid
 
+import numpy as np
 import pytest
 
 dpc = pytest.importorskip("sglang.srt.managers.data_parallel_controller")
@@ -25,6 +26,7 @@ from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 from tiersched.core.engine import EngineTierConfig  # noqa: E402
+from tiersched.core.expert import metrics  # noqa: E402
 from tiersched.sglang.engine import hooks as engine_tier, loads as engine_tier_loads  # noqa: E402
 
 
@@ -67,6 +69,7 @@ class FakeController:
         self.max_dp_size = n
         self._active_workers = list(range(n))
         self.load_snapshot_reader = reader
+        self.server_args = types.SimpleNamespace(enable_dp_attention=False)
 
     def received(self, rank):
         out = []
@@ -121,7 +124,7 @@ def test_snapshot_and_side_channel_translate_to_rank_loads(shm_path):
     side.write(0, 10.0, 900, math.nan)
     side.write(1, 10.0, 0, 1.7)  # an expert-tier provider's value for rank 1
     reader = ShmLoadSnapshotReader(shm_path, 2)
-    share = engine_tier_loads.RoutedTokenShare(2)
+    share = engine_tier_loads.RoutedTokenShare(2, moe_shared=False)
     loads = engine_tier_loads.to_rank_loads(reader.read_all(), [True, False],
                                             engine_tier_loads.SideChannel(side.path, 2, writable=False), share)
     r0, r1 = loads
@@ -135,6 +138,27 @@ def test_snapshot_and_side_channel_translate_to_rank_loads(shm_path):
     writers[1].write(LoadSnapshot(dp_rank=1, timestamp=11.0, total_prefill_uncached_tokens=0, max_total_num_tokens=4096))
     loads = engine_tier_loads.to_rank_loads(reader.read_all(), [True, True], None, share)
     assert loads[0].expert_pressure == pytest.approx(2.0) and loads[1].expert_pressure == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("moe_shared", [False, True])
+def test_fallback_expert_pressure_is_the_core_definition(moe_shared):
+    """Without a provider the pressure is core.expert.metrics.expert_pressure over the controller's knowledge: each
+    rank's MoE token rate, served on its own rank (independent replicas) or spread over the DP group (DP attention,
+    routing unknown). Spread evenly, the ranks' rates cannot make any rank hot: 1.0 everywhere."""
+    share = engine_tier_loads.RoutedTokenShare(3, moe_shared=moe_shared)
+    np.testing.assert_array_equal(share.pressures(), [1.0, 1.0, 1.0])  # no rate yet: neutral
+    for rank, tokens in enumerate([3000, 1000, 0]):
+        share.observe(rank, 1.0, 0, 0.0)
+        share.observe(rank, 2.0, tokens, 100.0)  # tokens prefilled in 1 s + 100 generated tokens/s
+    rates = np.array([0.5 * 3100, 0.5 * 1100, 0.5 * 100])  # smoothed 0.5
+    np.testing.assert_allclose(share.rates, rates)
+    dest = np.full((1, 3, 3), 1 / 3) if moe_shared else np.eye(3)[None]
+    expect = metrics.expert_pressure(dest, np.einsum("lsg,s->lg", dest, rates))
+    np.testing.assert_allclose(share.pressures(), expect)
+    if moe_shared:
+        np.testing.assert_allclose(share.pressures(), [1.0, 1.0, 1.0])
+    else:
+        np.testing.assert_allclose(share.pressures(), rates / rates.mean())  # the routed-token share
 
 
 def test_expert_pressure_provider_interface():

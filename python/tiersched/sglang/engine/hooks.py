@@ -159,7 +159,9 @@ class ScoreDispatchState:
         # getattr: ShmLoadSnapshotReader names its file `path`, ZmqShmLoadSnapshotReader `_shm_path`
         shm_path = getattr(reader, "path", None) or getattr(reader, "_shm_path", None)
         self.side = loads_io.SideChannel(loads_io.side_path(shm_path), reader.dp_size, writable=False) if shm_path else None
-        self.share = loads_io.RoutedTokenShare(self.num_ranks)
+        # DP attention: the ranks share the MoE layers (fallback expert pressure, loads.RoutedTokenShare)
+        self.share = loads_io.RoutedTokenShare(self.num_ranks,
+                                               moe_shared=bool(controller.server_args.enable_dp_attention))
         self._last_refresh = float("-inf")
         self._status: list[bool] = []
         try:

@@ -11,9 +11,10 @@ slot per DP rank, guarded by a sequence number so a reader never takes a torn sl
 
 Expert pressure interface (explicit, for the expert tier): `set_expert_pressure_provider(fn)` in the
 scheduler process, `fn(scheduler) -> float | None` = the MoE load this rank's tokens put on experts relative
-to the mean (1.0 neutral). Until a provider is set (or when it returns None) the controller falls back to
-the rank's recent routed-token share (`RoutedTokenShare`): its tokens per second through the MoE layers
-(prefilled uncached tokens + generated tokens) over the ranks' mean.
+to the mean (1.0 neutral). Until a provider is set (or when it returns None) the controller computes a fallback
+with the same definition (core.expert.metrics.expert_pressure) from what it knows without expert statistics
+(`RoutedTokenShare`): each rank's tokens per second through the MoE layers, served where the deployment's layout
+puts them.
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from tiersched.core.engine import RankLoad
+from tiersched.core.expert.metrics import expert_pressure
 from tiersched.sglang.engine.state import STATE, ExpertPressureProvider
 
 SLOT = struct.Struct("<Qddd")  # sequence, snapshot timestamp, running decode context tokens, expert pressure (NaN: none)
@@ -132,14 +136,27 @@ class LoadSidePublisher:
 
 
 class RoutedTokenShare:
-    """Default expert pressure: each rank's recent tokens/s through the MoE layers over the ranks' mean.
+    """Fallback expert pressure per rank, used while no provider publishes one: core.expert.metrics.expert_pressure,
+    the definition the simulator and the expert tier use, over what the DP controller knows without expert
+    statistics.
 
-    rate = d(total_prefill_uncached_tokens)/dt + gen_throughput, from upstream's snapshot fields, smoothed."""
+    Load: each rank's recent tokens/s through the MoE layers, rate = d(total_prefill_uncached_tokens)/dt +
+    gen_throughput from upstream's snapshot, smoothed. Destinations (where a source's tokens are served, per token):
+    without routing statistics nobody knows which experts a rank's tokens pick, so only the deployment's layout
+    places them:
+    - `moe_shared` (DP attention: the MoE layers are split over the whole DP group, by EP or by tensor parallelism):
+      each rank's tokens spread evenly over the group, every rank serves the same load, and the pressure is 1.0 for
+      every rank whatever the rates (the rates say who sends tokens, not which experts are hot);
+    - otherwise (independent DP replicas): a rank's tokens are served on that rank, and its pressure is its rate over
+      the ranks' mean, the routed-token share.
+    While no rank has moved a token yet every rank's load counts as equal (neutral 1.0), as the simulator starts its
+    load average."""
 
-    def __init__(self, dp_size: int, smoothing: float = 0.5) -> None:
+    def __init__(self, dp_size: int, moe_shared: bool, smoothing: float = 0.5) -> None:
         self.rates = [0.0] * dp_size
         self._last: list[tuple[float, int] | None] = [None] * dp_size
         self.smoothing = smoothing
+        self.moe_shared = moe_shared
 
     def observe(self, dp_rank: int, timestamp: float, prefill_tokens_total: int, gen_throughput: float) -> None:
         last = self._last[dp_rank]
@@ -150,9 +167,23 @@ class RoutedTokenShare:
         a = self.smoothing
         self.rates[dp_rank] = a * rate + (1 - a) * self.rates[dp_rank]
 
+    def destinations(self) -> np.ndarray:
+        """float [1, S, R]: share of a token of source rank s served on rank r (one layer: the layout is the same
+        in every MoE layer)."""
+        n = len(self.rates)
+        dest = np.full((n, n), 1.0 / n) if self.moe_shared else np.eye(n)
+        return dest[None]
+
+    def pressures(self) -> np.ndarray:
+        """float [R]: each rank's fallback expert pressure."""
+        dest = self.destinations()
+        load = np.einsum("lsg,s->lg", dest, np.asarray(self.rates, dtype=np.float64))  # tokens/s each rank serves
+        if not load.any():
+            load = np.ones_like(load)
+        return expert_pressure(dest, load)
+
     def pressure(self, dp_rank: int) -> float:
-        mean = sum(self.rates) / len(self.rates)
-        return self.rates[dp_rank] / mean if mean > 0 else 1.0
+        return float(self.pressures()[dp_rank])
 
 
 def to_rank_loads(snapshots: Sequence[Any], status: Sequence[bool], side: SideChannel | None,
@@ -164,6 +195,7 @@ def to_rank_loads(snapshots: Sequence[Any], status: Sequence[bool], side: SideCh
     for snap in by_rank.values():
         if 0 <= snap.dp_rank < len(share.rates):
             share.observe(snap.dp_rank, snap.timestamp, snap.total_prefill_uncached_tokens, snap.gen_throughput)
+    fallback = share.pressures().tolist()
     loads = []
     for rank, up in enumerate(status):
         snap = by_rank.get(rank)
@@ -172,7 +204,7 @@ def to_rank_loads(snapshots: Sequence[Any], status: Sequence[bool], side: SideCh
             continue
         extra = side.read(rank) if side is not None else None
         decode = extra[1] if extra is not None else 0
-        pressure = extra[2] if extra is not None and not math.isnan(extra[2]) else share.pressure(rank)
+        pressure = extra[2] if extra is not None and not math.isnan(extra[2]) else fallback[rank]
         loads.append(RankLoad(
             rank=rank,
             active=bool(up),
