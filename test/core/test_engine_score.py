@@ -373,3 +373,17 @@ def test_index_evicts_in_lru_list_order(ops, cap):
             assert index.blocks_on(r) == len(ref.lru[r])
             assert all(index.holds(r, key) for key in ref.lru[r])
             assert index.pages_lru(r) == list(ref.lru[r])  # oldest first
+
+
+def test_a_nan_cost_never_wins_and_all_nan_raises():
+    """A NaN load field (here expert pressure) makes that rank's cost NaN: it is skipped, as the per-rank loop's
+    strict comparison skipped it; with every candidate NaN there is no rank to choose."""
+    d = ScoreDispatcher(3)
+    d.update_loads([RankLoad(rank=r, kv_capacity_tokens=10_000, expert_pressure=float("nan") if r == 0 else 1.0,
+                             remaining_prefill_tokens=100 * r, timestamp_s=1.0) for r in range(3)], 1.0)
+    dec = d.pick(DispatchRequest("a", 64), 1.0)
+    assert dec.rank == 1 and np.isnan(dec.scores[0]["total"])
+    d.update_loads([RankLoad(rank=r, kv_capacity_tokens=10_000, expert_pressure=float("nan"), timestamp_s=2.0)
+                    for r in range(3)], 2.0)
+    with pytest.raises(RuntimeError, match="NaN"):
+        d.pick(DispatchRequest("b", 64), 2.0)

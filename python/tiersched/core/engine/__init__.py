@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ class DispatchRequest:
 class Decision:
     rank: int
     expected_cached_tokens: int = 0
-    scores: dict[int, dict[str, float]] = field(default_factory=dict)  # rank -> scorer -> weighted score
+    scores: Mapping[int, Mapping[str, float]] = field(default_factory=dict)  # rank -> scorer -> weighted score
     filtered: dict[int, str] = field(default_factory=dict)  # rank -> why it was not a candidate
 
 

@@ -226,10 +226,13 @@ class ScoreDispatcher(Dispatcher):
             cost[sticky_rank] = keep
             sticky = np.full(self.num_ranks, session_cost)
             sticky[sticky_rank] = 0.0
-        if ranks is None:
-            best_rank = int(np.argmin(cost))  # first minimum: ties keep the lower rank index
-        else:
-            best_rank = int(ranks[np.argmin(cost[ranks])])
+        costs = cost if ranks is None else cost[ranks]
+        best = int(np.argmin(costs))  # first minimum: ties keep the lower rank index
+        if costs[best] != costs[best]:  # argmin returns the first NaN; a NaN cost (NaN load field) never wins
+            if np.isnan(costs).all():
+                raise RuntimeError("every candidate DP rank's cost is NaN; check the ranks' load snapshots")
+            best = int(np.nanargmin(costs))
+        best_rank = best if ranks is None else int(ranks[best])
         best_hit = hits.get(best_rank, 0) if hits else 0
         state = np.array((prefill, self._decode, self._kv, self._queue))  # as they are before the charge below
         scores = ScoreTable(ranks, self.num_ranks, {
