@@ -104,9 +104,10 @@ class PrefixIndex:
     capacity_blocks[r]: pages rank r can keep (its KV capacity / block_tokens, capped by max_blocks_per_rank).
     Per rank: a radix tree of page runs (`_roots[r]`), the page count, and `_lru[r]`, the tree's nodes from least
     to most recently touched. An insert walks the prompt's path, splits the node where the prompt leaves it, adds one
-    node for the pages it brings, and moves the path's nodes to the recent end leaf first; every page of a node was
-    last touched by the same insert, so the page-level LRU order is the node order with each node's pages leaf
-    first, and the oldest node is always a leaf. Eviction trims the oldest leaves from their tail. An insert or a
+    node for the pages it brings, merges each path node with its only child when that child is on the path too, and
+    moves the path's nodes to the recent end leaf first; every page of a node was last touched by the same insert,
+    so the page-level LRU order is the node order with each node's pages leaf first, and the oldest node is always
+    a leaf. Eviction trims the oldest leaves from their tail. An insert or a
     match costs a few dict operations per node on the path, not per page.
     """
 
@@ -145,33 +146,36 @@ class PrefixIndex:
     def match(self, keys: Sequence[int]) -> list[int]:
         """Matched prefix length in pages per rank -> list of num_ranks ints (0..len(keys))."""
         depth = [0] * self.num_ranks
-        for r, d in self.match_held(keys):
+        for r, d in zip(*self.match_held(keys)):
             depth[r] = d
         return depth
 
-    def match_held(self, keys: Sequence[int]) -> list[tuple[int, int]]:
-        """(rank, matched prefix length in pages) for the ranks that hold at least the first page, in rank order.
+    def match_held(self, keys: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(ranks that hold at least the first page, in rank order; matched prefix length in pages on each).
         The ranks that hold not even the first page are skipped in one C-level pass over the ranks' roots."""
         if not keys:
-            return []
+            return [], []
         first, n, tops = keys[0], len(keys), self._tops
-        out = []
-        for r in compress(self._ranks, map(dict.__contains__, tops, repeat(first))):
+        ranks = list(compress(self._ranks, map(dict.__contains__, tops, repeat(first))))
+        depths: list[int] = []
+        append = depths.append
+        for r in ranks:
             node, i = tops[r][first], 0
             while True:
                 run = node.run
-                m = len(run)
-                if keys[i : i + m] != run:  # the prompt leaves or ends inside this run
+                end = i + len(run)
+                # chained keys: equal keys at the run's last page mean the whole run is equal
+                if end > n or keys[end - 1] != run[-1]:  # the prompt leaves or ends inside this run
                     i += _common(run, keys, i)
                     break
-                i += m
+                i = end
                 if i == n:
                     break
                 node = node.children.get(keys[i])
                 if node is None:
                     break
-            out.append((r, i))
-        return out
+            append(i)
+        return ranks, depths
 
     def insert(self, rank: int, keys: Sequence[int]) -> None:
         """Record that rank now caches this prefix (all of keys), then evict down to its capacity."""
@@ -201,7 +205,21 @@ class PrefixIndex:
             path.append(node)
             parent = node
             i += m
-        for node in reversed(path):  # leaf first: the root side ends up most recent
+        # Every node on the path was touched now: a path node whose only child is the next path node merges with
+        # it (their pages are adjacent in the LRU order, the child's first), so chains of single-child nodes left
+        # by splits close up again and walks stay as short as the prompts' branch points.
+        kept = [path[0]]
+        for node in path[1:]:
+            top = kept[-1]
+            if len(top.children) == 1:
+                top.run += node.run
+                top.children = node.children
+                for child in top.children.values():
+                    child.parent = top
+                del lru[node]
+            else:
+                kept.append(node)
+        for node in reversed(kept):  # leaf first: the root side ends up most recent
             lru.move_to_end(node)
         if self._pages[rank] > self.capacity_blocks[rank]:
             self._evict(rank)

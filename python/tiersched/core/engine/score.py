@@ -192,7 +192,7 @@ class ScoreDispatcher(Dispatcher):
         filtered = dict(filtered) if filtered else {}
         block = cfg.block_tokens
         n_in = req.input_tokens
-        held = self.index.match_held(req.prefix_blocks) if req.prefix_blocks else ()
+        held_ranks, depths = self.index.match_held(req.prefix_blocks) if req.prefix_blocks else ((), ())
         session = self._sessions.get(req.session_key) if req.session_key is not None else None
         sticky_rank = -1
         if session is not None and (session[0] in ranks if ranks is not None else 0 <= session[0] < self.num_ranks):
@@ -200,16 +200,11 @@ class ScoreDispatcher(Dispatcher):
         session_cost = cfg.weight_session * session[1] if sticky_rank >= 0 else 0.0
 
         # uncached tokens per rank: n_in everywhere but on the ranks that hold part of the prompt
-        hits = None
-        if held:
+        if held_ranks:
+            hits = np.array(depths, dtype=np.int64) * block
+            np.minimum(hits, n_in, out=hits)
             uncached = np.full(self.num_ranks, n_in, dtype=np.int64)
-            hits = {}
-            for r, depth in held:
-                hit = depth * block
-                if hit > n_in:
-                    hit = n_in
-                hits[r] = hit
-                uncached[r] = n_in - hit
+            uncached[held_ranks] = n_in - hits
             prefix = cfg.weight_prefix * uncached
         else:
             uncached = n_in
@@ -233,7 +228,7 @@ class ScoreDispatcher(Dispatcher):
                 raise RuntimeError("every candidate DP rank's cost is NaN; check the ranks' load snapshots")
             best = int(np.nanargmin(costs))
         best_rank = best if ranks is None else int(ranks[best])
-        best_hit = hits.get(best_rank, 0) if hits else 0
+        best_hit = int(hits[held_ranks.index(best_rank)]) if best_rank in held_ranks else 0
         state = np.array((prefill, self._decode, self._kv, self._queue))  # as they are before the charge below
         scores = ScoreTable(ranks, self.num_ranks, {
             "prefill": state[0], "prefix": prefix, "decode": state[1], "kv": state[2], "queue": state[3],
@@ -244,7 +239,8 @@ class ScoreDispatcher(Dispatcher):
     def record(self, rank: int, req: DispatchRequest, now_s: float) -> int:
         """Account a request that was routed to `rank` by someone else (e.g. an explicit routed_dp_rank);
         returns the cached tokens the index expected there."""
-        depth = dict(self.index.match_held(req.prefix_blocks)).get(rank, 0) if req.prefix_blocks else 0
+        held_ranks, depths = self.index.match_held(req.prefix_blocks) if req.prefix_blocks else ((), ())
+        depth = depths[held_ranks.index(rank)] if rank in held_ranks else 0
         hit = min(depth * self.config.block_tokens, req.input_tokens)
         self._charge(rank, req, hit, now_s)
         return hit
