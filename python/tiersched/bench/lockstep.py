@@ -167,6 +167,13 @@ class Runner:
             for r in runs:
                 if r not in self.memo:
                     self.memo[r] = self.pool.submit(_simulate, r)
+                    self.memo[r].add_done_callback(self._finished)
+
+    def _finished(self, _future) -> None:
+        with self.lock:
+            self.done += 1
+            if self.progress and self.done % 200 == 0:
+                self.progress(f"{self.done} simulations")
 
     def run(self, runs: list[tuple]) -> list[dict]:
         """The metrics of each run, simulating those not run yet."""
@@ -178,9 +185,6 @@ class Runner:
                 v = v.result()
                 with self.lock:
                     self.memo[r] = v
-                    self.done += 1
-                    if self.progress and self.done % 200 == 0:
-                        self.progress(f"{self.done} simulations")
             out.append(v)
         return out
 
