@@ -31,12 +31,13 @@ def summaries(draw, min_ranks=2, max_ranks=8):
         waiting = draw(st.integers(0, 40_000))
         reqs = draw(st.integers(0, 50)) if waiting else 0
         ls = draw(st.integers(0, reqs)) if reqs else 0
+        decode = draw(st.integers(0, 256))
         out.append(RankStepSummary(
             rank=r, upstream_budget=upstream, chunk_tokens=chunk, chunk_prefix=draw(st.integers(0, 20_000)),
             waiting_tokens=waiting, waiting_requests=reqs + (chunk > 0), ls_waiting=ls,
-            ls_tokens=draw(st.integers(1, waiting)) if ls else 0, decode_count=draw(st.integers(0, 256)),
+            ls_tokens=draw(st.integers(1, waiting)) if ls else 0, decode_count=decode,
             decode_context=draw(st.integers(0, 2_000_000)), kv_room_tokens=draw(st.integers(-5000, 400_000)),
-            slot_room=draw(st.integers(0, 256))))
+            slot_room=draw(st.integers(0, 256)), mixed_rows=draw(st.sampled_from([0, decode]))))
     return out
 
 
@@ -56,11 +57,14 @@ def test_same_plan_in_any_rank_order(ranks, model, rnd, min_chunk):
 def test_limits_and_progress(ranks, model, min_chunk):
     plan = plan_step(ranks, model, min_chunk)
     assert len(plan.budgets) == len(ranks)
-    for s, b in zip(ranks, plan.budgets):
+    for r, (s, cap) in enumerate(zip(ranks, plan.budgets)):
         demand = s.demand()
-        assert 0 <= b <= s.upstream_budget
+        assert 0 <= cap <= s.upstream_budget
         if not plan.planned:
             continue
+        b = plan.prefill[r]
+        assert cap == (b + s.mixed_rows if b > 0 else 0)  # the cap on upstream's budgets holds the mixed rows too
+        assert b <= s.upstream_budget - s.mixed_rows
         assert b <= s.chunk_tokens + max(0, s.kv_room_tokens)  # KV room (the chunk holds its KV already)
         if s.chunk_tokens == 0 and s.slot_room == 0:
             assert b == 0  # no slot for a new request
@@ -73,11 +77,12 @@ def test_limits_and_progress(ranks, model, min_chunk):
 def test_drain_bound(ranks, model, min_chunk, tokens):
     """A request of `tokens` uncached tokens at the head of rank 0 is prefilled within ceil(tokens / min_chunk)
     steps whatever the other ranks do: the service lengthening that the wait bound (docs/lockstep.md) adds."""
-    s0 = replace(ranks[0], chunk_tokens=tokens, waiting_tokens=0, waiting_requests=1, ls_waiting=0, ls_tokens=0)
+    s0 = replace(ranks[0], chunk_tokens=tokens, waiting_tokens=0, waiting_requests=1, ls_waiting=0, ls_tokens=0,
+                 mixed_rows=0)
     ranks = [s0] + ranks[1:]
     steps = 0
     while ranks[0].chunk_tokens > 0:
-        b = plan_step(ranks, model, min_chunk).budgets[0]
+        b = plan_step(ranks, model, min_chunk).prefill[0]
         ranks[0] = replace(ranks[0], chunk_tokens=ranks[0].chunk_tokens - b, chunk_prefix=ranks[0].chunk_prefix + b)
         steps += 1
         assert steps <= math.ceil(tokens / min(min_chunk, s0.upstream_budget))

@@ -142,6 +142,7 @@ def _fake_scheduler(rank):
     running = SimpleNamespace(reqs=[SimpleNamespace(origin_input_ids=[1] * 40, output_ids=[2] * 9)] * 6)
     return SimpleNamespace(
         chunked_prefill_size=512, max_prefill_tokens=16384, chunked_req=None, page_size=1, device="cpu",
+        is_mixed_chunk=False,
         waiting_queue=[req(3000)] if rank == 0 else [], max_running_requests=32,
         token_to_kv_pool_allocator=SimpleNamespace(available_size=lambda: 12000),
         tree_cache=SimpleNamespace(evictable_size=lambda: 0),

@@ -58,6 +58,32 @@ def test_budgets_reach_the_ranks(work, monkeypatch):
     assert planned.metrics["finished"] == len(work)
 
 
+def test_mixed_chunk_budgets_carry_the_decode_rows(work, monkeypatch):
+    """With --enable-mixed-chunk a rank's running requests take one token each off its prefill budget (upstream's
+    PrefillAdder); the plan's cap holds them on top of the planned prefill tokens, so a rank with many decodes
+    still prefills its planned tokens instead of having them eaten by its decode rows."""
+    from tiersched.sim import rank as rank_mod
+
+    seen = []
+    orig = rank_mod.RankState.prefill_pass
+
+    def spy(self, now_s, budget=None):
+        rows = len(self.running)
+        batch = yield from orig(self, now_s, budget)
+        seen.append((budget, rows, sum(e for _, e, _ in batch)))
+        return batch
+
+    monkeypatch.setattr(rank_mod.RankState, "prefill_pass", spy)
+    mixed = PRESET.with_scheduler(enable_mixed_chunk=True)
+    res = simulate(mixed, work, PolicySet(step_plan=StepPlanner(_Steep(), min_chunk_tokens=256)),
+                   record_timeline=False)
+    assert res.metrics["finished"] == len(work) and res.metrics["mixed_steps"] > 0
+    planned = [(b, rows, tok) for b, rows, tok in seen if b is not None and b > 0]
+    assert planned and all(tok <= b - rows for b, rows, tok in planned)
+    # a rank with decode rows still prefills the whole planned 256 tokens (its cap is 256 + rows)
+    assert any(rows > 0 and tok == 256 for _, rows, tok in planned)
+
+
 def test_plan_with_upstream_chunk_only_is_upstream(work):
     # The only candidate is the upstream chunk: every rank's budget is its whole demand, and the run equals upstream.
     only_upstream = StepPlanner(RooflineStepModel(overhead_s=1e-3, dense_per_token_s=1e-6), min_chunk_tokens=8192)

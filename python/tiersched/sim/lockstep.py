@@ -85,7 +85,8 @@ def arrival_rates(table, now_s: float, dp: int, window_s: float = ARRIVAL_WINDOW
 
 def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> RankStepSummary:
     """The summary a rank publishes: its chunk, its waiting queue's uncached tokens (prefix-cache matches taken
-    now, summed only until the upstream budget is covered), running decodes, KV and slot room."""
+    now, summed only until the upstream budget is covered), running decodes, KV and slot room; with mixed chunking
+    its running requests are the mixed rows of a prefill step (`RankState.prefill_pass` takes them off the budget)."""
     t, s = rs.t, rs.s
     upstream = min(s.chunked_prefill_size, s.max_prefill_tokens)
     chunk_tokens = chunk_prefix = 0
@@ -115,7 +116,8 @@ def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> Rank
         ls_waiting=ls, ls_tokens=ls_tokens, decode_count=decode_count,
         decode_context=rs.decode_context() if decode_count else 0,
         kv_room_tokens=int(rs.free_for_alloc() - rs._reserved_decode()),
-        slot_room=s.max_running_requests - decode_count, arrival_rate=float(arrival_rate))
+        slot_room=s.max_running_requests - decode_count, arrival_rate=float(arrival_rate),
+        mixed_rows=decode_count if s.enable_mixed_chunk else 0)
 
 
 def run_lockstep_free(sim) -> None:

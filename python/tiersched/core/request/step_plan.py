@@ -59,20 +59,26 @@ class RankStepSummary:
     kv_room_tokens: int = 0  # KV tokens a new admission may take now (free + evictable - reserved decode)
     slot_room: int = 0  # running-request slots free
     arrival_rate: float = 0.0  # requests per second recently received by this rank (arrivals wait out the step)
+    # Decode rows that ride in this rank's prefill step (upstream --enable-mixed-chunk: its running requests, one
+    # token each; 0 without mixed chunking). They take that many tokens off the upstream budget, as upstream's
+    # PrefillAdder does, and the rank's decodes advance in a step where it prefills.
+    mixed_rows: int = 0
 
     def demand(self) -> int:
-        """Tokens this rank could prefill this step: the chunk's remainder, plus new admissions within KV room and
-        slots, at most the upstream budget."""
+        """Prefill tokens this rank could run this step: the chunk's remainder, plus new admissions within KV room
+        and slots, at most the upstream budget less the mixed decode rows."""
         new = min(self.waiting_tokens, max(0, self.kv_room_tokens)) if self.slot_room > 0 else 0
-        return max(0, min(self.upstream_budget, self.chunk_tokens + new))
+        return max(0, min(self.upstream_budget - self.mixed_rows, self.chunk_tokens + new))
 
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    budgets: tuple[int, ...]  # per rank, in rank order: prefill tokens this step (0: decode only)
+    budgets: tuple[int, ...]  # per rank, in rank order: the cap on its upstream budgets this step (its planned
+    # prefill tokens + its mixed decode rows; 0: decode only)
     chunk: int  # the chosen common chunk size B (the upstream budget when nothing was planned)
     predicted_s: float  # predicted step time of the plan (0.0 when nothing was planned)
     planned: bool  # False: upstream's budgets (one rank, or no rank has prefill demand)
+    prefill: tuple[int, ...] = ()  # per rank: the planned prefill tokens (budgets less mixed rows); () unplanned
 
     def budget(self, rank: int) -> int:
         return self.budgets[rank]
@@ -81,7 +87,8 @@ class StepPlan:
 class StepTimeModel(ABC):
     """Predicted seconds of one lockstep step from per-rank work, arrays of shape [R]:
     prefill_tokens, prefill_pairs (sum over chunks of chunk * (prefix + (chunk + 1) / 2)), decode_count and
-    decode_context (zero on a prefilling rank: without mixed chunking a rank that prefills does not decode)."""
+    decode_context. On a prefilling rank the decode columns are the decodes riding in the same forward (mixed
+    chunking); they are zero there without mixed chunking (a rank that prefills does not decode)."""
 
     @abstractmethod
     def step_seconds(self, prefill_tokens: np.ndarray, prefill_pairs: np.ndarray, decode_count: np.ndarray,
@@ -104,8 +111,9 @@ class RooflineStepModel(StepTimeModel):
     """step = overhead + max_r attn_r + moe, a roofline per part (compute slope vs weight-read floor):
         attn_r = [tok_r > 0] * max(dense_floor, dense_per_token * tok_r) + pair_s * pairs_r + ctx_s * ctx_r
         moe    = [sum tok > 0] * max(moe_floor, moe_per_token * sum_r tok_r)
-    tok_r = prefill tokens on a prefilling rank, else its decode count. The floors are what makes small chunks
-    nearly free beside decodes; `fit_roofline` fits the seven seconds-valued parameters to measured steps."""
+    tok_r = prefill tokens + decode count (a prefilling rank's decode columns are its mixed rows, zero without
+    mixed chunking), ctx_r its decode context. The floors are what makes small chunks nearly free beside decodes;
+    `fit_roofline` fits the seven seconds-valued parameters to measured steps."""
 
     overhead_s: float = 0.0
     dense_floor_s: float = 0.0
@@ -122,9 +130,9 @@ class RooflineStepModel(StepTimeModel):
     def batch_seconds(self, prefill_tokens: np.ndarray, prefill_pairs: np.ndarray, decode_count: np.ndarray,
                       decode_context: np.ndarray) -> np.ndarray:
         """Vectorised over K candidate steps: inputs [K, R] -> seconds [K]."""
-        tok = np.where(prefill_tokens > 0, prefill_tokens, decode_count)
+        tok = prefill_tokens + decode_count
         attn = (np.where(tok > 0, np.maximum(self.dense_floor_s, self.dense_per_token_s * tok), 0.0)
-                + self.pair_s * prefill_pairs + self.ctx_s * np.where(prefill_tokens > 0, 0.0, decode_context))
+                + self.pair_s * prefill_pairs + self.ctx_s * decode_context)
         total = tok.sum(axis=1)
         moe = np.where(total > 0, np.maximum(self.moe_floor_s, self.moe_per_token_s * total), 0.0)
         busy = total > 0
@@ -149,8 +157,7 @@ def fit_roofline(prefill_tokens: np.ndarray, prefill_pairs: np.ndarray, decode_c
         raise ValueError(f"fit_roofline needs [N, R] feature arrays and [N] measured times with N >= "
                          f"{len(ROOFLINE_PARAMS)}, got shapes {[a.shape for a in x]} and {y.shape}.")
     pt, pp, dc, ctx = x
-    tok = np.where(pt > 0, pt, dc)
-    ctx = np.where(pt > 0, 0.0, ctx)
+    tok = pt + dc  # as `RooflineStepModel.batch_seconds`: a prefilling rank's decode columns are its mixed rows
     total = tok.sum(axis=1)
     low = float(np.percentile(y, 5))
     starts = [prior] if prior is not None else []
@@ -245,8 +252,9 @@ def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_ch
         limit = max(ls_chunk_tokens, ls_need, floor)
         cands = [c for c in cands if c < limit] + [min(limit, top)]
     cand = np.array(sorted(set(cands)), dtype=float)  # [K]
-    cap = np.array(upstream, dtype=float)
-    budgets = np.minimum(np.minimum(demand[None, :], cand[:, None]), cap[None, :])  # [K, R]
+    rows = np.array([max(0, s.mixed_rows) for s in ranks], dtype=float)
+    # B caps each rank's whole step, prefill + mixed decode rows (what upstream's chunked_prefill_size caps).
+    budgets = np.minimum(demand[None, :], np.maximum(cand[:, None] - rows[None, :], 0.0))  # [K, R] prefill tokens
     # Progress: every rank with demand moves at least min(demand, floor) tokens.
     budgets = np.maximum(budgets, np.minimum(demand, floor)[None, :])
     # Attention pairs at the request's average rate, b * (prefix + remaining / 2): a prompt's total attention
@@ -256,23 +264,26 @@ def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_ch
     pairs = budgets * (prefix + (rest + 1.0) / 2.0)[None, :]
     dcount = np.array([s.decode_count for s in ranks], dtype=float)
     dctx = np.array([s.decode_context for s in ranks], dtype=float)
-    k = cand.size
     prefilling = budgets > 0
-    dc = np.where(prefilling, 0.0, dcount[None, :])
-    dx = np.where(prefilling, 0.0, dctx[None, :])
+    mixes = prefilling & (rows > 0)[None, :]  # the rank's decodes ride in its prefill step
+    stalls = prefilling & ~mixes  # the rank's decodes sit the step out
+    dc = np.where(stalls, 0.0, dcount[None, :])
+    dx = np.where(stalls, 0.0, dctx[None, :])
     step = np.asarray(model.batch_seconds(budgets, pairs, dc, dx), dtype=float)  # [K]
     zero = np.zeros((1, len(ranks)))
     s_decode = float(model.batch_seconds(zero, zero, dcount[None, :], dctx[None, :])[0])
     waiting = np.array([s.waiting_requests for s in ranks], dtype=float)
     ls = np.array([s.ls_waiting for s in ranks], dtype=float)
-    weight_pref = ((waiting + dcount + (ls_weight - 1.0) * ls)[None, :] * prefilling).sum(axis=1)  # [K]
+    weight_pref = ((waiting + (ls_weight - 1.0) * ls)[None, :] * prefilling).sum(axis=1)  # [K]
+    weight_pref = weight_pref + (dcount[None, :] * stalls).sum(axis=1)  # decodes that lose the whole step
     ls_elsewhere = ((ls_weight * ls)[None, :] * ~prefilling).sum(axis=1)  # LS waiting on a rank that cannot prefill
-    decoding = (dcount[None, :] * ~prefilling).sum(axis=1)
+    decoding = (dcount[None, :] * ~stalls).sum(axis=1)  # decodes stretched from s_decode to the step
     # Requests arriving during the step wait on average half of it before they can be scheduled.
     arrivals = float(sum(max(0.0, s.arrival_rate) for s in ranks))
     cost = (step * (weight_pref + ls_elsewhere) + decoding * np.maximum(step - s_decode, 0.0)
             + arrivals * step * step / 2.0)
     per_token = cost / np.maximum(budgets.sum(axis=1), 1.0)
     best = int(np.argmin(per_token))  # first minimum: the smallest chunk among equals
-    chosen = tuple(int(b) for b in budgets[best])
-    return StepPlan(chosen, int(cand[best]), float(step[best]), True)
+    prefill = tuple(int(b) for b in budgets[best])
+    caps = tuple(b + int(m) if b > 0 else 0 for b, m in zip(prefill, rows))
+    return StepPlan(caps, int(cand[best]), float(step[best]), True, prefill)

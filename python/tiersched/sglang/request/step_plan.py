@@ -238,7 +238,8 @@ def local_summary(scheduler, running_batch, last_batch, is_ls: Callable, dp_rank
         rank=dp_rank, upstream_budget=int(upstream), chunk_tokens=chunk_tokens, chunk_prefix=chunk_prefix,
         waiting_tokens=waiting_tokens, waiting_requests=len(scheduler.waiting_queue) + (ch is not None),
         ls_waiting=ls, ls_tokens=ls_tokens, decode_count=decode_count, decode_context=decode_context,
-        kv_room_tokens=int(kv_room), slot_room=max(0, int(slot_room)))
+        kv_room_tokens=int(kv_room), slot_room=max(0, int(slot_room)),
+        mixed_rows=decode_count if scheduler.is_mixed_chunk else 0)  # upstream's num_mixed_decode_tokens
 
 
 def _publish_model(state: StepPlanState, scheduler, num_dp_ranks: int) -> Optional[RooflineStepModel]:
