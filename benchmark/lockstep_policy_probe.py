@@ -12,8 +12,11 @@ shape's measured capacity (bench/lockstep._capacity). Arms per configuration, al
   bound     perfect balance (ideal_balance) at chunk 8192, mixed chunk off and on (the lower per metric).
 Prints, per configuration, ours vs upstream-best per metric (loss: positive = ours worse) and the headroom captured
 (upstream_best - ours) / (upstream_best - bound) of mean TTFT and mean TPOT; then the medians, the worst loss and
-the share of configurations never worse than 2% on any metric. `--cache PATH` keeps the upstream and bound runs (they
-do not depend on the planner) in a JSON file, so a planner change reruns only `ours`.
+the share of configurations never worse than 2% on any metric; and the Pareto view (`frontier_gain_*`: ours
+against the best upstream combination that is no worse on the other metric; `share_dominated_by_upstream`;
+`share_one_upstream_best_on_both`: how often a single static setting is best on both metrics). `--cache PATH`
+keeps the upstream and bound runs (they do not depend on the planner) in a JSON file, so a planner change reruns
+only `ours`.
 """
 from __future__ import annotations
 
@@ -40,7 +43,14 @@ def _run(job):
     """job = (key, arm, preset, shape, rate, duration_s, seed, ordering, dispatch, chunk, mixed, delay, plan)."""
     from tiersched.sim import PolicySet, get_preset, simulate, workloads
 
-    key, arm, preset, shape, rate, dur, seed, ordering, dispatch, chunk, mixed, delay, plan = job
+    key, arm, preset, shape, rate, dur, seed, ordering, dispatch, chunk, mixed, delay, plan = job[:13]
+    if plan and len(job) > 13 and job[13]:  # [request] plan keys for our arm, e.g. {"plan_decode_weight": 0.2}
+        import functools
+
+        from tiersched.core.request import RequestTierConfig
+        from tiersched.sim import lockstep, loop
+
+        loop.make_planner = functools.partial(lockstep.make_planner, config=RequestTierConfig(**job[13]))
     changes = dict(chunked_prefill_size=chunk, enable_mixed_chunk=bool(mixed))
     if delay:
         changes.update(enable_prefill_delayer=True, prefill_delayer_max_delay_passes=delay)
@@ -68,7 +78,8 @@ def _jobs(presets, shapes, loads, seeds, dur, caps, ours):
                     for mixed in (False, True):  # the bound with and without mixed chunking: the lower per metric
                         up.append(base[:1] + ("ideal",) + base[2:] + ("fcfs", "round_robin", 8192, mixed, 0, False))
                     mine.append(base[:1] + ("ours",) + base[2:] + (ours["ordering"], ours["dispatch"], ours["chunk"],
-                                                                    ours["mixed"], ours["delay"], True))
+                                                                    ours["mixed"], ours["delay"], ours["plan"],
+                                                                    ours["config"]))
     return up, mine
 
 
@@ -95,6 +106,15 @@ def summarise(runs: dict, keys: list[str]) -> dict:
             if metric != "throughput":
                 gap = best - ideal[metric]
                 row[f"headroom_{metric}"] = (best - ours[metric]) / gap if gap > 0 else None
+        # Along the static frontier: the best upstream TPOT among combinations at least as good on TTFT as ours,
+        # and the best upstream TTFT among those at least as good on TPOT (None: no combination is).
+        for metric, other in (("tpot_mean", "ttft_mean"), ("ttft_mean", "tpot_mean")):
+            fair = [r[metric] for r in up.values() if r[other] <= ours[other]]
+            row[f"frontier_{metric}"] = min(fair) if fair else None
+            row[f"frontier_gain_{metric}"] = (min(fair) - ours[metric]) / min(fair) if fair else None
+        row["dominated_by_upstream"] = any(r["ttft_mean"] <= ours["ttft_mean"] and r["tpot_mean"] <= ours["tpot_mean"]
+                                           for r in up.values())
+        row["one_upstream_is_best_on_both"] = row["best_ttft_mean_arm"] == row["best_tpot_mean_arm"]
         rows.append(row)
 
     def med(name):
@@ -109,6 +129,12 @@ def summarise(runs: dict, keys: list[str]) -> dict:
         "median_loss_throughput": med("loss_throughput"),
         "worst_loss": round(worst[f"loss_{wm}"], 4), "worst_loss_where": f"{worst['config']} {wm}",
         "share_never_worse_2pct": round(sum(all(r[f"loss_{m}"] <= 0.02 for m in METRICS) for r in rows) / len(rows), 3),
+        # Pareto view: gain of ours over the best upstream TPOT at no worse TTFT (and TTFT at no worse TPOT), median
+        # over configurations where such a combination exists; share of configurations where some upstream
+        # combination is at least as good on both; share where one upstream combination is best on both.
+        "frontier_gain_tpot": med("frontier_gain_tpot_mean"), "frontier_gain_ttft": med("frontier_gain_ttft_mean"),
+        "share_dominated_by_upstream": round(sum(r["dominated_by_upstream"] for r in rows) / len(rows), 3),
+        "share_one_upstream_best_on_both": round(sum(r["one_upstream_is_best_on_both"] for r in rows) / len(rows), 3),
         "rows": rows,
     }
 
@@ -131,7 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ours", default="ordering=fcfs,dispatch=round_robin,mixed=1,chunk=8192",
                     help="our arm: ordering, dispatch, mixed (0/1), the plan's upper chunk budget, delay "
-                         "(upstream's prefill delayer's max passes, 0: off)")
+                         "(upstream's prefill delayer's max passes, 0: off), plan (0: the step plan off, an ablation), "
+                         "[request] plan_* keys")
     ap.add_argument("--cache", default="", help="JSON file keeping upstream and bound runs between probes")
     ap.add_argument("--json", action="store_true", help="print the summary (with rows) as one JSON object")
     args = ap.parse_args(argv)
@@ -139,7 +166,8 @@ def main(argv=None) -> int:
     ours = dict(kv.split("=") for kv in csv(args.ours))
     ours = {"ordering": ours.get("ordering", "fcfs"), "dispatch": ours.get("dispatch", "round_robin"),
             "mixed": ours.get("mixed", "1") == "1", "chunk": int(ours.get("chunk", 8192)),
-            "delay": int(ours.get("delay", 0))}
+            "delay": int(ours.get("delay", 0)), "plan": ours.get("plan", "1") == "1",
+            "config": {k: float(v) for k, v in ours.items() if k.startswith("plan_")}}
     presets, shapes = csv(args.presets), csv(args.shapes)
     start = time.perf_counter()
     cache = {}

@@ -70,7 +70,8 @@ def make_planner(spec, preset, cost, config: RequestTierConfig | None = None) ->
         return None  # no lockstep group: upstream's budgets exactly
     cfg = config or RequestTierConfig()
     return StepPlanner(prior_model(cost), min_chunk_tokens=cfg.min_chunk_tokens, ls_weight=cfg.plan_ls_weight,
-                       ls_chunk_tokens=cfg.be_chunk_tokens)
+                       ls_chunk_tokens=cfg.be_chunk_tokens, decode_weight=cfg.plan_decode_weight,
+                       align_weight=cfg.plan_align_weight)
 
 
 ARRIVAL_WINDOW_S = 1.0
@@ -96,7 +97,7 @@ def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> Rank
         chunk_prefix = int(t.prefilled[rs.chunked])
         if ls_priority is not None and t.priority[rs.chunked] >= ls_priority:
             ls, ls_tokens = 1, chunk_tokens
-    waiting_tokens = 0
+    waiting_tokens = counted = 0
     bt = rs.cache.block_tokens
     for rid in rs.waiting:
         is_ls = ls_priority is not None and t.priority[rid] >= ls_priority
@@ -106,6 +107,7 @@ def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> Rank
         cached = min(rs.cache.match(blocks) * bt, int(t.fill_len[rid]) - 1) if blocks else 0
         uncached = int(t.fill_len[rid]) - max(0, cached)
         waiting_tokens += uncached
+        counted += 1
         if is_ls:
             ls += 1
             ls_tokens += uncached
@@ -117,7 +119,7 @@ def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> Rank
         decode_context=rs.decode_context() if decode_count else 0,
         kv_room_tokens=int(rs.free_for_alloc() - rs._reserved_decode()),
         slot_room=s.max_running_requests - decode_count, arrival_rate=float(arrival_rate),
-        mixed_rows=decode_count if s.enable_mixed_chunk else 0)
+        mixed_rows=decode_count if s.enable_mixed_chunk else 0, waiting_counted=counted)
 
 
 def run_lockstep_free(sim) -> None:

@@ -187,6 +187,8 @@ class RequestTierConfig:
     # each rank's prefill budget per step from every rank's summary. Off until the sweep shows it never loses.
     step_plan: bool = False
     plan_ls_weight: float = 8.0  # one waiting LS request counts as this many waiting requests in the plan's cost
+    plan_decode_weight: float = 0.1  # a running request's second of decode delay against a waiting one's
+    plan_align_weight: float = 1.0  # > 0: the plan keeps a prefill small while other ranks have none (alignment)
 
     def validate(self) -> None:
         if not (math.isfinite(self.aging_rate) and self.aging_rate >= 0):
@@ -215,6 +217,10 @@ class RequestTierConfig:
             raise ValueError(f"step_plan must be true or false, got {self.step_plan!r}.")
         if not (math.isfinite(self.plan_ls_weight) and self.plan_ls_weight >= 1):
             raise ValueError(f"plan_ls_weight must be a finite number >= 1, got {self.plan_ls_weight!r}.")
+        if not (math.isfinite(self.plan_decode_weight) and self.plan_decode_weight >= 0):
+            raise ValueError(f"plan_decode_weight must be a finite number >= 0, got {self.plan_decode_weight!r}.")
+        if not (math.isfinite(self.plan_align_weight) and self.plan_align_weight >= 0):
+            raise ValueError(f"plan_align_weight must be a finite number >= 0, got {self.plan_align_weight!r}.")
         if self.be_chunk_tokens < self.min_chunk_tokens:
             raise ValueError(
                 f"be_chunk_tokens ({self.be_chunk_tokens}) must be >= min_chunk_tokens ({self.min_chunk_tokens})."

@@ -7,29 +7,38 @@ small `RankStepSummary` once per step over the group's same-step channel (the on
 `lockstep.py`); every rank then calls `plan_step` on the same summaries and gets the same `StepPlan`: each rank's
 prefill token budget for this step (the cap on upstream's chunked_prefill_size / max_prefill_tokens budgets).
 
-Formulation. Candidate chunk sizes B (a geometric grid from `min_chunk_tokens` up to the upstream chunk size, page
-aligned). For each B every rank with prefill demand gets b_r = min(demand_r, B) (equal per-rank tokens: the step's
-max over ranks is not set by one rank), and the step time S(b) is predicted by a `StepTimeModel`. The plan takes
-the B that minimises the predicted delay per prefill token of the step:
+Formulation (docs/lockstep.md "Formulation"). Candidate chunk sizes B (a geometric grid from `min_chunk_tokens`
+up to the upstream chunk size, page aligned) cap each rank's whole step as upstream's chunked_prefill_size does:
+rank r prefills b_r = min(demand_r, B - mixed_rows_r) (equal per-rank step sizes: the step's max over ranks is not
+set by one rank), at least min(demand_r, min_chunk_tokens); with --enable-mixed-chunk its running requests ride in
+the same step (`mixed_rows`) and the cap it applies is b_r + mixed_rows_r. The step time S(b) is predicted by a
+`StepTimeModel`. The plan takes the B with the least predicted cost per unit of prefill value:
 
-    J(B) = [ S(b) * (W + D_prefilling + (w_ls - 1) * LS) + D_decoding * (S(b) - S_decode)
-             + lambda * S(b)^2 / 2 ] / sum_r b_r
+    J(B) = [ S(b) * (W + (w_ls - 1) * LS) + w_d * (D_lost * S(b) + D_stretched * (S(b) - S_decode))
+             + lambda * S(b)^2 / 2 ] / V(b)
 
-  W: requests waiting on prefilling ranks (they wait the whole step), D_prefilling: running requests on ranks that
-  prefill (no decode token this step), LS: waiting latency-sensitive requests (weight `plan_ls_weight`),
-  D_decoding: running requests on ranks that decode (their step is stretched from S_decode, the all-decode step,
-  to S(b)), lambda: the group's recent arrival rate (an arrival waits on average S/2 for the step to end). Below the cost model's "knee" (prefill tokens that ride under the step's weight-bound floor) S(b) is
-  flat and J falls with B; past it the stretch of the decoding ranks grows with B, so a large decode batch shrinks
-  the chunk, a prefill-bound group (many waiters, few decodes) grows it, and a rank whose demand is short keeps
-  the others' chunks short (equalisation). While LS work waits anywhere, candidates are capped at the LS
-  request's own tokens or `be_chunk_tokens`, whichever is larger, so the step the LS request waits on is short.
+  W: waiting requests in the group (each waits the step out), LS: waiting latency-sensitive ones (weight
+  `plan_ls_weight`), D_lost: running requests on ranks that prefill without mixed chunking (no token this step),
+  D_stretched: the others (their step stretches from S_decode, the all-decode step, to S(b)), w_d:
+  `plan_decode_weight`, lambda: the group's arrival rate (an arrival waits S/2 on average). V(b): prefill progress
+  in requests, each token a share of its request's uncached prompt (the chunked remainder, then waiting requests of
+  the rank's mean size), so finishing a short prompt on one rank is worth as much as a long one on another (mean
+  TTFT counts requests) and a rank with a short prompt keeps the others' chunks near its size (equalisation).
+  While LS work waits anywhere, candidates are capped at the LS request's own tokens or `be_chunk_tokens`,
+  whichever is larger, so the step the LS request waits on is short.
+Alignment (`plan_align_weight` > 0): while some ranks have no prefill demand, the chosen step's extra length over
+the smallest candidate is lockstep waste for every running request in the share of idle ranks; when that waste
+outweighs what the waiting requests lose until an idle rank gets an arrival (1 / their arrival rate), the plan
+takes the smallest candidate (every rank with demand still prefills min(demand, min_chunk_tokens)), so the long
+prefill runs later in a step other ranks share. Never while LS work waits.
 
 Invariants (test/core/test_step_plan*.py, property tests):
   * the same summaries in any order give the same plan (input sorted by rank; ties broken by the smaller B);
   * progress: a rank with demand gets b_r >= min(demand_r, min_chunk_tokens) every step, so the planner never
     defers a rank; request-tier wait bound (docs/request-tier.md, Theorem 1) holds with each prefill's service
     lengthened to at most ceil(u / min_chunk_tokens) steps of at most the upstream step length (docs/lockstep.md);
-  * limits: b_r <= upstream budget, b_r <= chunk remainder + KV room, b_r = 0 without a chunk and without slot room;
+  * limits: b_r + mixed rows <= upstream budget, b_r <= chunk remainder + KV room, b_r = 0 without a chunk and
+    without slot room;
   * one DP rank: the plan is upstream's budget exactly (no lockstep, nothing to plan).
 """
 from __future__ import annotations
@@ -63,6 +72,11 @@ class RankStepSummary:
     # token each; 0 without mixed chunking). They take that many tokens off the upstream budget, as upstream's
     # PrefillAdder does, and the rank's decodes advance in a step where it prefills.
     mixed_rows: int = 0
+    waiting_counted: int = 0  # waiting requests whose uncached tokens are in waiting_tokens (0: count it as one)
+
+    def mean_waiting_tokens(self) -> float:
+        """Uncached tokens of a waiting request, on average over those summed in waiting_tokens."""
+        return max(1.0, self.waiting_tokens / max(1, self.waiting_counted))
 
     def demand(self) -> int:
         """Prefill tokens this rank could run this step: the chunk's remainder, plus new admissions within KV room
@@ -199,6 +213,10 @@ def _fit_from(model: RooflineStepModel, tok, pp, ctx, total, y, iterations: int)
     return model
 
 
+DEFAULT_DECODE_WEIGHT = 0.1  # [request] plan_decode_weight
+DEFAULT_ALIGN_WEIGHT = 1.0  # [request] plan_align_weight
+
+
 def candidate_chunks(upstream_budget: int, min_chunk: int, page: int = 1) -> list[int]:
     """Chunk sizes the plan chooses from: min_chunk * 2^k (page aligned) below the upstream budget, and it."""
     page = max(1, page)
@@ -223,14 +241,18 @@ class StepPlanner:
     ls_weight: float = 8.0
     ls_chunk_tokens: int = 512
     page_size: int = 1
+    decode_weight: float = DEFAULT_DECODE_WEIGHT
+    align_weight: float = DEFAULT_ALIGN_WEIGHT
 
     def plan(self, summaries: Sequence[RankStepSummary]) -> StepPlan:
         return plan_step(summaries, self.model, self.min_chunk_tokens, self.ls_weight, self.ls_chunk_tokens,
-                         self.page_size)
+                         self.page_size, self.decode_weight, self.align_weight)
 
 
 def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_chunk_tokens: int = 64,
-              ls_weight: float = 8.0, ls_chunk_tokens: int = 512, page_size: int = 1) -> StepPlan:
+              ls_weight: float = 8.0, ls_chunk_tokens: int = 512, page_size: int = 1,
+              decode_weight: float = DEFAULT_DECODE_WEIGHT,
+              align_weight: float = DEFAULT_ALIGN_WEIGHT) -> StepPlan:
     """The group's plan for this step from every rank's summary (module docstring: objective and invariants).
 
     Deterministic and independent of the order of `summaries` (they are sorted by rank, which must be 0..R-1)."""
@@ -272,18 +294,39 @@ def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_ch
     step = np.asarray(model.batch_seconds(budgets, pairs, dc, dx), dtype=float)  # [K]
     zero = np.zeros((1, len(ranks)))
     s_decode = float(model.batch_seconds(zero, zero, dcount[None, :], dctx[None, :])[0])
-    waiting = np.array([s.waiting_requests for s in ranks], dtype=float)
-    ls = np.array([s.ls_waiting for s in ranks], dtype=float)
-    weight_pref = ((waiting + (ls_weight - 1.0) * ls)[None, :] * prefilling).sum(axis=1)  # [K]
-    weight_pref = weight_pref + (dcount[None, :] * stalls).sum(axis=1)  # decodes that lose the whole step
-    ls_elsewhere = ((ls_weight * ls)[None, :] * ~prefilling).sum(axis=1)  # LS waiting on a rank that cannot prefill
-    decoding = (dcount[None, :] * ~stalls).sum(axis=1)  # decodes stretched from s_decode to the step
-    # Requests arriving during the step wait on average half of it before they can be scheduled.
+    waiting = float(sum(s.waiting_requests for s in ranks))
+    ls = float(sum(s.ls_waiting for s in ranks))
+    # Every waiting request in the group waits the step out (LS ones weigh ls_weight); a decode that sits out a
+    # prefill step (no mixed chunking) loses the whole step, one that rides along or runs on a decoding rank is
+    # stretched from s_decode to the step; arrivals during the step wait half of it on average.
     arrivals = float(sum(max(0.0, s.arrival_rate) for s in ranks))
-    cost = (step * (weight_pref + ls_elsewhere) + decoding * np.maximum(step - s_decode, 0.0)
-            + arrivals * step * step / 2.0)
-    per_token = cost / np.maximum(budgets.sum(axis=1), 1.0)
-    best = int(np.argmin(per_token))  # first minimum: the smallest chunk among equals
+    lost = (dcount[None, :] * stalls).sum(axis=1)  # [K]
+    stretched = (dcount[None, :] * ~stalls).sum(axis=1)
+    cost = (step * (waiting + (ls_weight - 1.0) * ls) + decode_weight * (lost * step + stretched
+            * np.maximum(step - s_decode, 0.0)) + arrivals * step * step / 2.0)
+    # Value of the step: prefill progress in requests, each request's tokens counted as a share of its uncached
+    # prompt (the chunked request's remainder first, then waiting requests of the rank's mean size), so a step
+    # that finishes a short prompt is worth as much as one that finishes a long one (mean TTFT counts requests).
+    chunk = np.array([max(0, s.chunk_tokens) for s in ranks], dtype=float)
+    mean_wait = np.array([s.mean_waiting_tokens() for s in ranks], dtype=float)
+    on_chunk = np.minimum(budgets, chunk[None, :])
+    value = (np.divide(on_chunk, chunk[None, :], out=np.zeros_like(budgets), where=chunk[None, :] > 0)
+             + (budgets - on_chunk) / mean_wait[None, :]).sum(axis=1)
+    ratio = cost / np.maximum(value, 1e-12)
+    best = int(np.argmin(ratio))  # first minimum: the smallest chunk among equals
+    idle = demand == 0
+    if align_weight > 0 and best > 0 and not ls_any and idle.any():
+        # Alignment: some ranks have nothing to prefill, so the chosen step's extra length over the smallest
+        # candidate (every rank with demand at min(demand, floor): progress still holds) is lockstep waste for
+        # the share of ranks that do not prefill. Take the small step instead when that waste, over every running
+        # request, outweighs what the waiting requests lose by waiting for another rank's demand (expected after
+        # 1 / arrival rate of the idle ranks) -- the prefill then runs in a step the other ranks share.
+        idle_rate = float(sum(max(0.0, s.arrival_rate) for s, i in zip(ranks, idle) if i))
+        if idle_rate > 0:
+            waste = (align_weight * decode_weight * float(dcount.sum()) * max(0.0, float(step[best] - step[0]))
+                     * float(idle.sum()) / len(ranks))
+            if waste > (waiting + (ls_weight - 1.0) * ls) / idle_rate:
+                best = 0
     prefill = tuple(int(b) for b in budgets[best])
     caps = tuple(b + int(m) if b > 0 else 0 for b, m in zip(prefill, rows))
     return StepPlan(caps, int(cand[best]), float(step[best]), True, prefill)

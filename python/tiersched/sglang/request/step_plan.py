@@ -218,13 +218,14 @@ def local_summary(scheduler, running_batch, last_batch, is_ls: Callable, dp_rank
         chunk_prefix = done
         if is_ls(ch):
             ls, ls_tokens = 1, chunk_tokens
-    waiting_tokens = 0
+    waiting_tokens = counted = 0
     for r in scheduler.waiting_queue:
         r_ls = is_ls(r)
         if waiting_tokens >= upstream and not r_ls:
             continue
         uncached = max(1, len(r.origin_input_ids) + len(r.output_ids) - r.num_matched_prefix_tokens)
         waiting_tokens += uncached
+        counted += 1
         if r_ls:
             ls, ls_tokens = ls + 1, ls_tokens + uncached
     running = [r for r in running_batch.reqs if r is not ch] if running_batch is not None else []
@@ -239,7 +240,8 @@ def local_summary(scheduler, running_batch, last_batch, is_ls: Callable, dp_rank
         waiting_tokens=waiting_tokens, waiting_requests=len(scheduler.waiting_queue) + (ch is not None),
         ls_waiting=ls, ls_tokens=ls_tokens, decode_count=decode_count, decode_context=decode_context,
         kv_room_tokens=int(kv_room), slot_room=max(0, int(slot_room)),
-        mixed_rows=decode_count if scheduler.is_mixed_chunk else 0)  # upstream's num_mixed_decode_tokens
+        mixed_rows=decode_count if scheduler.is_mixed_chunk else 0,  # upstream's num_mixed_decode_tokens
+        waiting_counted=counted)
 
 
 def _publish_model(state: StepPlanState, scheduler, num_dp_ranks: int) -> Optional[RooflineStepModel]:
@@ -300,7 +302,8 @@ def gather_and_plan(scheduler, group, running_batch, last_batch, is_ls: Callable
         state.samples.add(lt, lp, lc, lx, last_s)
     planner = None if rows.model is None else StepPlanner(
         rows.model, min_chunk_tokens=config.min_chunk_tokens, ls_weight=config.plan_ls_weight,
-        ls_chunk_tokens=config.be_chunk_tokens, page_size=int(getattr(scheduler, "page_size", 1) or 1))
+        ls_chunk_tokens=config.be_chunk_tokens, page_size=int(getattr(scheduler, "page_size", 1) or 1),
+        decode_weight=config.plan_decode_weight, align_weight=config.plan_align_weight)
     plan = planner.plan(rows.summaries) if planner is not None else None
     state.plan, state.plan_iteration = plan, iteration
     last_prefill = bool(lt.any())
