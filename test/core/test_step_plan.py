@@ -180,6 +180,21 @@ def test_ls_waiting_anywhere_caps_the_chunk_but_not_below_the_ls_request():
     assert plan.budgets[0] <= 1500
 
 
+@settings(max_examples=200, deadline=None)
+@given(summaries(), models, st.integers(1, 512))
+def test_ls_work_is_prefilled_in_a_short_step(ranks, model, ls_chunk):
+    """While LS work waits on a rank, that rank's budget covers its LS tokens after the BE chunk's (LS-limited)
+    continuation, mixed rows or not, and no rank prefills more than max(ls_chunk_tokens, that need)."""
+    plan = plan_step(ranks, model, ls_chunk_tokens=ls_chunk)
+    if not plan.planned or not any(s.ls_waiting for s in ranks):
+        return
+    need = [min(s.demand(), s.ls_tokens + min(s.chunk_tokens, ls_chunk)) if s.ls_waiting else 0 for s in ranks]
+    floor = min(64, max(s.upstream_budget for s in ranks))
+    for s, b, n in zip(ranks, plan.prefill, need):
+        assert b >= n
+        assert b <= max(ls_chunk, max(need), min(s.demand(), floor))
+
+
 def test_candidates():
     assert candidate_chunks(8192, 64) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
     assert candidate_chunks(1000, 100, page=64) == [128, 256, 512, 1000]

@@ -269,16 +269,25 @@ def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_ch
     floor = min(max(1, min_chunk_tokens), top)
     cands = candidate_chunks(top, floor, page_size)
     ls_any = any(s.ls_waiting > 0 for s in ranks)
-    if ls_any:  # keep the step the LS request waits on short, but never shorter than its own prefill
-        ls_need = max(min(s.ls_tokens, s.demand()) for s in ranks)
-        limit = max(ls_chunk_tokens, ls_need, floor)
-        cands = [c for c in cands if c < limit] + [min(limit, top)]
-    cand = np.array(sorted(set(cands)), dtype=float)  # [K]
     rows = np.array([max(0, s.mixed_rows) for s in ranks], dtype=float)
-    # B caps each rank's whole step, prefill + mixed decode rows (what upstream's chunked_prefill_size caps).
-    budgets = np.minimum(demand[None, :], np.maximum(cand[:, None] - rows[None, :], 0.0))  # [K, R] prefill tokens
-    # Progress: every rank with demand moves at least min(demand, floor) tokens.
-    budgets = np.maximum(budgets, np.minimum(demand, floor)[None, :])
+    ls_floor = np.zeros(len(ranks))
+    if ls_any:
+        # A rank where LS work waits prefills it this step: its LS tokens after the BE chunk's continuation (which
+        # the LS protection limits to ls_chunk_tokens). Every step is kept short meanwhile: candidates are prefill
+        # tokens (mixed rows are not taken off them) up to max(ls_chunk_tokens, that LS need).
+        chunk_cont = np.array([min(max(0, s.chunk_tokens), ls_chunk_tokens) for s in ranks], dtype=float)
+        ls_tok = np.array([s.ls_tokens if s.ls_waiting > 0 else 0 for s in ranks], dtype=float)
+        ls_floor = np.where(ls_tok > 0, np.minimum(demand, ls_tok + chunk_cont), 0.0)
+        limit = max(ls_chunk_tokens, int(ls_floor.max()), floor)
+        cands = [c for c in cands if c < limit] + [min(limit, top)]
+        rows_off = np.zeros(len(ranks))
+    else:
+        # B caps each rank's whole step, prefill + mixed decode rows (what upstream's chunked_prefill_size caps).
+        rows_off = rows
+    cand = np.array(sorted(set(cands)), dtype=float)  # [K]
+    budgets = np.minimum(demand[None, :], np.maximum(cand[:, None] - rows_off[None, :], 0.0))  # [K, R] prefill
+    # Progress: every rank with demand moves at least min(demand, floor) tokens (a rank with LS work its LS need).
+    budgets = np.maximum(budgets, np.maximum(np.minimum(demand, floor), ls_floor)[None, :])
     # Attention pairs at the request's average rate, b * (prefix + remaining / 2): a prompt's total attention
     # work does not depend on how it is chunked, so no chunk size looks cheaper by deferring it to later chunks.
     prefix = np.array([s.chunk_prefix if s.chunk_tokens > 0 else 0 for s in ranks], dtype=float)
