@@ -38,8 +38,8 @@ perfect-balance headroom the lockstep-free reference itself captures (removing e
 else; below the 50% goal it says that goal is out of reach of step shaping); `saturation_throughput_vs_bound`
 (ours / perfect balance at the highest load); `worst_loss`: the largest relative regression of ours against
 upstream-best on mean TTFT, mean TPOT or throughput anywhere. Mixed priority (LS/BE at 1.5x capacity, the request
-bench's scenario): prefix-aging with the plan vs fcfs-priority at its best chunk size, prefill delayer and mixed
-chunking; `ls_tail_over_floor` (LS P99 with >= 1000 LS samples, else P95, over the LS-alone floor) and
+bench's scenario): prefix-aging with the plan and mixed chunking vs fcfs-priority at its best chunk size,
+prefill delayer and mixed chunking; `ls_tail_over_floor` (LS P99 with >= 1000 LS samples, else P95, over the LS-alone floor) and
 `be_throughput_loss`. Durations are short so the grid fits 10 minutes on 2 cores; the output states them, the
 CPU seconds used and the load average.
 """
@@ -449,6 +449,9 @@ def _median(values) -> float | None:
 
 # ---- mixed priority -------------------------------------------------------------------------------------------
 
+OURS_MIXED_PRIORITY_FLAGS = {"enable_mixed_chunk": True}
+
+
 def _mixed_seed(job) -> dict:
     """One seed of the mixed-priority scenario (see `mixed`)."""
     import numpy as np
@@ -474,20 +477,23 @@ def _mixed_seed(job) -> dict:
             label = f"chunk={c}" + "".join(f" {k}" for k in extra)
             up[label] = _class_tokens_s(res, 1, window)["total_tok_s"]
     best = max(up, key=up.get)  # fcfs-priority at its best BE throughput
-    ours = simulate(p, work, PolicySet(ordering=AgingPrefixOrdering(cfg), preemption=LatencySensitivePreemption(cfg),
-                                       step_plan="tiersched"), seed, record_timeline=False)
+    # Ours runs with the one static upstream flag that composes with the plan (mixed chunking), fixed rather than
+    # tuned per seed; the delayer is upstream's alternative to the plan, so it is not combined with it.
+    ours = simulate(p.with_scheduler(**OURS_MIXED_PRIORITY_FLAGS), work,
+                    PolicySet(ordering=AgingPrefixOrdering(cfg), preemption=LatencySensitivePreemption(cfg),
+                              step_plan="tiersched"), seed, record_timeline=False)
     ls_ttft = ours.records["ttft"][(ours.records["class_of"] == 0) & np.isfinite(ours.records["ttft"])]
     q = tail_percentile(int(ls_ttft.size))
     tail, floor = float(np.percentile(ls_ttft, q)), float(np.percentile(floor_all, q))
     be = _class_tokens_s(ours, 1, window)["total_tok_s"]
     return {"seed": seed, "ls_samples": int(ls_ttft.size), "percentile": q, "ls_tail_s": tail, "ls_floor_s": floor,
-            "be_tok_s_ours": be, "be_tok_s_upstream": up[best], "upstream_best": best,
+            "be_tok_s_ours": be, "ours_static_flags": dict(OURS_MIXED_PRIORITY_FLAGS), "be_tok_s_upstream": up[best], "upstream_best": best,
             "ls_tail_over_floor": tail / floor, "be_throughput_loss": 1.0 - be / up[best]}
 
 
 def mixed(duration_s: float, seeds, workers: int = 1) -> dict:
-    """LS tail vs the LS-alone floor and BE throughput: prefix-aging + preemption + plan vs fcfs-priority at its
-    best chunk size, mixed chunking and prefill delayer (best BE throughput), per seed."""
+    """LS tail vs the LS-alone floor and BE throughput: prefix-aging + preemption + plan with mixed chunking vs
+    fcfs-priority at its best chunk size, mixed chunking and prefill delayer (best BE throughput), per seed."""
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max(1, min(workers, len(seeds))), mp_context=mp.get_context("fork")) as pool:
