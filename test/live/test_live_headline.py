@@ -115,3 +115,36 @@ def test_records_of_variant_arms_are_read_and_a_load_without_tiersched_is_report
     assert "tiersched-nohold" in entry["ablation_ratios"]
     assert [b["load"] for b in report["deployments"]["dpattn"]["loads"]] == [0.8]
     assert report["incomplete"] == ["dpattn shared-prefix at 1.0: no tiersched record"]
+
+
+def test_live_tables_goal_needs_both_tests_below_alpha_and_only_from_0_8x():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "live_tables", Path(__file__).resolve().parents[2] / "benchmark" / "live_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+
+    def ratio(r, p, mw):
+        return {"ratio": r, "ci95": [r - 0.1, r + 0.1], "p_value": p, "mannwhitney_p": mw, "stat": "p95"}
+
+    def block(load, ls_mw):
+        run = {"errors": 0, "lost": 0, "ttft_mean_s": 1.0, "ls_ttft_mean_s": 0.5, "tpot_mean_s": 0.1,
+               "cached_tokens": 100, "concurrency_mean": 3.0, "server_steps": {"prefill_batches": 40}}
+        req = {"ttft_mean": {"vs_best": ratio(1.3, 0.001, 1e-5), "best_upstream": "upstream-lpm"},
+               "ls_ttft_tail": {"vs_best": ratio(1.5, 0.001, ls_mw), "best_upstream": "upstream-priority"},
+               "ls_ttft_mean": {"vs_best": ratio(1.4, 0.001, 0.001)},
+               "tpot_mean": {"vs_best": ratio(0.5, 1.0, 1.0), "best_upstream": "upstream-lpm"}}
+        cached = {"vs_best": {"ratio": 1.2, "min": 1.1, "max": 1.3}, "best_upstream": "upstream-lpm"}
+        return {"load": load, "rate_req_s": 5.0, "sets": {"shared-prefix": {
+            "request_ratios": req, "ratios": {"cached_tokens": cached},
+            "runs": {"tiersched": [run], "upstream-lpm": [run]}}}}
+
+    report = {"deployments": {"dpattn": {"loads": [block(0.5, 0.5), block(1.0, 0.036), block(1.2, 0.001)]}}}
+    rows = tables.rows(report)
+    assert rows[0]["goal"] is None
+    assert rows[1]["goal"]["ls_ttft_tail"] is False and rows[1]["goal"]["ttft"] is True
+    assert all(rows[2]["goal"].values())
+    text = tables.markdown(report)
+    assert "missed: ls_ttft_tail" in text and "| met |" in text and "n/a (< 0.8x)" in text
