@@ -49,6 +49,18 @@ def test_equal_specs_are_one_server_and_release_stops_it(launches, tmp_path):
     assert pool.alive() == []
 
 
+def test_flag_order_is_not_part_of_the_identity_unless_an_option_repeats():
+    a = spec("tiny", ["--dp-size", "2", "--schedule-policy", "lpm", "--enable-metrics"])
+    b = spec("tiny", ["--enable-metrics", "--schedule-policy", "lpm", "--dp-size", "2"])
+    assert a == b and hash(a) == hash(b)
+    assert a.flags == ("--dp-size", "2", "--enable-metrics", "--schedule-policy", "lpm")  # values stay with options
+    assert spec("tiny", ["--dp-size", "2", "--schedule-policy", "fcfs"]) != a
+    # a repeated option: the last one wins in launch_server's parser, so the order is kept as written
+    twice = ["--eplb-rebalance-num-iterations", "50", "--tp", "2", "--eplb-rebalance-num-iterations", "16"]
+    assert spec("tiny", twice).flags == tuple(twice)
+    assert spec("tiny", twice) != spec("tiny", [*twice[4:], *twice[2:4], *twice[:2]])  # 50 wins there, not 16
+
+
 def test_starts_ahead_of_need_within_max_alive(launches, tmp_path):
     specs = [spec("tiny", [f"--n{i}"]) for i in range(6)]
     pool = ServerPool(MODELS, max_alive=3, log_dir=str(tmp_path))

@@ -193,10 +193,27 @@ def launch_servers(model_path: str, configs: Sequence[Mapping]) -> Iterator[list
         yield servers
 
 
+def canonical_flags(flags: Sequence[str]) -> tuple[str, ...]:
+    """`flags` with its options sorted by name, each option followed by its values (the tokens up to the next
+    `--`), so that the same server written in another order is the same spec. Argument order means nothing to
+    `launch_server`'s parser unless an option is given twice (the last one wins): such a list is kept as it is."""
+    groups: list[list[str]] = []
+    for token in flags:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    names = [g[0] for g in groups]
+    if len(set(names)) != len(names) or not all(n.startswith("--") for n in names):
+        return tuple(flags)
+    return tuple(t for g in sorted(groups, key=lambda g: g[0]) for t in g)
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     """What a pooled server is: equal specs are one server. `model` is a name the pool resolves to a model folder
-    (e.g. "tiny"); `env` is a sorted tuple of pairs so that the spec is hashable (`spec()` builds it from a dict).
+    (e.g. "tiny"); `flags` are in `canonical_flags` order and `env` is a sorted tuple of pairs so that the spec is
+    hashable and independent of how its flags and environment were written (`spec()` builds both).
     `timeout_s` and `name` (a label for logs and errors) are not part of the identity."""
 
     model: str
@@ -212,7 +229,8 @@ class ServerSpec:
 
 def spec(model: str, flags: Sequence[str] = (), env: Mapping[str, str] | None = None, max_total_tokens: int = 8192,
          timeout_s: float | None = None, name: str = "") -> ServerSpec:
-    return ServerSpec(model, tuple(flags), tuple(sorted((env or {}).items())), max_total_tokens, timeout_s, name)
+    return ServerSpec(model, canonical_flags(flags), tuple(sorted((env or {}).items())), max_total_tokens, timeout_s,
+                      name)
 
 
 class ServerPool:
