@@ -5,11 +5,19 @@ several tests need starts once. A test (or its module, through `pytestmark`) dec
 `pytest.mark.rig_servers(SPEC, ...)` and asks for them with `rig_pool.get(SPEC)`; equal specs are one server. The
 pool stops a server right after the last collected test that declared it, and starts servers ahead of need (the
 next declared ones, up to 4 running) so that starts overlap. test/README.md, "Real servers", says how to add one.
+
+With pytest-xdist, `pytest` runs on 2 workers and every real-server test is in one xdist group (one worker, one
+pool); test/README.md, "Two workers".
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,23 +74,141 @@ def skewed_tiny_model_dir(tmp_path_factory) -> str:
 POOL_MODELS = {"tiny": "tiny_model_dir", "tiny-skewed": "skewed_tiny_model_dir"}
 
 
+# ---- Two pytest-xdist workers; every real-server test on one of them (test/README.md, "Two workers") ----
+
+XDIST_WORKERS = 2  # `pytest -q` runs on this many workers (`-n 0`, `-p no:xdist`, `-s`: one process)
+SERVER_GROUP = "real-servers"  # the scope of every real-server test in the scheduler below
+_XDIST_DIR = pytest.StashKey[str]()  # the controller's folder shared with its workers
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Parallel by default: with pytest-xdist installed and no `-n` given, `XDIST_WORKERS` workers; with any `-n`
+    and no `--dist`, `--dist loadgroup`, which `pytest_xdist_make_scheduler` below turns into one group for the
+    real-server tests (they must share one worker and its server pool). `-n 0`, `-p no:xdist`, `-s` (workers'
+    output is not shown), `--pdb` and `--collect-only` run in one process."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    option = config.option
+    if option.numprocesses is None and not (option.usepdb or option.collectonly or option.capture == "no"):
+        option.numprocesses = XDIST_WORKERS
+    if option.numprocesses and option.dist == "no":
+        option.dist = "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist controller, per worker: the folder where workers list the real-server tests and share CPU locks."""
+    if _XDIST_DIR not in node.config.stash:
+        node.config.stash[_XDIST_DIR] = tempfile.mkdtemp(prefix="tiersched-xdist-")
+    node.workerinput["tiersched_xdist_dir"] = node.config.stash[_XDIST_DIR]
+
+
+def pytest_unconfigure(config):
+    if _XDIST_DIR in config.stash:
+        shutil.rmtree(config.stash[_XDIST_DIR], ignore_errors=True)
+
+
+def _xdist_dir(config) -> str | None:
+    """The shared folder, on an xdist worker; None elsewhere."""
+    return getattr(config, "workerinput", {}).get("tiersched_xdist_dir")
+
+
+def _server_tests_file(folder: str) -> str:
+    return os.path.join(folder, "server-tests.json")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with every real-server test in one scope, run by one worker in collection order (the
+    workers list them after collecting, before the controller schedules). xdist's own `xdist_group` marker
+    cannot be used: it renames items through `Item._nodeid`, which pytest 9.2 no longer reads."""
+    if config.option.dist != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ServerGroupScheduling(LoadGroupScheduling):
+        server_tests: frozenset | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.server_tests is None:
+                with open(_server_tests_file(config.stash[_XDIST_DIR])) as f:
+                    self.server_tests = frozenset(json.load(f))
+            return SERVER_GROUP if nodeid in self.server_tests else super()._split_scope(nodeid)
+
+    return ServerGroupScheduling(config, log)
+
+
+def _in_server_group(item) -> bool:
+    return bool(item.get_closest_marker("server") or _declared(item))
+
+
+@contextlib.contextmanager
+def _flock(path: str, operation: int):
+    with open(path, "a") as f:
+        fcntl.flock(f, operation)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """On an xdist worker, a CPU-only test holds the shared folder's cpu lock shared for its whole run, after
+    passing its turnstile: a `quiet_cpu` test (below) holding the turnstile keeps new ones from starting while it
+    waits for the running ones to end."""
+    folder = _xdist_dir(item.config)
+    if folder is None or _in_server_group(item):
+        yield
+        return
+    with _flock(os.path.join(folder, "turnstile.lock"), fcntl.LOCK_EX):
+        pass
+    with _flock(os.path.join(folder, "cpu.lock"), fcntl.LOCK_SH):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A `quiet_cpu` test's call runs while no CPU-only test runs on another worker (latency measured on a
+    2-core machine moves by up to 4x with a CPU-bound neighbour)."""
+    folder = _xdist_dir(item.config)
+    if folder is None or not item.get_closest_marker("quiet_cpu"):
+        yield
+        return
+    with _flock(os.path.join(folder, "turnstile.lock"), fcntl.LOCK_EX):
+        with _flock(os.path.join(folder, "cpu.lock"), fcntl.LOCK_EX):
+            yield
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "rig_servers(*specs): the tiersched.rig.server.ServerSpec servers this test gets from rig_pool")
+    config.addinivalue_line(
+        "markers", "quiet_cpu: it measures latency; under xdist no CPU-only test runs on another worker during its "
+                   "call")
 
 
 def _declared(item) -> list:
     return [s for mark in item.iter_markers("rig_servers") for s in mark.args]
 
 
+@pytest.hookimpl(tryfirst=True)  # an xdist worker's own hook then reports the collection to the controller
 def pytest_collection_finish(session):
-    """After selection (-m, -k): the order in which specs are first used and the last test using each."""
+    """After selection (-m, -k): the order in which specs are first used and the last test using each. On an
+    xdist worker, also the real-server tests' ids for the controller's scheduler (every worker writes the same)."""
     order, last = [], {}
     for item in session.items:
         for s in _declared(item):
             order.append(s)
             last[s] = item.nodeid
     session.config.stash[_PLAN] = (order, last)
+    folder = _xdist_dir(session.config)
+    if folder is not None:
+        path = _server_tests_file(folder)
+        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False) as f:
+            json.dump([item.nodeid for item in session.items if _in_server_group(item)], f)
+        os.replace(f.name, path)
 
 
 @pytest.hookimpl(hookwrapper=True)

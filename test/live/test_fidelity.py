@@ -66,6 +66,7 @@ def test_fits_recover_known_coefficients():
 
 @calibrated
 @pytest.mark.server
+@pytest.mark.quiet_cpu  # the ratios it bounds move with the machine's load (module docstring)
 @pytest.mark.timeout(600)
 @pytest.mark.rig_servers(rig_servers.DP2_METRICS)
 def test_reduced_fidelity_against_the_real_cpu_server(rig_pool):

@@ -68,6 +68,7 @@ def _tiersched_dp2_server(rig_pool):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.quiet_cpu  # LS TTFT here is queue-free or queue-bound by a few tenths of a core (see above)
 @pytest.mark.rig_servers(*DP2.values())  # fresh servers: the A/B runs first in this module
 def test_reduced_ab_tiersched_not_worse_on_cached_tokens_and_ls_ttft(rig_pool):
     """All tiers vs upstream's best flags for each metric, 24 shared-prefix requests, 3 alternating repeats
