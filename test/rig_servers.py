@@ -17,6 +17,13 @@ TP1_F32_SKEWED = spec("tiny-skewed", ["--dtype", "float32"], name="tp1 f32 skewe
 TP2_EP2_F32_SKEWED = spec("tiny-skewed", ["--dtype", "float32", "--tp", "2", "--ep-size", "2"],
                           name="tp2 ep2 f32 skewed")
 
+# --tp 2 --dp 2 --enable-dp-attention with the request tier's lockstep step plan, metrics on (server-side
+# first-token times): the step plan's identical-plans test and the live lockstep A/B's short check.
+STEP_PLAN_DPATTN = spec("tiny", ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--chunked-prefill-size", "512",
+                                 "--schedule-policy", "prefix-aging", "--disable-radix-cache", "--enable-metrics"],
+                        env={"TIERSCHED_TIERS": "request", "TIERSCHED_SET": "request.step_plan=true"},
+                        max_total_tokens=16384, timeout_s=300, name="dp2 dp-attention step plan")
+
 
 def dp2_arm(arm: live_arms.Arm) -> ServerSpec:
     """A live A/B arm's dp2 server (the flags `tiersched.bench live` gives it)."""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tiersched.core.request.step_plan import ROOFLINE_PARAMS, RooflineStepModel
-from tiersched.core.request.step_time_fit import StepSamples, fit_step_model, relative_errors
+from tiersched.core.request.step_time_fit import StepSamples, fit_step_model, relative_errors, scale_to_steps
 
 TRUE = RooflineStepModel(overhead_s=0.004, dense_floor_s=0.002, dense_per_token_s=2e-5, pair_s=1e-9, ctx_s=3e-7,
                          moe_floor_s=0.003, moe_per_token_s=1e-5)
@@ -89,3 +89,16 @@ def test_samples_fit_matches_direct_fit():
     for row in zip(tok, pairs, count, ctx, y):
         s.add(*row)
     assert s.fit(PRIOR) == fit_step_model(tok, pairs, count, ctx, y, prior=PRIOR)
+
+
+def test_scale_to_steps_removes_a_common_factor_from_a_few_steps():
+    tok, pairs, count, ctx, y = steps(8, seed=3)
+    slow = y * 3.0  # the same machine three times slower (e.g. a loaded host)
+    scaled = scale_to_steps(TRUE, tok, pairs, count, ctx, slow)
+    assert np.allclose(relative_errors(scaled, tok, pairs, count, ctx, slow), 0.0, atol=1e-9)
+    assert np.median(relative_errors(TRUE, tok, pairs, count, ctx, slow)) == pytest.approx(-2 / 3)
+    # a wrong shape keeps its shape: only the median error goes to 0
+    shaped = scale_to_steps(PRIOR, tok, pairs, count, ctx, y)
+    # (an even count: the median of the errors sits between the two middle steps, not exactly at 0)
+    assert abs(np.median(relative_errors(shaped, tok, pairs, count, ctx, y))) < 0.01
+    assert scale_to_steps(TRUE, tok[:0], pairs[:0], count[:0], ctx[:0], y[:0]) == TRUE  # no steps: unchanged

@@ -138,7 +138,7 @@ def test_simulator_prior_prices_a_prefill_above_a_decode():
 
 def _fake_scheduler(rank):
     req = lambda n: SimpleNamespace(origin_input_ids=[1] * n, output_ids=[], num_matched_prefix_tokens=0,  # noqa: E731
-                                    priority=None)
+                                    priority=None, time_stats=SimpleNamespace(wait_queue_entry_time=1.0))
     running = SimpleNamespace(reqs=[SimpleNamespace(origin_input_ids=[1] * 40, output_ids=[2] * 9)] * 6)
     return SimpleNamespace(
         chunked_prefill_size=512, max_prefill_tokens=16384, chunked_req=None, page_size=1, device="cpu",
@@ -160,7 +160,8 @@ def _gather_worker(rank, path, out):
         sp.PLAN.last = sp.StepFeatures(128 if rank == 0 else 0, 8256.0, 0 if rank == 0 else 6, 0 if rank == 0 else 300,
                                        0.02 + rank * 0.001)
         ls = sp.gather_and_plan(sched, dist.group.WORLD, running, None, lambda r: False, 2, 1, RequestTierConfig())
-        out.put((rank, ls, sp.PLAN.plan, sp.PLAN.dp_rank, sp.planned_budget(sched, 1), sp.PLAN.model_in_use))
+        out.put((rank, ls, sp.PLAN.plan, sp.PLAN.dp_rank, sp.planned_budget(sched, 1), sp.PLAN.model_in_use,
+                 sp.PLAN.last))
     finally:
         dist.destroy_process_group()
 
@@ -178,7 +179,21 @@ def test_two_ranks_gather_and_compute_the_same_plan(tmp_path):
     got = sorted(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(30)
-    (r0, ls0, plan0, dp0, b0, m0), (r1, ls1, plan1, dp1, b1, m1) = got
+    (r0, ls0, plan0, dp0, b0, m0, last0), (r1, ls1, plan1, dp1, b1, m1, last1) = got
+    # each forward is published once: after the gather the rank's last step is cleared until its next forward
+    assert last0 == last1 == sp.StepFeatures()
     assert (dp0, dp1) == (0, 1) and ls0 == ls1 == 0
     assert plan0 == plan1 and plan0.planned and m0 == m1 is not None
     assert b0 == plan0.budgets[0] and 0 < b0 <= 512 and b1 is None
+
+
+def test_arrival_rate_counts_each_queued_request_once_within_the_window():
+    state = sp.StepPlanState()
+    req = lambda t: SimpleNamespace(time_stats=SimpleNamespace(wait_queue_entry_time=t))  # noqa: E731
+    a, b = req(100.5), req(101.0)
+    assert sp.note_arrivals(state, [a], now=100.6) == pytest.approx(1 / sp.ARRIVAL_WINDOW_S)
+    # still waiting at the next gather: not counted again; a new one is
+    assert sp.note_arrivals(state, [a, b], now=101.2) == pytest.approx(2 / sp.ARRIVAL_WINDOW_S)
+    assert sp.note_arrivals(state, [], now=101.3) == pytest.approx(2 / sp.ARRIVAL_WINDOW_S)
+    # both fall out of the window
+    assert sp.note_arrivals(state, [], now=101.0 + sp.ARRIVAL_WINDOW_S + 0.1) == 0.0

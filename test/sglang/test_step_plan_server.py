@@ -20,13 +20,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tiersched.rig.server import spec
+from rig_servers import STEP_PLAN_DPATTN as SERVER
 
-CHUNK = 512
-SERVER = spec("tiny", ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--chunked-prefill-size", str(CHUNK),
-                       "--schedule-policy", "prefix-aging", "--disable-radix-cache"],
-              env={"TIERSCHED_TIERS": "request", "TIERSCHED_SET": "request.step_plan=true"},
-              max_total_tokens=16384, timeout_s=300, name="dp2 dp-attention step plan")
+CHUNK = 512  # SERVER's --chunked-prefill-size
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(420), pytest.mark.rig_servers(SERVER)]
 
 LONG_TOKENS, LONG_REQUESTS, DECODERS, DECODE_TOKENS = 3000, 3, 4, 96

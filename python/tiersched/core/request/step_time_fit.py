@@ -61,6 +61,24 @@ def fit_step_model(prefill_tokens, prefill_pairs, decode_count, decode_context, 
     return model
 
 
+def scale_to_steps(model: RooflineStepModel, prefill_tokens, prefill_pairs, decode_count, decode_context,
+                   measured_s) -> RooflineStepModel:
+    """`model` with every parameter multiplied by the median of measured / predicted over the given steps: the
+    one-parameter fit a deployment can make from a handful of steps, before there are enough for
+    `fit_step_model` (a prior from another machine, or the same machine under a different load, is off by a
+    common factor far more than in its shape). Steps the model prices at 0 are left out; none left: unchanged."""
+    pred = model.batch_seconds(*(np.asarray(a, dtype=float) for a in (
+        prefill_tokens, prefill_pairs,
+        np.where(np.asarray(prefill_tokens) > 0, 0.0, decode_count),
+        np.where(np.asarray(prefill_tokens) > 0, 0.0, decode_context))))
+    y = np.asarray(measured_s, dtype=float)
+    ok = (pred > 0) & (y > 0) & np.isfinite(y)
+    if not ok.any():
+        return model
+    factor = float(np.median(y[ok] / pred[ok]))
+    return RooflineStepModel(**{k: getattr(model, k) * factor for k in ROOFLINE_PARAMS})
+
+
 def relative_errors(model: RooflineStepModel, prefill_tokens, prefill_pairs, decode_count, decode_context,
                     measured_s) -> np.ndarray:
     """predicted / measured - 1 per step ([N]), with the prefilling ranks' decode columns zeroed as in the fit."""

@@ -18,16 +18,27 @@ upstream's budget, and nothing is gathered anyway (lockstep.same_step_group).
 
 Step-time model: DP rank 0 starts from a prior (the simulator's model of the deployment: on a CPU server the
 calibrated `cpu-tiny` preset with this DP size, fitted with the core's `fit_roofline` over random steps priced by
-the simulator's cost model) and, once `FIT_MIN_SAMPLES` measured steps are in, publishes the ridge-to-prior fit
-(core/request/step_time_fit.py) of the last `FIT_WINDOW` steps, refitted every `FIT_EVERY` steps. A sample is one
+the simulator's cost model). The prior's shape carries over to a live server far better than its scale (another
+machine, another load: on the shared 2-core host it predicted about a quarter of the measured step), so from
+`SCALE_MIN_SAMPLES` measured steps on, every `SCALE_EVERY` steps, DP rank 0 publishes the prior rescaled by the
+median measured / predicted step (step_time_fit.scale_to_steps); once `FIT_MIN_SAMPLES` steps are in, the
+ridge fit (core/request/step_time_fit.py) of the last `FIT_WINDOW` steps towards that rescaled prior, refitted
+every `FIT_EVERY` steps. A sample is one
 lockstep step: every rank's features (from the rows) and the step's time, the longest forward any rank measured
 (`Scheduler.run_batch` hook: on CPU upstream runs the forward synchronously there; the forward ends on every rank
-only after the slowest rank's MoE collective). Without a prior (GPU deployments) nothing is planned until a fit.
+only after the slowest rank's MoE collective). Each forward is published once: the gather clears the rank's
+last step, so an iteration without a forward (an idle server) publishes zeros, which are no sample. Without a
+prior (GPU deployments) nothing is planned until a fit.
+
+The summary's `arrival_rate`: requests that entered this rank's waiting queue (upstream's
+`time_stats.wait_queue_entry_time`) in the last `ARRIVAL_WINDOW_S`, per second.
 
 Log, one line per iteration in which some rank has prefill demand, and every `LOG_EVERY`-th other iteration:
-`tiersched step plan: seq=N budgets=(..) chunk=B predicted_ms=.. model=prior|fit@K last_ms=.. last_pred_ms=..
-last_tokens=(..)`; seq is the gather's sequence number (the n-th gather of every rank is the same collective),
-last_* the previous step's measured and predicted time and per-rank prefill tokens (the prediction check).
+`tiersched step plan: seq=N budgets=(..) chunk=B predicted_ms=.. planned=0|1 model=TAG last_ms=.. last_pred_ms=..
+last_tokens=(..) last_decode=(..) last_pairs=(..) last_context=(..)`; seq is the gather's sequence number (the
+n-th gather of every rank is the same collective), last_* the previous step's measured and predicted time and its
+per-rank features (the prediction check; tiersched.live.lockstep_ab reads them back). Each model DP rank 0
+publishes is logged once with its source (prior, scaled@K, fit@K) and its parameters.
 """
 from __future__ import annotations
 
@@ -35,14 +46,15 @@ import logging
 import math
 import struct
 import time
-from dataclasses import dataclass, field, fields
+from collections import deque
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Optional
 
 import numpy as np
 
 from tiersched.core.request.step_plan import (ROOFLINE_PARAMS, RankStepSummary, RooflineStepModel, StepPlan,
                                               StepPlanner, fit_roofline)
-from tiersched.core.request.step_time_fit import StepSamples
+from tiersched.core.request.step_time_fit import StepSamples, scale_to_steps
 
 logger = logging.getLogger("tiersched.request_tier")
 
@@ -54,6 +66,8 @@ SUMMARY_FIELDS = tuple(f for f in fields(RankStepSummary) if f.name != "rank")
 LAST_STEP_COLUMNS = 5  # prefill tokens, prefill pairs, decode count, decode context, measured ns
 ROW_WIDTH = 1 + len(SUMMARY_FIELDS) + LAST_STEP_COLUMNS + len(ROOFLINE_PARAMS)
 FIT_MIN_SAMPLES, FIT_EVERY, FIT_WINDOW = 64, 64, 2048
+SCALE_MIN_SAMPLES, SCALE_EVERY = 8, 8  # before the first fit: the prior rescaled to the measured steps
+ARRIVAL_WINDOW_S = 10.0  # the summary's arrival rate: requests that entered this rank's queue in the last 10 s
 LOG_EVERY = 50
 PRIOR_SAMPLES = 600
 
@@ -149,6 +163,8 @@ class StepPlanState:
     # DP rank 0 only: the model it publishes and its samples
     prior: Optional[RooflineStepModel] = None
     prior_built: bool = False
+    scaled_prior: Optional[RooflineStepModel] = None  # the prior times the median measured / predicted step
+    scaled_at: int = 0
     model: Optional[RooflineStepModel] = None
     model_source: str = "none"
     samples: Optional[StepSamples] = None
@@ -157,6 +173,9 @@ class StepPlanState:
     budgets_applied: int = 0
     plans_logged: int = 0
     warned_no_chunking: bool = False
+    # arrival rate: when this rank's requests entered its waiting queue (perf_counter), within ARRIVAL_WINDOW_S
+    arrivals: deque = field(default_factory=deque)
+    last_gather_t: float = 0.0
 
 
 PLAN = StepPlanState()
@@ -257,10 +276,20 @@ def _publish_model(state: StepPlanState, scheduler, num_dp_ranks: int) -> Option
                     state.model_source, state.model.as_dict() if state.model is not None else {})
         state.samples = StepSamples(num_dp_ranks, FIT_WINDOW)
     s = state.samples
+    if (state.prior is not None and state.fitted_at == 0 and len(s) >= SCALE_MIN_SAMPLES
+            and s.added - state.scaled_at >= SCALE_EVERY):
+        # The prior is the simulator's model of another machine's (or a quieter machine's) steps: its shape
+        # carries over far better than its scale, so until enough steps for a fit it is rescaled to them.
+        state.scaled_at = s.added
+        state.scaled_prior = scale_to_steps(state.prior, *s.arrays())
+        state.model, state.model_source = state.scaled_prior, f"scaled@{s.added}"
+        logger.info("tiersched step plan: DP rank 0 publishes model=%s (%s, %d samples) %s", _model_tag(state.model),
+                    state.model_source, len(s), state.model.as_dict())
     if len(s) >= FIT_MIN_SAMPLES and s.added - state.fitted_at >= FIT_EVERY:
         state.fitted_at = s.added
         try:
-            state.model = s.fit(state.prior) if state.prior is not None else fit_roofline(*s.arrays())
+            target = state.scaled_prior or state.prior
+            state.model = s.fit(target) if target is not None else fit_roofline(*s.arrays())
             state.model_source = f"fit@{s.added}"
             logger.info("tiersched step plan: DP rank 0 publishes model=%s (%s, %d samples) %s", _model_tag(state.model),
                         state.model_source, len(s), state.model.as_dict())
@@ -281,6 +310,7 @@ def gather_and_plan(scheduler, group, running_batch, last_batch, is_ls: Callable
     state.dp_rank = me // max(1, size // num_dp_ranks)  # rows of one DP rank are consecutive (decode_rows)
     try:
         ls, summary = local_summary(scheduler, running_batch, last_batch, is_ls, state.dp_rank)
+        summary = replace(summary, arrival_rate=note_arrivals(state, scheduler.waiting_queue, time.perf_counter()))
     except Exception:  # noqa: BLE001 -- see docstring
         logger.exception("tiersched step plan: summary failed; publishing an empty one")
         ls, summary = 0, RankStepSummary(rank=state.dp_rank, upstream_budget=0)
@@ -291,6 +321,9 @@ def gather_and_plan(scheduler, group, running_batch, last_batch, is_ls: Callable
         except Exception:  # noqa: BLE001
             logger.exception("tiersched step plan: model failed; publishing none")
     row = torch.tensor(encode_row(ls, summary, state.last, model), dtype=torch.int64)
+    # Each forward is published exactly once: an iteration that runs no forward (an idle server between
+    # requests) must not publish the previous step again, which would repeat that step as a sample.
+    state.last = StepFeatures()
     out = [torch.empty_like(row) for _ in range(size)]
     dist.all_gather(out, row, group=group)
     state.seq += 1
@@ -312,12 +345,27 @@ def gather_and_plan(scheduler, group, running_batch, last_batch, is_ls: Callable
                 if rows.model is not None and last_s > 0 else math.nan)
         state.plans_logged += 1
         logger.info("tiersched step plan: seq=%d budgets=%s chunk=%s predicted_ms=%.3f planned=%d model=%s "
-                    "last_ms=%.3f last_pred_ms=%.3f last_tokens=%s last_decode=%s",
+                    "last_ms=%.3f last_pred_ms=%.3f last_tokens=%s last_decode=%s last_pairs=%s last_context=%s",
                     state.seq, plan.budgets if plan else None, plan.chunk if plan else None,
                     plan.predicted_s * 1e3 if plan else math.nan, int(bool(plan and plan.planned)),
                     _model_tag(rows.model), last_s * 1e3, pred * 1e3, tuple(int(v) for v in lt),
-                    tuple(int(v) for v in lc))
+                    tuple(int(v) for v in lc), tuple(int(v) for v in lp), tuple(int(v) for v in lx))
     return max(rows.ls_counts)
+
+
+def note_arrivals(state: StepPlanState, waiting_queue, now: float) -> float:
+    """Requests per second that entered this rank's waiting queue within the last ARRIVAL_WINDOW_S: a request
+    whose queue-entry time (upstream's `time_stats.wait_queue_entry_time`, set when it is queued) is after the
+    previous gather is new. A request re-queued after a retraction counts again."""
+    since = state.last_gather_t
+    state.last_gather_t = now
+    for r in waiting_queue:
+        entered = r.time_stats.wait_queue_entry_time
+        if entered > since:
+            state.arrivals.append(entered)
+    while state.arrivals and state.arrivals[0] < now - ARRIVAL_WINDOW_S:
+        state.arrivals.popleft()
+    return len(state.arrivals) / ARRIVAL_WINDOW_S
 
 
 def _model_tag(model: Optional[RooflineStepModel]) -> str:
