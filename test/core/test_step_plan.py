@@ -233,3 +233,29 @@ def test_fit_recovers_a_known_model():
 def test_config_rejects_bad_ls_weight(bad):
     with pytest.raises(ValueError, match="plan_ls_weight"):
         RequestTierConfig(plan_ls_weight=bad).validate()
+
+
+def test_full_sequence_attention_makes_small_chunks_of_a_long_prompt_expensive():
+    """A backend that attends each chunk over its whole sequence (upstream's torch_native extend) pays
+    (p + b)^2 / 2 pairs per chunk: deep into a long prompt, the planner must not pick a small chunk."""
+    cpu = RooflineStepModel(overhead_s=0.008, dense_floor_s=0.008, pair_s=1.7e-7, ctx_s=1.5e-6,
+                            moe_per_token_s=5e-5)
+    ranks = [RankStepSummary(0, 1024, chunk_tokens=2500, chunk_prefix=500, waiting_requests=1,
+                             kv_room_tokens=10**6, slot_room=100),
+             RankStepSummary(1, 1024, decode_count=16, decode_context=16 * 80, kv_room_tokens=10**6, slot_room=100)]
+    causal = plan_step(ranks, cpu, min_chunk_tokens=64)
+    whole = plan_step(ranks, cpu, min_chunk_tokens=64, full_sequence_attention=True)
+    assert causal.budgets[0] == 64  # causal pricing: 16 decoders beside, the smallest chunk
+    assert whole.budgets[0] == 1024  # each of 40 small chunks would re-read the prefix: the whole budget
+    assert StepPlanner(cpu, min_chunk_tokens=64, full_sequence_attention=True).plan(ranks) == whole
+
+
+def test_whole_sequence_pair_rate_sums_each_chunks_square():
+    from tiersched.core.request.step_plan import whole_sequence_pair_rate
+
+    rate = whole_sequence_pair_rate(np.array([100.0, 0.0]), np.array([250.0, 0.0]), np.array([[100.0, 64.0]]))
+    ends = np.array([200.0, 300.0, 350.0])  # chunks of 100, 100, 50 after the 100-token prefix
+    assert rate[0, 0] == pytest.approx(float(np.sum(ends * (ends + 1) / 2)) / 250)
+    assert rate[0, 1] == 0.0  # nothing left to prefill
+    one = whole_sequence_pair_rate(np.array([10.0]), np.array([50.0]), np.array([[64.0]]))
+    assert one[0, 0] == pytest.approx(60 * 61 / 2 / 50)  # one chunk takes it all

@@ -197,3 +197,10 @@ def test_arrival_rate_counts_each_queued_request_once_within_the_window():
     assert sp.note_arrivals(state, [], now=101.3) == pytest.approx(2 / sp.ARRIVAL_WINDOW_S)
     # both fall out of the window
     assert sp.note_arrivals(state, [], now=101.0 + sp.ARRIVAL_WINDOW_S + 0.1) == 0.0
+
+
+def test_batch_features_count_whole_sequence_pairs_for_a_full_sequence_backend():
+    mode = SimpleNamespace(is_extend=lambda: True, is_decode=lambda: False)
+    ext = SimpleNamespace(forward_mode=mode, extend_lens=[64], prefix_lens=[1000])
+    assert sp.batch_features(ext).prefill_pairs == 64 * (1000 + 65 / 2)
+    assert sp.batch_features(ext, full_sequence=True).prefill_pairs == 1064 * 1065 / 2

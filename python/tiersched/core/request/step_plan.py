@@ -213,6 +213,24 @@ def _fit_from(model: RooflineStepModel, tok, pp, ctx, total, y, iterations: int)
     return model
 
 
+def whole_sequence_pair_rate(prefix: np.ndarray, rest: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """Pairs per token of a prompt whose remaining `rest` tokens after `prefix` are prefilled in chunks of `chunk`
+    by a backend that attends each chunk over its whole sequence (a chunk ending at e costs e (e + 1) / 2 pairs):
+    sum over the chunks' ends e_k = prefix + min(k * chunk, rest) of e_k (e_k + 1) / 2, divided by rest.
+    prefix, rest: [R]; chunk: [K, R] -> [K, R] (0 where rest or chunk is 0)."""
+    chunk = np.asarray(chunk, dtype=float)
+    p = np.broadcast_to(np.asarray(prefix, dtype=float), chunk.shape)
+    r = np.broadcast_to(np.asarray(rest, dtype=float), chunk.shape)
+    out = np.zeros(chunk.shape)
+    for idx in np.ndindex(chunk.shape):
+        b, pre, rem = chunk[idx], p[idx], r[idx]
+        if b <= 0 or rem <= 0:
+            continue
+        ends = pre + np.minimum(np.arange(1, int(np.ceil(rem / b)) + 1) * b, rem)
+        out[idx] = float(np.sum(ends * (ends + 1.0) / 2.0)) / rem
+    return out
+
+
 DEFAULT_DECODE_WEIGHT = 0.1  # [request] plan_decode_weight
 DEFAULT_ALIGN_WEIGHT = 1.0  # [request] plan_align_weight
 
@@ -243,17 +261,25 @@ class StepPlanner:
     page_size: int = 1
     decode_weight: float = DEFAULT_DECODE_WEIGHT
     align_weight: float = DEFAULT_ALIGN_WEIGHT
+    full_sequence_attention: bool = False
 
     def plan(self, summaries: Sequence[RankStepSummary]) -> StepPlan:
         return plan_step(summaries, self.model, self.min_chunk_tokens, self.ls_weight, self.ls_chunk_tokens,
-                         self.page_size, self.decode_weight, self.align_weight)
+                         self.page_size, self.decode_weight, self.align_weight, self.full_sequence_attention)
 
 
 def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_chunk_tokens: int = 64,
               ls_weight: float = 8.0, ls_chunk_tokens: int = 512, page_size: int = 1,
               decode_weight: float = DEFAULT_DECODE_WEIGHT,
-              align_weight: float = DEFAULT_ALIGN_WEIGHT) -> StepPlan:
+              align_weight: float = DEFAULT_ALIGN_WEIGHT, full_sequence_attention: bool = False) -> StepPlan:
     """The group's plan for this step from every rank's summary (module docstring: objective and invariants).
+
+    `full_sequence_attention`: the attention backend computes every chunk over its whole sequence (upstream's
+    torch_native extend pads the chunk's queries to prefix + chunk and runs causal attention on the square), so a
+    chunk of b tokens after a prefix p costs (p + b)(p + b + 1) / 2 pairs and small chunks of a long prompt
+    multiply its attention work. Each chunk is then charged at the per-token rate of the rank's whole remaining
+    prompt chunked at this candidate's size (`whole_sequence_pair_rate`), as the causal case charges the
+    prompt's average: a small chunk now means every later chunk re-reads the prefix too.
 
     Deterministic and independent of the order of `summaries` (they are sorted by rank, which must be 0..R-1)."""
     ranks = sorted(summaries, key=lambda s: s.rank)
@@ -293,6 +319,8 @@ def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_ch
     prefix = np.array([s.chunk_prefix if s.chunk_tokens > 0 else 0 for s in ranks], dtype=float)
     rest = np.array([s.chunk_tokens if s.chunk_tokens > 0 else d for s, d in zip(ranks, demand)], dtype=float)
     pairs = budgets * (prefix + (rest + 1.0) / 2.0)[None, :]
+    if full_sequence_attention:
+        pairs = budgets * whole_sequence_pair_rate(prefix, rest, budgets)
     dcount = np.array([s.decode_count for s in ranks], dtype=float)
     dctx = np.array([s.decode_context for s in ranks], dtype=float)
     prefilling = budgets > 0

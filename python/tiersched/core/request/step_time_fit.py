@@ -67,10 +67,8 @@ def scale_to_steps(model: RooflineStepModel, prefill_tokens, prefill_pairs, deco
     one-parameter fit a deployment can make from a handful of steps, before there are enough for
     `fit_step_model` (a prior from another machine, or the same machine under a different load, is off by a
     common factor far more than in its shape). Steps the model prices at 0 are left out; none left: unchanged."""
-    pred = model.batch_seconds(*(np.asarray(a, dtype=float) for a in (
-        prefill_tokens, prefill_pairs,
-        np.where(np.asarray(prefill_tokens) > 0, 0.0, decode_count),
-        np.where(np.asarray(prefill_tokens) > 0, 0.0, decode_context))))
+    pred = model.batch_seconds(*(np.asarray(a, dtype=float) for a in (prefill_tokens, prefill_pairs, decode_count,
+                                                                       decode_context)))
     y = np.asarray(measured_s, dtype=float)
     ok = (pred > 0) & (y > 0) & np.isfinite(y)
     if not ok.any():

@@ -30,6 +30,12 @@ only after the slowest rank's MoE collective). Each forward is published once: t
 last step, so an iteration without a forward (an idle server) publishes zeros, which are no sample. Without a
 prior (GPU deployments) nothing is planned until a fit.
 
+Attention pairs: upstream's torch_native prefill (the CPU server's backend) computes each chunk's attention over
+its whole sequence, so a chunk of b tokens after p costs (p + b)(p + b + 1) / 2 pairs and small chunks of a long
+prompt multiply its work (on the shared 2-core host a 64-token chunk after a 1,400-token prefix took ~120 ms, a
+decode step ~20 ms); with such a backend (FULL_SEQUENCE_BACKENDS) the measured steps and the planner's candidate
+steps count pairs that way.
+
 The summary's `arrival_rate`: requests that entered this rank's waiting queue (upstream's
 `time_stats.wait_queue_entry_time`) in the last `ARRIVAL_WINDOW_S`, per second.
 
@@ -173,6 +179,7 @@ class StepPlanState:
     budgets_applied: int = 0
     plans_logged: int = 0
     warned_no_chunking: bool = False
+    full_sequence: bool = False  # the prefill attention backend attends over whole sequences (pairs counted so)
     # arrival rate: when this rank's requests entered its waiting queue (perf_counter), within ARRIVAL_WINDOW_S
     arrivals: deque = field(default_factory=deque)
     last_gather_t: float = 0.0
@@ -215,6 +222,20 @@ def simulator_prior(num_dp_ranks: int, samples: int = PRIOR_SAMPLES, seed: int =
                                               ctx[i])[0][0]) for i in range(samples)])
     keep = seconds > 0
     return fit_roofline(tokens[keep], pairs[keep], count[keep].astype(float), ctx[keep], seconds[keep])
+
+
+# Prefill attention backends that compute a chunk's attention over its whole sequence: upstream's torch_native
+# extend (layers/attention/torch_native_backend._run_sdpa_forward_extend) pads the chunk's queries to prefix + chunk
+# and runs causal SDPA on the square, so a chunk costs (prefix + chunk)^2 / 2 pairs, not chunk * (prefix + chunk / 2).
+FULL_SEQUENCE_BACKENDS = frozenset({"torch_native"})
+
+
+def full_sequence_attention() -> bool:
+    """Whether this server's prefill attention backend is one of FULL_SEQUENCE_BACKENDS (the same on every rank)."""
+    from sglang.srt.runtime_context import attention_backends
+
+    prefill_backend, _ = attention_backends()
+    return prefill_backend in FULL_SEQUENCE_BACKENDS
 
 
 def _is_cpu_server(scheduler) -> bool:
@@ -306,6 +327,13 @@ def gather_and_plan(scheduler, group, running_batch, last_batch, is_ls: Callable
     import torch.distributed as dist
 
     state = PLAN
+    if state.seq == 0:
+        try:
+            state.full_sequence = full_sequence_attention()
+        except Exception:  # noqa: BLE001 -- see docstring; causal pairs then
+            logger.exception("tiersched step plan: prefill attention backend unknown; pricing causal pairs")
+        logger.info("tiersched step plan: attention pairs priced as %s",
+                    "whole-sequence (p + b)(p + b + 1) / 2" if state.full_sequence else "causal b (p + (b + 1) / 2)")
     size, me = dist.get_world_size(group), dist.get_rank(group)
     state.dp_rank = me // max(1, size // num_dp_ranks)  # rows of one DP rank are consecutive (decode_rows)
     try:
@@ -336,7 +364,8 @@ def gather_and_plan(scheduler, group, running_batch, last_batch, is_ls: Callable
     planner = None if rows.model is None else StepPlanner(
         rows.model, min_chunk_tokens=config.min_chunk_tokens, ls_weight=config.plan_ls_weight,
         ls_chunk_tokens=config.be_chunk_tokens, page_size=int(getattr(scheduler, "page_size", 1) or 1),
-        decode_weight=config.plan_decode_weight, align_weight=config.plan_align_weight)
+        decode_weight=config.plan_decode_weight, align_weight=config.plan_align_weight,
+        full_sequence_attention=state.full_sequence)
     plan = planner.plan(rows.summaries) if planner is not None else None
     state.plan, state.plan_iteration = plan, iteration
     last_prefill = bool(lt.any())
@@ -416,13 +445,18 @@ class BudgetCap:
 # ---- step timing ----------------------------------------------------------------------------------------------
 
 
-def batch_features(batch) -> StepFeatures:
+def batch_features(batch, full_sequence: bool = False) -> StepFeatures:
     """The work of upstream's ScheduleBatch: an extend batch's tokens and attention pairs, a decode batch's size
-    and context, an idle batch nothing."""
+    and context, an idle batch nothing. Pairs of a chunk of e tokens after a prefix p: e (p + (e + 1) / 2) for a
+    causal backend; (p + e)(p + e + 1) / 2 with `full_sequence` (the backend attends over the whole sequence,
+    `full_sequence_attention`)."""
     mode = batch.forward_mode
     if mode.is_extend():
         ext, pre = list(batch.extend_lens or []), list(batch.prefix_lens or [])
-        pairs = sum(e * (p + (e + 1) / 2) for e, p in zip(ext, pre))
+        if full_sequence:
+            pairs = sum((p + e) * (p + e + 1) / 2 for e, p in zip(ext, pre))
+        else:
+            pairs = sum(e * (p + (e + 1) / 2) for e, p in zip(ext, pre))
         return StepFeatures(prefill_tokens=int(sum(ext)), prefill_pairs=float(pairs))
     if mode.is_decode():
         return StepFeatures(decode_count=len(batch.reqs),
@@ -439,7 +473,7 @@ def time_step(original_fn, self, batch, *args, **kwargs):
     result = original_fn(self, batch, *args, **kwargs)
     dt = time.perf_counter() - t0
     try:
-        f = batch_features(batch)
+        f = batch_features(batch, PLAN.full_sequence)
         PLAN.last = StepFeatures(f.prefill_tokens, f.prefill_pairs, f.decode_count, f.decode_context, dt)
     except Exception:  # noqa: BLE001 -- timing is best effort
         PLAN.last = StepFeatures()
