@@ -401,8 +401,13 @@ def compare(runs: dict, ours: str, base: str) -> dict:
     o, b = runs[ours], runs[base]
     per_req = lambda rs: [[r.server_tpot_s for r in x["results"] if r.role == "decode" and r.success]  # noqa: E731
                           for x in rs]
-    return {"decode_tpot_run_ratio": stats.run_ratio([x["summary"]["decode_tpot_mean_s"] for x in o],
-                                                     [x["summary"]["decode_tpot_mean_s"] for x in b], True),
+    run = stats.run_ratio([x["summary"]["decode_tpot_mean_s"] for x in o],
+                          [x["summary"]["decode_tpot_mean_s"] for x in b], True)
+    per_repeat = (run or {}).get("per_repeat") or []
+    return {"decode_tpot_run_ratio": run,
+            # the other side of the same exact sign-flip test: p that ours is worse
+            "decode_tpot_p_ours_worse": stats.sign_flip_p([1.0 / r if r else None for r in per_repeat])
+            if per_repeat else None,
             "decode_tpot_request_ratio": stats.request_ratio(per_req(o), per_req(b)),
             "long_ttft_run_ratio": stats.run_ratio([x["summary"]["long_ttft_mean_s"] for x in o],
                                                    [x["summary"]["long_ttft_mean_s"] for x in b], True)}

@@ -19,7 +19,7 @@ upstream's budget, and nothing is gathered anyway (lockstep.same_step_group).
 Step-time model: DP rank 0 starts from a prior (the simulator's model of the deployment: on a CPU server the
 calibrated `cpu-tiny` preset with this DP size, fitted with the core's `fit_roofline` over random steps priced by
 the simulator's cost model). The prior's shape carries over to a live server far better than its scale (another
-machine, another load: on the shared 2-core host it predicted about a quarter of the measured step), so from
+machine, another load: on the shared 2-core host it predicted a fifth to a third of the measured step), so from
 `SCALE_MIN_SAMPLES` measured steps on, every `SCALE_EVERY` steps, DP rank 0 publishes the prior rescaled by the
 median measured / predicted step (step_time_fit.scale_to_steps); once `FIT_MIN_SAMPLES` steps are in, the
 ridge fit (core/request/step_time_fit.py) of the last `FIT_WINDOW` steps towards that rescaled prior, refitted
