@@ -242,10 +242,10 @@ def test_full_sequence_attention_makes_small_chunks_of_a_long_prompt_expensive()
                             moe_per_token_s=5e-5)
     ranks = [RankStepSummary(0, 1024, chunk_tokens=2500, chunk_prefix=500, waiting_requests=1,
                              kv_room_tokens=10**6, slot_room=100),
-             RankStepSummary(1, 1024, decode_count=16, decode_context=16 * 80, kv_room_tokens=10**6, slot_room=100)]
+             RankStepSummary(1, 1024, decode_count=64, decode_context=64 * 80, kv_room_tokens=10**6, slot_room=100)]
     causal = plan_step(ranks, cpu, min_chunk_tokens=64)
     whole = plan_step(ranks, cpu, min_chunk_tokens=64, full_sequence_attention=True)
-    assert causal.budgets[0] == 64  # causal pricing: 16 decoders beside, the smallest chunk
+    assert causal.budgets[0] == 64  # causal pricing: 64 decoders beside, the smallest chunk
     assert whole.budgets[0] == 1024  # each of 40 small chunks would re-read the prefix: the whole budget
     assert StepPlanner(cpu, min_chunk_tokens=64, full_sequence_attention=True).plan(ranks) == whole
 
