@@ -31,6 +31,21 @@ def dp2_arm(arm: live_arms.Arm) -> ServerSpec:
                 name=f"dp2 {arm.name}")
 
 
+# dp2 with the request and engine tiers, the live A/B's tiersched arm: the A/B, load, mid-run drain and bench_serving
+# recipe tests, then the fault suite's dp2 checks, which read what the whole run left in its log.
+DP2_TIERSCHED = dp2_arm(live_arms.tiersched_arm("dp2"))
+
+# DP attention with expert parallel, EPLB running our placement and every tier (docs/install.md: DP attention + EP
+# on CPU), metrics on, 16-token prefix-index pages: the engine tier's DP-attention score check, then the fault
+# suite's dpattn server, which reads what the whole run left in its log.
+DPATTN_ALL_TIERS = spec(
+    "tiny", ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--ep-size", "2", "--enable-eplb",
+             "--eplb-algorithm", "source_aware", "--eplb-rebalance-num-iterations", "50", "--dtype", "float32",
+             "--boundary-reduction", "ar", "--schedule-policy", "prefix-aging", "--enable-priority-scheduling",
+             "--load-balance-method", "score", "--enable-metrics"],
+    env={"TIERSCHED_SET": "engine.block_tokens=16"}, timeout_s=480, name="dpattn all tiers")
+
+
 def generate(url: str, text: str, max_new_tokens: int = 8, **extra) -> dict:
     """POST /generate (greedy) and return the response."""
     body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}, **extra}

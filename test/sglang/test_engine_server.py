@@ -1,7 +1,8 @@
 """Engine tier on real upstream servers on this CPU (`--load-balance-method score`), three servers in all from the
-session's pool (test/conftest.py), started at once:
+session's pool (test/conftest.py):
 
-- `--dp-size 2` and DP attention `--tp 2 --dp 2 --enable-dp-attention`: one prompt set with shared prefixes,
+- `--dp-size 2` and DP attention `--tp 2 --dp 2 --enable-dp-attention` (with every tier: the fault suite's server,
+  test/rig_servers.py DPATTN_ALL_TIERS): one prompt set with shared prefixes,
   sent twice in the same server session. Baseline pass: request i carries `routed_dp_rank = i % 2`, which is the
   exact assignment upstream's `round_robin_scheduler` makes for requests sent one at a time (counter over the
   active ranks); then /flush_cache (every rank's radix cache, and our prefix index with it); then the score pass.
@@ -18,6 +19,8 @@ import urllib.request
 import pytest
 
 from tiersched.rig.server import spec
+
+import rig_servers
 
 GROUPS, REPEATS, PREFIX, SUFFIX = 5, 4, 96, 8
 
@@ -61,11 +64,15 @@ def metrics_text(url):
         return r.read().decode()
 
 
-SCORE_DEPLOYMENTS = {"dp2": ["--dp-size", "2"], "dp-attention": ["--tp", "2", "--dp", "2", "--enable-dp-attention"]}
-# The two score deployments and the dp2 one with rank 1 drained at start, by name.
-SERVERS = {name: spec("tiny", [*args, "--load-balance-method", "score", "--enable-metrics"],
-                      env={"TIERSCHED_SET": "engine.block_tokens=16"}, name=f"{name} score")
-           for name, args in SCORE_DEPLOYMENTS.items()}
+# The two score deployments and the dp2 one with rank 1 drained at start, by name. The DP-attention one is the
+# fault suite's all-tier server (rig_servers.py: also expert parallel with EPLB, prefix-aging with priorities; the
+# same `--load-balance-method score`, metrics and 16-token pages), shared through the session's pool.
+SCORE_ENV = {"TIERSCHED_SET": "engine.block_tokens=16"}
+SERVERS = {"dp2": spec("tiny", ["--dp-size", "2", "--load-balance-method", "score", "--enable-metrics"], env=SCORE_ENV,
+                       name="dp2 score"),
+           "dp-attention": rig_servers.DPATTN_ALL_TIERS}
+assert dict(SERVERS["dp-attention"].env) == SCORE_ENV, "the score checks run with 16-token prefix-index pages"
+SCORE_DEPLOYMENTS = {name: list(SERVERS[name].flags) for name in ("dp2", "dp-attention")}
 SERVERS["drained"] = spec("tiny", ["--dp-size", "2", "--load-balance-method", "score"],
                           env={"TIERSCHED_SET": "engine.drain_ranks=1"}, name="dp2 score rank 1 drained")
 pytestmark = [pytest.mark.server, pytest.mark.timeout(420), pytest.mark.rig_servers(*SERVERS.values())]
@@ -90,7 +97,8 @@ def test_score_gets_more_cached_tokens_than_round_robin(servers, name):
     assert {m["dp_rank"] for m in rr} == {0, 1}, log
     assert {m["dp_rank"] for m in score} == {0, 1}, "score should still use both ranks"
     assert score_cached > rr_cached, (rr_cached, score_cached, log)
-    assert "tiersched: DP dispatch by score" in log
+    with open(srv.log_path, errors="replace") as f:
+        assert "tiersched: DP dispatch by score" in f.read()  # a start-up line: at the top of the log
     assert 'tiersched_dispatch_requests_total{dp_rank="0"}' in metrics, metrics[:2000]
     assert "tiersched_dispatch_expected_prefix_hit_tokens_total" in metrics
     assert "tiersched_dispatch_imbalance" in metrics

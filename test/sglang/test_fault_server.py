@@ -1,10 +1,13 @@
 """Bad input and faults on REAL CPU servers with every tier on: a clear error, the server stays healthy, nothing is
 lost, and tiersched's own state stays bounded.
 
-Two servers for the module from the session's pool (test/conftest.py), started at once (tiny MoE, `tiersched.rig`): `dp2` (two DP ranks behind the DP
-controller: request + engine tiers) and `dpattn` (`--tp 2 --dp 2 --enable-dp-attention`, expert parallel with EPLB
-running our placement: request + engine + expert tiers). Each test sends its inputs to both; the last test of the
-module checks what the whole run left: `/health`, no traceback in the log, no request left on any rank
+Two servers from the session's pool (test/conftest.py; tiny MoE, `tiersched.rig`), both shared with earlier modules
+(test/rig_servers.py): `dp2` (two DP ranks behind the DP controller: request + engine tiers) is the live A/B's
+tiersched arm, which has served the live A/B, load, mid-run drain and bench_serving tests before; `dpattn` (`--tp 2
+--dp 2 --enable-dp-attention`, expert parallel with EPLB running our placement: request + engine + expert tiers)
+has served the engine tier's DP-attention check. Each test sends its inputs to both; the last test of the module
+checks what the whole run left, the earlier modules' runs included: `/health`, no traceback in the log, no request
+left on any rank
 (`/v1/loads`), and the sizes our tiers report (`/server_info` -> `internal_states[i].tiersched`; the engine tier's
 `tiersched engine state:` log line in the DP controller; sglang/state_report.py).
 
@@ -25,20 +28,12 @@ import urllib.request
 
 import pytest
 
-from tiersched.rig.server import spec
+import rig_servers
 
 LS, BE = 10, 0
-TIER_FLAGS = ["--schedule-policy", "prefix-aging", "--enable-priority-scheduling", "--load-balance-method", "score"]
-DEPLOYMENTS = {
-    "dp2": ["--dp-size", "2", *TIER_FLAGS],
-    "dpattn": ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--ep-size", "2", "--enable-eplb",
-               "--eplb-algorithm", "source_aware", "--eplb-rebalance-num-iterations", "50", "--dtype", "float32",
-               "--boundary-reduction", "ar", *TIER_FLAGS],  # docs/install.md: DP attention + EP on CPU
-}
+SERVERS = {"dp2": rig_servers.DP2_TIERSCHED, "dpattn": rig_servers.DPATTN_ALL_TIERS}
 EXPECTED_TIERS = {"dp2": {"request", "engine"}, "dpattn": {"request", "engine", "expert"}}
 BURST = 500
-SERVERS = {name: spec("tiny", args, timeout_s=480, name=f"{name} all tiers (fault suite)")
-           for name, args in DEPLOYMENTS.items()}
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900), pytest.mark.rig_servers(*SERVERS.values())]
 
 
@@ -118,7 +113,7 @@ def log_text(srv) -> str:
         return f.read()
 
 
-@pytest.mark.parametrize("name", list(DEPLOYMENTS))
+@pytest.mark.parametrize("name", list(SERVERS))
 def test_active_tiers_line_matches_the_flags(servers, name):
     active = set()
     for line in log_text(servers[name]).splitlines():
@@ -127,7 +122,7 @@ def test_active_tiers_line_matches_the_flags(servers, name):
     assert EXPECTED_TIERS[name] | {"input-validation", "cpu-fixes"} == active
 
 
-@pytest.mark.parametrize("name", list(DEPLOYMENTS))
+@pytest.mark.parametrize("name", list(SERVERS))
 def test_bad_inputs_get_a_clear_error_and_the_server_keeps_serving(servers, model_limits, name):
     srv = servers[name]
     vocab, context = model_limits
@@ -176,7 +171,7 @@ async def _burst(url, n):
         return await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
 
 
-@pytest.mark.parametrize("name", list(DEPLOYMENTS))
+@pytest.mark.parametrize("name", list(SERVERS))
 def test_burst_of_requests_all_answered(servers, name):
     srv = servers[name]
     t0 = time.monotonic()
@@ -217,7 +212,7 @@ def wait_idle(url, timeout=120) -> list:
         time.sleep(0.5)
 
 
-@pytest.mark.parametrize("name", list(DEPLOYMENTS))
+@pytest.mark.parametrize("name", list(SERVERS))
 def test_clients_that_disconnect_mid_stream_leave_nothing_behind(servers, name):
     srv = servers[name]
     started = asyncio.run(_disconnect_mid_stream(srv.url, 100))
@@ -226,7 +221,7 @@ def test_clients_that_disconnect_mid_stream_leave_nothing_behind(servers, name):
     assert healthy(srv.url)
 
 
-@pytest.mark.parametrize("name", list(DEPLOYMENTS))
+@pytest.mark.parametrize("name", list(SERVERS))
 def test_abort_request_ends_running_and_queued_requests(servers, name):
     import threading
 
@@ -276,7 +271,7 @@ def test_rank_drained_and_undrained_under_load(servers):
     assert wait_idle(srv.url) == []
 
 
-@pytest.mark.parametrize("name", list(DEPLOYMENTS))
+@pytest.mark.parametrize("name", list(SERVERS))
 def test_zz_after_the_run_healthy_nothing_lost_and_state_bounded(servers, name):
     """Runs last in this module (name order within the file's parametrized tests is file order; zz marks it)."""
     srv = servers[name]
