@@ -112,6 +112,13 @@ def wait_for_stops() -> None:
         _background_stops.pop().join()
 
 
+# The HTTP port is chosen before the server binds it, ~30-90 s later; meanwhile another server starting beside it
+# (the pool starts several at once) may take it for one of its own internal ports. Upstream then exits at once
+# with "address already in use", and a fresh port is the fix.
+PORT_IN_USE = "address already in use"
+PORT_ATTEMPTS = 3
+
+
 @contextlib.contextmanager
 def launch_server(
     model_path: str,
@@ -124,40 +131,45 @@ def launch_server(
     """Context manager: start the server, wait until /health answers, yield a Server, always stop the group.
 
     Raises ServerStartError (with the log tail) if the server exits or is not healthy within timeout_s
-    (default: env TIERSCHED_SERVER_TIMEOUT_S, else 420 s).
+    (default: env TIERSCHED_SERVER_TIMEOUT_S, else 420 s). A start that fails only because its HTTP port was
+    taken meanwhile is retried on a new port, up to PORT_ATTEMPTS starts in all.
     """
     if timeout_s is None:  # a loaded 2-core machine can take minutes; CI alone takes 20-40 s
         timeout_s = float(os.environ.get("TIERSCHED_SERVER_TIMEOUT_S", "420"))
-    port = free_port()
-    args = [
-        sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
-        *CPU_FLAGS, "--max-total-tokens", str(max_total_tokens),
-        "--host", "127.0.0.1", "--port", str(port), *extra_args,
-    ]
     run_env = dict(os.environ)
     run_env["SGLANG_USE_CPU_ENGINE"] = "1"
     run_env.setdefault("PYTHONUNBUFFERED", "1")
     # On CPU "device memory" is the host's free RAM, shared by every rank and by whatever else runs here, so
     # upstream's per-rank balance check (distributed/bootstrap.py _check_tp_memory_balance) fires at random.
     run_env.setdefault("SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK", "0")
-    if _needs_thread_bind(args):
+    if _needs_thread_bind(list(extra_args)):
         run_env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "0|1")  # 2 ranks on one NUMA node
     run_env.update(env or {})
     log_dir = log_dir or tempfile.mkdtemp(prefix="tiersched-server-")
-    log_path = os.path.join(log_dir, f"server-{port}.log")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=run_env, start_new_session=True, cwd=log_dir
-        )
-    server = Server(url=f"http://127.0.0.1:{port}", log_path=log_path, process=process, args=args)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(server.url):
-            if not server.alive():
-                raise ServerStartError(f"server exited with code {process.returncode}; log tail:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                raise ServerStartError(f"server not healthy after {timeout_s:.0f} s; log tail:\n{server.log_tail()}")
+    deadline = time.monotonic() + timeout_s
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        args = [
+            sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
+            *CPU_FLAGS, "--max-total-tokens", str(max_total_tokens),
+            "--host", "127.0.0.1", "--port", str(port), *extra_args,
+        ]
+        log_path = os.path.join(log_dir, f"server-{port}.log")
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=run_env, start_new_session=True, cwd=log_dir
+            )
+        server = Server(url=f"http://127.0.0.1:{port}", log_path=log_path, process=process, args=args)
+        while not _healthy(server.url) and server.alive() and time.monotonic() <= deadline:
             time.sleep(1.0)
+        if server.alive() or attempt == PORT_ATTEMPTS or PORT_IN_USE not in server.log_tail(200):
+            break
+        _stop(process)  # the port was taken before upstream bound it: try again on a new one
+    try:
+        if not server.alive():
+            raise ServerStartError(f"server exited with code {process.returncode}; log tail:\n{server.log_tail()}")
+        if not _healthy(server.url):
+            raise ServerStartError(f"server not healthy after {timeout_s:.0f} s; log tail:\n{server.log_tail()}")
         yield server
     finally:
         if _stop_in_background:
