@@ -309,3 +309,24 @@ def test_parse_drain_request_and_new_status():
     assert wanted == {1: True, 0: False} and sorted(ok) == ["tiersched_drain_dp_rank_0", "tiersched_drain_dp_rank_1"]
     assert bad == ["tiersched_drain_dp_rank_9"]
     assert new_status([False, True, True], {0: False, 2: True}) == [True, True, False]
+
+
+def test_lockstep_group_only_under_dp_attention_on_a_cpu_server():
+    args = dict(enable_dp_attention=True, device="cpu", chunked_prefill_size=1024, max_prefill_tokens=16384,
+                enable_mixed_chunk=True)
+    group = engine_tier.lockstep_group(types.SimpleNamespace(**args), 2)
+    assert group is not None and group.chunk_tokens == 1024 and group.mixed_chunk
+    unchunked = engine_tier.lockstep_group(types.SimpleNamespace(**{**args, "chunked_prefill_size": -1}), 2)
+    assert unchunked.chunk_tokens == 16384
+    assert engine_tier.lockstep_group(types.SimpleNamespace(**{**args, "enable_dp_attention": False}), 2) is None
+    assert engine_tier.lockstep_group(types.SimpleNamespace(**args), 1) is None
+    assert engine_tier.lockstep_group(types.SimpleNamespace(**{**args, "device": "cuda"}), 2) is None
+
+
+def test_score_dispatch_under_dp_attention_prices_lockstep_stall(controller):
+    controller.server_args = types.SimpleNamespace(enable_dp_attention=True, device="cpu", chunked_prefill_size=512,
+                                                   max_prefill_tokens=16384, enable_mixed_chunk=False)
+    on = engine_tier.ScoreDispatchState(controller, EngineTierConfig(weight_stall=1.0, snapshot_refresh_s=0.0))
+    assert on.dispatcher.lockstep is not None and on.dispatcher.lockstep.chunk_tokens == 512
+    off = engine_tier.ScoreDispatchState(controller, EngineTierConfig(weight_stall=0.0, snapshot_refresh_s=0.0))
+    assert off.dispatcher.lockstep is None

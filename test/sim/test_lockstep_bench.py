@@ -80,6 +80,7 @@ def test_ours_gets_the_static_flags_of_upstream_winners(bench_out):
     search = bench_out["upstream_space_searched"]["per_preset_shape"]["qwen3-dp2tp2ep4/Two-end"]
     variants = search["ours_variants_at_search_load"]
     assert "fcfs/round_robin/none chunk=8192 +plan" in variants
+    assert "fcfs/tiersched/none chunk=8192 +plan" in variants  # the engine tier's score dispatch is ours to use
     assert any("mixed=True" in v for v in variants) and not any("delayer=True" in v for v in variants)
     for metric, label in search["ours"].items():  # each metric's choice is the best variant on it
         pick = max if metric == "throughput" else min

@@ -19,9 +19,10 @@ Expert placement is not searched: every arm here (ours and both references) runs
 The JSON's `upstream_space_searched` says what was searched, how it was pruned and what each search ran.
 
 ours: the step plan on (`PolicySet(step_plan="tiersched")`) with the static flags a tiersched user sets as for
-upstream, chosen per metric at the search load like upstream's: fcfs / round_robin, or the ordering and
-load-balance method of an upstream winner, each without and with mixed chunking (not the prefill delayer, which
-the plan replaces); the preset's chunk size is the plan's upper budget (the plan is adaptive, so it gets no chunk
+upstream, chosen per metric at the search load like upstream's: fcfs / round_robin, the ordering and
+load-balance method of an upstream winner, or fcfs or a winner's ordering with tiersched's score dispatch
+(`--load-balance-method score`, EngineTierConfig defaults), each without and with mixed chunking (not the prefill
+delayer, which the plan replaces); the preset's chunk size is the plan's upper budget (the plan is adaptive, so it gets no chunk
 tuning). `plan_on_upstream_defaults` reports the plan on fcfs / round_robin without mixed chunking beside it.
 
 References, each given the static freedoms upstream has (the ordering and load-balance method of each metric's
@@ -348,9 +349,12 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
                 res["report"][f"{name}_reference_runs"] = len(vs)
             # ours: the plan on the static flags a tiersched user sets as upstream's (the prefill delayer aside,
             # which the plan replaces), chosen per metric at the search load like upstream's
+            mixes = ((), (("enable_mixed_chunk", True),))
+            orderings = dict.fromkeys(["fcfs"] + [w["ordering"] for w in res["winners"]])
             variants = list(dict.fromkeys(
                 [("fcfs", "round_robin", ())] + [(w["ordering"], w["dispatch"], mixed) for w in res["winners"]
-                                                 for mixed in ((), (("enable_mixed_chunk", True),))]))
+                                                 for mixed in mixes]
+                + [(o, "tiersched", mixed) for o in orderings for mixed in mixes]))
             ms = runner.run([(p, s, rate, dur[p], SEARCH_SEED, "ours") + v for v in variants])
             res["ours"] = {m: min(zip(variants, ms), key=lambda vm: (vm[1][SEARCH_METRICS[m]],
                                                                     vm[1]["neg_throughput"]))[0] for m in METRICS}

@@ -24,14 +24,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from tiersched.core.engine import DispatchRequest, RankLoad
+from tiersched.core.engine import DispatchRequest, LockstepGroup, RankLoad
 from tiersched.core.expert import ExpertStats
 from tiersched.core.expert.metrics import expert_pressure
 from tiersched.core.request.prefill_delayer import (
     PrefillDelayer, PrefillDelayerConfig, RankPrefillDelayer, estimate_attempted_prefill_bs,
 )
 from tiersched.sim.cost_model import StepCostModel
-from tiersched.sim.lockstep import arrival_rates, make_planner, rank_summary, run_lockstep_free
+from tiersched.sim.lockstep import arrival_rates, make_planner, prior_model, rank_summary, run_lockstep_free
 from tiersched.sim.metrics import SimResult, build_result
 from tiersched.sim.moe_routing import MoeRouting, make_routing, token_probs
 from tiersched.sim.policies import PolicySet, make_dispatcher, make_eplb, make_ordering, make_preemption
@@ -74,6 +74,12 @@ class Simulation:
         ]
         self.mixed_steps = 0  # rank-steps whose prefill batch carried the rank's running decodes
         self.dispatcher = make_dispatcher(policies.dispatch, preset)
+        if preset.dp > 1 and not ideal_balance and self.dispatcher.wants_lockstep():
+            # every rank of the simulated DP-attention group runs each step in lockstep; the dispatcher prices it
+            # with the step planner's model of the deployment
+            sched = preset.scheduler
+            chunk = sched.chunked_prefill_size if sched.chunked_prefill_size > 0 else sched.max_prefill_tokens
+            self.dispatcher.set_lockstep(LockstepGroup(prior_model(self.cost), chunk, sched.enable_mixed_chunk))
         self.eplb = make_eplb(policies.eplb, preset)
         self.record_timeline = record_timeline
         self.notes: list[str] = [f"routing model: {self.routing.name}"]
@@ -448,6 +454,8 @@ def simulate(preset, workload: Workload, policies: PolicySet | None = None, seed
     start = time.perf_counter()
     sim = Simulation(preset, workload, policies, seed, ideal_balance, routing, record_timeline, co_busy, record_busy,
                      seen_prefill_shapes)
+    if lockstep_free:
+        sim.dispatcher.set_lockstep(None)  # the reference's ranks run on their own clocks
     run_lockstep_free(sim) if lockstep_free else sim.run()
     wall = time.perf_counter() - start
     result = build_result(sim, wall)

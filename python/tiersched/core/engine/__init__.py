@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Sequence
 
+from tiersched.core.request.step_plan import StepTimeModel
+
 
 @dataclass(frozen=True, slots=True)
 class RankLoad:
@@ -47,6 +49,26 @@ class Decision:
     filtered: dict[int, str] = field(default_factory=dict)  # rank -> why it was not a candidate
 
 
+@dataclass(frozen=True)
+class LockstepGroup:
+    """The DP ranks run every forward step in lockstep (DP attention with more than one rank): a step lasts as long
+    as the slowest rank. How the dispatcher prices such a step: `model` (the step planner's step-time model of the
+    deployment, core.request.step_plan), prefill chunks of `chunk_tokens` per rank and step (upstream's
+    chunked_prefill_size), and whether a prefilling rank's running decodes ride in its prefill step
+    (--enable-mixed-chunk)."""
+
+    model: StepTimeModel
+    chunk_tokens: int
+    mixed_chunk: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, StepTimeModel):
+            raise TypeError(f"LockstepGroup.model must be a StepTimeModel (core.request.step_plan), got "
+                            f"{type(self.model).__name__}.")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"LockstepGroup.chunk_tokens is {self.chunk_tokens}; give the prefill chunk size (>= 1).")
+
+
 class Dispatcher(abc.ABC):
     """A DP dispatch policy over `num_ranks` ranks: snapshots in, one rank per request out.
 
@@ -77,6 +99,16 @@ class Dispatcher(abc.ABC):
     def forget_cache(self, rank: int | None = None) -> None:
         """The rank's (or every rank's) prefix cache was flushed. Default: nothing to forget (no cache model)."""
 
+    def wants_lockstep(self) -> bool:
+        """Whether this dispatcher prices lockstep steps (so the caller builds a `LockstepGroup` for it; building
+        one fits a step-time model). Default: False."""
+        return False
+
+    def set_lockstep(self, group: LockstepGroup | None) -> None:
+        """Whether the ranks run in lockstep and how a step is priced (None: they do not: one rank, or no DP
+        attention). The caller that knows the deployment (simulator, DP-controller adapter) sets it once before
+        dispatching. Default: ignored, this dispatcher has no lockstep term."""
+
     def pending_work(self) -> list[int] | None:
         """Per-rank uncached prefill tokens the dispatcher believes are queued (last snapshot plus its own picks),
         for the imbalance metric. Default: None, this dispatcher keeps no such estimate."""
@@ -98,6 +130,9 @@ class EngineTierConfig:
     weight_queue: float = 8.0  # per request waiting or running on the rank (fixed per-request overhead)
     weight_expert: float = 0.5  # per (expert_pressure - 1) x tokens this rank will prefill
     weight_session: float = 1.0  # per context token of the request's session cached on its sticky rank
+    # per prefill-token equivalent of lockstep stall the request's prefill on the rank would add to the group's
+    # steps (0 without lockstep: one rank or no DP attention; docs/engine-tier.md "Lockstep stall")
+    weight_stall: float = 0.0
     block_tokens: int = 32  # tokens per prefix-index page (prompt pages are hashed at this size)
     max_blocks_per_rank: int = 32768  # memory bound of the prefix index per rank (LRU beyond it)
     kv_overload_fraction: float = 0.95  # a rank at or above this KV use is filtered out (unless all are)
@@ -115,6 +150,7 @@ class EngineTierConfig:
             "queue": self.weight_queue,
             "expert": self.weight_expert,
             "session": self.weight_session,
+            "stall": self.weight_stall,
         }
 
     def drained(self) -> tuple[int, ...]:

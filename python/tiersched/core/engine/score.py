@@ -13,6 +13,18 @@ For request q and candidate rank r (docs/engine-tier.md says why each term is th
               + w_queue   * (r.queue_len + r.running_reqs + optimistic_reqs[r])
               + w_expert  * (r.expert_pressure - 1) * (pending + uncached)
               + w_session * session_tokens  if q's session is bound to another candidate rank
+              + w_stall   * stall_rate[r] * max(0, pending + uncached - max_j pending_j)   # lockstep only
+
+Lockstep stall (only when the caller set a `LockstepGroup`: DP attention with more than one rank; the term is
+absent otherwise, and every cost is the same float64 as without it). In lockstep the group keeps running
+prefill-length steps while any rank still has prefill queued, so a rank's queued prefill stalls the other ranks'
+decodes only where it reaches past every other rank's: q on rank r adds max(0, pending_r + uncached_r - max_j
+pending_j) tokens to the group's prefill horizon (the per-rank predicted prefill time after minus before, at
+equal per-rank chunks), and each such token stalls the group by stall_rate[r] prefill-token equivalents:
+(S_r - S_decode) / S_r, with S_r the step-time model's step where r prefills a chunk_tokens chunk and every other
+rank decodes its running requests, S_decode the all-decode step (a queued token costs S_r / chunk_tokens seconds
+of waiting, one stalled step S_r - S_decode seconds spread over its chunk_tokens tokens). stall_rate is computed
+per snapshot (one batched model call over the ranks), so a decision adds four array operations.
 
 Filters: inactive ranks are never candidates; ranks whose KV use (with optimistic charges) reaches
 kv_overload_fraction are dropped unless every active rank is (overload escape). Picker: min cost, ties to the
@@ -33,10 +45,11 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from tiersched.core.engine import Decision, Dispatcher, DispatchRequest, EngineTierConfig, RankLoad
+from tiersched.core.engine import Decision, Dispatcher, DispatchRequest, EngineTierConfig, LockstepGroup, RankLoad
 from tiersched.core.engine.prefix_index import PrefixIndex
 
 SCORER_NAMES = ("prefill", "prefix", "decode", "kv", "queue", "expert", "session")
+STALL = "stall"  # the lockstep scorer: in Decision.scores only while a LockstepGroup is set and weight_stall > 0
 
 
 class ScoreTable(Mapping):
@@ -58,7 +71,7 @@ class ScoreTable(Mapping):
             ranks = list(self._ranks)
             cols = {name: (col[ranks].tolist() if isinstance(col, np.ndarray) else [float(col)] * len(ranks))
                     for name, col in self._columns.items()}
-            names = (*SCORER_NAMES, "total")
+            names = (*SCORER_NAMES, STALL, "total") if STALL in cols else (*SCORER_NAMES, "total")
             self._table = {r: {name: cols[name][i] for name in names} for i, r in enumerate(ranks)}
             self._columns = {}
         return self._table
@@ -104,6 +117,10 @@ class ScoreDispatcher(Dispatcher):
         self._full = [False] * num_ranks  # KV use with optimistic charges at or above the overload fraction
         self._mean_capacity = 0.0
         self._cands: tuple[np.ndarray | None, dict[int, str]] | None = None  # candidates() cache
+        # Lockstep stall term: None while off (no lockstep group, one rank, or weight_stall 0).
+        self._lockstep: LockstepGroup | None = None
+        self._stall_rate: np.ndarray | None = None  # float [num_ranks]: w_stall x (S_r - S_decode) / S_r
+        self._pending_max = 0  # max over all ranks of _pending (the group's prefill horizon, tokens)
 
     # --- snapshots -------------------------------------------------------------------------------------
 
@@ -133,6 +150,44 @@ class ScoreDispatcher(Dispatcher):
         self._cands = None
         for r in range(self.num_ranks):
             self._refresh(r)
+        if self._lockstep is not None:
+            self._refresh_stall()
+
+    def wants_lockstep(self) -> bool:
+        return self.num_ranks > 1 and self.config.weight_stall > 0
+
+    @property
+    def lockstep(self) -> LockstepGroup | None:
+        """The lockstep group the stall term prices with (None: the term is off)."""
+        return self._lockstep
+
+    def set_lockstep(self, group: LockstepGroup | None) -> None:
+        if group is not None and not isinstance(group, LockstepGroup):
+            raise TypeError(f"set_lockstep takes a LockstepGroup or None, got {type(group).__name__}.")
+        on = group is not None and self.wants_lockstep()
+        self._lockstep = group if on else None
+        self._stall_rate = None
+        if on:
+            self._refresh_stall()
+
+    def _refresh_stall(self) -> None:
+        """stall_rate and the prefill horizon from the current snapshots (module docstring): one batched call of
+        the step-time model over R + 1 candidate steps (all ranks decode; rank r prefills a chunk, the others
+        decode)."""
+        g, n = self._lockstep, self.num_ranks
+        self._pending_max = int(self._pending.max())
+        dc = np.array([load.running_reqs for load in self.loads], dtype=float)
+        dx = np.array([load.running_decode_tokens for load in self.loads], dtype=float)
+        c = float(g.chunk_tokens)
+        eye = np.eye(n)
+        tok = np.vstack([np.zeros(n), eye * c])  # [R + 1, R]
+        pairs = tok * ((c + 1.0) / 2.0)  # a chunk's own causal pairs
+        keep = np.vstack([np.ones(n), np.ones((n, n)) if g.mixed_chunk else 1.0 - eye])  # a prefilling rank's decodes
+        s = np.asarray(g.model.batch_seconds(tok, pairs, dc[None, :] * keep, dx[None, :] * keep), dtype=float)
+        step, s_decode = s[1:], s[0]
+        stall = np.maximum(step - s_decode, 0.0)
+        rate = np.divide(stall, step, out=np.zeros(n), where=step > 0)
+        self._stall_rate = self.config.weight_stall * rate
 
     def _refresh(self, r: int) -> None:
         """Recompute rank r's request-independent terms (Python floats, stored exactly in the float64 arrays)."""
@@ -214,6 +269,13 @@ class ScoreDispatcher(Dispatcher):
         cost = prefill + prefix
         cost += self._static
         cost += expert
+        rate = self._stall_rate
+        if rate is not None:  # lockstep: the tokens q adds past the group's prefill horizon, priced per rank
+            excess = pending + uncached
+            excess -= self._pending_max
+            np.maximum(excess, 0, out=excess)
+            stall = rate * excess
+            cost += stall
         sticky = 0.0
         if sticky_rank >= 0:  # every other rank pays the session's context (the sticky rank adds 0.0)
             keep = cost[sticky_rank]
@@ -230,9 +292,12 @@ class ScoreDispatcher(Dispatcher):
         best_rank = best if ranks is None else int(ranks[best])
         best_hit = int(hits[held_ranks.index(best_rank)]) if best_rank in held_ranks else 0
         state = np.array((prefill, self._decode, self._kv, self._queue))  # as they are before the charge below
-        scores = ScoreTable(ranks, self.num_ranks, {
-            "prefill": state[0], "prefix": prefix, "decode": state[1], "kv": state[2], "queue": state[3],
-            "expert": expert, "session": sticky, "total": cost})
+        columns = {"prefill": state[0], "prefix": prefix, "decode": state[1], "kv": state[2], "queue": state[3],
+                   "expert": expert, "session": sticky}
+        if rate is not None:
+            columns[STALL] = stall
+        columns["total"] = cost
+        scores = ScoreTable(ranks, self.num_ranks, columns)
         self._charge(best_rank, req, best_hit, now_s)
         return Decision(rank=best_rank, expected_cached_tokens=best_hit, scores=scores, filtered=filtered)
 
@@ -252,6 +317,8 @@ class ScoreDispatcher(Dispatcher):
         self._opt_reqs[rank] += 1
         self._charges[rank].append((now_s, uncached, uncached))
         self._refresh(rank)
+        if self._pending[rank] > self._pending_max:
+            self._pending_max = int(self._pending[rank])
         if req.prefix_blocks:
             self.index.insert(rank, req.prefix_blocks)
         if req.session_key is not None:

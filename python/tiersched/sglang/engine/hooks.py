@@ -22,9 +22,9 @@ import logging
 import time
 from typing import Optional
 
-from tiersched.core.engine import DispatchRequest, EngineTierConfig
+from tiersched.core.engine import DispatchRequest, EngineTierConfig, LockstepGroup
 from tiersched.core.engine.prefix_index import chained_block_hashes
-from tiersched.core.engine.score import SCORER_NAMES, ScoreDispatcher
+from tiersched.core.engine.score import ScoreDispatcher
 from tiersched.sglang.cli_choices import add_choice
 from tiersched.sglang.engine import loads as loads_io
 from tiersched.sglang.engine.drain import apply_drain_request
@@ -140,10 +140,34 @@ def to_dispatch_request(req, block_tokens: int) -> DispatchRequest:
 def format_scores(decision) -> str:
     parts = []
     for rank, terms in sorted(decision.scores.items()):
-        body = " ".join(f"{n}={terms[n]:.0f}" for n in SCORER_NAMES if terms[n])
+        body = " ".join(f"{n}={v:.0f}" for n, v in terms.items() if n != "total" and v)
         parts.append(f"r{rank}: total={terms['total']:.0f} {body}".rstrip())
     parts += [f"r{rank}: {why}" for rank, why in sorted(decision.filtered.items())]
     return " | ".join(parts)
+
+
+def lockstep_group(server_args, num_ranks: int) -> Optional[LockstepGroup]:
+    """The lockstep group the dispatcher's stall term prices (None: no term): DP attention over more than one rank,
+    priced with the step planner's prior model of the deployment (sglang/request/step_plan.simulator_prior: the
+    calibrated cpu-tiny preset at this DP size, so CPU servers only) at the server's chunk size. The controller
+    does not see the schedulers' measured steps, so the model is the prior, not their fit."""
+    if not (server_args.enable_dp_attention and num_ranks > 1):
+        return None
+    if not str(server_args.device).startswith("cpu"):
+        logger.info("tiersched: lockstep stall term off (no step-time prior for a %s deployment)", server_args.device)
+        return None
+    from tiersched.sglang.request.step_plan import simulator_prior  # deferred: fits the prior (~0.1 s)
+
+    model = simulator_prior(num_ranks)
+    if model is None:
+        logger.info("tiersched: lockstep stall term off (no calibrated cpu-tiny preset)")
+        return None
+    cps = server_args.chunked_prefill_size
+    chunk = cps if cps and cps > 0 else server_args.max_prefill_tokens
+    group = LockstepGroup(model, int(chunk), bool(server_args.enable_mixed_chunk))
+    logger.info("tiersched: lockstep stall term on: chunk %d, mixed chunk %s, model %s", group.chunk_tokens,
+                group.mixed_chunk, model.as_dict())
+    return group
 
 
 class ScoreDispatchState:
@@ -155,6 +179,8 @@ class ScoreDispatchState:
         self.config = config
         self.num_ranks = len(controller.workers)
         self.dispatcher = ScoreDispatcher(self.num_ranks, config)
+        if self.dispatcher.wants_lockstep():
+            self.dispatcher.set_lockstep(lockstep_group(controller.server_args, self.num_ranks))
         reader = controller.load_snapshot_reader
         # getattr: ShmLoadSnapshotReader names its file `path`, ZmqShmLoadSnapshotReader `_shm_path`
         shm_path = getattr(reader, "path", None) or getattr(reader, "_shm_path", None)
