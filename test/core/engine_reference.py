@@ -301,8 +301,12 @@ class ScoreDispatcher(Dispatcher):
                 "prefill": prefill, "prefix": prefix, "decode": decode_l[r], "kv": kv_l[r], "queue": queue_l[r],
                 "expert": expert, "session": sticky, "total": cost,
             }
-            if cost < best_cost:  # strict: ties keep the lower rank index
+            if cost < best_cost:  # strict: equal costs keep the lower rank index
                 best_rank, best_cost, best_hit = r, cost, hit
+        if cfg.tie_tokens > 0 and best_rank >= 0:  # near ties: fewest pages held, then the lower rank index
+            tied = [r for r in ranks if scores[r]["total"] < best_cost + cfg.tie_tokens]
+            best_rank = min(tied, key=lambda r: (self.index.blocks_on(r), r))
+            best_hit = min((depth[best_rank] if depth is not None else 0) * block, n_in)
         self._charge(best_rank, req, best_hit, now_s)
         return Decision(rank=best_rank, expected_cached_tokens=best_hit, scores=scores, filtered=filtered)
 

@@ -44,6 +44,56 @@ def test_tie_between_middle_ranks_prefers_lower_index():
     assert dec.scores[1]["prefill"] == 10 and dec.scores[2]["total"] == dec.scores[1]["total"]
 
 
+def _idle_prefix_workload(d, pressures, groups=5, repeats=4, block=16):
+    """Requests one at a time on idle ranks (every snapshot shows nothing queued), as the real-server score check
+    sends them: `groups` prompt prefixes, each `repeats` times, shuffled; returns the ranks chosen."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 500) for _ in range(96)] for _ in range(groups)]
+    order = [g for g in range(groups) for _ in range(repeats)]
+    rng.shuffle(order)
+    picks = []
+    for i, g in enumerate(order):
+        now = 1.0 + i
+        d.update_loads([RankLoad(rank=r, kv_capacity_tokens=8192, expert_pressure=p, timestamp_s=now)
+                        for r, p in enumerate(pressures)], now)
+        keys = chained_block_hashes(prompts[g] + [i % 7 + 3] * 8, block)
+        picks.append((g, d.pick(DispatchRequest(str(i), 104, prefix_blocks=keys), now).rank))
+    return picks
+
+
+@pytest.mark.parametrize("pressures", [(1.0, 1.0), (0.9990, 1.0010), (1.0010, 0.9990)])
+def test_idle_ranks_share_new_prefixes_and_repeats_follow_them(pressures):
+    """Idle ranks tie on a new prefix (here also within a tenth of a token of expert pressure, the spread seen on a
+    DP-attention server between rebalances): the rank holding the fewest pages takes it, so both caches fill;
+    every repeat still goes where its prefix is."""
+    d = ScoreDispatcher(2, EngineTierConfig(block_tokens=16))
+    picks = _idle_prefix_workload(d, pressures)
+    home = {}
+    for g, rank in picks:
+        assert home.setdefault(g, rank) == rank, picks  # a repeat follows its cached prefix
+    assert sorted(home.values()) == [0, 0, 0, 1, 1], picks  # new prefixes alternate by pages held
+    assert [d.index.blocks_on(r) for r in range(2)] == [18, 12]
+
+
+def test_exact_ties_without_tolerance_go_to_the_lowest_rank():
+    """tie_tokens = 0: only equal costs tie, and a tenth of a token of expert pressure decides every new prefix."""
+    d = ScoreDispatcher(2, EngineTierConfig(block_tokens=16, tie_tokens=0.0))
+    assert {rank for _, rank in _idle_prefix_workload(d, (1.0, 1.0))} == {0}
+    d = ScoreDispatcher(2, EngineTierConfig(block_tokens=16, tie_tokens=0.0))
+    assert {rank for _, rank in _idle_prefix_workload(d, (1.0010, 0.9990))} == {1}
+
+
+def test_costs_a_token_apart_are_not_a_tie():
+    d = ScoreDispatcher(2, only(weight_prefill=1.0))
+    d.index.insert(1, (11, 12, 13))  # rank 1 holds more pages; rank 0 is a whole token busier
+    d.update_loads([RankLoad(rank=0, remaining_prefill_tokens=1, timestamp_s=1.0),
+                    RankLoad(rank=1, timestamp_s=1.0)], 1.0)
+    assert d.pick(DispatchRequest("a", 10), 1.0).rank == 1
+    d.update_loads([RankLoad(rank=0, remaining_prefill_tokens=1, timestamp_s=2.0),
+                    RankLoad(rank=1, remaining_prefill_tokens=1, timestamp_s=2.0)], 2.0)
+    assert d.pick(DispatchRequest("b", 10), 2.0).rank == 0  # equal costs: fewer pages held
+
+
 def test_scores_hold_every_scorer_and_total_is_their_sum():
     d = ScoreDispatcher(3)
     d.update_loads([RankLoad(rank=r, kv_capacity_tokens=1000, kv_used_tokens=100 * r, remaining_prefill_tokens=7 * r,
@@ -226,6 +276,8 @@ def test_config_validation_messages():
         EngineTierConfig(**ONLY).validate()
     with pytest.raises(ValueError, match="drain_ranks"):
         EngineTierConfig(drain_ranks="a,b").validate()
+    with pytest.raises(ValueError, match="tie_tokens"):
+        EngineTierConfig(tie_tokens=-1).validate()
     assert EngineTierConfig(drain_ranks="1, 3").drained() == (1, 3)
     EngineTierConfig().validate()
 

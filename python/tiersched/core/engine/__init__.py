@@ -136,6 +136,7 @@ class EngineTierConfig:
     block_tokens: int = 32  # tokens per prefix-index page (prompt pages are hashed at this size)
     max_blocks_per_rank: int = 32768  # memory bound of the prefix index per rank (LRU beyond it)
     kv_overload_fraction: float = 0.95  # a rank at or above this KV use is filtered out (unless all are)
+    tie_tokens: float = 1.0  # costs less than this above the lowest are a tie, won by the rank holding fewest pages
     max_sessions: int = 100_000  # session -> rank entries kept (LRU)
     optimistic_grace_s: float = 0.01  # keep optimistic charges this long past a snapshot's timestamp
     snapshot_refresh_s: float = 0.02  # adapter: read the ranks' load snapshot at most this often (upstream: 20 ms)
@@ -166,6 +167,8 @@ class EngineTierConfig:
             raise ValueError(f"block_tokens is {self.block_tokens}; set it to a positive page size in tokens.")
         if self.max_blocks_per_rank < 1 or self.max_sessions < 1:
             raise ValueError("max_blocks_per_rank and max_sessions must be at least 1.")
+        if not (math.isfinite(self.tie_tokens) and self.tie_tokens >= 0):
+            raise ValueError(f"tie_tokens is {self.tie_tokens!r}; set it to a finite number of tokens >= 0.")
         if not (0.0 < self.kv_overload_fraction <= 1.0):
             raise ValueError(f"kv_overload_fraction is {self.kv_overload_fraction}; use a fraction in (0, 1].")
         if not (self.optimistic_grace_s >= 0 and self.snapshot_refresh_s >= 0):

@@ -27,10 +27,13 @@ of waiting, one stalled step S_r - S_decode seconds spread over its chunk_tokens
 per snapshot (one batched model call over the ranks), so a decision adds four array operations.
 
 Filters: inactive ranks are never candidates; ranks whose KV use (with optimistic charges) reaches
-kv_overload_fraction are dropped unless every active rank is (overload escape). Picker: min cost, ties to the
-lowest rank index (upstream's DPBudget tie-break). The chosen rank is charged optimistically (its pending
-prefill, KV and request count grow) until a snapshot newer than the charge replaces it, so a burst between
-snapshots spreads instead of herding onto the rank that looked idlest.
+kv_overload_fraction are dropped unless every active rank is (overload escape). Picker: min cost; candidates less
+than tie_tokens above it tie, and a tie goes to the rank whose prefix index holds the fewest pages, then to the
+lowest rank index (upstream's DPBudget tie-break). Without the page count, idle ranks tie on every new prefix (or
+differ by noise, e.g. a tenth of a token of expert pressure), so requests that arrive one at a time all land on one
+rank: the other rank's cache stays empty and later load follows the cached prefixes to that one rank. The chosen
+rank is charged optimistically (its pending prefill, KV and request count grow) until a snapshot newer than the
+charge replaces it, so a burst between snapshots spreads instead of herding onto the rank that looked idlest.
 
 Hot path: every request-independent term lives in one float64/int64 array per term (length num_ranks), refreshed
 when a snapshot or a charge changes it, so a decision is a handful of numpy operations over the ranks plus a
@@ -289,6 +292,11 @@ class ScoreDispatcher(Dispatcher):
             if np.isnan(costs).all():
                 raise RuntimeError("every candidate DP rank's cost is NaN; check the ranks' load snapshots")
             best = int(np.nanargmin(costs))
+        if cfg.tie_tokens > 0 and len(costs) > 1:
+            tied = np.flatnonzero(costs < costs[best] + cfg.tie_tokens)
+            if len(tied) > 1:  # fewest pages held, then the lowest rank (tied is in rank order)
+                blocks_on = self.index.blocks_on
+                best = min(tied.tolist(), key=lambda i: blocks_on(i if ranks is None else int(ranks[i])))
         best_rank = best if ranks is None else int(ranks[best])
         best_hit = int(hits[held_ranks.index(best_rank)]) if best_rank in held_ranks else 0
         state = np.array((prefill, self._decode, self._kv, self._queue))  # as they are before the charge below

@@ -140,8 +140,8 @@ def to_dispatch_request(req, block_tokens: int) -> DispatchRequest:
 def format_scores(decision) -> str:
     parts = []
     for rank, terms in sorted(decision.scores.items()):
-        body = " ".join(f"{n}={v:.0f}" for n, v in terms.items() if n != "total" and v)
-        parts.append(f"r{rank}: total={terms['total']:.0f} {body}".rstrip())
+        body = " ".join(f"{n}={v:.4g}" for n, v in terms.items() if n != "total" and v)
+        parts.append(f"r{rank}: total={terms['total']:.6g} {body}".rstrip())
     parts += [f"r{rank}: {why}" for rank, why in sorted(decision.filtered.items())]
     return " | ".join(parts)
 
