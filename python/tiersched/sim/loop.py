@@ -108,6 +108,12 @@ class Simulation:
         self.drifts = 0
         self.last_refresh = -np.inf
         self._ls_signal_setup()
+        if self.ls_signal_lag is not None and preset.dp > 1:
+            # The DP-attention group's step-time model (the one the step planner and a live server's prior use):
+            # orderings that price their LS caps with it (request tier: lockstep.ls_cap_pays) get it.
+            model = prior_model(self.cost)
+            for rs in self.ranks:
+                rs.ordering.set_step_model(model, group_ranks=preset.dp)
         self.planner = make_planner(policies.step_plan, preset, self.cost)
         self.plans = 0  # steps the lockstep step plan shaped
 

@@ -22,11 +22,11 @@ Requests live in the shared columnar `RequestTable` (index = request id).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tiersched.core.request import OrderingPolicy, PreemptionPolicy, RunningRequest, WaitingRequest
+from tiersched.core.request import OrderingPolicy, PreemptionPolicy, RankLoad, RunningRequest, WaitingRequest
 from tiersched.core.request.prefill_delayer import RankPrefillDelayer
 from tiersched.core.request.upstream import (CLIP_MAX_NEW_TOKENS, IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD,
                                              IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD)
@@ -392,6 +392,14 @@ class RankState:
             return self.free_for_alloc() + allocated
 
         chunk_unfinished = False
+        load: RankLoad | None = None  # this rank now, for orderings that price their caps (built when first asked)
+
+        def rank_load(waiting_behind: int) -> RankLoad:
+            nonlocal load
+            if load is None:
+                load = RankLoad(len(self.running), self.decode_context(), len(snaps), int(s.chunked_prefill_size))
+            return replace(load, waiting_requests=waiting_behind)
+
         if self.chunked is not None:
             rid = self.chunked
             remaining = int(t.fill_len[rid] - t.prefilled[rid])
@@ -399,7 +407,8 @@ class RankState:
             if ordering.limits_chunks and (snaps or self.group_ls_waiting):
                 waiting_uncached = [(w.priority, max(1, w.input_tokens - w.cached_tokens)) for w in snaps]
                 limit = ordering.chunk_limit(int(t.priority[rid]), remaining, waiting_uncached, int(budget.rem_chunk),
-                                             1, group_ls_waiting=self.group_ls_waiting)
+                                             1, group_ls_waiting=self.group_ls_waiting, load=rank_load(len(snaps)),
+                                             chunked_prefix=int(t.prefilled[rid]))
                 if limit is not None and limit < min(remaining, budget.rem_chunk):
                     self.capped_chunks += 1
             if self.delayer is not None:  # a mid-chunk rank prefills regardless of the verdict (upstream)
@@ -448,7 +457,10 @@ class RankState:
                     self.batch_is_full = bool(batch) or bool(self.running)
                 break
             if tells_ls and not is_ls(int(t.priority[rid])):
-                be_left = ordering.be_admission_tokens(local_ls, self.group_ls_waiting, be_tokens)
+                be_left = ordering.be_admission_tokens(
+                    local_ls, self.group_ls_waiting, be_tokens, load=rank_load(len(snaps) - pos - 1),
+                    request_tokens=extend_total, request_prefix=snap.cached_tokens,
+                    step_tokens=sum(e for _, e, _ in batch), room_tokens=extend)
                 if be_left is not None:
                     if be_left <= 0:
                         break

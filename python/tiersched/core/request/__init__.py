@@ -68,6 +68,19 @@ class RunningRequest:
         return self.arrival_s if self.queue_entry_s is None else self.queue_entry_s
 
 
+@dataclass(frozen=True, slots=True)
+class RankLoad:
+    """One rank when it sizes a step's prefill: what pricing a best-effort cap reads beside the waiting queue
+    (core/request/lockstep.py `LsCapPricing`). decode_count / decode_context: its running requests and their
+    context tokens; waiting_requests: requests in its waiting queue; upstream_budget: its uncapped per-step
+    prefill budget (upstream's chunked_prefill_size)."""
+
+    decode_count: int = 0
+    decode_context: int = 0
+    waiting_requests: int = 0
+    upstream_budget: int = 0
+
+
 class OrderingPolicy(ABC):
     """Orders one rank's waiting queue each scheduling step (upstream SchedulePolicy.calc_priority).
 
@@ -104,19 +117,30 @@ class OrderingPolicy(ABC):
     def is_latency_sensitive(self, priority: int) -> bool:
         return self.ls_priority is not None and priority >= self.ls_priority
 
+    def set_step_model(self, model, full_sequence_attention: bool = False, group_ranks: int = 1) -> None:
+        """The deployment's step-time model (core/request/step_plan.StepTimeModel; None: none known) for orderings
+        that price their caps with it; `full_sequence_attention`: the prefill backend attends each chunk over its
+        whole sequence; group_ranks: ranks in the lockstep group. Called by the simulator for a DP-attention group
+        and by the adapter. Default: ignored."""
+
     def chunk_limit(self, chunked_priority: int, chunked_remaining: int, waiting_uncached: Sequence[tuple[int, int]],
-                    budget: int, page_size: int, group_ls_waiting: int = 0) -> int | None:
+                    budget: int, page_size: int, group_ls_waiting: int = 0, load: RankLoad | None = None,
+                    chunked_prefix: int = 0) -> int | None:
         """Tokens the running chunked prefill may advance this step, or None for no cap beyond `budget`
         (upstream SchedulePolicy.shortest_prefill_chunk_limit). chunked_priority / chunked_remaining: the
         request being chunk-prefilled; waiting_uncached: (priority, uncached tokens) of the waiters, in this
-        step's order; budget: the step's chunk budget; group_ls_waiting: see `lockstep_signal_lag_steps`.
+        step's order; budget: the step's chunk budget; group_ls_waiting: see `lockstep_signal_lag_steps`;
+        load: this rank now (None: not known); chunked_prefix: the chunked request's computed tokens.
         Only called when `limits_chunks` is set."""
         return None
 
-    def be_admission_tokens(self, local_ls_waiting: int, group_ls_waiting: int,
-                            be_tokens_this_step: int) -> int | None:
+    def be_admission_tokens(self, local_ls_waiting: int, group_ls_waiting: int, be_tokens_this_step: int,
+                            load: RankLoad | None = None, request_tokens: int = 0, request_prefix: int = 0,
+                            step_tokens: int = 0, room_tokens: int | None = None) -> int | None:
         """Prefill tokens a BE request newly admitted this step may take (None: no cap; 0: admit no BE now).
-        local_ls_waiting: LS requests waiting on this rank; be_tokens_this_step: BE tokens already in the batch.
+        local_ls_waiting: LS requests waiting on this rank; be_tokens_this_step: BE tokens already in the batch;
+        load: this rank now (None: not known); request_tokens / request_prefix: the request's uncached and cached
+        tokens; step_tokens: all prefill tokens already in the batch; room_tokens: the budget left uncapped.
         Only called when `ls_priority` is set."""
         return None
 
@@ -173,6 +197,10 @@ class RequestTierConfig:
     # running when the NEXT LS request arrives cannot be shortened any more, so while LS traffic is active BE
     # steps stay short (0: cap only while LS work is seen waiting).
     ls_hold_s: float = 4.0
+    # Price the LS cap with the deployment's step-time model where one is known (core/request/lockstep.py,
+    # `ls_cap_pays`): BE prefill is capped only when the LS stall saved outweighs the cost of the extra, shorter
+    # steps (decodes sitting out, the fixed cost of a step, later chunks re-reading the prompt). False: always cap.
+    ls_cap_pricing: bool = True
     # Under DP attention, all-reduce (MAX) each rank's LS count once per scheduler iteration BEFORE batch
     # formation, so every rank's cap of THIS step sees LS work on any rank (one tiny extra collective per
     # iteration, benchmark/request_tier_signal_cost.py). False: only the count carried by upstream's MLP-sync
@@ -206,6 +234,8 @@ class RequestTierConfig:
             raise ValueError(f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens!r}.")
         if not (math.isfinite(self.ls_hold_s) and self.ls_hold_s >= 0):
             raise ValueError(f"ls_hold_s must be a finite number of seconds >= 0, got {self.ls_hold_s!r}.")
+        if not isinstance(self.ls_cap_pricing, bool):
+            raise ValueError(f"ls_cap_pricing must be true or false, got {self.ls_cap_pricing!r}.")
         if not isinstance(self.same_step_signal, bool):
             raise ValueError(f"same_step_signal must be true or false, got {self.same_step_signal!r}.")
         if not (isinstance(self.ls_overtake_burst, int) and self.ls_overtake_burst >= 0):

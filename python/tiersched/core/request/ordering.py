@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from tiersched.core.request import OrderingPolicy, RequestTierConfig, WaitingRequest
-from tiersched.core.request.lockstep import LockstepLsSignal, be_admission_budget, chunk_token_limit
+from tiersched.core.request import OrderingPolicy, RankLoad, RequestTierConfig, WaitingRequest
+from tiersched.core.request.lockstep import LockstepLsSignal, LsCapPricing, be_admission_budget, chunk_token_limit
 from tiersched.core.request.overtake import LsOvertakeBudget
 
 
@@ -67,6 +67,24 @@ class AgingPrefixOrdering(OrderingPolicy):
         # 0 = the same-step all-reduce before batch formation (`same_step_signal`, what the adapter does by
         # default), 1 = only upstream's per-step MLP-sync all-gather, which runs after batch formation.
         self.lockstep_signal_lag_steps = 0 if self.config.same_step_signal else 1
+        self.step_model = None  # set_step_model: prices the LS cap (lockstep.ls_cap_pays)
+        self.full_sequence_attention = False
+        self.group_ranks = 1
+
+    def set_step_model(self, model, full_sequence_attention: bool = False, group_ranks: int = 1) -> None:
+        self.step_model = model
+        self.full_sequence_attention = bool(full_sequence_attention)
+        self.group_ranks = max(1, int(group_ranks))
+
+    def pricing(self, load: RankLoad | None) -> LsCapPricing | None:
+        """The LS cap's pricing inputs now: the step model, this rank's load, the group signal's LS arrival rate
+        and fresh count (None without a model or a load)."""
+        if self.step_model is None or load is None:
+            return None
+        sig = self.ls_signal
+        return LsCapPricing(self.step_model, sig.ls_rate_per_s(sig.last_observed_s), sig.fresh, load.decode_count,
+                            load.decode_context, load.waiting_requests, load.upstream_budget,
+                            self.full_sequence_attention, self.group_ranks)
 
     @property
     def ls_priority(self) -> int:
@@ -85,13 +103,16 @@ class AgingPrefixOrdering(OrderingPolicy):
         return self.overtake.reorder(perm, lambda i: waiting[i].rid, is_ls, arrival, now_s).tolist()
 
     def chunk_limit(self, chunked_priority: int, chunked_remaining: int, waiting_uncached: Sequence[tuple[int, int]],
-                    budget: int, page_size: int, group_ls_waiting: int = 0) -> int | None:
+                    budget: int, page_size: int, group_ls_waiting: int = 0, load: RankLoad | None = None,
+                    chunked_prefix: int = 0) -> int | None:
         return chunk_token_limit(chunked_priority, chunked_remaining, waiting_uncached, budget, page_size,
-                                 self.config, group_ls_waiting)
+                                 self.config, group_ls_waiting, self.pricing(load), chunked_prefix)
 
-    def be_admission_tokens(self, local_ls_waiting: int, group_ls_waiting: int,
-                            be_tokens_this_step: int) -> int | None:
-        return be_admission_budget(local_ls_waiting, group_ls_waiting, be_tokens_this_step, self.config)
+    def be_admission_tokens(self, local_ls_waiting: int, group_ls_waiting: int, be_tokens_this_step: int,
+                            load: RankLoad | None = None, request_tokens: int = 0, request_prefix: int = 0,
+                            step_tokens: int = 0, room_tokens: int | None = None) -> int | None:
+        return be_admission_budget(local_ls_waiting, group_ls_waiting, be_tokens_this_step, self.config,
+                                   self.pricing(load), request_tokens, request_prefix, step_tokens, room_tokens)
 
     def observe_group_ls_waiting(self, group_ls_waiting: int, now_s: float) -> int:
         return self.ls_signal.observe(group_ls_waiting, now_s)

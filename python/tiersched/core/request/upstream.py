@@ -77,9 +77,11 @@ class ShortestPrefillFirstOrdering(OrderingPolicy):
         return sorted(range(len(waiting)), key=key)
 
     def chunk_limit(self, chunked_priority: int, chunked_remaining: int, waiting_uncached: Sequence[tuple[int, int]],
-                    budget: int, page_size: int, group_ls_waiting: int = 0) -> int | None:
+                    budget: int, page_size: int, group_ls_waiting: int = 0, load=None,
+                    chunked_prefix: int = 0) -> int | None:
         """SchedulePolicy.shortest_prefill_chunk_limit: reserve budget for waiters (in queue order) whose
-        uncached work is shorter than the running chunk's remainder (no lockstep signal: group_ls_waiting unused)."""
+        uncached work is shorter than the running chunk's remainder (no lockstep signal and no pricing:
+        group_ls_waiting, load and chunked_prefix unused)."""
         page = max(1, page_size)
         if budget < 2 * page:
             return None

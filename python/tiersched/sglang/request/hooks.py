@@ -117,7 +117,9 @@ def chunk_limit(original_fn, self, chunked_req, waiting_queue, budget, page_size
     group = lockstep.group_ls_signal()
     cfg = state.config
     chunked_priority = state.priority(chunked_req)
-    limit = chunk_token_limit(chunked_priority, remaining, waiting, budget, page_size, cfg, group)
+    pricing = lockstep.cap_pricing_for(len(waiting_queue)) if group or waiting else None
+    limit = chunk_token_limit(chunked_priority, remaining, waiting, budget, page_size, cfg, group, pricing,
+                              chunked_req.prefix_len)
     if group and limit is not None and limit < remaining and not cfg.is_latency_sensitive(chunked_priority):
         local_ls = sum(1 for p, _ in waiting if cfg.is_latency_sensitive(p))
         counters = STATE.lockstep.counters

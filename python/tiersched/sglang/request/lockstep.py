@@ -35,8 +35,8 @@ import logging
 import time
 import weakref
 
-from tiersched.core.request.lockstep import be_admission_budget
-from tiersched.sglang.request import step_plan
+from tiersched.core.request.lockstep import LsCapPricing, be_admission_budget
+from tiersched.sglang.request import cap_pricing, step_plan
 from tiersched.sglang.request.state import POLICY_NAME, STATE, LockstepState, PolicyState, normalised_priority
 
 logger = logging.getLogger("tiersched.request_tier")
@@ -138,6 +138,8 @@ def same_step_group(scheduler):
     if should_skip_scheduler_all_gather(parallel.num_dp_ranks) or world_dp_gather_enabled():
         return None  # no per-iteration gather to mirror (elastic WORLD gathers resize: keep the lag-1 column)
     ls.same_step_ranks = parallel.num_dp_ranks
+    if ls.config.ls_cap_pricing and _tier_active(ls):
+        _join_pricing_group(parallel)
     if _plan_active(ls):
         logger.info("tiersched lockstep: same-step step-plan all-gather over the attention-DP CPU group (%d DP "
                     "ranks)", parallel.num_dp_ranks)
@@ -145,6 +147,50 @@ def same_step_group(scheduler):
         logger.info("tiersched lockstep: same-step LS all-reduce over the attention-DP CPU group (%d DP ranks)",
                     parallel.num_dp_ranks)
     return parallel.tp_group.cpu_group
+
+
+def _join_pricing_group(parallel) -> None:
+    """Tell the cap pricing (cap_pricing.py) this process's lockstep group: its DP size, this rank's DP index (the
+    attention-TP ranks of one DP rank are consecutive in the tp group) and the prefill attention backend. A
+    failure leaves pricing off (the fixed rule); it decides nothing any other rank depends on."""
+    try:
+        import torch.distributed as dist  # deferred: the scheduler process imports torch
+
+        group = parallel.tp_group.cpu_group
+        size, me = dist.get_world_size(group), dist.get_rank(group)
+        try:
+            full = step_plan.full_sequence_attention()
+        except Exception:  # noqa: BLE001 -- causal pairs then
+            full = False
+        cap_pricing.set_group(parallel.num_dp_ranks, me // max(1, size // parallel.num_dp_ranks), full)
+    except Exception:  # noqa: BLE001
+        logger.exception("tiersched cap pricing: lockstep group unknown; the LS cap stays the fixed rule")
+
+
+def cap_pricing_for(waiting_behind: int) -> LsCapPricing | None:
+    """The LS cap's pricing inputs for this scheduling pass (None: the fixed rule): pricing on, the lockstep tier
+    active, a model known (cap_pricing.model_for). The fresh group count is this iteration's same-step count, else
+    the count gathered in the previous iteration, else 0 (only the hold). Never raises."""
+    ls = _lockstep()
+    if not ls.config.ls_cap_pricing or not _tier_active(ls) or ls.scheduler is None:
+        return None
+    sched = ls.scheduler()
+    if sched is None:
+        return None
+    try:
+        model = cap_pricing.model_for(sched, step_plan.PLAN.model_in_use if _plan_active(ls) else None,
+                                      step_plan.simulator_prior)
+        if model is None:
+            return None
+        if ls.reduced_at == ls.iteration:
+            fresh = ls.same_step_ls
+        else:
+            fresh = ls.group_ls if ls.gathered_at == ls.iteration - 1 else 0
+        return cap_pricing.pricing(model, cap_pricing.rank_load(sched, waiting_behind), ls.signal, fresh,
+                                   time.perf_counter(), ls.config)
+    except Exception:  # noqa: BLE001 -- pricing is an optimisation; the fixed rule is always safe
+        logger.exception("tiersched cap pricing failed; the fixed rule this pass")
+        return None
 
 
 def safe_local_ls_count(scheduler) -> int:
@@ -286,7 +332,15 @@ def capped_be_add(original_fn, adder, req, policy: PolicyState, *args, **kwargs)
     sched = ls.scheduler() if ls.scheduler is not None else None
     local = sum(1 for r in sched.waiting_queue if policy.is_ls(r)) if sched is not None else 0
     used = sum(_extend_len(r) for r in adder.can_run_list if not policy.is_ls(r))
-    left = be_admission_budget(local, group_ls_signal(), used, policy.config)
+    group = group_ls_signal()
+    pricing = None
+    if group or local:
+        queue = sched.waiting_queue if sched is not None else []
+        behind = max(0, len(queue) - len(adder.can_run_list) - 1)  # waiting requests not in this step's batch
+        pricing = cap_pricing_for(behind)
+    step_tokens = sum(_extend_len(r) for r in adder.can_run_list)
+    left = be_admission_budget(local, group, used, policy.config, pricing, _uncached_len(req), req.prefix_len,
+                               step_tokens, adder.rem_chunk_tokens)
     if left is None or left >= adder.rem_chunk_tokens:
         return original_fn(adder, req, *args, **kwargs)
     if left <= 0:

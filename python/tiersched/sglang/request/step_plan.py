@@ -61,6 +61,7 @@ import numpy as np
 from tiersched.core.request.step_plan import (ROOFLINE_PARAMS, RankStepSummary, RooflineStepModel, StepPlan,
                                               StepPlanner, fit_roofline)
 from tiersched.core.request.step_time_fit import StepSamples, scale_to_steps
+from tiersched.sglang.request import cap_pricing
 
 logger = logging.getLogger("tiersched.request_tier")
 
@@ -466,15 +467,20 @@ def batch_features(batch, full_sequence: bool = False) -> StepFeatures:
 
 def time_step(original_fn, self, batch, *args, **kwargs):
     """Scheduler.run_batch: time the forward (synchronous on CPU) and remember this rank's step for the next
-    gather. Only while a plan is in use in this process (a gather has run)."""
-    if PLAN.seq == 0:
+    gather (only while a plan is in use in this process: a gather has run), and hand it to the LS cap's pricing
+    model (only while that model is this process's own: cap_pricing.wants_steps)."""
+    for_plan, for_pricing = PLAN.seq > 0, cap_pricing.wants_steps()
+    if not (for_plan or for_pricing):
         return original_fn(self, batch, *args, **kwargs)
     t0 = time.perf_counter()
     result = original_fn(self, batch, *args, **kwargs)
     dt = time.perf_counter() - t0
     try:
-        f = batch_features(batch, PLAN.full_sequence)
-        PLAN.last = StepFeatures(f.prefill_tokens, f.prefill_pairs, f.decode_count, f.decode_context, dt)
+        f = batch_features(batch, PLAN.full_sequence or cap_pricing.PRICING.full_sequence)
+        if for_plan:
+            PLAN.last = StepFeatures(f.prefill_tokens, f.prefill_pairs, f.decode_count, f.decode_context, dt)
+        if for_pricing:
+            cap_pricing.record_step(f.prefill_tokens, f.prefill_pairs, dt)
     except Exception:  # noqa: BLE001 -- timing is best effort
         PLAN.last = StepFeatures()
     return result
