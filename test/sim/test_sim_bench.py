@@ -60,7 +60,7 @@ def test_sweep_eplb_steps_make_eplb_act_and_are_part_of_the_key(tmp_path, capsys
     parser = argparse.ArgumentParser()
     sweep.add_arguments(parser)
     argv = ["--results", str(tmp_path / "s.jsonl"), "--presets", "qwen3", "--shapes", "Average", "--load", "0.7",
-            "--seeds", "0", "--duration", "6", "--workers", "1", "--search-passes", "0", "--with-eplb", "--json"]
+            "--seeds", "0", "--duration", "2", "--workers", "1", "--search-passes", "0", "--with-eplb", "--json"]
     assert sweep.main(parser.parse_args(argv + ["--eplb-steps", "20"])) == 0
     every20 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert every20["rebalances_tiersched"]["min"] >= 1

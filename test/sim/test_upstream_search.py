@@ -179,7 +179,7 @@ def test_compare_sweep_and_speed_take_a_users_trace_file(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     sweep.add_arguments(parser)
     assert sweep.main(parser.parse_args(["--results", str(tmp_path / "s.jsonl"), "--presets", "qwen3", "--trace",
-                                         str(path), "--load", "0.5", "--seeds", "0", "--duration", "6",
+                                         str(path), "--load", "0.5", "--seeds", "0", "--duration", "2",
                                          "--search-passes", "0", "--workers", "1", "--json"])) == 0
     row = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])
     assert row["trace"] == str(path) and row["runs"]["tiersched"]["requests"] > 0
