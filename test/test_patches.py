@@ -29,7 +29,11 @@ def _copy_manifest(tmp_path):
     return target
 
 
-def test_wrong_fingerprint_fails_with_readable_diff(tmp_path, monkeypatch):
+def test_wrong_fingerprint_fails_with_readable_diff(tmp_path, monkeypatch, capsys):
+    """The CLI's own main() in this process (the subprocess run above covers `python -m`): it reads the folder
+    from TIERSCHED_PATCHES_DIR, exits 1 and names the changed target with both fingerprints."""
+    from tiersched.patches.__main__ import main
+
     directory = _copy_manifest(tmp_path)
     path = directory / "cpu-fixes.toml"
     text = path.read_text()
@@ -37,10 +41,10 @@ def test_wrong_fingerprint_fails_with_readable_diff(tmp_path, monkeypatch):
     assert good in text
     path.write_text(text.replace(good, "sha256:000000000000000000000000"))
     monkeypatch.setenv("TIERSCHED_PATCHES_DIR", str(directory))
-    result = subprocess.run([sys.executable, "-m", "tiersched.patches", "check"], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "CHANGED  sglang.srt.layers.moe.fused_moe_native.moe_forward_native" in result.stdout
-    assert f"!= installed {good}" in result.stdout
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "CHANGED  sglang.srt.layers.moe.fused_moe_native.moe_forward_native" in out
+    assert f"!= installed {good}" in out
 
 
 def test_moved_target_is_reported_missing(tmp_path):
