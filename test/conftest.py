@@ -6,8 +6,9 @@ several tests need starts once. A test (or its module, through `pytestmark`) dec
 pool stops a server right after the last collected test that declared it, and starts servers ahead of need (the
 next declared ones, up to 4 running) so that starts overlap. test/README.md, "Real servers", says how to add one.
 
-With pytest-xdist, `pytest` runs on 2 workers and every real-server test is in one xdist group (one worker, one
-pool); test/README.md, "Two workers".
+With pytest-xdist, `pytest` runs on 2 workers and the real-server tests are in two xdist groups, each run by one
+worker with a pool of its own: those marked `second_pool` (servers no other test uses) and all the others;
+test/README.md, "Two workers".
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-_PLAN = pytest.StashKey[tuple]()  # (specs in order of first use, {spec: nodeid of the last test declaring it})
+_PLAN = pytest.StashKey[dict]()  # group -> (specs in order of first use, {spec: nodeid of the last test declaring it})
+_GROUP = pytest.StashKey[str]()  # the server group of the test being set up / run
 _POOL = pytest.StashKey[object]()
 _CURRENT = pytest.StashKey[set]()  # specs declared by the test being set up / run
 
@@ -77,7 +79,9 @@ POOL_MODELS = {"tiny": "tiny_model_dir", "tiny-skewed": "skewed_tiny_model_dir"}
 # ---- Two pytest-xdist workers; every real-server test on one of them (test/README.md, "Two workers") ----
 
 XDIST_WORKERS = 2  # `pytest -q` runs on this many workers (`-n 0`, `-p no:xdist`, `-s`: one process)
-SERVER_GROUP = "real-servers"  # the scope of every real-server test in the scheduler below
+SERVER_GROUP = "real-servers"  # the scope of every real-server test in the scheduler below...
+SECOND_GROUP = "real-servers-2"  # ...but those marked second_pool: a scope of their own, with a pool of their own
+ALL_GROUPS = "all"  # one process (no xdist): one pool for every group, in collection order
 _XDIST_DIR = pytest.StashKey[str]()  # the controller's folder shared with its workers
 
 
@@ -128,19 +132,26 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadGroupScheduling
 
     class ServerGroupScheduling(LoadGroupScheduling):
-        server_tests: frozenset | None = None
+        server_tests: dict | None = None  # nodeid -> its server group
 
         def _split_scope(self, nodeid: str) -> str:
             if self.server_tests is None:
                 with open(_server_tests_file(config.stash[_XDIST_DIR])) as f:
-                    self.server_tests = frozenset(json.load(f))
-            return SERVER_GROUP if nodeid in self.server_tests else super()._split_scope(nodeid)
+                    self.server_tests = json.load(f)
+            return self.server_tests.get(nodeid) or super()._split_scope(nodeid)
 
     return ServerGroupScheduling(config, log)
 
 
 def _in_server_group(item) -> bool:
     return bool(item.get_closest_marker("server") or _declared(item))
+
+
+def _group(item) -> str | None:
+    """The real-server group of a test (None: CPU-only)."""
+    if not _in_server_group(item):
+        return None
+    return SECOND_GROUP if item.get_closest_marker("second_pool") else SERVER_GROUP
 
 
 @contextlib.contextmanager
@@ -155,11 +166,11 @@ def _flock(path: str, operation: int):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """On an xdist worker, a CPU-only test holds the shared folder's cpu lock shared for its whole run, after
-    passing its turnstile: a `quiet_cpu` test (below) holding the turnstile keeps new ones from starting while it
-    waits for the running ones to end."""
+    """On an xdist worker, a CPU-only test (or a `second_pool` real-server test) holds the shared folder's cpu lock
+    shared for its whole run, after passing its turnstile: a `quiet_cpu` test (below, only in the first server
+    group) holding the turnstile keeps new ones from starting while it waits for the running ones to end."""
     folder = _xdist_dir(item.config)
-    if folder is None or _in_server_group(item):
+    if folder is None or _group(item) == SERVER_GROUP:
         yield
         return
     with _flock(os.path.join(folder, "turnstile.lock"), fcntl.LOCK_EX):
@@ -187,6 +198,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "quiet_cpu: it measures latency; under xdist no CPU-only test runs on another worker during its "
                    "call")
+    config.addinivalue_line(
+        "markers", "second_pool: a real-server test whose servers no test outside this marker uses; under xdist "
+                   "these tests run on the other worker with a pool of their own (test/README.md, 'Two workers')")
 
 
 def _declared(item) -> list:
@@ -195,25 +209,37 @@ def _declared(item) -> list:
 
 @pytest.hookimpl(tryfirst=True)  # an xdist worker's own hook then reports the collection to the controller
 def pytest_collection_finish(session):
-    """After selection (-m, -k): the order in which specs are first used and the last test using each. On an
-    xdist worker, also the real-server tests' ids for the controller's scheduler (every worker writes the same)."""
-    order, last = [], {}
+    """After selection (-m, -k): per server group (and for all of them), the order in which specs are first used
+    and the last test using each. On an xdist worker, also the real-server tests' groups for the controller's
+    scheduler (every worker writes the same). A spec declared in both groups, or a `quiet_cpu` test in the second,
+    is a usage error: the two pools would each start that server, and a quiet test must own the first worker."""
+    plans: dict[str, tuple[list, dict]] = {}
+    owner: dict = {}
     for item in session.items:
+        group = _group(item)
+        if group == SECOND_GROUP and item.get_closest_marker("quiet_cpu"):
+            raise pytest.UsageError(f"{item.nodeid}: a quiet_cpu test cannot be second_pool")
         for s in _declared(item):
-            order.append(s)
-            last[s] = item.nodeid
-    session.config.stash[_PLAN] = (order, last)
+            if owner.setdefault(s, group) != group:
+                raise pytest.UsageError(f"server {s.label()!r} is declared by tests of both server groups "
+                                        f"({item.nodeid} is {group}); mark all of its tests second_pool or none")
+            for key in (group, ALL_GROUPS):
+                order, last = plans.setdefault(key, ([], {}))
+                order.append(s)
+                last[s] = item.nodeid
+    session.config.stash[_PLAN] = plans
     folder = _xdist_dir(session.config)
     if folder is not None:
         path = _server_tests_file(folder)
         with tempfile.NamedTemporaryFile("w", dir=folder, delete=False) as f:
-            json.dump([item.nodeid for item in session.items if _in_server_group(item)], f)
+            json.dump({item.nodeid: _group(item) for item in session.items if _in_server_group(item)}, f)
         os.replace(f.name, path)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
     item.config.stash[_CURRENT] = set(_declared(item))
+    item.config.stash[_GROUP] = _group(item) or SERVER_GROUP
     pool = item.config.stash.get(_POOL, None)
     if pool is not None:
         pool.expected = item.config.stash[_CURRENT]
@@ -225,7 +251,7 @@ def pytest_runtest_teardown(item, nextitem):
     yield  # the test's own fixtures are torn down first
     pool = item.config.stash.get(_POOL, None)
     if pool is not None:
-        _, last = item.config.stash.get(_PLAN, ([], {}))
+        _, last = item.config.stash.get(_PLAN, {}).get(ALL_GROUPS, ([], {}))
         pool.release(*[s for s, nodeid in last.items() if nodeid == item.nodeid])
 
 
@@ -236,9 +262,13 @@ def rig_pool(request, tmp_path_factory):
     from tiersched.rig.server import ServerPool
 
     models = {name: request.getfixturevalue(fixture) for name, fixture in POOL_MODELS.items()}
-    pool = ServerPool(models, max_alive=int(os.environ.get("TIERSCHED_POOL_MAX_ALIVE", "4")),
+    # an xdist worker runs one server group (the scheduler's scope): plan only its specs; one process runs all.
+    # The second group's pool runs at most 2 servers, so that both pools together stay within ~6 servers' memory.
+    group = request.config.stash.get(_GROUP, SERVER_GROUP) if _xdist_dir(request.config) else ALL_GROUPS
+    max_alive = int(os.environ.get("TIERSCHED_POOL_MAX_ALIVE", "4"))
+    pool = ServerPool(models, max_alive=min(max_alive, 2) if group == SECOND_GROUP else max_alive,
                       log_dir=str(tmp_path_factory.mktemp("rig-pool")))
-    order, _ = request.config.stash.get(_PLAN, ([], {}))
+    order, _ = request.config.stash.get(_PLAN, {}).get(group, ([], {}))
     pool.set_plan(order)
     pool.expected = request.config.stash.get(_CURRENT, None)
     request.config.stash[_POOL] = pool

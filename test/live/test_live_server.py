@@ -154,6 +154,7 @@ def test_rank_drained_mid_run_gets_no_more_requests_and_none_are_lost(tiny_model
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.second_pool  # its server is its own: it runs on the other xdist worker (test/conftest.py)
 @pytest.mark.rig_servers(EPLB_FAULT_SERVER)
 def test_bad_eplb_statistics_mid_run_keep_the_placement(tiny_model_dir, rig_pool):
     _need(("request", "expert"))

@@ -10,7 +10,12 @@ import rig_servers
 from rig_servers import generate
 
 DEPLOYMENTS = {"tp1": rig_servers.TP1_F32_SKEWED, "dp2": rig_servers.DP2_METRICS}
-pytestmark = [pytest.mark.server, pytest.mark.timeout(420), pytest.mark.rig_servers(*DEPLOYMENTS.values())]
+pytestmark = [pytest.mark.server, pytest.mark.timeout(420)]
+# tp1's server belongs to the second pool's tests (test_cpu_fixes_server.py, test_expert_server.py): this case runs
+# there, on the other xdist worker (test/conftest.py)
+CASES = [pytest.param("tp1", 1, id="tp1",
+                      marks=[pytest.mark.second_pool, pytest.mark.rig_servers(DEPLOYMENTS["tp1"])]),
+         pytest.param("dp2", 2, id="dp2", marks=[pytest.mark.rig_servers(DEPLOYMENTS["dp2"])])]
 
 
 def process_titles(trace_path):
@@ -47,7 +52,7 @@ def idle_cpu_seconds(titles, name, seconds):
     return sum(proc.cpu_times()[:2]) - before
 
 
-@pytest.mark.parametrize("name, schedulers", [("tp1", 1), ("dp2", 2)], ids=["tp1", "dp2"])
+@pytest.mark.parametrize("name, schedulers", CASES)
 def test_plugin_loaded_in_schedulers_and_generate_works(rig_pool, name, schedulers):
     srv = rig_pool.get(DEPLOYMENTS[name])
     trace = srv.trace_path  # every pooled server writes the plugin's process trace

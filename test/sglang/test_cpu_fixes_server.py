@@ -6,7 +6,9 @@ import rig_servers
 from rig_servers import generate
 
 SINGLE, EXPERT_PARALLEL = rig_servers.TP1_F32_SKEWED, rig_servers.TP2_EP2_F32_SKEWED  # shared (rig_servers.py)
-pytestmark = [pytest.mark.server, pytest.mark.timeout(600), pytest.mark.rig_servers(SINGLE, EXPERT_PARALLEL)]
+# second_pool: with the expert tier's server check and the smoke test's tp1 case, on the other xdist worker
+pytestmark = [pytest.mark.server, pytest.mark.second_pool, pytest.mark.timeout(600),
+              pytest.mark.rig_servers(SINGLE, EXPERT_PARALLEL)]
 
 PROMPTS = ["Hello world, this is", "The quick brown fox", "Mixture of experts models route"]
 

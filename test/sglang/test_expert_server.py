@@ -26,7 +26,9 @@ PLAIN = rig_servers.TP2_EP2_F32_SKEWED  # tp2 ep2 float32 without EPLB
 EPLB = spec("tiny-skewed", BASE_ARGS + EPLB_ARGS, env={"TIERSCHED_EXPERT_INJECT_BAD_STATS": FAULTS,
                                                      "TIERSCHED_TIERS": "expert", "TIERSCHED_SET": "expert.gamma=0"},
             timeout_s=480, name="ep2 eplb faults")
-pytestmark = [pytest.mark.server, pytest.mark.timeout(1100), pytest.mark.rig_servers(PLAIN, EPLB)]
+# second_pool: with the CPU fixes' server check and the smoke test's tp1 case, on the other xdist worker
+pytestmark = [pytest.mark.server, pytest.mark.second_pool, pytest.mark.timeout(1100),
+              pytest.mark.rig_servers(PLAIN, EPLB)]
 PROMPTS = ["The quick brown fox", "Hello world 1", "1 2 3 4 5 6", "zzzz yyyy xxxx", "Expert parallel load"]
 
 
