@@ -35,11 +35,14 @@ rank: the other rank's cache stays empty and later load follows the cached prefi
 rank is charged optimistically (its pending prefill, KV and request count grow) until a snapshot newer than the
 charge replaces it, so a burst between snapshots spreads instead of herding onto the rank that looked idlest.
 
-Hot path: every request-independent term lives in one float64/int64 array per term (length num_ranks), refreshed
-when a snapshot or a charge changes it, so a decision is a handful of numpy operations over the ranks plus a
-correction for the few ranks that hold the prompt's first page; the per-rank score dicts of `Decision.scores` are
-built only when someone reads them (the adapter's debug log, tests). The arithmetic is the scalar formula's, term
-by term in the same order, so the costs are the same float64 values a per-rank loop computes.
+Hot path: every request-independent term lives in one row of a float64 array (rows: prefill, decode, kv, queue,
+static = decode + kv + queue, expert rate; one column per rank) and a Python mirror per rank, refreshed when a
+snapshot or a charge changes it. A decision is five numpy operations over the ranks (four more with the stall term)
+for the cost every rank would have without a cache hit, then the few ranks that hold the prompt's first page get
+their cost recomputed from the mirrors in Python floats. The per-rank score dicts of `Decision.scores` are built
+only when someone reads them (the adapter's debug log, tests), from a copy of the rows taken at the pick. The
+arithmetic is the scalar formula's, term by term in the same order, so the costs are the same float64 values a
+per-rank loop computes.
 """
 from __future__ import annotations
 
@@ -57,26 +60,53 @@ STALL = "stall"  # the lockstep scorer: in Decision.scores only while a Lockstep
 
 class ScoreTable(Mapping):
     """Decision.scores of one pick: rank -> {scorer: weighted score, "total": cost} over the candidate ranks, in
-    rank order. Holds the pick's per-rank term arrays (copies where the dispatcher's own arrays change later) and
-    builds the dicts on first read; a pick itself never needs them."""
+    rank order. Holds what the pick saw (a copy of the dispatcher's term rows, the request's uncached tokens per
+    holding rank, the session charge, the stall rates and horizon) and builds the columns and dicts on first read;
+    a pick itself never needs them."""
 
-    __slots__ = ("_ranks", "_columns", "_table")
+    __slots__ = ("_ranks", "_num_ranks", "_inputs", "_table")
 
-    def __init__(self, ranks: np.ndarray | None, num_ranks: int, columns: dict[str, np.ndarray | float]) -> None:
-        self._ranks = ranks  # int [C] candidate ranks, or None: every rank
-        self._columns = columns  # name -> float [num_ranks] (or one float for every rank)
+    def __init__(self, ranks: np.ndarray | None, num_ranks: int, inputs: tuple) -> None:
+        self._ranks = range(num_ranks) if ranks is None else ranks  # int [C] candidate ranks
+        self._num_ranks = num_ranks
+        self._inputs = inputs
         self._table: dict[int, dict[str, float]] | None = None
-        if ranks is None:
-            self._ranks = range(num_ranks)
+
+    def _columns(self) -> dict[str, np.ndarray | float]:
+        """The per-rank term arrays of the pick (float [num_ranks], or one float for every rank), computed as the
+        pick computed the costs: prefix = w_prefix * uncached, expert = rate * (pending + uncached), stall =
+        stall_rate * max(0, pending + uncached - horizon)."""
+        (terms, pending, cost, n_in, w_prefix, held, uncached_held, sticky_rank, session_cost, stall_rate,
+         horizon) = self._inputs
+        if held:
+            uncached = np.full(self._num_ranks, n_in, dtype=np.int64)
+            uncached[held] = uncached_held
+            prefix = w_prefix * uncached
+        else:
+            uncached = n_in
+            prefix = w_prefix * n_in
+        sticky = 0.0
+        if sticky_rank >= 0:
+            sticky = np.full(self._num_ranks, session_cost)
+            sticky[sticky_rank] = 0.0
+        columns = {"prefill": terms[0], "prefix": prefix, "decode": terms[1], "kv": terms[2], "queue": terms[3],
+                   "expert": terms[5] * (pending + uncached), "session": sticky}
+        if stall_rate is not None:
+            excess = pending + uncached
+            excess -= horizon
+            np.maximum(excess, 0, out=excess)
+            columns[STALL] = stall_rate * excess
+        columns["total"] = cost
+        return columns
 
     def _built(self) -> dict[int, dict[str, float]]:
         if self._table is None:
             ranks = list(self._ranks)
             cols = {name: (col[ranks].tolist() if isinstance(col, np.ndarray) else [float(col)] * len(ranks))
-                    for name, col in self._columns.items()}
+                    for name, col in self._columns().items()}
             names = (*SCORER_NAMES, STALL, "total") if STALL in cols else (*SCORER_NAMES, "total")
             self._table = {r: {name: cols[name][i] for name in names} for i, r in enumerate(ranks)}
-            self._columns = {}
+            self._inputs = ()
         return self._table
 
     def __getitem__(self, rank: int) -> dict[str, float]:
@@ -108,15 +138,13 @@ class ScoreDispatcher(Dispatcher):
         self._opt_reqs = [0] * num_ranks
         self._charges: list[deque[tuple[float, int, int]]] = [deque() for _ in range(num_ranks)]
         self._sessions: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (rank, context tokens)
-        # Per-rank terms that do not depend on the request (one entry per rank), refreshed when a snapshot or a
-        # charge changes them.
+        # Per-rank terms that do not depend on the request, refreshed when a snapshot or a charge changes them:
+        # rows of one array (copied whole into a pick's ScoreTable) and, per rank, the Python floats the pick's
+        # per-rank correction reads (prefill, static, expert rate, pending).
+        self._terms = np.zeros((6, num_ranks))  # rows: w_prefill * pending, decode, kv, queue, static, expert rate
+        self._prefill, self._decode, self._kv, self._queue, self._static, self._expert_rate = self._terms
         self._pending = np.zeros(num_ranks, dtype=np.int64)  # remaining prefill + optimistic, tokens
-        self._prefill = np.zeros(num_ranks)  # w_prefill * pending
-        self._decode = np.zeros(num_ranks)
-        self._kv = np.zeros(num_ranks)
-        self._queue = np.zeros(num_ranks)
-        self._static = np.zeros(num_ranks)  # decode + kv + queue
-        self._expert_rate = np.zeros(num_ranks)  # w_expert * (pressure - 1)
+        self._mirror: list[tuple[float, float, float, int]] = [(0.0, 0.0, 0.0, 0)] * num_ranks
         self._full = [False] * num_ranks  # KV use with optimistic charges at or above the overload fraction
         self._mean_capacity = 0.0
         self._cands: tuple[np.ndarray | None, dict[int, str]] | None = None  # candidates() cache
@@ -197,16 +225,17 @@ class ScoreDispatcher(Dispatcher):
         cfg, load = self.config, self.loads[r]
         cap = load.kv_capacity_tokens
         pending = load.remaining_prefill_tokens + self._opt_prefill[r]
-        self._pending[r] = pending
-        self._prefill[r] = cfg.weight_prefill * pending
+        prefill = cfg.weight_prefill * pending
         decode = cfg.weight_decode * load.running_decode_tokens
         kv_scale = self._mean_capacity / cap if cap > 0 else 1.0
         kv_used = load.kv_used_tokens + self._opt_kv[r]
         kv = cfg.weight_kv * kv_used * kv_scale
         queue = cfg.weight_queue * (load.queue_len + load.running_reqs + self._opt_reqs[r])
-        self._decode[r], self._kv[r], self._queue[r] = decode, kv, queue
-        self._static[r] = decode + kv + queue
-        self._expert_rate[r] = cfg.weight_expert * (load.expert_pressure - 1.0)
+        static = decode + kv + queue
+        rate = cfg.weight_expert * (load.expert_pressure - 1.0)
+        self._pending[r] = pending
+        self._terms[:, r] = (prefill, decode, kv, queue, static, rate)
+        self._mirror[r] = (prefill, static, rate, pending)
         full = cap > 0 and kv_used >= cfg.kv_overload_fraction * cap
         if full != self._full[r]:
             self._full[r] = full
@@ -257,37 +286,41 @@ class ScoreDispatcher(Dispatcher):
             sticky_rank = session[0]
         session_cost = cfg.weight_session * session[1] if sticky_rank >= 0 else 0.0
 
-        # uncached tokens per rank: n_in everywhere but on the ranks that hold part of the prompt
-        if held_ranks:
-            hits = np.array(depths, dtype=np.int64) * block
-            np.minimum(hits, n_in, out=hits)
-            uncached = np.full(self.num_ranks, n_in, dtype=np.int64)
-            uncached[held_ranks] = n_in - hits
-            prefix = cfg.weight_prefix * uncached
-        else:
-            uncached = n_in
-            prefix = cfg.weight_prefix * n_in
-        pending, prefill = self._pending, self._prefill
-        expert = self._expert_rate * (pending + uncached)
-        cost = prefill + prefix
+        # Every rank's cost as if it held none of the prompt (uncached = n_in):
+        # (((prefill + prefix) + static) + expert) + stall.
+        w_prefix = cfg.weight_prefix
+        pending = self._pending
+        expert = pending + n_in
+        expert = self._expert_rate * expert
+        cost = self._prefill + w_prefix * n_in
         cost += self._static
         cost += expert
-        rate = self._stall_rate
-        if rate is not None:  # lockstep: the tokens q adds past the group's prefill horizon, priced per rank
-            excess = pending + uncached
-            excess -= self._pending_max
+        stall_rate, horizon = self._stall_rate, self._pending_max
+        if stall_rate is not None:  # lockstep: the tokens q adds past the group's prefill horizon, priced per rank
+            excess = pending + n_in
+            excess -= horizon
             np.maximum(excess, 0, out=excess)
-            stall = rate * excess
-            cost += stall
-        sticky = 0.0
+            cost += stall_rate * excess
+        # The ranks that hold part of it: the same formula in Python floats with their own uncached tokens.
+        uncached_held = []
+        if held_ranks:
+            mirror = self._mirror
+            for r, d in zip(held_ranks, depths):
+                hit = d * block
+                uncached = n_in - hit if hit < n_in else 0
+                uncached_held.append(uncached)
+                prefill, static, rate, pend = mirror[r]
+                c = prefill + w_prefix * uncached + static + rate * (pend + uncached)
+                if stall_rate is not None:
+                    excess = pend + uncached - horizon
+                    c += stall_rate[r] * (excess if excess > 0 else 0)
+                cost[r] = c
         if sticky_rank >= 0:  # every other rank pays the session's context (the sticky rank adds 0.0)
             keep = cost[sticky_rank]
             cost += session_cost
             cost[sticky_rank] = keep
-            sticky = np.full(self.num_ranks, session_cost)
-            sticky[sticky_rank] = 0.0
         costs = cost if ranks is None else cost[ranks]
-        best = int(np.argmin(costs))  # first minimum: ties keep the lower rank index
+        best = int(costs.argmin())  # first minimum: ties keep the lower rank index
         if costs[best] != costs[best]:  # argmin returns the first NaN; a NaN cost (NaN load field) never wins
             if np.isnan(costs).all():
                 raise RuntimeError("every candidate DP rank's cost is NaN; check the ranks' load snapshots")
@@ -298,14 +331,11 @@ class ScoreDispatcher(Dispatcher):
                 blocks_on = self.index.blocks_on
                 best = min(tied.tolist(), key=lambda i: blocks_on(i if ranks is None else int(ranks[i])))
         best_rank = best if ranks is None else int(ranks[best])
-        best_hit = int(hits[held_ranks.index(best_rank)]) if best_rank in held_ranks else 0
-        state = np.array((prefill, self._decode, self._kv, self._queue))  # as they are before the charge below
-        columns = {"prefill": state[0], "prefix": prefix, "decode": state[1], "kv": state[2], "queue": state[3],
-                   "expert": expert, "session": sticky}
-        if rate is not None:
-            columns[STALL] = stall
-        columns["total"] = cost
-        scores = ScoreTable(ranks, self.num_ranks, columns)
+        best_hit = n_in - uncached_held[held_ranks.index(best_rank)] if best_rank in held_ranks else 0
+        # as they are before the charge below
+        scores = ScoreTable(ranks, self.num_ranks, (self._terms.copy(), pending.copy(), cost, n_in, w_prefix,
+                                                    held_ranks, uncached_held, sticky_rank, session_cost,
+                                                    stall_rate, horizon))
         self._charge(best_rank, req, best_hit, now_s)
         return Decision(rank=best_rank, expected_cached_tokens=best_hit, scores=scores, filtered=filtered)
 
