@@ -19,16 +19,15 @@ from typing import Sequence
 import numpy as np
 
 # Page keys: each page's tokens hashed by Python's tuple hash (C, no per-token Python work), then chained over
-# pages with a polynomial over Z/2^64 (key_i = sum_j page_j * Q^(i-j) + seed * Q^(i+1)), vectorised with numpy and
-# finished with the splitmix64 mixer. The position-dependent powers of Q matter: Python's tuple hash is close to
-# additive in its items (add, rotate, multiply by constants), so a plain running sum of page hashes would collide for
-# prompts whose pages hold the same small tokens in another order. A collision (~2^-64 per pair of different
-# prefixes of one length) only makes the dispatcher expect a cache hit that is not there; the rank's radix cache
-# compares the tokens themselves.
+# pages with a polynomial over Z/2^64 (key_i = sum_j page_j * Q^(i-j) + seed * Q^(i+1)), vectorised with numpy. The
+# position-dependent powers of Q matter: Python's tuple hash is close to additive in its items (add, rotate,
+# multiply by constants), so a plain running sum of page hashes would collide for prompts whose pages hold the same
+# small tokens in another order. No finishing mixer: a mixer (e.g. splitmix64's) is a bijection of Z/2^64, so it
+# changes no collision, and the keys are only compared for equality and used as dict keys. A collision (~2^-64 per
+# pair of different prefixes of one length) only makes the dispatcher expect a cache hit that is not there; the
+# rank's radix cache compares the tokens themselves, so a wrong key never changes what a request computes.
 _Q = np.uint64(0x9E3779B97F4A7C15)  # odd, so invertible mod 2^64
 _Q_INV = np.uint64(pow(int(_Q), -1, 1 << 64))
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64 finaliser constants
-_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 _POWERS: list[np.ndarray] = [np.ones(0, dtype=np.uint64), np.ones(0, dtype=np.uint64)]  # Q^i, Q^-i
 
 
@@ -48,7 +47,7 @@ def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int 
     hash collisions). Deterministic across processes (no per-process hash seed).
 
     Cost: one C-level pass over the ids (`zip` over one iterator cuts the pages, `map(hash)` hashes each as a tuple)
-    plus ~10 in-place numpy passes over the n // B page hashes. The ids arrive as a Python list; converting them to
+    plus four in-place numpy passes over the n // B page hashes. The ids arrive as a Python list; converting them to
     a numpy array costs more per token than this whole pass (`bench engine` prints the one-pass floor
     `hash(tuple(ids))` beside the hashing time), so only the per-page chain is vectorised."""
     if block_tokens <= 0:
@@ -67,14 +66,6 @@ def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int 
     if seed % (1 << 64):
         keys += np.uint64(seed * int(_Q) % (1 << 64))
     keys *= up
-    tmp = keys >> _S30  # splitmix64 finaliser: spreads the linear chain over all bits
-    keys ^= tmp
-    keys *= _M1
-    np.right_shift(keys, _S27, out=tmp)
-    keys ^= tmp
-    keys *= _M2
-    np.right_shift(keys, _S31, out=tmp)
-    keys ^= tmp
     return tuple(keys.tolist())
 
 
