@@ -8,12 +8,18 @@ root-to-leaf walk. Each rank's pages are bounded by its KV capacity in pages and
 page by page: an insert touches the prompt's pages leaf first, so a prefix's root is always at least as recent as
 its extensions, eviction trims leaves first, as RadixCache does, and every rank's pages stay prefix-closed.
 Matching walks the tree; the keys are chained, so a page key appears at one place in a rank's tree only.
+
+The index stores keys packed: each key mod 2^64 as 8 little-endian bytes, a run of keys one `bytes` object
+(`pack_keys`). Comparing a prompt with a run is then one memcmp (`bytes.startswith`), a split or a trim one memcpy,
+and no Python int per page is kept or touched (8 bytes a page instead of a pointer and a 32-byte int object). Keys
+that are equal mod 2^64 are the same page to the index (for chained_block_hashes' keys, which are < 2^64, only
+equal keys are).
 """
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
-from itertools import compress, count, repeat
-from operator import ne
+from itertools import compress, repeat
 from typing import Sequence
 
 import numpy as np
@@ -69,24 +75,47 @@ def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int 
     return tuple(keys.tolist())
 
 
+_MASK = (1 << 64) - 1
+
+
+def pack_keys(keys: Sequence[int]) -> bytes:
+    """Page keys as the index stores them: each key mod 2^64, 8 bytes little-endian, concatenated (8 * len bytes)."""
+    try:
+        return struct.pack(f"<{len(keys)}Q", *keys)
+    except struct.error:  # a key < 0 or >= 2^64 (e.g. a signed hash): reduce it mod 2^64
+        return struct.pack(f"<{len(keys)}Q", *(int(k) & _MASK for k in keys))
+
+
+def _unpack(run: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(run) >> 3}Q", run)
+
+
 class _Node:
-    """A run of consecutive pages of one rank's tree: `run` their keys (root side first), `children` the next
-    runs keyed by their first key."""
+    """A run of consecutive pages of one rank's tree: `run` their packed keys (root side first, 8 bytes a page),
+    `children` the next runs keyed by their first packed key."""
 
     __slots__ = ("run", "children", "parent")
 
-    def __init__(self, run: tuple, parent: "_Node | None") -> None:
+    def __init__(self, run: bytes, parent: "_Node | None") -> None:
         self.run = run
-        self.children: dict[int, _Node] = {}
+        self.children: dict[bytes, _Node] = {}
         self.parent = parent
 
 
-def _common(run: tuple, keys: Sequence[int], start: int) -> int:
-    """Length of the common prefix of run and keys[start:] (C-level scan)."""
-    tail = keys[start : start + len(run)]
-    if tail == run:
+def _common(run: bytes, packed: bytes, start: int) -> int:
+    """Bytes (whole keys) of the common prefix of run and packed[start:]: a binary search over prefix equality (true
+    up to the first differing key, false after it, for any keys), each probe one memcmp without a copy."""
+    if packed.startswith(run, start):
         return len(run)
-    return next(compress(count(), map(ne, run, tail)), min(len(run), len(tail)))
+    view = memoryview(run)
+    lo, hi = 0, min(len(run), len(packed) - start) >> 3  # in keys: the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if packed.startswith(view[: mid << 3], start):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo << 3
 
 
 class PrefixIndex:
@@ -98,8 +127,9 @@ class PrefixIndex:
     node for the pages it brings, merges each path node with its only child when that child is on the path too, and
     moves the path's nodes to the recent end leaf first; every page of a node was last touched by the same insert,
     so the page-level LRU order is the node order with each node's pages leaf first, and the oldest node is always
-    a leaf. Eviction trims the oldest leaves from their tail. An insert or a
-    match costs a few dict operations per node on the path, not per page.
+    a leaf. Eviction trims the oldest leaves from their tail. An insert or a match costs a few dict operations and
+    memcmp/memcpy calls per node on the path, not Python work per page. `match_held_packed` and `insert_packed`
+    take the keys already packed (`pack_keys`), so a caller doing both packs once.
     """
 
     def __init__(self, num_ranks: int, max_blocks_per_rank: int) -> None:
@@ -108,8 +138,8 @@ class PrefixIndex:
         self.num_ranks = num_ranks
         self.max_blocks_per_rank = max_blocks_per_rank
         self.capacity_blocks = [max_blocks_per_rank] * num_ranks
-        self._roots = [_Node((), None) for _ in range(num_ranks)]
-        self._tops = [root.children for root in self._roots]  # first-page key -> node, per rank
+        self._roots = [_Node(b"", None) for _ in range(num_ranks)]
+        self._tops = [root.children for root in self._roots]  # first page's packed key -> node, per rank
         self._lru: list[OrderedDict[_Node, None]] = [OrderedDict() for _ in range(num_ranks)]
         self._pages = [0] * num_ranks
         self._ranks = range(num_ranks)
@@ -123,11 +153,12 @@ class PrefixIndex:
 
     def holds(self, rank: int, key: int) -> bool:
         """Whether rank holds the page with this key (a scan of its tree: for checks, not the hot path)."""
-        return any(key in node.run for node in self._lru[rank])
+        key = int(key) & _MASK
+        return any(key in _unpack(node.run) for node in self._lru[rank])
 
     def pages_lru(self, rank: int) -> list[int]:
-        """rank's page keys from least to most recently touched (the order eviction takes them)."""
-        return [key for node in self._lru[rank] for key in reversed(node.run)]
+        """rank's page keys (mod 2^64) from least to most recently touched (the order eviction takes them)."""
+        return [key for node in self._lru[rank] for key in reversed(_unpack(node.run))]
 
     def set_capacity(self, rank: int, capacity_blocks: int) -> None:
         """Keep rank's page count within what its KV pool can hold (evicting LRU pages)."""
@@ -142,11 +173,17 @@ class PrefixIndex:
         return depth
 
     def match_held(self, keys: Sequence[int]) -> tuple[list[int], list[int]]:
-        """(ranks that hold at least the first page, in rank order; matched prefix length in pages on each).
-        The ranks that hold not even the first page are skipped in one C-level pass over the ranks' roots."""
-        if not keys:
+        """(ranks that hold at least the first page, in rank order; matched prefix length in pages on each)."""
+        return self.match_held_packed(pack_keys(keys)) if len(keys) else ([], [])
+
+    def match_held_packed(self, packed: bytes) -> tuple[list[int], list[int]]:
+        """match_held for keys packed by pack_keys. The ranks that hold not even the first page are skipped in one
+        C-level pass over the ranks' roots; on the others the walk compares whole runs (memcmp) and stops at the
+        first miss."""
+        n = len(packed)
+        if n == 0:
             return [], []
-        first, n, tops = keys[0], len(keys), self._tops
+        first, tops = packed[:8], self._tops
         ranks = list(compress(self._ranks, map(dict.__contains__, tops, repeat(first))))
         depths: list[int] = []
         append = depths.append
@@ -154,43 +191,47 @@ class PrefixIndex:
             node, i = tops[r][first], 0
             while True:
                 run = node.run
-                end = i + len(run)
-                # chained keys: equal keys at the run's last page mean the whole run is equal
-                if end > n or keys[end - 1] != run[-1]:  # the prompt leaves or ends inside this run
-                    i += _common(run, keys, i)
+                if not packed.startswith(run, i):  # the prompt leaves or ends inside this run
+                    i += _common(run, packed, i)
                     break
-                i = end
+                i += len(run)
                 if i == n:
                     break
-                node = node.children.get(keys[i])
+                node = node.children.get(packed[i : i + 8])
                 if node is None:
                     break
-            append(i)
+            append(i >> 3)
         return ranks, depths
 
     def insert(self, rank: int, keys: Sequence[int]) -> None:
         """Record that rank now caches this prefix (all of keys), then evict down to its capacity."""
-        n = len(keys)
+        if len(keys):
+            self.insert_packed(rank, pack_keys(keys))
+
+    def insert_packed(self, rank: int, packed: bytes) -> None:
+        """insert for keys packed by pack_keys."""
+        n = len(packed)
         if n == 0:
             return
-        keys = tuple(keys)
         lru, parent, i, path = self._lru[rank], self._roots[rank], 0, []
         while i < n:
-            node = parent.children.get(keys[i])
+            head_key = packed[i : i + 8]
+            node = parent.children.get(head_key)
             if node is None:  # the rest of the prompt is new: one node
-                node = _Node(keys[i:], parent)
-                parent.children[keys[i]] = node
+                node = _Node(packed[i:], parent)
+                parent.children[head_key] = node
                 lru[node] = None
-                self._pages[rank] += n - i
+                self._pages[rank] += (n - i) >> 3
                 path.append(node)
                 break
-            m = _common(node.run, keys, i)
-            if m < len(node.run):  # the prompt leaves (or ends inside) this run: split off the untouched tail
-                head = _Node(node.run[:m], parent)
-                parent.children[keys[i]] = head
-                node.run = node.run[m:]
+            run = node.run
+            m = _common(run, packed, i)
+            if m < len(run):  # the prompt leaves (or ends inside) this run: split off the untouched tail
+                head = _Node(run[:m], parent)
+                parent.children[head_key] = head
+                node.run = run[m:]
                 node.parent = head
-                head.children[node.run[0]] = node
+                head.children[node.run[:8]] = node
                 lru[head] = None
                 node = head
             path.append(node)
@@ -227,13 +268,13 @@ class PrefixIndex:
         lru = self._lru[rank]
         while excess > 0:
             node = next(iter(lru))  # the oldest node; a leaf (children are touched before their parents)
-            m = len(node.run)
+            m = len(node.run) >> 3
             if m <= excess:
                 del lru[node]
-                del node.parent.children[node.run[0]]
+                del node.parent.children[node.run[:8]]
                 self._pages[rank] -= m
                 excess -= m
             else:
-                node.run = node.run[: m - excess]
+                node.run = node.run[: (m - excess) << 3]
                 self._pages[rank] -= excess
                 excess = 0

@@ -52,7 +52,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from tiersched.core.engine import Decision, Dispatcher, DispatchRequest, EngineTierConfig, LockstepGroup, RankLoad
-from tiersched.core.engine.prefix_index import PrefixIndex
+from tiersched.core.engine.prefix_index import PrefixIndex, pack_keys
 
 SCORER_NAMES = ("prefill", "prefix", "decode", "kv", "queue", "expert", "session")
 STALL = "stall"  # the lockstep scorer: in Decision.scores only while a LockstepGroup is set and weight_stall > 0
@@ -279,7 +279,8 @@ class ScoreDispatcher(Dispatcher):
         filtered = dict(filtered) if filtered else {}
         block = cfg.block_tokens
         n_in = req.input_tokens
-        held_ranks, depths = self.index.match_held(req.prefix_blocks) if req.prefix_blocks else ((), ())
+        packed = pack_keys(req.prefix_blocks) if req.prefix_blocks else b""
+        held_ranks, depths = self.index.match_held_packed(packed) if packed else ((), ())
         session = self._sessions.get(req.session_key) if req.session_key is not None else None
         sticky_rank = -1
         if session is not None and (session[0] in ranks if ranks is not None else 0 <= session[0] < self.num_ranks):
@@ -336,19 +337,20 @@ class ScoreDispatcher(Dispatcher):
         scores = ScoreTable(ranks, self.num_ranks, (self._terms.copy(), pending.copy(), cost, n_in, w_prefix,
                                                     held_ranks, uncached_held, sticky_rank, session_cost,
                                                     stall_rate, horizon))
-        self._charge(best_rank, req, best_hit, now_s)
+        self._charge(best_rank, req, best_hit, now_s, packed)
         return Decision(rank=best_rank, expected_cached_tokens=best_hit, scores=scores, filtered=filtered)
 
     def record(self, rank: int, req: DispatchRequest, now_s: float) -> int:
         """Account a request that was routed to `rank` by someone else (e.g. an explicit routed_dp_rank);
         returns the cached tokens the index expected there."""
-        held_ranks, depths = self.index.match_held(req.prefix_blocks) if req.prefix_blocks else ((), ())
+        packed = pack_keys(req.prefix_blocks) if req.prefix_blocks else b""
+        held_ranks, depths = self.index.match_held_packed(packed) if packed else ((), ())
         depth = depths[held_ranks.index(rank)] if rank in held_ranks else 0
         hit = min(depth * self.config.block_tokens, req.input_tokens)
-        self._charge(rank, req, hit, now_s)
+        self._charge(rank, req, hit, now_s, packed)
         return hit
 
-    def _charge(self, rank: int, req: DispatchRequest, hit: int, now_s: float) -> None:
+    def _charge(self, rank: int, req: DispatchRequest, hit: int, now_s: float, packed: bytes) -> None:
         uncached = req.input_tokens - hit
         self._opt_prefill[rank] += uncached
         self._opt_kv[rank] += uncached
@@ -357,8 +359,8 @@ class ScoreDispatcher(Dispatcher):
         self._refresh(rank)
         if self._pending[rank] > self._pending_max:
             self._pending_max = int(self._pending[rank])
-        if req.prefix_blocks:
-            self.index.insert(rank, req.prefix_blocks)
+        if packed:
+            self.index.insert_packed(rank, packed)
         if req.session_key is not None:
             sessions = self._sessions
             sessions[req.session_key] = (rank, req.input_tokens)
