@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tiersched.core.engine import EngineTierConfig, DispatchRequest, RankLoad
 from tiersched.core.engine.upstream import TotalRequestsDispatcher
 from tiersched.core.engine.score import SCORER_NAMES, ScoreDispatcher
-from tiersched.core.engine.prefix_index import PrefixIndex, chained_block_hashes
+from tiersched.core.engine.prefix_index import PageKeys, PrefixIndex, chained_block_hashes, pack_keys, page_keys
 
 ONLY = {f"weight_{n}": 0.0 for n in SCORER_NAMES}
 
@@ -380,6 +380,44 @@ def test_hashes_are_deterministic_and_accept_arrays_tuples_and_seeds():
     assert all(isinstance(k, int) and 0 <= k < 2**64 for k in keys) and len(set(keys)) == len(keys)
     with pytest.raises(ValueError, match="block_tokens must be positive"):
         chained_block_hashes(tokens, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), block=st.sampled_from([1, 4, 16]))
+def test_packed_page_keys_read_as_the_tuple_and_decide_the_same(seed, block):
+    """page_keys (what the adapter builds) equals chained_block_hashes' tuple as a sequence (items, slices, hash),
+    packs to what pack_keys makes of the tuple, and a dispatcher fed the packed keys makes the same decisions, with
+    the same scores, and holds the same pages as one fed the tuples."""
+    rng = random.Random(seed)
+    bases = [[rng.randrange(0, 4) for _ in range(rng.randrange(0, 8 * block))] for _ in range(3)]
+    cfg = EngineTierConfig(block_tokens=block, max_blocks_per_rank=12)
+    a, b = ScoreDispatcher(5, cfg), ScoreDispatcher(5, cfg)
+    snapshot = [RankLoad(rank=r, kv_capacity_tokens=12 * block, remaining_prefill_tokens=rng.randrange(0, 500),
+                         timestamp_s=1.0) for r in range(5)]
+    a.update_loads(snapshot, 1.0)
+    b.update_loads(snapshot, 1.0)
+    for step in range(25):
+        tokens = list(rng.choice(bases)) + [rng.randrange(0, 4) for _ in range(rng.randrange(0, 3 * block))]
+        packed, keys = page_keys(tokens, block), chained_block_hashes(tokens, block)
+        assert isinstance(packed, PageKeys) and packed == keys and keys == packed and hash(packed) == hash(keys)
+        assert len(packed) == len(keys) and list(packed) == list(keys) and packed[1:3] == keys[1:3]
+        assert pack_keys(keys) == packed.packed
+        da = a.pick(DispatchRequest(str(step), len(tokens), packed), 1.0 + step)
+        db = b.pick(DispatchRequest(str(step), len(tokens), keys), 1.0 + step)
+        assert (da.rank, da.expected_cached_tokens, dict(da.scores)) == (db.rank, db.expected_cached_tokens,
+                                                                          dict(db.scores))
+    assert [a.index.pages_lru(r) for r in range(5)] == [b.index.pages_lru(r) for r in range(5)]
+
+
+def test_index_takes_keys_outside_uint64_mod_2_64():
+    """Signed or oversized keys (e.g. Python hash() values) are stored mod 2^64: -1 and 2^64 - 1 are one page."""
+    index = PrefixIndex(2, max_blocks_per_rank=10)
+    index.insert(0, (-1, 5, 2**64 + 7))
+    assert index.match(((1 << 64) - 1, 5, 7)) == [3, 0]
+    assert index.holds(0, -1) and index.holds(0, 7) and not index.holds(1, -1)
+    assert index.pages_lru(0) == [7, 5, (1 << 64) - 1]
+    with pytest.raises(ValueError, match="8 bytes each"):
+        PageKeys(b"123")
 
 
 class _ListLRU:

@@ -36,7 +36,9 @@ class RankLoad:
 class DispatchRequest:
     rid: str
     input_tokens: int
-    prefix_blocks: tuple[int, ...] = ()  # hashes of the prompt's full KV pages, chained (page i covers 0..i)
+    # keys of the prompt's full KV pages, chained (page i covers 0..i): a tuple of ints, or the same keys packed
+    # (prefix_index.PageKeys, what the DP-controller adapter builds)
+    prefix_blocks: Sequence[int] = ()
     session_key: str | None = None  # user/session id for stickiness
     priority: int = 0
 

@@ -47,20 +47,13 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _POWERS[0][:n], _POWERS[1][:n]
 
 
-def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int = 0) -> tuple[int, ...]:
-    """Keys of the full pages of `token_ids` (length n) -> tuple of n // block_tokens ints in [0, 2^64); a partial
-    last page is not cacheable as a block and gets no key. Equal keys at page i <=> equal tokens 0..(i+1)*B-1 (up to
-    hash collisions). Deterministic across processes (no per-process hash seed).
-
-    Cost: one C-level pass over the ids (`zip` over one iterator cuts the pages, `map(hash)` hashes each as a tuple)
-    plus four in-place numpy passes over the n // B page hashes. The ids arrive as a Python list; converting them to
-    a numpy array costs more per token than this whole pass (`bench engine` prints the one-pass floor
-    `hash(tuple(ids))` beside the hashing time), so only the per-page chain is vectorised."""
+def _chain(token_ids: Sequence[int], block_tokens: int, seed: int) -> np.ndarray:
+    """The page keys of chained_block_hashes as a uint64 array [n // block_tokens]."""
     if block_tokens <= 0:
         raise ValueError("block_tokens must be positive")
     n_blocks = len(token_ids) // block_tokens
     if n_blocks == 0:
-        return ()
+        return np.zeros(0, dtype=np.uint64)
     if isinstance(token_ids, np.ndarray):
         token_ids = token_ids.tolist()  # Python ints hash like numpy's, and 10x faster through the tuple hash
     # zip over one iterator yields the consecutive full pages as tuples (a partial last page is dropped)
@@ -72,7 +65,25 @@ def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int 
     if seed % (1 << 64):
         keys += np.uint64(seed * int(_Q) % (1 << 64))
     keys *= up
-    return tuple(keys.tolist())
+    return keys
+
+
+def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int = 0) -> tuple[int, ...]:
+    """Keys of the full pages of `token_ids` (length n) -> tuple of n // block_tokens ints in [0, 2^64); a partial
+    last page is not cacheable as a block and gets no key. Equal keys at page i <=> equal tokens 0..(i+1)*B-1 (up to
+    hash collisions). Deterministic across processes (no per-process hash seed).
+
+    Cost: one C-level pass over the ids (`zip` over one iterator cuts the pages, `map(hash)` hashes each as a tuple)
+    plus four in-place numpy passes over the n // B page hashes. The ids arrive as a Python list; converting them to
+    a numpy array costs more per token than this whole pass (`bench engine` prints the one-pass floor
+    `hash(tuple(ids))` beside the hashing time), so only the per-page chain is vectorised."""
+    return tuple(_chain(token_ids, block_tokens, seed).tolist())
+
+
+def page_keys(token_ids: Sequence[int], block_tokens: int, seed: int = 0) -> "PageKeys":
+    """chained_block_hashes' keys held packed (PageKeys): what the DP-controller adapter puts in a DispatchRequest,
+    so its per-request path makes no Python int per page and the index needs no packing."""
+    return PageKeys(_chain(token_ids, block_tokens, seed).astype("<u8", copy=False).tobytes())
 
 
 _MASK = (1 << 64) - 1
@@ -80,6 +91,8 @@ _MASK = (1 << 64) - 1
 
 def pack_keys(keys: Sequence[int]) -> bytes:
     """Page keys as the index stores them: each key mod 2^64, 8 bytes little-endian, concatenated (8 * len bytes)."""
+    if isinstance(keys, PageKeys):
+        return keys.packed
     try:
         return struct.pack(f"<{len(keys)}Q", *keys)
     except struct.error:  # a key < 0 or >= 2^64 (e.g. a signed hash): reduce it mod 2^64
@@ -88,6 +101,40 @@ def pack_keys(keys: Sequence[int]) -> bytes:
 
 def _unpack(run: bytes) -> tuple[int, ...]:
     return struct.unpack(f"<{len(run) >> 3}Q", run)
+
+
+class PageKeys(Sequence[int]):
+    """A prompt's page keys, packed as the index stores them (pack_keys); reads as the tuple of ints it packs (equal
+    to it, same hash), so a DispatchRequest may carry either. Built by page_keys."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: bytes) -> None:
+        if len(packed) % 8:
+            raise ValueError(f"packed page keys are 8 bytes each; got {len(packed)} bytes")
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.packed) >> 3
+
+    def __getitem__(self, i):  # an int or a slice, as on the tuple (slices are tuples)
+        return _unpack(self.packed)[i]
+
+    def __iter__(self):
+        return iter(_unpack(self.packed))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, PageKeys):
+            return self.packed == other.packed
+        if isinstance(other, tuple):
+            return _unpack(self.packed) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(_unpack(self.packed))
+
+    def __repr__(self) -> str:
+        return f"PageKeys({list(self)!r})"
 
 
 class _Node:

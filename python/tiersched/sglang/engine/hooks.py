@@ -23,7 +23,7 @@ import time
 from typing import Optional
 
 from tiersched.core.engine import DispatchRequest, EngineTierConfig, LockstepGroup
-from tiersched.core.engine.prefix_index import chained_block_hashes
+from tiersched.core.engine.prefix_index import page_keys
 from tiersched.core.engine.score import ScoreDispatcher
 from tiersched.sglang.cli_choices import add_choice
 from tiersched.sglang.engine import loads as loads_io
@@ -133,7 +133,7 @@ def session_key(req) -> str | None:
 
 def to_dispatch_request(req, block_tokens: int) -> DispatchRequest:
     ids = req.input_ids if req.input_ids is not None else ()
-    return DispatchRequest(rid=str(req.rid), input_tokens=len(ids), prefix_blocks=chained_block_hashes(ids, block_tokens),
+    return DispatchRequest(rid=str(req.rid), input_tokens=len(ids), prefix_blocks=page_keys(ids, block_tokens),
                            session_key=session_key(req), priority=int(req.priority or 0))
 
 
