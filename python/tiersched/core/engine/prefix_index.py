@@ -74,7 +74,7 @@ def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int 
     hash collisions). Deterministic across processes (no per-process hash seed).
 
     Cost: one C-level pass over the ids (`zip` over one iterator cuts the pages, `map(hash)` hashes each as a tuple)
-    plus four in-place numpy passes over the n // B page hashes. The ids arrive as a Python list; converting them to
+    plus three in-place numpy passes over the n // B page hashes. The ids arrive as a Python list; converting them to
     a numpy array costs more per token than this whole pass (`bench engine` prints the one-pass floor
     `hash(tuple(ids))` beside the hashing time), so only the per-page chain is vectorised."""
     return tuple(_chain(token_ids, block_tokens, seed).tolist())
