@@ -16,17 +16,23 @@ from tiersched.core.request import RequestTierConfig
 from tiersched.core.request.step_plan import RankStepSummary, RooflineStepModel, StepPlanner, fit_roofline
 
 PRIOR_SAMPLES = 600
+DECODE_ONLY_SHARE = 0.25  # sample_steps: share of steps in which no rank prefills
 
 
 def sample_steps(cost, samples: int = PRIOR_SAMPLES, seed: int = 0) -> tuple[np.ndarray, ...]:
     """Random lockstep steps priced by the simulator's StepCostModel `cost`: (tokens, pairs, decode count, decode
     context, seconds), arrays [N, R] and [N]. Each rank prefills (1..upstream chunk tokens, a prefix up to 16k),
-    decodes (1..max_running requests, 100..8000 tokens of context each) or idles."""
+    decodes (1..max_running requests, 100..8000 tokens of context each) or idles; in DECODE_ONLY_SHARE of the
+    steps no rank prefills."""
     preset = cost.preset
     r = preset.dp
     rng = np.random.default_rng(seed)
     chunk = preset.scheduler.chunked_prefill_size
     mode = rng.choice(3, size=(samples, r), p=[0.45, 0.45, 0.10])  # 0 prefill, 1 decode, 2 idle
+    # A quarter of the steps without any prefill: with many ranks (0.55^R) all-decode steps would otherwise never be
+    # drawn, and the planner's all-decode step (its stall reference) would be extrapolated from prefill steps alone.
+    decode_only = rng.uniform(size=samples) < DECODE_ONLY_SHARE
+    mode[decode_only] = np.where(mode[decode_only] == 0, 1, mode[decode_only])
     tokens = np.where(mode == 0, np.rint(np.exp(rng.uniform(0, np.log(chunk), (samples, r)))), 0.0)
     prefix = np.where(rng.uniform(size=(samples, r)) < 0.5, 0.0, rng.uniform(0, 16_384, (samples, r)))
     pairs = tokens * (prefix + (tokens + 1) / 2)
