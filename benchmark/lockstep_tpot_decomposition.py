@@ -7,8 +7,9 @@ Load = rate / the shape's measured capacity (bench/lockstep._capacity, as `tiers
 is a comma list: ordering=, dispatch=, chunk= (per rank), mixed=0|1, delay= (prefill-delayer max delay passes, 0:
 off), queue_ratio=, watermark=, plan=0|1 (the lockstep step plan) and any [request] key for the plan
 (e.g. plan_decode_weight=0.2). Default arms: upstream's TPOT-best and TTFT-best of `bench lockstep` on
-qwen3-dp4ep4 Two-end (its search at load 1.0, seed 0) and ours as that bench runs it (the plan on fcfs/round_robin
-and on the TPOT winner's ordering/dispatch with mixed chunking).
+qwen3-dp4ep4 Two-end (its search at load 1.0, seed 0) and ours as that bench runs it: the plan on fcfs/round_robin
+and on the TPOT winner's ordering/dispatch with mixed chunking, with its default settings and with the "hold"
+profile (bench/lockstep.PLAN_PROFILES).
 
 A request's TPOT is (finish - first token) / (output - 1). Between its first token and its finish it is in its
 rank's running set (or back in the waiting queue after a retraction), and every lockstep step it sits in is one
@@ -42,6 +43,8 @@ DEFAULT_ARMS = {
     "upstream_ttft_best": "ordering=shortest-prefill-first,dispatch=total_requests,chunk=1024",
     "ours_plan_fcfs_rr": "ordering=fcfs,dispatch=round_robin,chunk=8192,plan=1",
     "ours_plan_tpot_flags_mixed": "ordering=shortest-prefill-first,dispatch=total_tokens,chunk=8192,mixed=1,plan=1",
+    "ours_plan_hold_tpot_flags_mixed": "ordering=shortest-prefill-first,dispatch=total_tokens,chunk=8192,mixed=1,"
+                                       "plan=1,plan_hold_s=0.5,plan_decode_weight=10,plan_align_weight=0",
 }
 ARM_KEYS = {"ordering", "dispatch", "chunk", "mixed", "delay", "queue_ratio", "watermark", "plan"}
 
@@ -202,16 +205,14 @@ class Recorder:
 def run_arm(preset: str, shape: str, rate: float, duration_s: float, seed: int, arm: dict) -> dict:
     from tiersched.core.request import RequestTierConfig
     from tiersched.sim import PolicySet, get_preset, workloads
-    from tiersched.sim import lockstep as sim_lockstep
     from tiersched.sim.loop import Simulation
     from tiersched.sim.metrics import build_result
 
     p = get_preset(preset).with_scheduler(**_scheduler_changes(arm))
     work = workloads.synthetic(shape, rate=rate, duration_s=duration_s, seed=seed)
-    policies = PolicySet(ordering=arm["ordering"], dispatch=arm["dispatch"], step_plan="none")
+    policies = PolicySet(ordering=arm["ordering"], dispatch=arm["dispatch"],
+                         step_plan=RequestTierConfig(**arm["request"]) if arm["plan"] else "none")
     sim = Simulation(p, work, policies, seed, record_timeline=False)
-    if arm["plan"]:
-        sim.planner = sim_lockstep.make_planner("tiersched", p, sim.cost, RequestTierConfig(**arm["request"]))
     rec = Recorder(sim)
     sim.run()
     res = build_result(sim, 0.0)

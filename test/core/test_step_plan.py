@@ -38,7 +38,8 @@ def summaries(draw, min_ranks=2, max_ranks=8):
             ls_tokens=draw(st.integers(1, waiting)) if ls else 0, decode_count=decode,
             decode_context=draw(st.integers(0, 2_000_000)), kv_room_tokens=draw(st.integers(-5000, 400_000)),
             slot_room=draw(st.integers(0, 256)), mixed_rows=draw(st.sampled_from([0, decode])),
-            waiting_counted=draw(st.integers(0, reqs)), arrival_rate=draw(st.sampled_from([0.0, 5.0, 50.0]))))
+            waiting_counted=draw(st.integers(0, reqs)), arrival_rate=draw(st.sampled_from([0.0, 5.0, 50.0])),
+            oldest_wait_s=draw(st.sampled_from([0.0, 0.01, 0.2, 2.0]))))
     return out
 
 
@@ -169,6 +170,58 @@ def test_alignment_keeps_a_lone_prefill_small_while_other_ranks_have_none():
     busy = [replace(s, waiting_tokens=20_000, waiting_requests=1) for s in _lone_prefill()]
     assert plan_step(busy, MODEL, decode_weight=0.1, align_weight=1.0) == plan_step(busy, MODEL, decode_weight=0.1,
                                                                                 align_weight=0.0)
+
+
+def test_hold_waits_for_the_other_ranks_only_when_the_stall_saved_pays_for_the_wait():
+    """Rank 0 would prefill a 1024-token chunk alone (min_chunk_tokens 1024) beside 3 x 64 mixed decodes."""
+    def group(decodes=64, rate=20.0, **first):
+        ranks = [replace(s, arrival_rate=rate, oldest_wait_s=0.01, mixed_rows=s.decode_count)
+                 for s in _group(2000, decodes)]
+        return [replace(ranks[0], **first)] + ranks[1:]
+
+    def plan(ranks, hold_s=0.5, decode_weight=1.0):
+        return plan_step(ranks, MODEL, min_chunk_tokens=1024, decode_weight=decode_weight, hold_s=hold_s)
+
+    assert plan(group(), hold_s=0.0).prefill[0] == 1024  # off by default
+    held = plan(group())
+    assert held.planned and held.prefill == (0, 0, 0, 0) and held.budgets == (0, 0, 0, 0)
+    # not held: the oldest waiting request waited hold_s already; a low weight on decode delay; no decodes to
+    # protect (nothing saved); no arrivals on the other ranks (nothing to align with); many waiters (their wait
+    # outweighs the stall); LS work waiting; every rank with demand (already aligned)
+    assert plan(group(oldest_wait_s=0.5)).prefill[0] == 1024
+    assert plan(group(), decode_weight=0.1).prefill[0] == 1024
+    assert plan(group(decodes=0)).prefill[0] == 1024
+    assert plan(group(rate=0.0)).prefill[0] == 1024
+    assert plan(group(waiting_requests=400)).prefill[0] > 0
+    assert plan(group(ls_waiting=1, ls_tokens=2000)).prefill[0] == 2000
+    every = [replace(s, waiting_tokens=2000, waiting_requests=1) for s in group()]
+    assert all(b > 0 for b in plan(every).prefill)
+
+
+@settings(max_examples=150, deadline=None)
+@given(summaries(), models, st.randoms(use_true_random=False), st.integers(1, 512), weights,
+       st.sampled_from([0.05, 0.5, 5.0]))
+def test_hold_is_the_same_on_every_rank_and_bounded(ranks, model, rnd, min_chunk, decode_weight, hold_s):
+    """With holding on: the same plan in any rank order; a held step prefills nothing on any rank, and only while
+    no LS work waits, some rank has no demand and every rank with demand has waited less than hold_s; otherwise
+    every rank with demand progresses as without holding (so a request waits at most hold_s longer)."""
+    plan = plan_step(ranks, model, min_chunk, decode_weight=decode_weight, hold_s=hold_s)
+    shuffled = list(ranks)
+    rnd.shuffle(shuffled)
+    assert plan_step(shuffled, model, min_chunk, decode_weight=decode_weight, hold_s=hold_s) == plan
+    if not plan.planned:
+        return
+    demand = [s.demand() for s in ranks]
+    if any(demand) and not any(plan.prefill):
+        assert not any(s.ls_waiting for s in ranks)
+        assert not all(demand)
+        assert all(s.oldest_wait_s < hold_s for s, d in zip(ranks, demand) if d)
+        assert plan.budgets == tuple(0 for _ in ranks)
+    else:
+        for s, b, d in zip(ranks, plan.prefill, demand):
+            assert (b == 0) == (d == 0) and b >= min(d, min_chunk)
+    if any(s.oldest_wait_s >= hold_s for s, d in zip(ranks, demand) if d):
+        assert plan == plan_step(ranks, model, min_chunk, decode_weight=decode_weight)
 
 
 def test_ls_waiting_anywhere_caps_the_chunk_but_not_below_the_ls_request():

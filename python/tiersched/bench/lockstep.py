@@ -66,6 +66,13 @@ METRICS = ("ttft_mean", "tpot_mean", "throughput")
 SEARCH_METRICS = {"ttft_mean": "ttft_mean", "tpot_mean": "tpot_mean", "throughput": "neg_throughput"}
 DURATION_S = {"qwen3-dp4ep4": 3.0, "qwen3-dp2tp2ep4": 3.0, "deepseek-v3-32": 2.0}  # --duration-s 0: these
 SEARCH_LOAD = 1.0
+# The plan's [request] settings ours may run with, chosen per metric at the search load like upstream's flags:
+# the defaults, and "hold" (plan_hold_s: the group holds a lone prefill for a step while the predicted lockstep
+# stall saved outweighs the waiting requests' wait, up to 0.5 s; plan_decode_weight 10: a running request's second
+# of decode delay counts 10 waiting seconds; no min-chunk alignment, which the hold replaces). Tried with mixed
+# chunking only (without it every decode of an aligned step is lost, so holding rarely pays).
+PLAN_PROFILES = {"default": (), "hold": (("plan_align_weight", 0.0), ("plan_decode_weight", 10.0),
+                                         ("plan_hold_s", 0.5))}
 SEARCH_SEED = 0
 SEARCH_PASSES = 2
 NOT_SEARCHED = {
@@ -103,7 +110,8 @@ def _csv(text: str, cast=str) -> list:
 
 # ---- one simulation ------------------------------------------------------------------------------------------
 # A run is (preset, shape, rate, duration_s, seed, arm, ordering, dispatch, scheduler changes): arm "upstream",
-# "ours", "ideal" (perfect balance) or "free" (lockstep-free). Equal tuples are run once.
+# "ours" (the plan with its default settings), "ours:PROFILE" (the plan with PLAN_PROFILES[PROFILE]), "ideal"
+# (perfect balance) or "free" (lockstep-free). Equal tuples are run once.
 
 def _workload(shape: str, rate: float, duration_s: float, seed: int):
     from tiersched.sim import workloads
@@ -117,7 +125,12 @@ def _simulate(run: tuple) -> dict:
     preset, shape, rate, duration_s, seed, arm, ordering, dispatch, changes = run
     p = get_preset(preset).with_scheduler(**dict(changes))
     kwargs = {"ideal": {"ideal_balance": True}, "free": {"lockstep_free": True}}.get(arm, {})
-    policies = PolicySet(ordering=ordering, dispatch=dispatch, step_plan="tiersched" if arm == "ours" else "none")
+    plan = "none"
+    if arm.startswith("ours"):
+        from tiersched.core.request import RequestTierConfig
+
+        plan = RequestTierConfig(**dict(PLAN_PROFILES[arm.partition(":")[2] or "default"]))
+    policies = PolicySet(ordering=ordering, dispatch=dispatch, step_plan=plan)
     m = simulate(p, _workload(shape, rate, duration_s, seed), policies, seed=seed, record_timeline=False,
                  **kwargs).metrics
     out = {k: m[k] for k in METRICS + ("finished", "requests")}
@@ -298,6 +311,10 @@ def _preset(name: str):
 def _variant_label(variant: tuple, dims: list) -> str:
     from tiersched.bench import upstream_space as space
 
+    if len(variant) == 4:  # ours: (arm, ordering, dispatch, changes)
+        arm, *variant = variant
+        profile = arm.partition(":")[2]
+        return _variant_label(tuple(variant), dims) + " +plan" + (f" ({profile})" if profile else "")
     ordering, dispatch, changes = variant
     combo = {**space.default_combination(dims), "ordering": ordering, "dispatch": dispatch, **dict(changes)}
     return space.label(combo, dims)
@@ -349,18 +366,22 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
                 res["report"][f"{name}_reference_runs"] = len(vs)
             # ours: the plan on the static flags a tiersched user sets as upstream's (the prefill delayer aside,
             # which the plan replaces), chosen per metric at the search load like upstream's
-            mixes = ((), (("enable_mixed_chunk", True),))
+            mixed_on = (("enable_mixed_chunk", True),)
+            mixes = ((), mixed_on)
             orderings = dict.fromkeys(["fcfs"] + [w["ordering"] for w in res["winners"]])
-            variants = list(dict.fromkeys(
+            static = list(dict.fromkeys(
                 [("fcfs", "round_robin", ())] + [(w["ordering"], w["dispatch"], mixed) for w in res["winners"]
                                                  for mixed in mixes]
                 + [(o, "tiersched", mixed) for o in orderings for mixed in mixes]))
-            ms = runner.run([(p, s, rate, dur[p], SEARCH_SEED, "ours") + v for v in variants])
+            variants = [("ours",) + v for v in static] + [
+                (f"ours:{name}",) + v for name in PLAN_PROFILES if name != "default" for v in static
+                if v[2] == mixed_on]
+            ms = runner.run([(p, s, rate, dur[p], SEARCH_SEED) + v for v in variants])
             res["ours"] = {m: min(zip(variants, ms), key=lambda vm: (vm[1][SEARCH_METRICS[m]],
                                                                     vm[1]["neg_throughput"]))[0] for m in METRICS}
-            res["report"]["ours"] = {m: _variant_label(v, dims[p]) + " +plan" for m, v in res["ours"].items()}
+            res["report"]["ours"] = {m: _variant_label(v, dims[p]) for m, v in res["ours"].items()}
             res["report"]["ours_variants_at_search_load"] = {
-                _variant_label(v, dims[p]) + " +plan": {m: x[m] for m in METRICS} for v, x in zip(variants, ms)}
+                _variant_label(v, dims[p]): {m: x[m] for m in METRICS} for v, x in zip(variants, ms)}
             say(f"searched {p}/{s}: {res['report']['runs']} upstream runs")
             return ps, res
 
@@ -375,7 +396,7 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
 
         def other_runs(p, s, load, seed):
             base = (p, s, load * caps[(p, s)], dur[p], seed)
-            ours = {m: base + ("ours",) + v for m, v in searches[(p, s)]["ours"].items()}
+            ours = {m: base + v for m, v in searches[(p, s)]["ours"].items()}
             plain = base + ("ours", "fcfs", "round_robin", ())
             ideal = [base + ("ideal",) + v for v in searches[(p, s)]["ideal_variants"]]
             free = [base + ("free",) + v for v in searches[(p, s)]["free_variants"]]

@@ -65,19 +65,22 @@ _PRIOR_MEMO: dict = {}  # prior_model's memo (RooflineStepModel is frozen)
 
 def make_planner(spec, preset, cost, config: RequestTierConfig | None = None) -> StepPlanner | None:
     """PolicySet.step_plan -> planner: "none"/None/False -> None; "tiersched"/True -> a StepPlanner with the
-    prior model and the [request] plan tunables; a StepPlanner object -> itself."""
+    prior model and the [request] plan tunables (`config`, default RequestTierConfig()); a RequestTierConfig ->
+    the same with its tunables; a StepPlanner object -> itself."""
     if isinstance(spec, StepPlanner):
         return spec
+    if isinstance(spec, RequestTierConfig):
+        spec, config = "tiersched", spec
     if spec in (None, False, "none"):
         return None
     if spec not in (True, "tiersched"):
-        raise ValueError(f"unknown step_plan {spec!r}; use none, tiersched or a StepPlanner.")
+        raise ValueError(f"unknown step_plan {spec!r}; use none, tiersched, a RequestTierConfig or a StepPlanner.")
     if preset.dp <= 1:
         return None  # no lockstep group: upstream's budgets exactly
     cfg = config or RequestTierConfig()
     return StepPlanner(prior_model(cost), min_chunk_tokens=cfg.min_chunk_tokens, ls_weight=cfg.plan_ls_weight,
                        ls_chunk_tokens=cfg.be_chunk_tokens, decode_weight=cfg.plan_decode_weight,
-                       align_weight=cfg.plan_align_weight)
+                       align_weight=cfg.plan_align_weight, hold_s=cfg.plan_hold_s)
 
 
 ARRIVAL_WINDOW_S = 1.0
@@ -90,7 +93,7 @@ def arrival_rates(table, now_s: float, dp: int, window_s: float = ARRIVAL_WINDOW
     return np.bincount(ranks[ranks >= 0], minlength=dp)[:dp] / window_s
 
 
-def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> RankStepSummary:
+def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0, now_s: float | None = None) -> RankStepSummary:
     """The summary a rank publishes: its chunk, its waiting queue's uncached tokens (prefix-cache matches taken
     now, summed only until the upstream budget is covered), running decodes, KV and slot room; with mixed chunking
     its running requests are the mixed rows of a prefill step (`RankState.prefill_pass` takes them off the budget)."""
@@ -125,7 +128,16 @@ def rank_summary(rs, ls_priority: int | None, arrival_rate: float = 0.0) -> Rank
         decode_context=rs.decode_context() if decode_count else 0,
         kv_room_tokens=int(rs.free_for_alloc() - rs._reserved_decode()),
         slot_room=s.max_running_requests - decode_count, arrival_rate=float(arrival_rate),
-        mixed_rows=decode_count if s.enable_mixed_chunk else 0, waiting_counted=counted)
+        mixed_rows=decode_count if s.enable_mixed_chunk else 0, waiting_counted=counted,
+        oldest_wait_s=_oldest_wait(rs, now_s))
+
+
+def _oldest_wait(rs, now_s: float | None) -> float:
+    """Seconds since the oldest of the rank's waiting requests and its chunked one entered the queue (0: none)."""
+    queued = rs.waiting + ([rs.chunked] if rs.chunked is not None else [])
+    if not queued or now_s is None:
+        return 0.0
+    return max(0.0, now_s - float(rs.t.queue_entry[queued].min()))
 
 
 def run_lockstep_free(sim) -> None:

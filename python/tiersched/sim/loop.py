@@ -243,7 +243,7 @@ class Simulation:
         if self.planner is None or not any(rs.waiting or rs.chunked is not None for rs in self.ranks):
             return [None] * len(self.ranks)
         rates = arrival_rates(self.table, self.now, len(self.ranks))
-        plan = self.planner.plan([rank_summary(rs, rs.ordering.ls_priority, rates[r])
+        plan = self.planner.plan([rank_summary(rs, rs.ordering.ls_priority, rates[r], self.now)
                                   for r, rs in enumerate(self.ranks)])
         if not plan.planned:
             return [None] * len(self.ranks)

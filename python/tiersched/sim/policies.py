@@ -58,7 +58,8 @@ class PolicySet:
     dispatch: Any = "round_robin"
     eplb: Any = "none"
     expert_feedback: bool = False  # publish expert_pressure in RankLoad (dispatch may use it)
-    # Lockstep step plan of the DP-attention group (sim/lockstep.make_planner): "none", "tiersched" or a StepPlanner.
+    # Lockstep step plan of the DP-attention group (sim/lockstep.make_planner): "none", "tiersched", a
+    # RequestTierConfig (the plan with its plan tunables) or a StepPlanner.
     step_plan: Any = "none"
 
     def label(self) -> str:

@@ -217,6 +217,10 @@ class RequestTierConfig:
     plan_ls_weight: float = 8.0  # one waiting LS request counts as this many waiting requests in the plan's cost
     plan_decode_weight: float = 0.1  # a running request's second of decode delay against a waiting one's
     plan_align_weight: float = 1.0  # > 0: the plan keeps a prefill small while other ranks have none (alignment)
+    # > 0: the plan may hold every rank's prefill for a step while some ranks have none, when the predicted
+    # lockstep stall saved outweighs the waiting requests' added wait; never once a rank's oldest waiting request
+    # has waited this long (0: never hold)
+    plan_hold_s: float = 0.0
 
     def validate(self) -> None:
         if not (math.isfinite(self.aging_rate) and self.aging_rate >= 0):
@@ -251,6 +255,8 @@ class RequestTierConfig:
             raise ValueError(f"plan_decode_weight must be a finite number >= 0, got {self.plan_decode_weight!r}.")
         if not (math.isfinite(self.plan_align_weight) and self.plan_align_weight >= 0):
             raise ValueError(f"plan_align_weight must be a finite number >= 0, got {self.plan_align_weight!r}.")
+        if not (math.isfinite(self.plan_hold_s) and self.plan_hold_s >= 0):
+            raise ValueError(f"plan_hold_s must be a finite number of seconds >= 0, got {self.plan_hold_s!r}.")
         if self.be_chunk_tokens < self.min_chunk_tokens:
             raise ValueError(
                 f"be_chunk_tokens ({self.be_chunk_tokens}) must be >= min_chunk_tokens ({self.min_chunk_tokens})."

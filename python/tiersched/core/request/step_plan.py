@@ -73,6 +73,7 @@ class RankStepSummary:
     # PrefillAdder does, and the rank's decodes advance in a step where it prefills.
     mixed_rows: int = 0
     waiting_counted: int = 0  # waiting requests whose uncached tokens are in waiting_tokens (0: count it as one)
+    oldest_wait_s: float = 0.0  # seconds the oldest request in this rank's waiting queue has waited (0: none)
 
     def mean_waiting_tokens(self) -> float:
         """Uncached tokens of a waiting request, on average over those summed in waiting_tokens."""
@@ -262,16 +263,19 @@ class StepPlanner:
     decode_weight: float = DEFAULT_DECODE_WEIGHT
     align_weight: float = DEFAULT_ALIGN_WEIGHT
     full_sequence_attention: bool = False
+    hold_s: float = 0.0
 
     def plan(self, summaries: Sequence[RankStepSummary]) -> StepPlan:
         return plan_step(summaries, self.model, self.min_chunk_tokens, self.ls_weight, self.ls_chunk_tokens,
-                         self.page_size, self.decode_weight, self.align_weight, self.full_sequence_attention)
+                         self.page_size, self.decode_weight, self.align_weight, self.full_sequence_attention,
+                         self.hold_s)
 
 
 def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_chunk_tokens: int = 64,
               ls_weight: float = 8.0, ls_chunk_tokens: int = 512, page_size: int = 1,
               decode_weight: float = DEFAULT_DECODE_WEIGHT,
-              align_weight: float = DEFAULT_ALIGN_WEIGHT, full_sequence_attention: bool = False) -> StepPlan:
+              align_weight: float = DEFAULT_ALIGN_WEIGHT, full_sequence_attention: bool = False,
+              hold_s: float = 0.0) -> StepPlan:
     """The group's plan for this step from every rank's summary (module docstring: objective and invariants).
 
     `full_sequence_attention`: the attention backend computes every chunk over its whole sequence (upstream's
@@ -364,6 +368,63 @@ def plan_step(summaries: Sequence[RankStepSummary], model: StepTimeModel, min_ch
                      * float(idle.sum()) / len(ranks))
             if waste > (waiting + (ls_weight - 1.0) * ls) / idle_rate:
                 best = 0
+    if hold_s > 0 and not ls_any and idle.any():
+        held = _hold(ranks, model, demand, budgets[best], float(step[best]), s_decode, dcount, dctx, rows,
+                     prefix, rest, full_sequence_attention, waiting, arrivals, decode_weight, hold_s)
+        if held is not None:
+            return held
     prefill = tuple(int(b) for b in budgets[best])
     caps = tuple(b + int(m) if b > 0 else 0 for b, m in zip(prefill, rows))
     return StepPlan(caps, int(cand[best]), float(step[best]), True, prefill)
+
+
+def _hold(ranks, model, demand, budgets, step_now, s_decode, dcount, dctx, rows, prefix, rest, full_sequence,
+          waiting, arrivals, decode_weight, hold_s) -> StepPlan | None:
+    """Priced alignment by holding: the plan for a step in which no rank prefills, or None to prefill now.
+
+    Only called while some ranks have no prefill demand, no chunked prefill is in flight and no LS work waits. The
+    ranks with demand would prefill alone, stretching every running request's step from s_decode to step_now (or
+    taking it, on a rank that prefills without mixed chunking). Held, their tokens run later in a step the other
+    ranks share, where they add only their share of an aligned step (every rank prefilling the same tokens). The
+    plan holds when the stall saved, over every running request and weighed by decode_weight, exceeds what the
+    waiting requests lose by waiting for that step: each waits the expected time until an idle rank has demand
+    (1 / the idle ranks' arrival rate), never more than what is left of hold_s for the rank that waited longest.
+    A rank whose oldest waiting request has waited hold_s is never held (the wait bound: hold_s + the drain
+    bound)."""
+    has = demand > 0
+    waits = [max(0.0, s.oldest_wait_s) for s, h in zip(ranks, has) if h]
+    left = hold_s - max(waits, default=0.0)
+    if left <= 0:
+        return None
+    idle_rate = float(sum(max(0.0, s.arrival_rate) for s, h in zip(ranks, has) if not h))
+    if idle_rate <= 0:
+        return None
+    wait = min(left, 1.0 / idle_rate)
+    stalls = has & (rows <= 0)
+    lost = float(dcount[stalls].sum())
+    stretched = float(dcount[~stalls].sum())
+    now_stall = lost * step_now + stretched * max(0.0, step_now - s_decode)
+    # The aligned step: every rank prefills the mean planned tokens of the ranks with demand, at their mean
+    # attention rate; these ranks' share of its stall.
+    b = float(budgets[has].mean())
+    rate = float(np.mean(np.divide(_pairs(budgets, prefix, rest, full_sequence)[has], budgets[has])))
+    n = len(ranks)
+    tok = np.full((1, n), b)
+    mixes = rows > 0
+    step_al = float(model.batch_seconds(tok, tok * rate, np.where(mixes, dcount, 0.0)[None, :],
+                                        np.where(mixes, dctx, 0.0)[None, :])[0])
+    lost_al = float(dcount[~mixes].sum())
+    share = float(has.sum()) / n
+    aligned_stall = share * (lost_al * step_al + (float(dcount.sum()) - lost_al) * max(0.0, step_al - s_decode))
+    saved = decode_weight * (now_stall - aligned_stall)
+    if saved <= waiting * wait + arrivals * wait * wait / 2.0:
+        return None
+    zero = tuple(0 for _ in ranks)
+    return StepPlan(zero, 0, s_decode, True, zero)
+
+
+def _pairs(budgets: np.ndarray, prefix: np.ndarray, rest: np.ndarray, full_sequence: bool) -> np.ndarray:
+    """Attention pairs of per-rank prefill budgets [R] (as plan_step charges them)."""
+    if full_sequence:
+        return budgets * whole_sequence_pair_rate(prefix, rest, budgets[None, :])[0]
+    return budgets * (prefix + (rest + 1.0) / 2.0)

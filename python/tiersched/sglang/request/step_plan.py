@@ -180,6 +180,7 @@ class StepPlanState:
     budgets_applied: int = 0
     plans_logged: int = 0
     warned_no_chunking: bool = False
+    warned_hold: bool = False  # plan_hold_s > 0 was asked for and refused (logged once)
     full_sequence: bool = False  # the prefill attention backend attends over whole sequences (pairs counted so)
     # arrival rate: when this rank's requests entered its waiting queue (perf_counter), within ARRIVAL_WINDOW_S
     arrivals: deque = field(default_factory=deque)
@@ -362,11 +363,17 @@ def gather_and_plan(scheduler, group, running_batch, last_batch, is_ls: Callable
     lt, lp, lc, lx = rows.last_arrays()
     if me == 0 and state.samples is not None:
         state.samples.add(lt, lp, lc, lx, last_s)
+    if config.plan_hold_s > 0 and not state.warned_hold:
+        # A held step skips every rank's prefill pass, a chunked request's continuation included; this adapter
+        # only caps upstream's chunk budget, so it plans without holding (the simulator evaluates the hold).
+        state.warned_hold = True
+        logger.warning("tiersched step plan: plan_hold_s=%s is not applied on a server yet; planning without "
+                       "holding", config.plan_hold_s)
     planner = None if rows.model is None else StepPlanner(
         rows.model, min_chunk_tokens=config.min_chunk_tokens, ls_weight=config.plan_ls_weight,
         ls_chunk_tokens=config.be_chunk_tokens, page_size=int(getattr(scheduler, "page_size", 1) or 1),
         decode_weight=config.plan_decode_weight, align_weight=config.plan_align_weight,
-        full_sequence_attention=state.full_sequence)
+        full_sequence_attention=state.full_sequence, hold_s=0.0)
     plan = planner.plan(rows.summaries) if planner is not None else None
     state.plan, state.plan_iteration = plan, iteration
     last_prefill = bool(lt.any())
