@@ -22,8 +22,10 @@ ours: the step plan on (`PolicySet(step_plan="tiersched")`) with the static flag
 upstream, chosen per metric at the search load like upstream's: fcfs / round_robin, the ordering and
 load-balance method of an upstream winner, or fcfs or a winner's ordering with tiersched's score dispatch
 (`--load-balance-method score`, EngineTierConfig defaults), each without and with mixed chunking (not the prefill
-delayer, which the plan replaces); the preset's chunk size is the plan's upper budget (the plan is adaptive, so it gets no chunk
-tuning). `plan_on_upstream_defaults` reports the plan on fcfs / round_robin without mixed chunking beside it.
+delayer, which the plan replaces), and with mixed chunking also the plan's "hold" profile (`PLAN_PROFILES`: its
+[request] settings, chosen per metric the same way as upstream's delayer knobs are); the preset's chunk size is
+the plan's upper budget (the plan is adaptive, so it gets no chunk tuning). `plan_on_upstream_defaults` reports
+the plan on fcfs / round_robin without mixed chunking, default settings, beside it.
 
 References, each given the static freedoms upstream has (the ordering and load-balance method of each metric's
 upstream winner x chunk size x mixed chunking; the best per metric at the search load is evaluated everywhere and
