@@ -16,7 +16,9 @@ from tiersched.core.request.step_plan import RooflineStepModel
 # A roofline of the shape the simulator's prior has (qwen3-dp4ep4-like magnitudes): a prefill chunk is many decode
 # steps long.
 MODEL = RooflineStepModel(overhead_s=0.008, dense_per_token_s=7e-6, pair_s=1.4e-9, ctx_s=4e-8, moe_per_token_s=6e-6)
-ONLY_STALL = EngineTierConfig(**{f"weight_{n}": 0.0 for n in SCORER_NAMES}, weight_stall=1.0)
+# exact ties only (tie_tokens=0): these tests check which rank the stall term itself prefers, not the picker's
+# near-tie rule (test_engine_score.py)
+ONLY_STALL = EngineTierConfig(**{f"weight_{n}": 0.0 for n in SCORER_NAMES}, weight_stall=1.0, tie_tokens=0.0)
 
 
 def _loads(rng: random.Random, n: int, now: float) -> list[RankLoad]:
