@@ -28,7 +28,8 @@ MAX_TOTAL_TOKENS = 1400
 SERVER = spec("tiny", ["--schedule-policy", "prefix-aging", "--enable-priority-scheduling", "--max-running-requests",
                        "2", "--chunked-prefill-size", "512", "--decode-log-interval", "5"],
               max_total_tokens=MAX_TOTAL_TOKENS, timeout_s=480, name="tp1 prefix-aging 2 slots")
-pytestmark = [pytest.mark.server, pytest.mark.timeout(900), pytest.mark.rig_servers(SERVER)]
+# second_pool: its server is its own; it runs on the other xdist worker (test/conftest.py)
+pytestmark = [pytest.mark.server, pytest.mark.second_pool, pytest.mark.timeout(900), pytest.mark.rig_servers(SERVER)]
 
 
 def generate(url, input_ids, max_new_tokens, priority, timeout=300):
