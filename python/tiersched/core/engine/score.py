@@ -199,25 +199,28 @@ class ScoreDispatcher(Dispatcher):
         self._lockstep = group if on else None
         self._stall_rate = None
         if on:
+            # The R + 1 candidate steps' prefill columns do not change between snapshots: row 0 all ranks decode,
+            # row 1 + r rank r prefills a chunk (its own causal pairs) and, without mixed chunking, does not decode.
+            n, c = self.num_ranks, float(group.chunk_tokens)
+            eye = np.eye(n)
+            self._stall_tok = np.vstack([np.zeros(n), eye * c])  # [R + 1, R]
+            self._stall_pairs = self._stall_tok * ((c + 1.0) / 2.0)
+            self._stall_keep = np.vstack([np.ones(n), np.ones((n, n)) if group.mixed_chunk else 1.0 - eye])
             self._refresh_stall()
 
     def _refresh_stall(self) -> None:
         """stall_rate and the prefill horizon from the current snapshots (module docstring): one batched call of
         the step-time model over R + 1 candidate steps (all ranks decode; rank r prefills a chunk, the others
         decode)."""
-        g, n = self._lockstep, self.num_ranks
         self._pending_max = int(self._pending.max())
-        dc = np.array([load.running_reqs for load in self.loads], dtype=float)
-        dx = np.array([load.running_decode_tokens for load in self.loads], dtype=float)
-        c = float(g.chunk_tokens)
-        eye = np.eye(n)
-        tok = np.vstack([np.zeros(n), eye * c])  # [R + 1, R]
-        pairs = tok * ((c + 1.0) / 2.0)  # a chunk's own causal pairs
-        keep = np.vstack([np.ones(n), np.ones((n, n)) if g.mixed_chunk else 1.0 - eye])  # a prefilling rank's decodes
-        s = np.asarray(g.model.batch_seconds(tok, pairs, dc[None, :] * keep, dx[None, :] * keep), dtype=float)
+        loads, keep = self.loads, self._stall_keep
+        dc = np.fromiter([load.running_reqs for load in loads], dtype=float, count=self.num_ranks)
+        dx = np.fromiter([load.running_decode_tokens for load in loads], dtype=float, count=self.num_ranks)
+        s = np.asarray(self._lockstep.model.batch_seconds(self._stall_tok, self._stall_pairs, keep * dc, keep * dx),
+                       dtype=float)
         step, s_decode = s[1:], s[0]
         stall = np.maximum(step - s_decode, 0.0)
-        rate = np.divide(stall, step, out=np.zeros(n), where=step > 0)
+        rate = np.divide(stall, step, out=np.zeros(self.num_ranks), where=step > 0)
         self._stall_rate = self.config.weight_stall * rate
 
     def _refresh(self, r: int) -> None:
