@@ -24,7 +24,7 @@ equal per-rank chunks), and each such token stalls the group by stall_rate[r] pr
 (S_r - S_decode) / S_r, with S_r the step-time model's step where r prefills a chunk_tokens chunk and every other
 rank decodes its running requests, S_decode the all-decode step (a queued token costs S_r / chunk_tokens seconds
 of waiting, one stalled step S_r - S_decode seconds spread over its chunk_tokens tokens). stall_rate is computed
-per snapshot (one batched model call over the ranks), so a decision adds four array operations.
+per snapshot (one batched model call over the ranks), so a decision adds five array operations.
 
 Filters: inactive ranks are never candidates; ranks whose KV use (with optimistic charges) reaches
 kv_overload_fraction are dropped unless every active rank is (overload escape). Picker: min cost; candidates less
