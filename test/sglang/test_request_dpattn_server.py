@@ -29,8 +29,13 @@ BE_TOKENS, LS_TOKENS, LS_REQUESTS = 3000, 48, 6
 CHUNK, BE_CHUNK = 128, 32
 FLAGS = ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--dtype", "float32", "--enable-priority-scheduling",
          "--chunked-prefill-size", str(CHUNK), "--disable-radix-cache"]
+# The fixed cap rule (`ls_cap_pricing=false`): this checks the signal's path from rank 1's LS work to rank 0's cap.
+# Whether a cap pays under the priced rule is the core's decision (test/core/test_request_cap_pricing.py); with it
+# on, this workload takes no cap at all (the priced rule finds none worth its cost), so the signal's path is checked here
+# with the fixed rule.
 TIER_ENV = {"TIERSCHED_TIERS": "request",
-            "TIERSCHED_SET": f"request.be_chunk_tokens={BE_CHUNK},request.min_chunk_tokens=16,request.ls_hold_s=0"}
+            "TIERSCHED_SET": f"request.be_chunk_tokens={BE_CHUNK},request.min_chunk_tokens=16,request.ls_hold_s=0,"
+                             "request.ls_cap_pricing=false"}
 
 
 def generate(url, rid, input_ids, max_new_tokens, priority, dp_rank):
