@@ -1,7 +1,9 @@
-"""launch_server retries on a new port when its chosen port was taken before the server bound it.
+"""launch_server retries on a new port when its chosen port, or one upstream derives from it, was taken before the
+server bound it; free_port picks ports below upstream's NCCL range and the kernel's ephemeral range.
 
 A fake interpreter stands in for `python -m sglang.launch_server`: it binds `--port` and answers /health, or, if
-the port is taken, prints upstream's bind error and exits, as uvicorn does.
+the port is taken, prints upstream's bind error and exits, as uvicorn does; if the port upstream would use for
+metrics (port + 233 + 4) is taken, it prints upstream's "not available" error and exits, as server_args does.
 """
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ class Health(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
     def log_message(self, *a):
         pass
+probe = socket.socket()
+try:
+    probe.bind(("127.0.0.1", port + 237))
+except OSError:
+    print(f"ValueError: metrics_port at {{port + 237}} is not available in 30 seconds.", flush=True)
+    sys.exit(1)
+probe.close()
 try:
     httpd = http.server.HTTPServer(("127.0.0.1", port), Health)
 except OSError as exc:
@@ -82,3 +91,42 @@ def test_a_port_taken_on_every_attempt_is_a_clear_error(fake_python, monkeypatch
     finally:
         for s in taken:
             s.close()
+
+
+def test_a_taken_derived_port_is_retried_on_a_new_one(fake_python, monkeypatch, tmp_path):
+    logs_dir = tmp_path / "logs"
+    logs_dir.mkdir()
+    first = rig.free_port()
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.1", first + 237))
+    ports = iter([first])
+    real = rig.free_port
+    monkeypatch.setattr(rig, "free_port", lambda: next(ports, None) or real())
+    try:
+        with rig.launch_server("unused", timeout_s=30, log_dir=str(logs_dir)) as srv:
+            assert srv.alive()
+            assert not srv.url.endswith(f":{first}")
+        assert len(os.listdir(logs_dir)) == 2
+    finally:
+        blocker.close()
+
+
+def test_free_port_is_below_nccl_and_ephemeral_ranges_and_skips_a_taken_derived_block(monkeypatch):
+    for _ in range(20):
+        port = rig.free_port()
+        assert rig.PORT_RANGE[0] <= port < rig.PORT_RANGE[1]
+        assert port + max(rig.DERIVED_PORTS) < 22000  # upstream's NCCL ports start there
+    # every candidate but the last has a taken derived port: free_port must pass over them
+    candidates = [rig.PORT_RANGE[0] + 17 * i for i in range(1, 5)]
+    blockers = []
+    for c in candidates[:-1]:
+        b = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        b.bind(("127.0.0.1", c + 240))
+        blockers.append(b)
+    seq = iter(candidates)
+    monkeypatch.setattr(rig.random.Random, "randrange", lambda self, lo, hi: next(seq))
+    try:
+        assert rig.free_port() == candidates[-1]
+    finally:
+        for b in blockers:
+            b.close()

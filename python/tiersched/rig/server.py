@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,7 +29,31 @@ CPU_FLAGS = (
 )
 
 
-def free_port() -> int:
+# Upstream derives its internal ZMQ/dist ports from --port (port + 233 and the few above it, server_args.py
+# ZMQ_TCP_PORT_DELTA) and takes NCCL ports from 22000-29999; the kernel hands out ephemeral ports (every outgoing
+# connection's, every bind to port 0) from 32768 up. An HTTP port from bind(0) therefore puts the derived block in
+# the range where any process's next socket may land first (upstream then waits 30 s and exits: "metrics_port ...
+# is not available"). The HTTP port comes from below both instead, with its derived block checked free too.
+PORT_RANGE = (10000, 21700)
+DERIVED_PORTS = range(233, 246)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(attempts: int = 64) -> int:
+    """A free HTTP port in PORT_RANGE whose upstream-derived ports are free too (else any free port)."""
+    rng = random.Random()
+    for _ in range(attempts):
+        port = rng.randrange(*PORT_RANGE)
+        if _bindable(port) and all(_bindable(port + d) for d in DERIVED_PORTS):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -113,9 +138,9 @@ def wait_for_stops() -> None:
 
 
 # The HTTP port is chosen before the server binds it, ~30-90 s later; meanwhile another server starting beside it
-# (the pool starts several at once) may take it for one of its own internal ports. Upstream then exits at once
-# with "address already in use", and a fresh port is the fix.
-PORT_IN_USE = "address already in use"
+# (the pool starts several at once) may take it, or one of the ports upstream derives from it, for one of its own.
+# Upstream then exits with one of these messages, and a fresh port is the fix.
+PORT_IN_USE = ("address already in use", "Port is already in use", "is not available in")
 PORT_ATTEMPTS = 3
 
 
@@ -132,7 +157,7 @@ def launch_server(
 
     Raises ServerStartError (with the log tail) if the server exits or is not healthy within timeout_s
     (default: env TIERSCHED_SERVER_TIMEOUT_S, else 420 s). A start that fails only because its HTTP port was
-    taken meanwhile is retried on a new port, up to PORT_ATTEMPTS starts in all.
+    taken meanwhile (or a port upstream derives from it) is retried on a new port, up to PORT_ATTEMPTS starts in all.
     """
     if timeout_s is None:  # a loaded 2-core machine can take minutes; CI alone takes 20-40 s
         timeout_s = float(os.environ.get("TIERSCHED_SERVER_TIMEOUT_S", "420"))
@@ -162,7 +187,7 @@ def launch_server(
         server = Server(url=f"http://127.0.0.1:{port}", log_path=log_path, process=process, args=args)
         while not _healthy(server.url) and server.alive() and time.monotonic() <= deadline:
             time.sleep(1.0)
-        if server.alive() or attempt == PORT_ATTEMPTS or PORT_IN_USE not in server.log_tail(200):
+        if server.alive() or attempt == PORT_ATTEMPTS or not any(m in server.log_tail(200) for m in PORT_IN_USE):
             break
         _stop(process)  # the port was taken before upstream bound it: try again on a new one
     try:
