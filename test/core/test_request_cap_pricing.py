@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tiersched.core.request import RankLoad, RequestTierConfig
@@ -86,17 +85,29 @@ def test_cap_is_free_without_a_per_step_cost_and_never_pays_without_ls():
 @given(work=st.integers(513, 16_000), waiting=st.integers(0, 40), extra=st.integers(1, 40),
        decode=st.integers(0, 64), rate=st.floats(0, 20), ls_now=st.integers(0, 3), full=st.booleans())
 @settings(max_examples=200, deadline=None)
+# A 637-token job, priced as a tie with no LS arrivals: its capped plan (512 + 125 tokens) adds a step whose fixed
+# cost outweighs the 125 tokens it moves, so an LS arrival waits longer on average under the cap.
+@example(work=637, waiting=1, extra=1, decode=0, rate=0.0, ls_now=1, full=False)
 def test_cap_decision_is_monotone(work, waiting, extra, decode, rate, ls_now, full):
-    """More requests waiting behind the BE work never make a cap pay that did not; more LS arrivals or LS
-    requests waiting never make a paying cap stop paying."""
+    """More requests waiting behind the BE work never make a cap pay that did not; more LS requests waiting never
+    make a paying cap stop paying; more LS arrivals move the decision only towards the plan under which an
+    arrival waits less (both priced over the same horizon)."""
     p = _pricing(ls_rate_per_s=rate, waiting_requests=waiting, decode_count=decode, decode_context=decode * 1000,
                  full_sequence_attention=full)
     pays = ls_cap_pays(work, 0, 512, 8192, p, ls_now, CFG)
     if not pays:
         assert not ls_cap_pays(work, 0, 512, 8192, replace(p, waiting_requests=waiting + extra), ls_now, CFG)
     else:
-        assert ls_cap_pays(work, 0, 512, 8192, replace(p, ls_rate_per_s=rate + extra), ls_now, CFG)
         assert ls_cap_pays(work, 0, 512, 8192, p, ls_now + extra, CFG)
+    # what one more LS arrival per second adds to each plan's cost, over a horizon longer than both plans
+    exposure = [cap_plan_cost(plan, replace(p, ls_rate_per_s=1.0), 0, CFG, horizon_s=1e3)
+                - cap_plan_cost(plan, replace(p, ls_rate_per_s=0.0), 0, CFG, horizon_s=1e3)
+                for plan in (cap_plan_steps(work, 0, 512, 512, 0, full), cap_plan_steps(work, 0, 8192, 8192, 0, full))]
+    more = ls_cap_pays(work, 0, 512, 8192, replace(p, ls_rate_per_s=rate + extra), ls_now, CFG)
+    if exposure[0] < exposure[1] - 1e-12:
+        assert more or not pays
+    elif exposure[0] > exposure[1] + 1e-12:
+        assert pays or not more
 
 
 def test_chunk_limit_and_admission_follow_the_price():
@@ -148,22 +159,16 @@ def test_ordering_prices_only_with_a_model_and_a_load():
     assert o.be_admission_tokens(0, 1, 0, load=load, request_tokens=4000, room_tokens=8192) is None
 
 
-def test_simulator_gives_dp_attention_groups_the_step_model():
-    from test_sim_mechanics import TINY, UniformRouting, preset
-
-    from tiersched.sim import PolicySet
-    from tiersched.sim.loop import Simulation
-    from tiersched.sim.workloads import Workload
-
-    w = Workload("one", np.array([0.0]), np.array([64]), np.array([2]), priority=np.array([0]),
-                 class_of=np.array([0]))
-    for dp, expect in [(2, True), (1, False)]:
-        p = preset(dp=dp)
-        sim = Simulation(p, w, PolicySet(ordering=AgingPrefixOrdering(CFG)),
-                         routing=UniformRouting(TINY.moe_layers, p.dp, TINY.num_experts, TINY.top_k),
-                         record_timeline=False)
-        models = [rs.ordering.step_model for rs in sim.ranks]
-        assert all((m is not None) == expect for m in models) and len({id(m) for m in models}) == 1
-        assert all(rs.ordering.group_ranks == (dp if expect else 1) for rs in sim.ranks)
-        sim.run()
-        assert np.isfinite(sim.table.finish).all()
+def test_plans_of_different_lengths_are_priced_over_the_same_horizon():
+    # past the plan's end the group keeps decoding its 4 running requests per rank (a 10.08 ms step), and an LS
+    # arrival then waits out half of a decode step
+    p = _pricing(ls_rate_per_s=1.0, decode_count=4)
+    plan = cap_plan_steps(637, 0, 8192, 8192)
+    s_plan = 0.01 + 2 * 637 * 1e-5
+    s_dec = 0.01 + 2 * 4 * 1e-5
+    extra = cap_plan_cost(plan, p, 0, CFG, horizon_s=s_plan + 0.01) - cap_plan_cost(plan, p, 0, CFG)
+    assert extra == pytest.approx(CFG.plan_ls_weight * 1.0 * 0.01 * s_dec / 2)
+    assert cap_plan_cost(plan, p, 0, CFG, horizon_s=0.001) == cap_plan_cost(plan, p, 0, CFG)  # never shortened
+    # an idle group after the plan: arrivals then wait for nothing
+    idle = _pricing(ls_rate_per_s=1.0)
+    assert cap_plan_cost(plan, idle, 0, CFG, horizon_s=1.0) == cap_plan_cost(plan, idle, 0, CFG)

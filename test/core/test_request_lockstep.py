@@ -1,16 +1,15 @@
-"""DP-wide (lockstep) protection of LS requests: core rule, simulator group signal, adapter's MLP-sync column."""
+"""DP-wide (lockstep) protection of LS requests: core rule and the adapter's MLP-sync column (the simulator's
+group signal: test/sim/test_request_lockstep_sim.py)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from tiersched.core.request import RequestTierConfig
 from tiersched.core.request.ordering import AgingPrefixOrdering
 from tiersched.core.request.lockstep import LockstepLsSignal, be_admission_budget, chunk_token_limit
-from tiersched.core.request.preemption import LatencySensitivePreemption
 
 CFG = RequestTierConfig(be_chunk_tokens=256, min_chunk_tokens=64, ls_hold_s=1.0)
 
@@ -49,42 +48,6 @@ def test_signal_holds_then_expires():
 def test_bad_hold_is_rejected(bad):
     with pytest.raises(ValueError, match="ls_hold_s"):
         replace(CFG, ls_hold_s=bad).validate()
-
-
-# ---- simulator -----------------------------------------------------------------------------------------------
-def _two_rank_run(cfg, lag):
-    from test_sim_mechanics import TINY, UniformRouting, preset
-
-    from tiersched.sim import PolicySet
-    from tiersched.sim.loop import Simulation
-    from tiersched.sim.workloads import Workload
-
-    p = preset(dp=2, chunked_prefill_size=1000, max_prefill_tokens=1000)
-    # BE 5k-token prompt -> rank 0 (chunk-prefilled); an LS request on rank 1 a little later; round robin.
-    w = Workload("lockstep", np.array([0.0, 3.0]), np.array([5_000, 100]), np.array([4, 4]),
-                 priority=np.array([0, 5]), class_of=np.array([1, 0]), class_names=("LS", "BE"))
-    ordering = AgingPrefixOrdering(cfg)
-    ordering.lockstep_signal_lag_steps = lag
-    sim = Simulation(p, w, PolicySet(ordering=ordering, preemption=LatencySensitivePreemption(cfg)),
-                     routing=UniformRouting(TINY.moe_layers, p.dp, TINY.num_experts, TINY.top_k),
-                     record_timeline=False)
-    sim.run()
-    assert int(sim.table.rank[0]) == 0 and int(sim.table.rank[1]) == 1
-    assert np.isfinite(sim.table.finish).all()
-    return sim
-
-
-def test_sim_group_signal_caps_the_other_ranks_be_chunk():
-    local = _two_rank_run(replace(CFG, lockstep_chunk_cap=False, cap_be_admissions=False), lag=1)
-    ideal = _two_rank_run(CFG, lag=0)
-    gathered = _two_rank_run(CFG, lag=1)
-    assert local.ranks[0].capped_chunks == 0  # the per-rank rule cannot see rank 1's LS request
-    assert ideal.ranks[0].capped_chunks > 0 and gathered.ranks[0].capped_chunks > 0
-    ttft = lambda s: s.table.first_token[1] - s.table.arrival[1]
-    # same-step signal: the LS request's step is one short (capped) lockstep step instead of a 1000-token one
-    assert ttft(ideal) < 0.6 * ttft(local)
-    # one step old (what SGLang's gather gives): the LS request's own step was formed before the signal arrived
-    assert ttft(gathered) == pytest.approx(ttft(local))
 
 
 # ---- adapter: real upstream MLPSyncBatchInfo rows and SchedulePolicy -----------------------------------------

@@ -78,37 +78,48 @@ def cap_plan_steps(work_tokens: int, work_prefix: int, first: int, later: int, s
     return steps
 
 
-def cap_plan_cost(steps: Sequence[tuple[int, float]], pricing: LsCapPricing, ls_waiting_now: int,
-                  config: RequestTierConfig) -> float:
-    """Predicted cost (request-seconds) of prefilling the BE work in `steps` (cap_plan_steps): the step plan's
-    objective terms (step_plan.plan_step) summed over the steps the work takes,
-
-        (1 + W) * T  +  w_d * D * (sum_{prefill steps} S_k  +  (R - 1) * sum_k (S_k - S_dec)^+)
-                     +  w_ls * (LS_now * S_1 + lambda_LS * sum_k S_k^2 / 2)
-
-    S_k: the model's time of step k for the group priced as R ranks like this one (with prefill tokens: every
-    rank prefills and this rank's decodes sit the step out; without: a decode step); T = sum S_k: when the BE request's prefill is done and the W requests waiting behind
-    it can start; D: this rank's running requests (`plan_decode_weight` w_d per second of decode lost), and as
-    many on each of the R - 1 other ranks of the lockstep group, whose decode step S_dec is stretched to S_k (the
-    lockstep waste a long step causes, which a short one avoids; a lower bound where they prefill too); LS_now:
-    LS requests waiting now, which wait out the first step; lambda_LS: LS arrivals per second, each waiting out
-    half the step it arrives in (`plan_ls_weight` w_ls per LS second)."""
+def _plan_step_seconds(steps: Sequence[tuple[int, float]], pricing: LsCapPricing) -> tuple[np.ndarray, np.ndarray]:
+    """The model's seconds of each step of a plan (cap_plan_steps), shape [K], for the group priced as R ranks
+    like this one (LsCapPricing), and which steps prefill ([K] bool: this rank's decodes sit those out)."""
     r = max(1, pricing.group_ranks)
     tok = np.repeat(np.array([[float(t)] for t, _ in steps]), r, axis=1)  # [K, R]
     pairs = np.repeat(np.array([[float(p)] for _, p in steps]), r, axis=1)
     prefills = tok[:, 0] > 0
     dc = np.repeat(np.where(prefills, 0.0, float(pricing.decode_count))[:, None], r, axis=1)
     dx = np.repeat(np.where(prefills, 0.0, float(pricing.decode_context))[:, None], r, axis=1)
-    s = np.asarray(pricing.model.batch_seconds(tok, pairs, dc, dx), dtype=float)
+    return np.asarray(pricing.model.batch_seconds(tok, pairs, dc, dx), dtype=float), prefills
+
+
+def cap_plan_cost(steps: Sequence[tuple[int, float]], pricing: LsCapPricing, ls_waiting_now: int,
+                  config: RequestTierConfig, horizon_s: float = 0.0) -> float:
+    """Predicted cost (request-seconds) of prefilling the BE work in `steps` (cap_plan_steps): the step plan's
+    objective terms (step_plan.plan_step) summed over the steps the work takes,
+
+        (1 + W) * T  +  w_d * D * (sum_{prefill steps} S_k  +  (R - 1) * sum_k (S_k - S_dec)^+)
+                     +  w_ls * (LS_now * S_1 + lambda_LS * (sum_k S_k^2 + (H - T)^+ * S_dec) / 2)
+
+    S_k: the model's time of step k for the group priced as R ranks like this one (with prefill tokens: every
+    rank prefills and this rank's decodes sit the step out; without: a decode step); T = sum S_k: when the BE
+    request's prefill is done and the W requests waiting behind it can start; D: this rank's running requests
+    (`plan_decode_weight` w_d per second of decode lost), and as many on each of the R - 1 other ranks of the
+    lockstep group, whose decode step S_dec is stretched to S_k (the lockstep waste a long step causes, which a
+    short one avoids; a lower bound where they prefill too); LS_now: LS requests waiting now, which wait out the
+    first step; lambda_LS: LS arrivals per second, each waiting out half the step it arrives in
+    (`plan_ls_weight` w_ls per LS second). H (`horizon_s`): arrivals are counted over at least H seconds, the
+    group running decode steps S_dec after the plan, so that two plans of different lengths are priced over the
+    same time (a shorter plan is not credited with the arrivals it merely does not see)."""
+    r = max(1, pricing.group_ranks)
+    s, prefills = _plan_step_seconds(steps, pricing)
     total = float(s.sum())
     lost = float(pricing.decode_count) * float(s[prefills].sum())
+    zero = np.zeros((1, r))
+    s_dec = float(pricing.model.batch_seconds(zero, zero, zero + float(pricing.decode_count),
+                                              zero + float(pricing.decode_context))[0])
     if pricing.group_ranks > 1 and pricing.decode_count > 0:
-        zero = np.zeros((1, r))
-        s_dec = float(pricing.model.batch_seconds(zero, zero, zero + float(pricing.decode_count),
-                                                  zero + float(pricing.decode_context))[0])
         lost += ((pricing.group_ranks - 1) * float(pricing.decode_count)
                  * float(np.maximum(s - s_dec, 0.0).sum()))
-    ls = max(0, ls_waiting_now) * float(s[0]) + max(0.0, pricing.ls_rate_per_s) * float(np.square(s).sum())
+    arrivals = float(np.square(s).sum()) + max(0.0, horizon_s - total) * s_dec
+    ls = max(0, ls_waiting_now) * float(s[0]) + max(0.0, pricing.ls_rate_per_s) * arrivals / 2.0
     return ((1.0 + max(0, pricing.waiting_requests)) * total + config.plan_decode_weight * lost
             + config.plan_ls_weight * ls)
 
@@ -125,8 +136,10 @@ def ls_cap_pays(work_tokens: int, work_prefix: int, capped_first: int, uncapped_
     capped = cap_plan_steps(work_tokens, work_prefix, max(0, capped_first), max(1, min(config.be_chunk_tokens,
                             later_up)), step_tokens, full)
     uncapped = cap_plan_steps(work_tokens, work_prefix, uncapped_first, later_up, step_tokens, full)
-    return (cap_plan_cost(capped, pricing, ls_waiting_now, config)
-            <= cap_plan_cost(uncapped, pricing, ls_waiting_now, config))
+    horizon = max(float(_plan_step_seconds(capped, pricing)[0].sum()),
+                  float(_plan_step_seconds(uncapped, pricing)[0].sum()))
+    return (cap_plan_cost(capped, pricing, ls_waiting_now, config, horizon)
+            <= cap_plan_cost(uncapped, pricing, ls_waiting_now, config, horizon))
 
 
 def chunk_token_limit(
