@@ -147,6 +147,7 @@ def test_rank_drained_mid_run_gets_no_more_requests_and_none_are_lost(tiny_model
     assert out["drain_reply"] and all(x is True for x in out["drain_reply"]), out
     assert out["undrain_reply"] and all(x is True for x in out["undrain_reply"]), out
     assert 1 in out["ranks_before_drain"], out  # rank 1 was serving before the fault
+    assert out["drained_with_running_request"], out  # and was running a request when the drain landed
     assert out["finished_on_drained_rank_after_drain"] >= 1, out  # its in-flight requests finished there
     assert out["ranks_while_drained"] and set(out["ranks_while_drained"]) == {0}, out
     assert out["drain_logged"] and out["undrain_logged"], out

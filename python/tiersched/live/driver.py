@@ -110,7 +110,8 @@ async def run_requests(url: str, requests: Sequence[LiveRequest], send_priority:
                        timeout_s: float = 600.0, on_sent=None) -> list[RequestResult]:
     """Send every request at its `arrival_s` (open loop) and wait for all; one result per request, in order.
 
-    `on_sent(index, elapsed_s)` (optional) runs right after each send is scheduled; the fault test uses it to act
+    `on_sent(index, elapsed_s, results)` (optional) runs right after each send is scheduled, with the live result
+    list (a result with `dp_rank` set and `finished` False is running on that rank); the fault test uses it to act
     mid-run. Requests still running at `timeout_s` are cancelled and count as lost (finished=False).
     """
     results = [RequestResult(r.rid, r.cls, r.priority, len(r.input_ids), r.output_len) for r in requests]
@@ -129,7 +130,7 @@ async def run_requests(url: str, requests: Sequence[LiveRequest], send_priority:
             results[i].sent_s = time.perf_counter() - start
             tasks.append(asyncio.create_task(_send(session, url, req, results[i], send_priority)))
             if on_sent is not None:
-                on_sent(i, results[i].sent_s)
+                on_sent(i, results[i].sent_s, results)
         remaining = timeout_s - (time.perf_counter() - start)
         done, pending = await asyncio.wait(tasks, timeout=max(1.0, remaining))
         for task in pending:

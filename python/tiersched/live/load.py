@@ -236,14 +236,16 @@ def set_drain(url: str, rank: int, drained: bool) -> list:
 
 
 def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: float = 3.0, drain_after: int = 12,
-                     after_undrain: int = 6, in_flight: int = 6, in_flight_output: int = 400,
-                     server: Server | None = None) -> dict:
-    """dp2 tiersched arm, open-loop stream of `n` requests; right after the `drain_after`-th send, drain
-    `drained_rank` over HTTP. When the stream has finished, take the rank back and send `after_undrain` more.
+                     after_undrain: int = 6, in_flight: int = 12, in_flight_output: int = 400,
+                     server: Server | None = None, wait_for_running_s: float = 20.0) -> dict:
+    """dp2 tiersched arm, open-loop stream of `n` requests; once `drain_after` have been sent and a request is
+    running on `drained_rank` (its stream has named the rank and not finished; at most `wait_for_running_s`), drain
+    that rank over HTTP. When the stream has finished, take the rank back and send `after_undrain` more.
     "While drained" = requests sent after the drain call returned (the driver stamps `sent_s` before the HTTP send,
     so that split is conservative). The last `in_flight` requests before the drain generate `in_flight_output`
-    tokens (~1.5-2 s on the CPU rig), so requests are still running on both ranks when the drain lands: a request
-    of the usual 2-32 tokens is done in ~0.1 s, and whether one was in flight on the drained rank was a coin flip.
+    tokens (~1.5-2 s on the CPU rig), so requests are still running on both ranks: a request of the usual 2-32
+    tokens is done in ~0.1 s. Waiting for a running request on the drained rank rather than draining at a fixed
+    send makes the "in-flight requests finish" check independent of where dispatch put the last few requests.
     `server`: an already running dp2 tiersched server with no rank drained (left running, rank taken back), else a
     fresh one; only its log written during this run is read."""
     import dataclasses
@@ -257,7 +259,14 @@ def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: f
     marks: dict = {}
     threads: list[threading.Thread] = []
 
-    def drain(t0: float) -> None:
+    def running_on_drained(results) -> bool:
+        return any(r.dp_rank == drained_rank and not r.finished for r in results)
+
+    def drain(t0: float, results) -> None:
+        deadline = time.perf_counter() + wait_for_running_s
+        while not running_on_drained(results) and time.perf_counter() < deadline:
+            time.sleep(0.005)
+        marks["drained_with_running_request"] = running_on_drained(results)
         marks["drain_sent_s"] = time.perf_counter() - t0
         try:
             marks["drain_reply"] = set_drain(srv.url, drained_rank, True)
@@ -265,10 +274,10 @@ def midrun_drain_run(model_dir: str, drained_rank: int = 1, n: int = 30, rate: f
             marks["drain_reply"] = f"{type(exc).__name__}: {exc}"
         marks["drain_done_s"] = time.perf_counter() - t0
 
-    def on_sent(i: int, elapsed: float) -> None:
+    def on_sent(i: int, elapsed: float, results) -> None:
         if i == drain_after - 1:
             t0 = time.perf_counter() - elapsed  # the driver's run start, on perf_counter
-            threads.append(threading.Thread(target=drain, args=(t0,), daemon=True))
+            threads.append(threading.Thread(target=drain, args=(t0, results), daemon=True))
             threads[-1].start()
 
     with _arm_server(model_dir, "dp2", arm, None, server) as srv:
