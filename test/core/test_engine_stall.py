@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiersched.core.engine import DispatchRequest, EngineTierConfig, LockstepGroup, RankLoad
+from tiersched.core.engine.prefix_index import chained_block_hashes
 from tiersched.core.engine.score import SCORER_NAMES, STALL, ScoreDispatcher
 from tiersched.core.request.step_plan import RooflineStepModel
 
@@ -162,3 +163,55 @@ def test_set_lockstep_switches_the_term_and_checks_its_input():
         LockstepGroup(MODEL, 0)
     with pytest.raises(ValueError, match="weight_stall"):
         EngineTierConfig(weight_stall=-1.0).validate()
+
+
+def _scalar_costs(d: ScoreDispatcher, req: DispatchRequest) -> dict[int, float]:
+    """Every candidate's cost by the module's formula, one rank at a time in Python floats (the order of terms the
+    pick documents), from the dispatcher's state before the pick: the reference for its vectorised pass."""
+    cfg = d.config
+    ranks, _ = d.candidates()
+    held, depths = d.index.match_held(req.prefix_blocks)
+    depth = dict(zip(held, depths))
+    horizon = int(d._pending.max())
+    session = d._sessions.get(req.session_key) if req.session_key is not None else None
+    out = {}
+    for r in ranks:
+        hit = depth.get(r, 0) * cfg.block_tokens
+        uncached = req.input_tokens - hit if hit < req.input_tokens else 0
+        prefill, decode, kv, queue, static, rate = (float(x) for x in d._terms[:, r])
+        pend = int(d._pending[r])
+        c = prefill + cfg.weight_prefix * uncached + static + rate * (pend + uncached)
+        if d._stall_rate is not None:
+            excess = pend + uncached - horizon
+            c += float(d._stall_rate[r]) * (excess if excess > 0 else 0)
+        if session is not None and session[0] in ranks and session[0] != r:
+            c += cfg.weight_session * session[1]
+        out[r] = c
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 32), lockstep=st.booleans(), mixed=st.booleans())
+def test_vectorised_costs_equal_the_per_rank_formula_with_prefix_hits_sessions_and_stall(seed, n, lockstep, mixed):
+    """The pick prices every rank in one numpy pass with per-rank uncached tokens; each total must be the very float
+    the per-rank scalar formula gives (==, not approx), on ranks that hold none, part or all of the prompt, with a
+    sticky session and with the stall term on or off."""
+    rng = random.Random(seed)
+    cfg = EngineTierConfig(weight_stall=1.0, block_tokens=4, tie_tokens=rng.choice([0.0, 64.0]))
+    d = ScoreDispatcher(n, cfg)
+    if lockstep:
+        d.set_lockstep(LockstepGroup(MODEL, 2048, mixed))
+    d.update_loads(_loads(rng, n, 1.0), 1.0)
+    bases = [[rng.randrange(0, 5) for _ in range(rng.randrange(4, 80))] for _ in range(3)]
+    for step in range(40):
+        tokens = rng.choice(bases) + [rng.randrange(0, 5) for _ in range(rng.randrange(0, 40))]
+        keys = chained_block_hashes(tokens, cfg.block_tokens)
+        req = DispatchRequest(str(step), len(tokens), prefix_blocks=keys, session_key=rng.choice([None, "s", "t"]))
+        if rng.random() < 0.3:
+            d.record(rng.randrange(n), req, 1.0 + step * 1e-3)
+            continue
+        want = _scalar_costs(d, req)
+        dec = d.pick(req, 1.0 + step * 1e-3)
+        assert {r: dec.scores[r]["total"] for r in dec.scores} == want, step
+        best = min(want.values())
+        assert want[dec.rank] < best + max(cfg.tie_tokens, 0.0) or want[dec.rank] == best

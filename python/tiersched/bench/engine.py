@@ -2,7 +2,8 @@
 
 Measured in one run, on one synthetic shared-prefix workload (no data files needed):
 - decision latency of ScoreDispatcher.pick at 8 and 32 ranks with a prefix index held at ~100k (rank, page)
-  entries (each rank's KV capacity set so the index stays there),
+  entries (each rank's KV capacity set so the index stays there), page keys computed before the timer and packed
+  as the adapter hands them over (PageKeys),
 - upstream's own TOTAL_TOKENS selection (`DPBudget.dispatch` from sglang.srt.managers.data_parallel_controller,
   called in-process) on the same requests, or its copy tiersched.core.engine.upstream.TotalTokensDispatcher (the
   one the simulator runs) when sglang cannot be imported,
@@ -20,6 +21,7 @@ Measured in one run, on one synthetic shared-prefix workload (no data files need
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from tiersched.core.engine import EngineTierConfig, DispatchRequest, RankLoad
 from tiersched.core.engine.upstream import RoundRobinDispatcher, TotalTokensDispatcher
 from tiersched.core.engine.score import ScoreDispatcher
-from tiersched.core.engine.prefix_index import PrefixIndex, chained_block_hashes
+from tiersched.core.engine.prefix_index import PageKeys, PrefixIndex, chained_block_hashes, pack_keys
 from tiersched.sglang.engine.hooks import to_dispatch_request
 
 
@@ -85,6 +87,8 @@ def decision_latency(num_ranks: int, index_entries: int, decisions: int, seed: i
                  expert_pressure=rng.uniform(0.8, 1.2), timestamp_s=1.0)
         for r in range(num_ranks)], 1.0)
     work = shared_prefix_workload(max(decisions, 2000), seed, cfg.block_tokens, groups=400)
+    # the adapter hands pick its page keys packed (page_keys); the timed picks get them so too
+    timed = [dataclasses.replace(req, prefix_blocks=PageKeys(pack_keys(req.prefix_blocks))) for req in work.requests]
     # Fill the index to its bound: every rank holds many (partial) prefixes.
     i = 0
     while len(dispatcher.index) < index_entries - num_ranks:
@@ -100,7 +104,7 @@ def decision_latency(num_ranks: int, index_entries: int, decisions: int, seed: i
     gc.collect()
     clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     for k in range(decisions):
-        req = work.requests[k % len(work.requests)]
+        req = timed[k % len(timed)]
         c0 = cpu_clock()
         t0 = clock()
         dispatcher.pick(req, 1.0)

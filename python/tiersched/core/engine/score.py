@@ -36,13 +36,13 @@ rank is charged optimistically (its pending prefill, KV and request count grow) 
 charge replaces it, so a burst between snapshots spreads instead of herding onto the rank that looked idlest.
 
 Hot path: every request-independent term lives in one row of a float64 array (rows: prefill, decode, kv, queue,
-static = decode + kv + queue, expert rate; one column per rank) and a Python mirror per rank, refreshed when a
-snapshot or a charge changes it. A decision is five numpy operations over the ranks (four more with the stall term)
-for the cost every rank would have without a cache hit, then the few ranks that hold the prompt's first page get
-their cost recomputed from the mirrors in Python floats. The per-rank score dicts of `Decision.scores` are built
-only when someone reads them (the adapter's debug log, tests), from a copy of the rows taken at the pick. The
-arithmetic is the scalar formula's, term by term in the same order, so the costs are the same float64 values a
-per-rank loop computes.
+static = decode + kv + queue, expert rate; one column per rank), refreshed when a snapshot or a charge changes it.
+A decision is one prefix-index match (the ranks that hold the prompt's first page and how deep), an int array of
+each rank's uncached tokens (n_in where a rank holds none; one int for every rank when none holds any), and five
+numpy operations over the ranks (four more with the stall term): no Python-level pass over the ranks. The per-rank
+score dicts of `Decision.scores` are built only when someone reads them (the adapter's debug log, tests), from a
+copy of the rows taken at the pick. The arithmetic is the scalar formula's, term by term in the same order, so the
+costs are the same float64 values a per-rank loop computes.
 """
 from __future__ import annotations
 
@@ -76,15 +76,8 @@ class ScoreTable(Mapping):
         """The per-rank term arrays of the pick (float [num_ranks], or one float for every rank), computed as the
         pick computed the costs: prefix = w_prefix * uncached, expert = rate * (pending + uncached), stall =
         stall_rate * max(0, pending + uncached - horizon)."""
-        (terms, pending, cost, n_in, w_prefix, held, uncached_held, sticky_rank, session_cost, stall_rate,
-         horizon) = self._inputs
-        if held:
-            uncached = np.full(self._num_ranks, n_in, dtype=np.int64)
-            uncached[held] = uncached_held
-            prefix = w_prefix * uncached
-        else:
-            uncached = n_in
-            prefix = w_prefix * n_in
+        terms, pending, cost, uncached, w_prefix, sticky_rank, session_cost, stall_rate, horizon = self._inputs
+        prefix = w_prefix * uncached
         sticky = 0.0
         if sticky_rank >= 0:
             sticky = np.full(self._num_ranks, session_cost)
@@ -139,12 +132,10 @@ class ScoreDispatcher(Dispatcher):
         self._charges: list[deque[tuple[float, int, int]]] = [deque() for _ in range(num_ranks)]
         self._sessions: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> (rank, context tokens)
         # Per-rank terms that do not depend on the request, refreshed when a snapshot or a charge changes them:
-        # rows of one array (copied whole into a pick's ScoreTable) and, per rank, the Python floats the pick's
-        # per-rank correction reads (prefill, static, expert rate, pending).
+        # rows of one array (copied whole into a pick's ScoreTable).
         self._terms = np.zeros((6, num_ranks))  # rows: w_prefill * pending, decode, kv, queue, static, expert rate
         self._prefill, self._decode, self._kv, self._queue, self._static, self._expert_rate = self._terms
         self._pending = np.zeros(num_ranks, dtype=np.int64)  # remaining prefill + optimistic, tokens
-        self._mirror: list[tuple[float, float, float, int]] = [(0.0, 0.0, 0.0, 0)] * num_ranks
         self._full = [False] * num_ranks  # KV use with optimistic charges at or above the overload fraction
         self._mean_capacity = 0.0
         self._cands: tuple[np.ndarray | None, dict[int, str]] | None = None  # candidates() cache
@@ -238,7 +229,6 @@ class ScoreDispatcher(Dispatcher):
         rate = cfg.weight_expert * (load.expert_pressure - 1.0)
         self._pending[r] = pending
         self._terms[:, r] = (prefill, decode, kv, queue, static, rate)
-        self._mirror[r] = (prefill, static, rate, pending)
         full = cap > 0 and kv_used >= cfg.kv_overload_fraction * cap
         if full != self._full[r]:
             self._full[r] = full
@@ -290,35 +280,26 @@ class ScoreDispatcher(Dispatcher):
             sticky_rank = session[0]
         session_cost = cfg.weight_session * session[1] if sticky_rank >= 0 else 0.0
 
-        # Every rank's cost as if it held none of the prompt (uncached = n_in):
-        # (((prefill + prefix) + static) + expert) + stall.
+        # Every rank's cost, (((prefill + prefix) + static) + expert) + stall, as numpy operations over the ranks;
+        # uncached is n_in on every rank that holds none of the prompt (one int for all when no rank holds any).
+        if held_ranks:
+            uncached = np.full(self.num_ranks, n_in, dtype=np.int64)
+            uncached[held_ranks] = np.maximum(n_in - np.array(depths, dtype=np.int64) * block, 0)
+        else:
+            uncached = n_in
         w_prefix = cfg.weight_prefix
         pending = self._pending
-        expert = pending + n_in
+        expert = pending + uncached
         expert = self._expert_rate * expert
-        cost = self._prefill + w_prefix * n_in
+        cost = self._prefill + w_prefix * uncached
         cost += self._static
         cost += expert
         stall_rate, horizon = self._stall_rate, self._pending_max
         if stall_rate is not None:  # lockstep: the tokens q adds past the group's prefill horizon, priced per rank
-            excess = pending + n_in
+            excess = pending + uncached
             excess -= horizon
             np.maximum(excess, 0, out=excess)
             cost += stall_rate * excess
-        # The ranks that hold part of it: the same formula in Python floats with their own uncached tokens.
-        uncached_held = []
-        if held_ranks:
-            mirror = self._mirror
-            for r, d in zip(held_ranks, depths):
-                hit = d * block
-                uncached = n_in - hit if hit < n_in else 0
-                uncached_held.append(uncached)
-                prefill, static, rate, pend = mirror[r]
-                c = prefill + w_prefix * uncached + static + rate * (pend + uncached)
-                if stall_rate is not None:
-                    excess = pend + uncached - horizon
-                    c += stall_rate[r] * (excess if excess > 0 else 0)
-                cost[r] = c
         if sticky_rank >= 0:  # every other rank pays the session's context (the sticky rank adds 0.0)
             keep = cost[sticky_rank]
             cost += session_cost
@@ -330,16 +311,15 @@ class ScoreDispatcher(Dispatcher):
                 raise RuntimeError("every candidate DP rank's cost is NaN; check the ranks' load snapshots")
             best = int(np.nanargmin(costs))
         if cfg.tie_tokens > 0 and len(costs) > 1:
-            tied = np.flatnonzero(costs < costs[best] + cfg.tie_tokens)
+            tied = (costs < costs[best] + cfg.tie_tokens).nonzero()[0]
             if len(tied) > 1:  # fewest pages held, then the lowest rank (tied is in rank order)
                 blocks_on = self.index.blocks_on
                 best = min(tied.tolist(), key=lambda i: blocks_on(i if ranks is None else int(ranks[i])))
         best_rank = best if ranks is None else int(ranks[best])
-        best_hit = n_in - uncached_held[held_ranks.index(best_rank)] if best_rank in held_ranks else 0
+        best_hit = n_in - int(uncached[best_rank]) if held_ranks else 0
         # as they are before the charge below
-        scores = ScoreTable(ranks, self.num_ranks, (self._terms.copy(), pending.copy(), cost, n_in, w_prefix,
-                                                    held_ranks, uncached_held, sticky_rank, session_cost,
-                                                    stall_rate, horizon))
+        scores = ScoreTable(ranks, self.num_ranks, (self._terms.copy(), pending.copy(), cost, uncached, w_prefix,
+                                                    sticky_rank, session_cost, stall_rate, horizon))
         self._charge(best_rank, req, best_hit, now_s, packed)
         return Decision(rank=best_rank, expected_cached_tokens=best_hit, scores=scores, filtered=filtered)
 
