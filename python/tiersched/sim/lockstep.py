@@ -17,6 +17,7 @@ from tiersched.core.request.step_plan import RankStepSummary, RooflineStepModel,
 
 PRIOR_SAMPLES = 600
 DECODE_ONLY_SHARE = 0.25  # sample_steps: share of steps in which no rank prefills
+ALIGNED_SHARE = 0.5  # sample_steps: share of steps in which every prefilling rank prefills about the same tokens
 
 
 def sample_steps(cost, samples: int = PRIOR_SAMPLES, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -34,6 +35,9 @@ def sample_steps(cost, samples: int = PRIOR_SAMPLES, seed: int = 0) -> tuple[np.
     decode_only = rng.uniform(size=samples) < DECODE_ONLY_SHARE
     mode[decode_only] = np.where(mode[decode_only] == 0, 1, mode[decode_only])
     tokens = np.where(mode == 0, np.rint(np.exp(rng.uniform(0, np.log(chunk), (samples, r)))), 0.0)
+    aligned = rng.uniform(size=samples) < ALIGNED_SHARE
+    size = np.exp(rng.uniform(0, np.log(chunk), samples))[:, None] * rng.uniform(0.8, 1.0, (samples, r))
+    tokens = np.where(aligned[:, None] & (mode == 0), np.maximum(1.0, np.rint(size)), tokens)
     prefix = np.where(rng.uniform(size=(samples, r)) < 0.5, 0.0, rng.uniform(0, 16_384, (samples, r)))
     pairs = tokens * (prefix + (tokens + 1) / 2)
     count = np.where(mode == 1, rng.integers(1, preset.scheduler.max_running_requests + 1, (samples, r)), 0)
