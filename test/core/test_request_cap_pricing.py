@@ -172,3 +172,22 @@ def test_plans_of_different_lengths_are_priced_over_the_same_horizon():
     # an idle group after the plan: arrivals then wait for nothing
     idle = _pricing(ls_rate_per_s=1.0)
     assert cap_plan_cost(plan, idle, 0, CFG, horizon_s=1.0) == cap_plan_cost(plan, idle, 0, CFG)
+
+
+def test_a_rank_of_its_own_pays_only_its_own_decodes_and_queue():
+    # A group of one (no DP attention): no other rank's decodes wait out this rank's steps, so the cost is the
+    # queue's wait and this rank's own decodes sitting out its prefill steps.
+    p = _pricing(group_ranks=1, decode_count=8, decode_context=8000)
+    plan = cap_plan_steps(4000, 0, 512, 512)
+    s = [0.01 + t * 1e-5 for t, _ in plan]
+    assert cap_plan_cost(plan, p, 0, CFG) == pytest.approx(sum(s) + CFG.plan_decode_weight * 8 * sum(s))
+    two = cap_plan_cost(plan, replace(p, group_ranks=2), 0, CFG)
+    assert two > cap_plan_cost(plan, p, 0, CFG)  # the lockstep group adds the other rank's stretched decodes
+    # an LS request waiting on an idle rank: the cap pays; on a busy rank (16 decodes, 20 waiting) it does not
+    assert ls_cap_pays(4000, 0, 512, 8192, _pricing(group_ranks=1), 1, CFG)
+    busy = _pricing(group_ranks=1, waiting_requests=20, decode_count=16, decode_context=16_000)
+    assert not ls_cap_pays(4000, 0, 512, 8192, busy, 1, CFG)
+    # the LS request here is shorter than the chunk's rest, so it joins this step either way (the shorter-waiter
+    # reservation); the priced cap decides how long that step is
+    assert chunk_token_limit(0, 4000, [(5, 300)], 8192, 1, CFG, 0, busy) == 8192 - 300
+    assert chunk_token_limit(0, 4000, [(5, 300)], 8192, 1, CFG, 0, _pricing(group_ranks=1)) == 512

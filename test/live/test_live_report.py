@@ -125,9 +125,14 @@ def test_server_steps_counts_prefill_batches_and_caps_from_a_log():
            "usage: 0.19\n"
            "[2026-12-03 09:15:19 DP0 TP0] Prefill batch, #new-seq: 1, #new-token: 512, #cached-token: 0, x\n"
            "tiersched lockstep cap: BE chunk abc capped to 303 of 1782 tokens\n"
+           "[x DP0] tiersched cap pricing: kept 1 dropped 2 LS caps this pass (group 1, model prior; totals kept 1 "
+           "dropped 2)\n"
+           "[x DP1] tiersched cap pricing: kept 0 dropped 3 LS caps this pass (group 1, model scaled@8; totals kept 0 "
+           "dropped 3)\n"
            "[2026-12-03 09:15:21 DP0 TP0] Decode batch, #running-req: 1, gen throughput (token/s): 40.00, #queue\n"
            "[2026-12-03 09:15:22 DP1 TP1] Decode batch, #running-req: 3, gen throughput (token/s): 20.00, #queue\n")
     steps = server_steps(log)
     assert steps == {"prefill_batches": 2, "prefill_new_tokens": 1468, "prefill_seqs": 3,
-                     "prefill_cached_tokens": 48, "lockstep_caps_logged": 1, "decode_gen_tok_s_mean": 30.0}
+                     "prefill_cached_tokens": 48, "lockstep_caps_logged": 1, "priced_caps_kept": 1,
+                     "priced_caps_dropped": 5, "decode_gen_tok_s_mean": 30.0}
     assert server_steps("")["decode_gen_tok_s_mean"] is None

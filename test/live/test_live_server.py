@@ -6,8 +6,14 @@ and the mid-run drain reuse the tiersched one (each reads only what it caused: i
 during its run). The EPLB fault run has its own ep2 server. The 5-minute load run is behind
 TIERSCHED_LIVE_FULL_LOAD=1.
 """
+import json
 import os
+import random
+import re
 import statistics
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from scipy.stats import mannwhitneyu
@@ -152,6 +158,46 @@ def test_rank_drained_mid_run_gets_no_more_requests_and_none_are_lost(tiny_model
     assert out["ranks_while_drained"] and set(out["ranks_while_drained"]) == {0}, out
     assert out["drain_logged"] and out["undrain_logged"], out
     assert 1 in out["ranks_after_undrain"], out  # taken back: it receives requests again
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.rig_servers(DP2[live_arms.TIERSCHED])
+def test_priced_ls_cap_decides_on_each_dp2_rank(rig_pool):
+    """dp2 has no DP attention: each rank prices its own LS cap for a group of one (the simulator's one-rank prior,
+    rescaled to its prefill steps). Long BE prompts with short LS requests among them on both ranks: each
+    scheduler says it prices alone and which model it took up, and logs the priced decisions where the fixed rule
+    would have capped (kept or dropped), and every request is answered."""
+    _need(("request",))
+    srv = _tiersched_dp2_server(rig_pool)
+    start = os.path.getsize(srv.log_path)
+    rng = random.Random(7)
+    jobs = []
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        for i in range(24):
+            ls = i % 3 == 2
+            ids = [rng.randrange(3, 500) for _ in range(96 if ls else 2600)]  # unique: no shared prefix
+            jobs.append(pool.submit(_generate_ids, srv.url, ids, 10 if ls else 0))
+            time.sleep(0.05)
+        results = [j.result() for j in jobs]
+    assert all(r["meta_info"]["finish_reason"]["type"] == "length" for r in results)
+    assert {r["meta_info"].get("dp_rank") for r in results} >= {0, 1}, results  # both ranks served
+    with open(srv.log_path, errors="replace") as f:
+        whole = f.read()
+    assert whole.count("tiersched cap pricing: a rank of its own") == 2, srv.log_tail(80)  # one per DP rank
+    assert re.search(r"tiersched cap pricing: model=\{.*\} \(prior\)", whole), srv.log_tail(80)
+    decided = [tuple(map(int, m.groups())) for m in re.finditer(
+        r"tiersched cap pricing: kept (\d+) dropped (\d+) LS caps this pass \(group 1,", whole[start:])]
+    print("priced decisions (kept, dropped) per pass:", decided)
+    assert decided and sum(k + d for k, d in decided) > 0, srv.log_tail(80)
+
+
+def _generate_ids(url, input_ids, priority):
+    body = {"input_ids": input_ids, "priority": priority,
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
 
 
 @pytest.mark.timeout(400)

@@ -28,12 +28,26 @@ def _scheduler(device="cpu", running=3, waiting=5):
                            chunked_prefill_size=4096, max_prefill_tokens=16384)
 
 
-def test_no_lockstep_group_no_pricing():
+def test_no_group_no_pricing():
     sched = _scheduler()
     assert cap_pricing.model_for(sched, None, lambda r: PRIOR) is None  # group unknown: fixed rule
-    cap_pricing.set_group(1, 0, False)
-    assert cap_pricing.model_for(sched, None, lambda r: PRIOR) is None
     assert not cap_pricing.wants_steps()
+    assert cap_pricing.pricing(PRIOR, cap_pricing.rank_load(sched, 0), LockstepLsSignal(CFG), 1, 0.0, CFG) is None
+
+
+def test_a_rank_of_its_own_prices_with_the_one_rank_prior_and_its_own_ls_counts():
+    cap_pricing.set_group(1, 0, False, CFG)
+    sched = _scheduler(running=2, waiting=3)
+    asked = []
+    assert cap_pricing.model_for(sched, None, lambda r: asked.append(r) or PRIOR) == PRIOR and asked == [1]
+    assert cap_pricing.wants_steps()
+    # this rank's LS count per iteration is its signal: 0, then 2 waiting a second later
+    cap_pricing.observe_own_rank(0, 0.0)
+    cap_pricing.observe_own_rank(2, 1.0)
+    lockstep_signal = LockstepLsSignal(CFG)  # the lockstep signal, never observed here: ignored for a group of one
+    p = cap_pricing.pricing(PRIOR, cap_pricing.rank_load(sched, 3), lockstep_signal, 0, 1.0, CFG)
+    assert p.group_ranks == 1 and p.group_ls_now == 2 and p.ls_rate_per_s == pytest.approx(2.0)
+    assert p.decode_count == 2 and p.waiting_requests == 3
 
 
 def test_prior_then_rescaled_to_this_ranks_prefill_steps():

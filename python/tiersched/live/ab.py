@@ -110,17 +110,21 @@ def only_running(servers: dict[str, Server], name: str):
 
 PREFILL_LINE = re.compile(r"\] Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)")
 DECODE_LINE = re.compile(r"\] Decode batch, .*gen throughput \(token/s\): ([0-9.]+)")
+PRICED_LINE = re.compile(r"tiersched cap pricing: kept (\d+) dropped (\d+) LS caps this pass")
 
 
 def server_steps(log_text: str) -> dict:
     """What the server's schedulers logged in one run (upstream logs every prefill batch, and a decode line every
     `--decode-log-interval` decode steps): prefill batches over all ranks, their new and cached tokens, the
-    lockstep caps tiersched logged, and the mean decode throughput of the decode lines (token/s per rank)."""
+    lockstep caps tiersched logged, the priced cap's decisions where the fixed rule would cap (kept: capped;
+    dropped: priced as not paying), and the mean decode throughput of the decode lines (token/s per rank)."""
     prefill = [tuple(map(int, m.groups())) for m in PREFILL_LINE.finditer(log_text)]
     decode = [float(m.group(1)) for m in DECODE_LINE.finditer(log_text)]
     return {"prefill_batches": len(prefill), "prefill_new_tokens": sum(p[1] for p in prefill),
             "prefill_seqs": sum(p[0] for p in prefill), "prefill_cached_tokens": sum(p[2] for p in prefill),
             "lockstep_caps_logged": log_text.count("tiersched lockstep cap:"),
+            "priced_caps_kept": sum(int(m.group(1)) for m in PRICED_LINE.finditer(log_text)),
+            "priced_caps_dropped": sum(int(m.group(2)) for m in PRICED_LINE.finditer(log_text)),
             "decode_gen_tok_s_mean": round(sum(decode) / len(decode), 2) if decode else None}
 
 

@@ -1,7 +1,10 @@
 """The step-time model and rank load the request tier prices its LS cap with (core: lockstep.ls_cap_pays).
 
-Only under DP attention (the lockstep group, `lockstep.same_step_group`): without it a rank's step stalls no
-other rank and the fixed rule stays. With `[request] ls_cap_pricing` on, a scheduler process prices the cap with:
+Two kinds of group: under DP attention the lockstep group (`lockstep.same_step_group`), whose ranks' steps are
+one step; without DP attention a rank of its own (a group of one: `lockstep.join_own_rank_pricing`, a scheduler
+that decides alone, i.e. tp and pp size 1, as each rank of `--dp-size N` without DP attention), where the cap's
+extra steps are still paid by this rank's own running decodes. With `[request] ls_cap_pricing` on, a scheduler
+process prices the cap with:
 
 * the model: where the step plan runs (`[request] step_plan`), the group's model DP rank 0 publishes (fitted to
   the group's measured steps); otherwise this process's own: the simulator's prior for this DP size
@@ -12,7 +15,8 @@ other rank and the fixed rule stays. With `[request] ls_cap_pricing` on, a sched
   features in its column and zeros elsewhere; the forward ends after the group's MoE collective, so it is the
   lockstep step.
 * the load: this rank's running requests and their context, its waiting queue, its chunk budget;
-* the group's LS arrival rate and this step's fresh LS count, from the process's `LockstepLsSignal`.
+* the group's LS arrival rate and this step's fresh LS count, from the process's `LockstepLsSignal` (a group of
+  one: this rank's own LS count each iteration, `observe_own_rank`, in a signal of its own here).
 
 Each model this process takes up is logged: `tiersched cap pricing: model={...} (prior|scaled@N)`.
 """
@@ -38,7 +42,7 @@ SCALE_MIN_SAMPLES, SCALE_EVERY, WINDOW = 8, 8, 512
 class CapPricingState:
     """This process's pricing model (one scheduler per process)."""
 
-    group_ranks: int = 0  # DP ranks of the lockstep group (0: not known yet / no lockstep: no pricing)
+    group_ranks: int = 0  # DP ranks of the group priced (0: not known yet / no pricing; 1: a rank of its own)
     dp_rank: int = 0
     full_sequence: bool = False
     prior: Optional[RooflineStepModel] = None
@@ -47,6 +51,8 @@ class CapPricingState:
     source: str = "none"
     samples: Optional[StepSamples] = None
     scaled_at: int = 0
+    own_signal: Optional[LockstepLsSignal] = None  # a group of one: this rank's LS counts (observe_own_rank)
+    own_ls: int = 0  # a group of one: this rank's LS count observed this iteration
 
 
 PRICING = CapPricingState()
@@ -57,14 +63,25 @@ def reset() -> None:
     PRICING = CapPricingState()
 
 
-def set_group(group_ranks: int, dp_rank: int, full_sequence: bool) -> None:
-    """The lockstep group this process belongs to (called once the same-step group is known)."""
+def set_group(group_ranks: int, dp_rank: int, full_sequence: bool, config: Optional[RequestTierConfig] = None) -> None:
+    """The group this process prices for (called once it is known): the lockstep group, or 1 for a rank of its
+    own (then `config` sizes the signal that estimates this rank's LS arrival rate)."""
     PRICING.group_ranks, PRICING.dp_rank, PRICING.full_sequence = int(group_ranks), int(dp_rank), bool(full_sequence)
+    if PRICING.group_ranks == 1:
+        PRICING.own_signal = LockstepLsSignal(config if config is not None else RequestTierConfig())
+
+
+def observe_own_rank(ls_count: int, now_s: float) -> None:
+    """A group of one: this iteration's LS count of this rank (waiting + an LS chunked prefill), for the arrival
+    rate and the fresh count the pricing reads."""
+    if PRICING.own_signal is not None:
+        PRICING.own_ls = max(0, int(ls_count))
+        PRICING.own_signal.observe(PRICING.own_ls, now_s)
 
 
 def wants_steps() -> bool:
     """Whether `step_plan.time_step` should time this process's forwards for the pricing model."""
-    return PRICING.group_ranks > 1 and PRICING.prior is not None
+    return PRICING.group_ranks >= 1 and PRICING.prior is not None
 
 
 def record_step(prefill_tokens: int, prefill_pairs: float, measured_s: float) -> None:
@@ -96,7 +113,7 @@ def model_for(scheduler, plan_model: Optional[RooflineStepModel],
     if plan_model is not None:
         return plan_model
     st = PRICING
-    if st.group_ranks <= 1:
+    if st.group_ranks < 1:
         return None
     if not st.prior_built:
         st.prior_built = True
@@ -125,9 +142,12 @@ def rank_load(scheduler, waiting_behind: int) -> RankLoad:
 
 def pricing(model: Optional[RooflineStepModel], load: RankLoad, signal: LockstepLsSignal, group_ls_now: int,
             now_s: float, config: RequestTierConfig) -> Optional[LsCapPricing]:
-    """The core's pricing inputs, or None (no model, pricing off, no lockstep group): the fixed rule."""
-    if model is None or not config.ls_cap_pricing or PRICING.group_ranks <= 1:
+    """The core's pricing inputs, or None (no model, pricing off, no group known): the fixed rule. A group of one
+    reads its own signal and count (`observe_own_rank`), not the lockstep ones passed in."""
+    if model is None or not config.ls_cap_pricing or PRICING.group_ranks < 1:
         return None
+    if PRICING.group_ranks == 1 and PRICING.own_signal is not None:
+        signal, group_ls_now = PRICING.own_signal, PRICING.own_ls
     return LsCapPricing(model, signal.ls_rate_per_s(now_s), max(0, int(group_ls_now)), load.decode_count,
                         load.decode_context, load.waiting_requests, load.upstream_budget, PRICING.full_sequence,
                         PRICING.group_ranks)

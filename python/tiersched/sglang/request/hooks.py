@@ -120,6 +120,9 @@ def chunk_limit(original_fn, self, chunked_req, waiting_queue, budget, page_size
     pricing = lockstep.cap_pricing_for(len(waiting_queue)) if group or waiting else None
     limit = chunk_token_limit(chunked_priority, remaining, waiting, budget, page_size, cfg, group, pricing,
                               chunked_req.prefix_len)
+    if pricing is not None:
+        fixed = chunk_token_limit(chunked_priority, remaining, waiting, budget, page_size, cfg, group)
+        lockstep.note_priced(limit, fixed, min(budget, remaining))
     if group and limit is not None and limit < remaining and not cfg.is_latency_sensitive(chunked_priority):
         local_ls = sum(1 for p, _ in waiting if cfg.is_latency_sensitive(p))
         counters = STATE.lockstep.counters
@@ -152,12 +155,14 @@ def scope_prefill_pass(original_fn, self, *args, **kwargs):
     # getattr: Scheduler.policy is set in Scheduler.__init__; a scheduler assembled without it (upstream's
     # in-process tests) reaches this method too and must run upstream's pass unchanged.
     token = _prefill_pass.set(policy_state(getattr(self, "policy", None)))
+    before = lockstep.priced_totals()
     try:
         # The group's step plan (step_plan.py) caps this pass's chunk budget; no plan for this iteration: upstream's.
         with step_plan.BudgetCap(self, step_plan.planned_budget(self, STATE.lockstep.iteration)):
             return original_fn(self, *args, **kwargs)
     finally:
         _prefill_pass.reset(token)
+        lockstep.log_priced_decisions(before)
 
 
 def preempt_for_slots(original_fn, self, req, *args, **kwargs):

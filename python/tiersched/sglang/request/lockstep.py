@@ -27,7 +27,8 @@ Where the same-step reduce ran, it subsumes the gathered count (an LS request in
 counted by the same step's reduce; one still waiting is counted by the next), so the gathered value is then
 ignored, as the simulator's lag 0 does. The value used feeds `tiersched.core.request.lockstep.
 LockstepLsSignal` (the `ls_hold_s` hold). Stale reads: a count is used only in the iteration it was reduced in /
-right after its gather; otherwise only the hold remains, and it runs out. Without DP attention ranks are not in lockstep and only the per-rank rule applies.
+right after its gather; otherwise only the hold remains, and it runs out. Without DP attention ranks are not in
+lockstep and only the per-rank rule applies, priced for a group of one (`join_own_rank_pricing`).
 """
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def track_iteration(original_fn, self, *args, **kwargs):
     if not ls.same_step_decided:
         ls.same_step_group = same_step_group(self)
         ls.same_step_decided = True
+        if ls.same_step_group is None:
+            join_own_rank_pricing(self)
+    if cap_pricing.PRICING.group_ranks == 1:
+        cap_pricing.observe_own_rank(safe_local_ls_count(self), time.perf_counter())
     if ls.same_step_group is not None:
         if _plan_active(ls):  # one all-gather carries the LS count and the step plan's summaries (step_plan.py)
             running_batch, last_batch = _batches(*args, **kwargs)
@@ -167,12 +172,55 @@ def _join_pricing_group(parallel) -> None:
         logger.exception("tiersched cap pricing: lockstep group unknown; the LS cap stays the fixed rule")
 
 
+def join_own_rank_pricing(scheduler) -> None:
+    """Without DP attention a rank's step stalls no other rank, but the LS cap's extra steps are still steps its
+    own running requests do not decode in: price the cap for a group of one (cap_pricing.set_group(1, ...)). Only
+    where this scheduler decides alone (tp and pp size 1): the model is rescaled to this process's own measured
+    steps, and the TP ranks of one scheduler group must form identical batches, which per-process timings cannot
+    promise; there the fixed rule stays. Under DP attention without the same-step group the ranks are still in
+    lockstep, so a group of one would misprice them: the fixed rule too. A failure leaves pricing off."""
+    ls = _lockstep()
+    if not (ls.config.ls_cap_pricing and _schedule_settings(ls)[0]):
+        return
+    try:
+        from sglang.srt.runtime_context import get_parallel  # deferred: the runtime context imports torch
+
+        parallel = get_parallel()
+        if parallel.attn_dp_enabled:
+            return
+        tp, pp = int(getattr(parallel, "tp_size", 1) or 1), int(getattr(parallel, "pp_size", 1) or 1)
+        if tp != 1 or pp != 1:
+            logger.info("tiersched cap pricing: off (tp %d, pp %d: the ranks of one scheduler group must decide "
+                        "alike); the LS cap stays the fixed rule", tp, pp)
+            return
+        try:
+            full = step_plan.full_sequence_attention()
+        except Exception:  # noqa: BLE001 -- causal pairs then
+            full = False
+        cap_pricing.set_group(1, 0, full, ls.config)
+        logger.info("tiersched cap pricing: a rank of its own (no DP attention): the LS cap is priced for a group "
+                    "of one")
+    except Exception:  # noqa: BLE001
+        logger.exception("tiersched cap pricing: own-rank group unknown; the LS cap stays the fixed rule")
+
+
+def _pricing_active(ls: LockstepState) -> bool:
+    """Pricing applies: on, under prefix-aging, and either the lockstep tier (a lockstep group) or a rank of its
+    own (group of one: its per-rank cap needs no group signal)."""
+    if not ls.config.ls_cap_pricing:
+        return False
+    if cap_pricing.PRICING.group_ranks == 1:
+        return _schedule_settings(ls)[0]
+    return _tier_active(ls)
+
+
 def cap_pricing_for(waiting_behind: int) -> LsCapPricing | None:
     """The LS cap's pricing inputs for this scheduling pass (None: the fixed rule): pricing on, the lockstep tier
-    active, a model known (cap_pricing.model_for). The fresh group count is this iteration's same-step count, else
-    the count gathered in the previous iteration, else 0 (only the hold). Never raises."""
+    active or a rank of its own, a model known (cap_pricing.model_for). The fresh group count is this iteration's
+    same-step count, else the count gathered in the previous iteration, else 0 (only the hold); a group of one
+    reads its own count. Never raises."""
     ls = _lockstep()
-    if not ls.config.ls_cap_pricing or not _tier_active(ls) or ls.scheduler is None:
+    if not _pricing_active(ls) or ls.scheduler is None:
         return None
     sched = ls.scheduler()
     if sched is None:
@@ -191,6 +239,33 @@ def cap_pricing_for(waiting_behind: int) -> LsCapPricing | None:
     except Exception:  # noqa: BLE001 -- pricing is an optimisation; the fixed rule is always safe
         logger.exception("tiersched cap pricing failed; the fixed rule this pass")
         return None
+
+
+def note_priced(priced, fixed, budget: int) -> None:
+    """Count one priced cap decision where the fixed rule would cap (`fixed` below `budget`): kept when the
+    priced rule caps as much, dropped when it caps less or not at all (None: no cap)."""
+    if fixed is None or fixed >= budget:
+        return
+    counters = _lockstep().counters
+    if priced is not None and priced <= fixed:
+        counters.priced_caps_kept += 1
+    else:
+        counters.priced_caps_dropped += 1
+
+
+def log_priced_decisions(before: tuple[int, int]) -> None:
+    """One log line per prefill pass in which the priced cap decided (what `bench live` counts per run)."""
+    c = _lockstep().counters
+    kept, dropped = c.priced_caps_kept - before[0], c.priced_caps_dropped - before[1]
+    if kept or dropped:
+        logger.info("tiersched cap pricing: kept %d dropped %d LS caps this pass (group %d, model %s; totals kept %d "
+                    "dropped %d)", kept, dropped, cap_pricing.PRICING.group_ranks, cap_pricing.PRICING.source,
+                    c.priced_caps_kept, c.priced_caps_dropped)
+
+
+def priced_totals() -> tuple[int, int]:
+    c = _lockstep().counters
+    return c.priced_caps_kept, c.priced_caps_dropped
 
 
 def safe_local_ls_count(scheduler) -> int:
@@ -341,6 +416,8 @@ def capped_be_add(original_fn, adder, req, policy: PolicyState, *args, **kwargs)
     step_tokens = sum(_extend_len(r) for r in adder.can_run_list)
     left = be_admission_budget(local, group, used, policy.config, pricing, _uncached_len(req), req.prefix_len,
                                step_tokens, adder.rem_chunk_tokens)
+    if pricing is not None:
+        note_priced(left, be_admission_budget(local, group, used, policy.config), adder.rem_chunk_tokens)
     if left is None or left >= adder.rem_chunk_tokens:
         return original_fn(adder, req, *args, **kwargs)
     if left <= 0:

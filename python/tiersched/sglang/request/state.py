@@ -91,6 +91,10 @@ class LockstepCounters:
     be_chunks_capped: int = 0
     be_chunks_capped_by_group: int = 0
     be_admissions_capped: int = 0
+    # the priced cap's decisions where the fixed rule would cap (BE chunk or BE admission while LS work waits):
+    # kept = priced as paying, dropped = not paying, so not capped (request/lockstep.note_priced)
+    priced_caps_kept: int = 0
+    priced_caps_dropped: int = 0
 
 
 @dataclass
