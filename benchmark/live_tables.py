@@ -57,6 +57,9 @@ def rows(report: dict) -> list[dict]:
                     "cached": cached["ratio"] >= 1.0, "errors": errors == 0, "lost": lost == 0}
             steps = {arm: _mean([x.get("server_steps", {}) for x in arm_runs], "prefill_batches")
                      for arm, arm_runs in runs.items()}
+            priced = {arm: (_mean([x.get("server_steps", {}) for x in arm_runs], "priced_caps_kept"),
+                            _mean([x.get("server_steps", {}) for x in arm_runs], "priced_caps_dropped"))
+                      for arm, arm_runs in runs.items()}
             out.append({
                 "deployment": dep, "load": load, "rate_req_s": block["rate_req_s"],
                 "repeats": min(len(v) for v in runs.values()),
@@ -69,6 +72,7 @@ def rows(report: dict) -> list[dict]:
                                                              "cached_tokens", "concurrency_mean")}
                         for arm, arm_runs in runs.items()},
                 "prefill_batches_per_run": steps,
+                "priced_caps_per_run": {arm: v for arm, v in priced.items() if any(v)},  # (kept, dropped)
                 "goal": goal if load is not None and load >= GOAL_LOAD else None,
             })
     return out
@@ -98,9 +102,10 @@ def markdown(report: dict) -> str:
             f"{v['cached_tokens']:.0f} / {v['concurrency_mean']:.1f} / "
             f"{row['prefill_batches_per_run'][arm] if row['prefill_batches_per_run'][arm] is not None else 'n/a'}"
             for arm, v in row["abs"].items() if v["ttft_mean_s"] is not None)
+        priced = "; ".join(f"{arm} {k:.1f} / {d:.1f}" for arm, (k, d) in row["priced_caps_per_run"].items())
         details.append(f"* {row['deployment']} {row['load']}x, {row['repeats']} repeats, means per run (mean TTFT s / "
                        f"LS mean TTFT s / mean TPOT s / cached tokens / requests in flight / prefill batches): "
-                       f"{per_arm}")
+                       f"{per_arm}" + (f"; priced LS caps kept / dropped per run: {priced}" if priced else ""))
     return "\n".join(lines) + "\n\n" + "\n".join(details)
 
 

@@ -148,3 +148,10 @@ def test_live_tables_goal_needs_both_tests_below_alpha_and_only_from_0_8x():
     assert all(rows[2]["goal"].values())
     text = tables.markdown(report)
     assert "missed: ls_ttft_tail" in text and "| met |" in text and "n/a (< 0.8x)" in text
+    assert "priced LS caps" not in text  # no arm logged a priced decision
+    runs = report["deployments"]["dpattn"]["loads"][0]["sets"]["shared-prefix"]["runs"]
+    runs["tiersched"] = [{**runs["upstream-lpm"][0], "server_steps": {"prefill_batches": 40, "priced_caps_kept": k,
+                                                                      "priced_caps_dropped": d}}
+                         for k, d in ((2, 10), (4, 20))]
+    assert tables.rows(report)[0]["priced_caps_per_run"] == {"tiersched": (3.0, 15.0)}
+    assert "priced LS caps kept / dropped per run: tiersched 3.0 / 15.0" in tables.markdown(report)
