@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import engine_reference as ref
 from tiersched.core.engine import DispatchRequest, EngineTierConfig, RankLoad
-from tiersched.core.engine.prefix_index import chained_block_hashes
+from tiersched.core.engine.prefix_index import chained_block_hashes, page_keys
 from tiersched.core.engine.score import SCORER_NAMES, ScoreDispatcher
 
 _MASK = (1 << 64) - 1
@@ -60,8 +60,11 @@ def _compare(new, old, label: str) -> None:
         assert all(got[k] == terms[k] for k in terms), (label, r, got, terms)
 
 
-def run_both(seed: int, num_ranks: int, cfg: EngineTierConfig, steps: int, max_prompt: int) -> int:
-    """Drive both dispatchers with one random sequence of operations; returns the number of decisions compared."""
+def run_both(seed: int, num_ranks: int, cfg: EngineTierConfig, steps: int, max_prompt: int, lazy: bool = False,
+             stats: dict | None = None) -> int:
+    """Drive both dispatchers with one random sequence of operations; returns the number of decisions compared.
+    lazy: this code gets the adapter's lazily hashed keys (page_keys) and decides with decide(), settling the index
+    insert explicitly, or not at all (the next operation settles it), at random."""
     rng = random.Random(seed)
     new, old = ScoreDispatcher(num_ranks, cfg), ref.ScoreDispatcher(num_ranks, cfg)
     block = cfg.block_tokens
@@ -94,7 +97,8 @@ def run_both(seed: int, num_ranks: int, cfg: EngineTierConfig, steps: int, max_p
         new_key.update(zip(old_keys, keys))
         n_in = len(tokens) if rng.random() < 0.9 else max(0, len(tokens) - rng.randrange(0, 2 * block))
         session = rng.choice([None, None, "a", "b", "c", str(step)])
-        req = DispatchRequest(rid=str(step), input_tokens=n_in, prefix_blocks=keys, session_key=session)
+        lazy_keys = page_keys(tokens, block) if lazy else keys
+        req = DispatchRequest(rid=str(step), input_tokens=n_in, prefix_blocks=lazy_keys, session_key=session)
         old_req = DispatchRequest(rid=str(step), input_tokens=n_in, prefix_blocks=old_keys, session_key=session)
         if op < 0.26:
             rank = rng.randrange(num_ranks)
@@ -106,7 +110,17 @@ def run_both(seed: int, num_ranks: int, cfg: EngineTierConfig, steps: int, max_p
                 with pytest.raises(RuntimeError, match=str(exc)):
                     new.pick(req, now)
                 continue
-            _compare(new.pick(req, now), expect, f"seed {seed} step {step}")
+            if lazy:
+                got = new.decide(req, now)
+                assert lazy_keys.hashed <= len(keys)
+                if stats is not None and lazy_keys.hashed < len(keys):
+                    stats["partly_hashed"] = stats.get("partly_hashed", 0) + 1
+                if rng.random() < 0.5:
+                    new.settle()
+                    assert lazy_keys == keys  # every page hashed by now, to the same keys
+            else:
+                got = new.pick(req, now)
+            _compare(got, expect, f"seed {seed} step {step}")
             decisions += 1
         assert new.pending_work() == old.pending_work()
         assert new.state_sizes() == old.state_sizes()
@@ -125,6 +139,26 @@ def test_random_operations_decide_as_the_reference(seed, num_ranks, block, weigh
     cfg = EngineTierConfig(**{f"weight_{n}": w for n, w in zip(SCORER_NAMES, weights)}, block_tokens=block,
                            max_blocks_per_rank=200, kv_overload_fraction=fraction, max_sessions=3)
     run_both(seed, num_ranks, cfg, steps=30, max_prompt=12 * block)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_ranks=st.integers(1, 40), block=st.sampled_from([1, 4, 16, 32]),
+       fraction=st.sampled_from([0.5, 0.95, 1.0]))
+def test_lazily_hashed_keys_and_deferred_insert_decide_as_the_reference(seed, num_ranks, block, fraction):
+    """The adapter's path: keys hashed only as far as the match needs (page_keys), the index insert after the
+    decision (decide, then settle or the next operation): the same decisions, scores and index as the reference."""
+    cfg = EngineTierConfig(block_tokens=block, max_blocks_per_rank=200, kv_overload_fraction=fraction, max_sessions=3)
+    run_both(seed, num_ranks, cfg, steps=30, max_prompt=40 * block, lazy=True)
+
+
+def test_lazy_default_config_at_32_ranks_decides_as_the_reference():
+    """The bench's shape on the adapter's path: 32 ranks, default weights, prompts of up to ~2k tokens (64 pages,
+    several doublings of the lazily hashed run)."""
+    stats: dict = {}
+    decisions = sum(run_both(seed, 32, EngineTierConfig(max_blocks_per_rank=300), steps=400, max_prompt=2048,
+                             lazy=True, stats=stats) for seed in range(2))
+    assert decisions >= 500, decisions
+    assert stats.get("partly_hashed", 0) >= decisions // 10, stats  # the laziness is exercised, not only the end
 
 
 def test_default_config_at_32_ranks_decides_as_the_reference_on_2000_requests():

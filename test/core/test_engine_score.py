@@ -252,8 +252,9 @@ def test_burst_1000_requests_in_50ms_over_8_ranks_is_balanced():
 
 
 def test_bench_times_the_adapter_path_with_hashing(monkeypatch):
-    """The with-hashing timing runs the adapter's to_dispatch_request + pick on prompts of exactly `tokens` token
-    ids and keeps the index at its bound; hashing is a part of the whole path (no timing asserted). Upstream's
+    """The with-hashing timing runs the adapter's to_dispatch_request + decide (the decision) and settle (the rest
+    of the request's cost) on prompts of exactly `tokens` token ids and keeps the index at its bound; the decision
+    hashes only part of the prompts (fresh suffixes stop every match inside them); no timing asserted. Upstream's
     DPBudget is replaced by its copy here (importing sglang costs more than the test)."""
     from tiersched.bench import engine as bench
     from tiersched.bench.engine import LongPrompts, decision_latency_with_hashing
@@ -265,7 +266,9 @@ def test_bench_times_the_adapter_path_with_hashing(monkeypatch):
     assert len(first.input_ids) == len(second.input_ids) == 2048 and first.input_ids != second.input_ids
     out = decision_latency_with_hashing(num_ranks=4, index_entries=3000, decisions=30, seed=0, tokens=2048)
     assert 3000 - 4 * 64 <= out["entries"] <= 3000
-    assert 0 < out["hash_p50"] <= out["p50"] and out["hash_p99"] <= out["p99"] and out["floor_p50"] > 0
+    assert 0 < out["p50"] <= out["whole_p50"] and out["p99"] <= out["whole_p99"] and out["cpu_p99"] <= out["whole_cpu_p99"]
+    assert out["hash_p50"] > 0 and out["floor_p50"] > 0
+    assert 0 < out["hashed_before_decision"] < 1
     assert out["upstream_real"] is False and out["tt_p50"] > 0
 
 
@@ -407,6 +410,35 @@ def test_packed_page_keys_read_as_the_tuple_and_decide_the_same(seed, block):
         assert (da.rank, da.expected_cached_tokens, dict(da.scores)) == (db.rank, db.expected_cached_tokens,
                                                                           dict(db.scores))
     assert [a.index.pages_lru(r) for r in range(5)] == [b.index.pages_lru(r) for r in range(5)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), block=st.sampled_from([1, 3, 16]), hash_seed=st.sampled_from([0, 7, 2**70]))
+def test_lazy_page_keys_hash_in_runs_to_the_same_keys_and_match_as_far_as_needed(seed, block, hash_seed):
+    """page_keys hashes nothing until asked; prefix(n) hashes at least n pages and never one past what was asked;
+    keys hashed run by run (any cut points, numpy input too) are chained_block_hashes' keys; match_held_keys answers
+    as match_held_packed on all the keys, and hashes nothing past the first page when no rank holds it."""
+    rng = random.Random(seed)
+    tokens = [rng.randrange(0, 5) for _ in range(rng.randrange(0, 60 * block))]
+    want = pack_keys(chained_block_hashes(tokens, block, hash_seed))
+    lazy = page_keys(np.array(tokens, dtype=np.int64) if rng.random() < 0.3 else tokens, block, hash_seed)
+    assert lazy.hashed == 0 and len(lazy) == len(tokens) // block
+    asked = 0
+    while lazy.hashed < len(lazy):
+        asked, before = rng.randrange(0, len(lazy) + 3), lazy.hashed
+        got = lazy.prefix(asked)
+        assert len(got) >> 3 == lazy.hashed == min(max(asked, before), len(lazy)) and want.startswith(got)
+    assert lazy.packed == want
+    index = PrefixIndex(6, max_blocks_per_rank=1000)
+    bases = [tokens[: rng.randrange(0, len(tokens) + 1)] for _ in range(8)]
+    for base in bases:
+        index.insert(rng.randrange(6), chained_block_hashes(base + [9] * rng.randrange(0, 3 * block), block,
+                                                            hash_seed))
+    fresh = page_keys(tokens, block, hash_seed)
+    ranks, depths = index.match_held_keys(fresh, min_step=rng.choice([1, 3]))
+    assert (ranks, depths) == index.match_held_packed(want)
+    if not ranks:  # no rank holds the first page: nothing past it was hashed
+        assert fresh.hashed == min(1, len(fresh))
 
 
 def test_index_takes_keys_outside_uint64_mod_2_64():

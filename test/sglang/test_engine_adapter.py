@@ -26,6 +26,7 @@ from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 from tiersched.core.engine import EngineTierConfig  # noqa: E402
+from tiersched.core.engine.prefix_index import page_keys  # noqa: E402
 from tiersched.core.expert import metrics  # noqa: E402
 from tiersched.sglang.engine import hooks as engine_tier, loads as engine_tier_loads  # noqa: E402
 
@@ -201,6 +202,8 @@ def test_score_dispatch_sends_prefix_to_its_rank_respects_status_and_logs(contro
     dispatch.dispatch(gen_req("a", shared + [7, 7, 7]))
     first = next(r for r in range(2) if controller.received(r))
     assert "tiersched dispatch rid=a" in caplog.text and "r0: total=" in caplog.text
+    # the index insert that follows the send is applied before dispatch returns (the next request sees it)
+    assert dispatch.dispatcher.settled and dispatch.dispatcher.index.match(page_keys(shared, 4))[first] == 50
     # same 200-token prefix -> same rank, although it now carries more optimistic work
     dispatch.dispatch(gen_req("b", shared + [9, 9]))
     got = controller.received(first)

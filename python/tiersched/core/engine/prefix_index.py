@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from itertools import compress, repeat
+from itertools import compress, islice, repeat
 from typing import Sequence
 
 import numpy as np
@@ -61,7 +61,7 @@ def _chain(token_ids: Sequence[int], block_tokens: int, seed: int) -> np.ndarray
     up, down = _powers(n_blocks)
     keys = pages.view(np.uint64)
     keys *= down  # unsigned integer arrays wrap mod 2^64 silently
-    np.cumsum(keys, out=keys)
+    np.add.accumulate(keys, out=keys)  # (np.cumsum adds ~5 us of dispatch per call)
     if seed % (1 << 64):
         keys += np.uint64(seed * int(_Q) % (1 << 64))
     keys *= up
@@ -81,9 +81,48 @@ def chained_block_hashes(token_ids: Sequence[int], block_tokens: int, seed: int 
 
 
 def page_keys(token_ids: Sequence[int], block_tokens: int, seed: int = 0) -> "PageKeys":
-    """chained_block_hashes' keys held packed (PageKeys): what the DP-controller adapter puts in a DispatchRequest,
-    so its per-request path makes no Python int per page and the index needs no packing."""
-    return PageKeys(_chain(token_ids, block_tokens, seed).astype("<u8", copy=False).tobytes())
+    """chained_block_hashes' keys held packed (PageKeys), hashed lazily: what the DP-controller adapter puts in a
+    DispatchRequest. Nothing is hashed here; the prefix match hashes pages only as far as the ranks' trees reach
+    (PrefixIndex.match_held_keys), the index insert after the decision hashes the rest, and any other read of
+    the keys (`packed`, iteration, equality) hashes them all. The keys are the same uint64 values either way."""
+    if block_tokens <= 0:
+        raise ValueError("block_tokens must be positive")
+    return PageKeys(b"", _PageHasher(token_ids, block_tokens, seed))
+
+
+class _PageHasher:
+    """The chain of _chain, computed a run of pages at a time: carry = sum over the pages hashed so far of
+    page_j * Q^-j (+ seed * Q), so the keys of pages i..k are (carry + cumsum(page_j * Q^-j)) * Q^j, the same
+    uint64 values as one pass over all pages."""
+
+    __slots__ = ("pages", "total", "done", "carry")
+
+    def __init__(self, token_ids: Sequence[int], block_tokens: int, seed: int) -> None:
+        if isinstance(token_ids, np.ndarray):
+            token_ids = token_ids.tolist()  # Python ints hash like numpy's, and 10x faster through the tuple hash
+        self.total = len(token_ids) // block_tokens
+        self.pages = zip(*[iter(token_ids)] * block_tokens)  # consecutive full pages as tuples, consumed in order
+        self.done = 0
+        self.carry = seed * int(_Q) % (1 << 64)
+
+    def next_run(self, count: int) -> bytes:
+        """The packed keys of the next `count` pages (fewer at the end)."""
+        count = min(count, self.total - self.done)
+        if count <= 0:
+            return b""
+        if count == 1 and self.done == 0:  # the first page alone (the match's first look-up): Q^0 = 1, no numpy
+            self.carry = key = (hash(next(self.pages)) + self.carry) & _MASK
+            self.done = 1
+            return key.to_bytes(8, "little")
+        keys = np.fromiter(map(hash, islice(self.pages, count)), dtype=np.int64, count=count).view(np.uint64)
+        up, down = _powers(self.done + count)
+        keys *= down[self.done:]
+        np.add.accumulate(keys, out=keys)  # (np.cumsum adds ~5 us of dispatch per call)
+        keys += np.uint64(self.carry)
+        self.carry = int(keys[-1])
+        keys *= up[self.done:]
+        self.done += count
+        return keys.astype("<u8", copy=False).tobytes()
 
 
 _MASK = (1 << 64) - 1
@@ -105,17 +144,40 @@ def _unpack(run: bytes) -> tuple[int, ...]:
 
 class PageKeys(Sequence[int]):
     """A prompt's page keys, packed as the index stores them (pack_keys); reads as the tuple of ints it packs (equal
-    to it, same hash), so a DispatchRequest may carry either. Built by page_keys."""
+    to it, same hash), so a DispatchRequest may carry either. Built by page_keys, which hashes lazily: `packed`
+    holds every key (hashing what is left on first read), `prefix(n)` at least the first n."""
 
-    __slots__ = ("packed",)
+    __slots__ = ("_packed", "_hasher")
 
-    def __init__(self, packed: bytes) -> None:
+    def __init__(self, packed: bytes, hasher: "_PageHasher | None" = None) -> None:
         if len(packed) % 8:
             raise ValueError(f"packed page keys are 8 bytes each; got {len(packed)} bytes")
-        self.packed = packed
+        self._packed = packed
+        self._hasher = hasher if hasher is not None and hasher.done < hasher.total else None
+
+    @property
+    def packed(self) -> bytes:
+        if self._hasher is not None:
+            self._packed += self._hasher.next_run(self._hasher.total)
+            self._hasher = None
+        return self._packed
+
+    def prefix(self, pages: int) -> bytes:
+        """The packed keys hashed so far, after hashing up to `pages` pages (all of them, if fewer)."""
+        hasher = self._hasher
+        if hasher is not None and hasher.done < pages:
+            self._packed += hasher.next_run(pages - hasher.done)
+            if hasher.done == hasher.total:
+                self._hasher = None
+        return self._packed
+
+    @property
+    def hashed(self) -> int:
+        """Pages hashed so far."""
+        return len(self._packed) >> 3
 
     def __len__(self) -> int:
-        return len(self.packed) >> 3
+        return self._hasher.total if self._hasher is not None else len(self._packed) >> 3
 
     def __getitem__(self, i):  # an int or a slice, as on the tuple (slices are tuples)
         return _unpack(self.packed)[i]
@@ -150,19 +212,36 @@ class _Node:
 
 
 def _common(run: bytes, packed: bytes, start: int) -> int:
-    """Bytes (whole keys) of the common prefix of run and packed[start:]: a binary search over prefix equality (true
-    up to the first differing key, false after it, for any keys), each probe one memcmp without a copy."""
+    """Bytes (whole keys) of the common prefix of run and packed[start:]: the two spans read as little-endian ints
+    and XORed, so the lowest set bit is in the first differing byte (two C-level passes, no Python work per key)."""
     if packed.startswith(run, start):
         return len(run)
-    view = memoryview(run)
-    lo, hi = 0, min(len(run), len(packed) - start) >> 3  # in keys: the answer is in [lo, hi]
-    while lo < hi:
-        mid = (lo + hi + 1) >> 1
-        if packed.startswith(view[: mid << 3], start):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo << 3
+    span = min(len(run), len(packed) - start)
+    diff = int.from_bytes(run[:span], "little") ^ int.from_bytes(packed[start : start + span], "little")
+    if not diff:
+        return span
+    return ((diff & -diff).bit_length() - 1) >> 6 << 3
+
+
+def _advance(packed: bytes, i: int, node: _Node, j: int) -> tuple[int, "_Node | None", int]:
+    """Continue a walk that has matched packed[:i] and is j bytes into node's run: (bytes matched, and None when
+    it met a miss, or the node and offset where packed ran out, to be resumed on a longer packed)."""
+    n = len(packed)
+    while True:
+        run = node.run
+        if j < len(run):
+            part = run if j == 0 else memoryview(run)[j:]
+            if not packed.startswith(part, i):  # the prompt leaves this run, or packed ends inside it
+                if run.startswith(memoryview(packed)[i:], j):  # packed ends inside it: resume there
+                    return n, node, j + n - i
+                return i + _common(part, packed, i), None, 0
+            i += len(run) - j
+        if i == n:
+            return i, node, len(run)
+        node = node.children.get(packed[i : i + 8])
+        if node is None:
+            return i, None, 0
+        j = 0
 
 
 class PrefixIndex:
@@ -227,11 +306,45 @@ class PrefixIndex:
         """match_held for keys packed by pack_keys. The ranks that hold not even the first page are skipped in one
         C-level pass over the ranks' roots; on the others the walk compares whole runs (memcmp) and stops at the
         first miss."""
-        n = len(packed)
-        if n == 0:
+        if not packed:
             return [], []
+        ranks = list(compress(self._ranks, map(dict.__contains__, self._tops, repeat(packed[:8]))))
+        return ranks, self._walk(packed, ranks)
+
+    def match_held_keys(self, keys: "PageKeys", min_step: int = 8) -> tuple[list[int], list[int]]:
+        """match_held for lazily hashed keys (page_keys), hashing pages only as far as some rank's walk can still
+        match. The first page finds each holding rank's first run; then, in rounds, the keys are hashed up to the
+        nearest end of a run that an unfinished walk is in, plus one page (a walk inside a run can match at most to
+        its end, and the page after it decides: a child or a miss), and at least `min_step` pages more, and the
+        unfinished walks resume where they stopped. A walk that stops before the last key hashed met a miss there
+        and is final (the keys after it cannot change it). The answer is match_held_packed's over all the keys."""
+        total = len(keys)
+        if total == 0:
+            return [], []
+        packed = keys.prefix(1)
         first, tops = packed[:8], self._tops
         ranks = list(compress(self._ranks, map(dict.__contains__, tops, repeat(first))))
+        depths = [1] * len(ranks)
+        # (index in ranks, node, bytes into its run): every walk has matched the first key, its first run's head
+        walks = [(k, tops[r][first], 8) for k, r in enumerate(ranks)]
+        n = 8
+        while walks and n >> 3 < total:
+            reach = min((n - j + len(node.run)) >> 3 for _, node, j in walks) + 1
+            start = n
+            packed = keys.prefix(max(reach, (n >> 3) + min_step))
+            n = len(packed)
+            still = []
+            for k, node, j in walks:
+                i, node, j = _advance(packed, start, node, j)
+                depths[k] = i >> 3
+                if node is not None:
+                    still.append((k, node, j))
+            walks = still
+        return ranks, depths
+
+    def _walk(self, packed: bytes, ranks: list[int]) -> list[int]:
+        """Matched pages of packed on each of `ranks` (each holds packed's first page)."""
+        n, first, tops = len(packed), packed[:8], self._tops
         depths: list[int] = []
         append = depths.append
         for r in ranks:
@@ -248,7 +361,7 @@ class PrefixIndex:
                 if node is None:
                     break
             append(i >> 3)
-        return ranks, depths
+        return depths
 
     def insert(self, rank: int, keys: Sequence[int]) -> None:
         """Record that rank now caches this prefix (all of keys), then evict down to its capacity."""

@@ -52,7 +52,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from tiersched.core.engine import Decision, Dispatcher, DispatchRequest, EngineTierConfig, LockstepGroup, RankLoad
-from tiersched.core.engine.prefix_index import PrefixIndex, pack_keys
+from tiersched.core.engine.prefix_index import PageKeys, PrefixIndex, pack_keys
 
 SCORER_NAMES = ("prefill", "prefix", "decode", "kv", "queue", "expert", "session")
 STALL = "stall"  # the lockstep scorer: in Decision.scores only while a LockstepGroup is set and weight_stall > 0
@@ -124,7 +124,8 @@ class ScoreDispatcher(Dispatcher):
         self.config = config or EngineTierConfig()
         self.config.validate()
         self.num_ranks = num_ranks
-        self.index = PrefixIndex(num_ranks, self.config.max_blocks_per_rank)
+        self._index = PrefixIndex(num_ranks, self.config.max_blocks_per_rank)
+        self._unsettled: tuple[int, bytes | PageKeys] | None = None  # decide()'s index insert, until settle()
         self.loads: list[RankLoad] = [RankLoad(rank=r) for r in range(num_ranks)]
         self._opt_prefill = [0] * num_ranks
         self._opt_kv = [0] * num_ranks
@@ -144,9 +145,16 @@ class ScoreDispatcher(Dispatcher):
         self._stall_rate: np.ndarray | None = None  # float [num_ranks]: w_stall x (S_r - S_decode) / S_r
         self._pending_max = 0  # max over all ranks of _pending (the group's prefill horizon, tokens)
 
+    @property
+    def index(self) -> PrefixIndex:
+        """The prefix index, with the last decision's insert applied (settle)."""
+        self.settle()
+        return self._index
+
     # --- snapshots -------------------------------------------------------------------------------------
 
     def update_loads(self, loads: Sequence[RankLoad], now_s: float) -> None:
+        self.settle()
         grace = self.config.optimistic_grace_s
         block = self.config.block_tokens
         for load in loads:
@@ -156,7 +164,7 @@ class ScoreDispatcher(Dispatcher):
             previous = self.loads[r]
             self.loads[r] = load
             if load.kv_capacity_tokens > 0 and load.kv_capacity_tokens != previous.kv_capacity_tokens:
-                self.index.set_capacity(r, load.kv_capacity_tokens // block)
+                self._index.set_capacity(r, load.kv_capacity_tokens // block)
             if load.timestamp_s == previous.timestamp_s and load.timestamp_s != 0.0:
                 continue  # the same snapshot read again: it reflects none of the charges made since
             # Charges made before the snapshot was taken are in it now (the request reached the rank).
@@ -236,7 +244,8 @@ class ScoreDispatcher(Dispatcher):
 
     def forget_cache(self, rank: int | None = None) -> None:
         """The rank's (or every rank's) radix cache was flushed: drop what the index believes it holds."""
-        self.index.clear(rank)
+        self.settle()
+        self._index.clear(rank)
 
     # --- decision ------------------------------------------------------------------------------------
 
@@ -267,13 +276,27 @@ class ScoreDispatcher(Dispatcher):
         return self._cands
 
     def pick(self, req: DispatchRequest, now_s: float) -> Decision:
+        decision = self.decide(req, now_s)
+        self.settle()
+        return decision
+
+    def decide(self, req: DispatchRequest, now_s: float) -> Decision:
+        """pick, but the prefix-index insert of the prompt's pages (and, for lazily hashed keys from page_keys, the
+        hashing of the pages the match did not need) waits for settle(), so a caller can send the request on
+        first. Every other state change is made here, and any read of the index settles first (the `index`
+        property, pick, decide, record, update_loads, forget_cache), so the decisions are pick's."""
+        self.settle()
         cfg = self.config
         ranks, filtered = self._candidates()
         filtered = dict(filtered) if filtered else {}
         block = cfg.block_tokens
         n_in = req.input_tokens
-        packed = pack_keys(req.prefix_blocks) if req.prefix_blocks else b""
-        held_ranks, depths = self.index.match_held_packed(packed) if packed else ((), ())
+        keys = req.prefix_blocks
+        if isinstance(keys, PageKeys):  # hashed only as far as the match needs
+            held_ranks, depths = self._index.match_held_keys(keys) if len(keys) else ((), ())
+        else:
+            keys = pack_keys(keys) if keys else b""
+            held_ranks, depths = self._index.match_held_packed(keys) if keys else ((), ())
         session = self._sessions.get(req.session_key) if req.session_key is not None else None
         sticky_rank = -1
         if session is not None and (session[0] in ranks if ranks is not None else 0 <= session[0] < self.num_ranks):
@@ -313,27 +336,44 @@ class ScoreDispatcher(Dispatcher):
         if cfg.tie_tokens > 0 and len(costs) > 1:
             tied = (costs < costs[best] + cfg.tie_tokens).nonzero()[0]
             if len(tied) > 1:  # fewest pages held, then the lowest rank (tied is in rank order)
-                blocks_on = self.index.blocks_on
+                blocks_on = self._index.blocks_on
                 best = min(tied.tolist(), key=lambda i: blocks_on(i if ranks is None else int(ranks[i])))
         best_rank = best if ranks is None else int(ranks[best])
         best_hit = n_in - int(uncached[best_rank]) if held_ranks else 0
         # as they are before the charge below
         scores = ScoreTable(ranks, self.num_ranks, (self._terms.copy(), pending.copy(), cost, uncached, w_prefix,
                                                     sticky_rank, session_cost, stall_rate, horizon))
-        self._charge(best_rank, req, best_hit, now_s, packed)
+        self._charge(best_rank, req, best_hit, now_s)
+        if len(keys):
+            self._unsettled = (best_rank, keys)
         return Decision(rank=best_rank, expected_cached_tokens=best_hit, scores=scores, filtered=filtered)
 
     def record(self, rank: int, req: DispatchRequest, now_s: float) -> int:
         """Account a request that was routed to `rank` by someone else (e.g. an explicit routed_dp_rank);
         returns the cached tokens the index expected there."""
+        self.settle()
         packed = pack_keys(req.prefix_blocks) if req.prefix_blocks else b""
-        held_ranks, depths = self.index.match_held_packed(packed) if packed else ((), ())
+        held_ranks, depths = self._index.match_held_packed(packed) if packed else ((), ())
         depth = depths[held_ranks.index(rank)] if rank in held_ranks else 0
         hit = min(depth * self.config.block_tokens, req.input_tokens)
-        self._charge(rank, req, hit, now_s, packed)
+        self._charge(rank, req, hit, now_s)
+        if packed:
+            self._index.insert_packed(rank, packed)
         return hit
 
-    def _charge(self, rank: int, req: DispatchRequest, hit: int, now_s: float, packed: bytes) -> None:
+    @property
+    def settled(self) -> bool:
+        """Whether the last decide()'s index insert has been applied."""
+        return self._unsettled is None
+
+    def settle(self) -> None:
+        """Apply the last decide()'s prefix-index insert (hashing the rest of a lazily hashed prompt first)."""
+        if self._unsettled is not None:
+            rank, keys = self._unsettled
+            self._unsettled = None
+            self._index.insert_packed(rank, keys.packed if isinstance(keys, PageKeys) else keys)
+
+    def _charge(self, rank: int, req: DispatchRequest, hit: int, now_s: float) -> None:
         uncached = req.input_tokens - hit
         self._opt_prefill[rank] += uncached
         self._opt_kv[rank] += uncached
@@ -342,8 +382,6 @@ class ScoreDispatcher(Dispatcher):
         self._refresh(rank)
         if self._pending[rank] > self._pending_max:
             self._pending_max = int(self._pending[rank])
-        if packed:
-            self.index.insert_packed(rank, packed)
         if req.session_key is not None:
             sessions = self._sessions
             sessions[req.session_key] = (rank, req.input_tokens)

@@ -232,7 +232,9 @@ class ScoreDispatchState:
                 self.dispatcher.record(req.routed_dp_rank, dreq, now)
             return
         self.refresh(now)
-        decision = self.dispatcher.pick(dreq, now)
+        # the request goes out first; the prefix-index insert (and the hashing of the prompt's pages the match did
+        # not need) follows it, before this controller reads its next request
+        decision = self.dispatcher.decide(dreq, now)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("tiersched dispatch rid=%s tokens=%d -> dp_rank=%d expected_cached=%d | %s", dreq.rid,
                          dreq.input_tokens, decision.rank, decision.expected_cached_tokens, format_scores(decision))
@@ -240,6 +242,7 @@ class ScoreDispatchState:
             self.metrics.observe(decision.rank, dreq.input_tokens, decision.expected_cached_tokens,
                                  self.dispatcher.pending_work(), self._status or self.status())
         sock_send(controller.workers[decision.rank], req)
+        self.dispatcher.settle()
 
 
 # ---- scheduler side -------------------------------------------------------------------------------------------
