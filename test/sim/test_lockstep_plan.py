@@ -171,3 +171,38 @@ def test_prior_model_prices_aligned_prefill(preset):
         assert per_token[r][1] * 1.5 < per_token[1][1], (b, per_token)
         assert per_token[r][0] * 1.15 < per_token[1][0], (b, per_token)
     assert np.median(np.abs(err)) < 0.25, err
+
+
+def test_a_held_step_is_one_step_and_the_hold_ends_at_plan_hold_s():
+    """The hold's wait bound is per step: a held plan covers one step (no macro steps until the next arrival),
+    no rank with demand is held once its oldest request waited plan_hold_s, so a request waits at most
+    plan_hold_s + one step longer than the drain bound. At 4 req/s the gaps between arrivals are ~0.25 s, and a
+    held plan that ran macro steps until the next arrival overshot the bound by up to that much."""
+    from tiersched.core.request import RequestTierConfig
+    from tiersched.sim.loop import Simulation
+
+    hold = 0.05
+    cfg = RequestTierConfig(plan_hold_s=hold, plan_decode_weight=1000.0, plan_align_weight=0.0)
+    preset = PRESET.with_scheduler(enable_mixed_chunk=True)
+    work = workloads.synthetic("Two-end", rate=4.0, duration_s=6.0, seed=3)
+    sim = Simulation(preset, work, PolicySet(step_plan=cfg), 3, record_timeline=False)
+    planner = sim.planner
+    calls = []
+
+    class Spy:
+        def plan(self, summaries):
+            plan = planner.plan(summaries)
+            demand = [s.oldest_wait_s for s in summaries if s.demand() > 0]
+            calls.append((sim.now, sim.steps, plan.held, max(demand, default=0.0)))
+            return plan
+
+    sim.planner = Spy()
+    sim.run()
+    held = [i for i, c in enumerate(calls) if c[2]]
+    assert len(held) >= 10  # the hold did happen
+    for i in held:
+        now, steps, _, oldest = calls[i]
+        assert oldest < hold
+        if i + 1 < len(calls):
+            assert calls[i + 1][1] == steps + 1  # the next step plans again
+    assert sim.held_steps == len(held)

@@ -116,6 +116,8 @@ class Simulation:
                 rs.ordering.set_step_model(model, group_ranks=preset.dp)
         self.planner = make_planner(policies.step_plan, preset, self.cost)
         self.plans = 0  # steps the lockstep step plan shaped
+        self.held = False  # the last plan held every rank's prefill (plan_hold_s)
+        self.held_steps = 0  # steps run under such a plan
 
     # ---- engine tier ----------------------------------------------------------------------------------------
     def _pressure(self) -> np.ndarray:
@@ -240,6 +242,7 @@ class Simulation:
 
     def _plan_budgets(self) -> list:
         """Each rank's prefill budget from the group's step plan (None: upstream's budgets)."""
+        self.held = False
         if self.planner is None or not any(rs.waiting or rs.chunked is not None for rs in self.ranks):
             return [None] * len(self.ranks)
         rates = arrival_rates(self.table, self.now, len(self.ranks))
@@ -248,6 +251,7 @@ class Simulation:
         if not plan.planned:
             return [None] * len(self.ranks)
         self.plans += 1
+        self.held = plan.held
         return list(plan.budgets)
 
     def _report_pending_first_tokens(self, ranks, batches, first_step_s: float) -> None:
@@ -394,6 +398,9 @@ class Simulation:
                     k = min(k, int((t.output[idx] - gen).min()), max(1, rs.free_for_alloc() // idx.size))
             if ranks[0].delayer is not None and any(rs.delayer.state.wait is not None for rs in ranks):
                 k = 1  # a delayed prefill: the next pass negotiates again (no macro steps while a wait is on)
+            if self.held:
+                k = 1  # a held prefill: the next step plans again (the hold is bounded by the queue's wait)
+                self.held_steps += 1
             other_busy, co_change = self._co_busy_at(self.now) if self.co_end.size else (False, None)
             if any_prefill:
                 k = 1

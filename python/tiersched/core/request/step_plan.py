@@ -98,6 +98,11 @@ class StepPlan:
     def budget(self, rank: int) -> int:
         return self.budgets[rank]
 
+    @property
+    def held(self) -> bool:
+        """Every rank's prefill is held this step (plan_hold_s): some rank had demand, none prefills."""
+        return self.planned and not any(self.prefill)
+
 
 class StepTimeModel(ABC):
     """Predicted seconds of one lockstep step from per-rank work, arrays of shape [R]:
