@@ -22,8 +22,9 @@ ours: the step plan on (`PolicySet(step_plan="tiersched")`) with the static flag
 upstream, chosen per metric at the search load like upstream's: fcfs / round_robin, the ordering and
 load-balance method of an upstream winner, or fcfs or a winner's ordering with tiersched's score dispatch
 (`--load-balance-method score`, EngineTierConfig defaults), each without and with mixed chunking (not the prefill
-delayer, which the plan replaces), and with mixed chunking also the plan's "hold" profile (`PLAN_PROFILES`: its
-[request] settings, chosen per metric the same way as upstream's delayer knobs are); the preset's chunk size is
+delayer, which the plan replaces), each also with the plan's other profiles (`PLAN_PROFILES`: its [request]
+settings, chosen per metric the same way as upstream's delayer knobs are; the hold profiles with mixed chunking
+only); the preset's chunk size is
 the plan's upper budget (the plan is adaptive, so it gets no chunk tuning). `plan_on_upstream_defaults` reports
 the plan on fcfs / round_robin without mixed chunking, default settings, beside it.
 
@@ -68,13 +69,21 @@ METRICS = ("ttft_mean", "tpot_mean", "throughput")
 SEARCH_METRICS = {"ttft_mean": "ttft_mean", "tpot_mean": "tpot_mean", "throughput": "neg_throughput"}
 DURATION_S = {"qwen3-dp4ep4": 3.0, "qwen3-dp2tp2ep4": 3.0, "deepseek-v3-32": 2.0}  # --duration-s 0: these
 SEARCH_LOAD = 1.0
-# The plan's [request] settings ours may run with, chosen per metric at the search load like upstream's flags:
-# the defaults, and "hold" (plan_hold_s: the group holds a lone prefill for a step while the predicted lockstep
-# stall saved outweighs the waiting requests' wait, up to 0.5 s; plan_decode_weight 10: a running request's second
-# of decode delay counts 10 waiting seconds; no min-chunk alignment, which the hold replaces). Tried with mixed
-# chunking only (without it every decode of an aligned step is lost, so holding rarely pays).
-PLAN_PROFILES = {"default": (), "hold": (("plan_align_weight", 0.0), ("plan_decode_weight", 10.0),
-                                         ("plan_hold_s", 0.5))}
+# The plan's [request] settings ours may run with, chosen per metric at the search load like upstream's flags
+# (the delayer's knobs, the chunk size): the defaults; "hold" (plan_hold_s: the group holds a lone prefill for a
+# step while the predicted lockstep stall saved outweighs the waiting requests' wait, up to 0.5 s;
+# plan_decode_weight 10: a running request's second of decode delay counts 10 waiting seconds; no min-chunk
+# alignment, which the hold replaces); "hold-tpot" (the same hold with a running request's second counting 100:
+# the TPOT end of the trade-off, as upstream's delayer at 60 passes is, at a TTFT cost); "chunk-256" and
+# "chunk-1024" (no alignment, and a rank with demand prefills at least 256 / 1024 tokens a step: fewer, fuller
+# prefill steps, the TTFT end). The hold profiles are tried with mixed chunking only (without it every decode of
+# an aligned step is lost, so holding rarely pays); `PROFILES_MIXED_ONLY`.
+PLAN_PROFILES = {"default": (),
+                 "hold": (("plan_align_weight", 0.0), ("plan_decode_weight", 10.0), ("plan_hold_s", 0.5)),
+                 "hold-tpot": (("plan_align_weight", 0.0), ("plan_decode_weight", 100.0), ("plan_hold_s", 0.5)),
+                 "chunk-256": (("plan_align_weight", 0.0), ("min_chunk_tokens", 256)),
+                 "chunk-1024": (("plan_align_weight", 0.0), ("min_chunk_tokens", 1024))}
+PROFILES_MIXED_ONLY = frozenset({"hold", "hold-tpot"})
 SEARCH_SEED = 0
 SEARCH_PASSES = 2
 NOT_SEARCHED = {
@@ -377,7 +386,7 @@ def grid(presets, shapes, loads, seeds, duration_s: float, workers: int, search_
                 + [(o, "tiersched", mixed) for o in orderings for mixed in mixes]))
             variants = [("ours",) + v for v in static] + [
                 (f"ours:{name}",) + v for name in PLAN_PROFILES if name != "default" for v in static
-                if v[2] == mixed_on]
+                if v[2] == mixed_on or name not in PROFILES_MIXED_ONLY]
             ms = runner.run([(p, s, rate, dur[p], SEARCH_SEED) + v for v in variants])
             res["ours"] = {m: min(zip(variants, ms), key=lambda vm: (vm[1][SEARCH_METRICS[m]],
                                                                     vm[1]["neg_throughput"]))[0] for m in METRICS}
