@@ -277,3 +277,13 @@ def rig_pool(request, tmp_path_factory):
     del request.config.stash[_POOL]
     if pool.starts:
         print("\n[rig pool] starts: " + ", ".join(f"{label} {s:.0f} s" for label, s in pool.starts), file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _declared_servers_started(request):
+    """A test that uses `rig_pool` has its declared servers (and the pool's starts ahead of need) started in its
+    setup, not in its call: a start then counts as setup time in `--durations`, and it never runs inside a
+    `quiet_cpu` test's call, where the other worker would wait for it doing nothing."""
+    specs = _declared(request.node)
+    if specs and "rig_pool" in request.fixturenames:
+        request.getfixturevalue("rig_pool").get_many(list(dict.fromkeys(specs)))

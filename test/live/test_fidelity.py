@@ -64,17 +64,24 @@ def test_fits_recover_known_coefficients():
     assert fit["intercept_s"] == pytest.approx(0.01, rel=1e-6) and fit["per_ctx_s"] == pytest.approx(1e-6, rel=1e-5)
 
 
+@pytest.fixture
+def warm_dp2_metrics_server(rig_pool):
+    """The fresh fidelity server, warmed up in the test's setup: the warm-up brings it to its steady state by
+    the number of requests it serves, not by their timing, so it need not run inside the quiet call."""
+    srv = rig_pool.get(rig_servers.DP2_METRICS)
+    return srv, fidelity.warm_up(srv.url, rig_servers.DP2_METRICS.max_total_tokens, mixed_requests=30)
+
+
 @calibrated
 @pytest.mark.server
 @pytest.mark.quiet_cpu  # the ratios it bounds move with the machine's load (module docstring)
 @pytest.mark.timeout(600)
 @pytest.mark.rig_servers(rig_servers.DP2_METRICS)
-def test_reduced_fidelity_against_the_real_cpu_server(rig_pool):
+def test_reduced_fidelity_against_the_real_cpu_server(warm_dp2_metrics_server):
     """On the pool's `fidelity.SERVER_ARGS` server (rig_servers.DP2_METRICS), used here first."""
     bench = _bench()
     cal = json.loads(calibration_path().read_text())
-    srv = rig_pool.get(rig_servers.DP2_METRICS)
-    seen = fidelity.warm_up(srv.url, rig_servers.DP2_METRICS.max_total_tokens, mixed_requests=30)
+    srv, seen = warm_dp2_metrics_server
     cal = bench.calibrate_in_situ(srv.url, cal, seen)  # same server, same load, right before the requests
     report = bench.compare(srv.url, 12, 0.5, 1, cal, seen)  # the benchmark's rate, fewer requests
     assert report["real"]["requests"] == report["sim"]["requests"] == 12
