@@ -94,7 +94,9 @@ def run_workload(srv):
 TIERED = spec("tiny", [*FLAGS, "--schedule-policy", "prefix-aging"], env=TIER_ENV, timeout_s=300,
               name="dpattn f32 prefix-aging lockstep")
 PLAIN = spec("tiny", [*FLAGS, "--schedule-policy", "fcfs"], timeout_s=300, name="dpattn f32 fcfs")
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(360), pytest.mark.rig_servers(TIERED, PLAIN)]
+# second_pool: both servers are this module's own; it runs on the other xdist worker (test/conftest.py)
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.second_pool, pytest.mark.timeout(360),
+              pytest.mark.rig_servers(TIERED, PLAIN)]
 
 
 @pytest.fixture(scope="module")
