@@ -155,16 +155,38 @@ def test_compare_cli_stops_on_a_malformed_trace_with_one_line(tmp_path):
     assert set(os.listdir(tmp_path)) == before  # nothing written
 
 
-def test_compare_cli_runs_a_user_trace(tmp_path):
-    rows = [{"timestamp": 40 * i, "input_length": 300 + 37 * (i % 5), "output_length": 4, "hash_ids": []}
-            for i in range(24)]
-    path = _mooncake(tmp_path, rows)
-    out = _bench("compare", "--json", "--trace", str(path), "--duration", "2", "--workers", "1", cwd=tmp_path)
+@pytest.mark.parametrize("kind", ["mooncake", "azure"])
+def test_compare_cli_runs_a_user_trace_and_prints_the_checked_fields(tmp_path, kind):
+    """The machine-readable check on a user's Mooncake JSONL and Azure CSV: the search space with its chunk sizes,
+    each metric's upstream winner, per-row headroom (mean TTFT and TPOT) and the CIs over seeds, which on a trace
+    measure only the simulator's draws (the JSON says so)."""
+    if kind == "mooncake":
+        rows = [{"timestamp": 40 * i, "input_length": 300 + 37 * (i % 5), "output_length": 4, "hash_ids": []}
+                for i in range(24)]
+        path = _mooncake(tmp_path, rows)
+    else:
+        path = _write(tmp_path, "user.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+            f"2023-11-16 18:15:{i * 0.04:010.7f},{300 + 37 * (i % 5)},4\n" for i in range(24)))
+    out = _bench("compare", "--json", "--trace", str(path), "--duration", "2", "--seeds", "2", "--workers", "1",
+                 cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
-    assert report["scenario"]["workload"] == str(path)
-    assert report["policies"]["upstream-best"]["ttft_mean"] > 0
-    assert report["scenario"]["requests"] == 24
+    assert report["scenario"]["workload"] == str(path) and report["scenario"]["requests"] == 24
+    assert report["scenario"]["seeds"] == [0, 1] and report["scenario"]["seeds_vary"].startswith("only the simulator")
+    space = report["upstream_best_space"]
+    chunks = next(d for d in space["dimensions"].values() if d["field"] == "chunked_prefill_size")
+    assert len(chunks["values"]) >= 4 and space["runs"] > 1
+    for name in ("ttft", "tpot"):
+        winner = report[f"upstream_best_{name}"]
+        assert winner["label"] and winner["flags"] and winner[f"{name}_mean"] > 0
+    for row, entry in report["policies"].items():
+        if row.startswith("bound:"):
+            continue
+        assert set(entry["headroom_captured"]) >= {"ttft_mean", "tpot_mean"}, row
+        for field in ("ratio_vs_upstream_best_ci95", "headroom_captured_ci95"):
+            ci = entry[field]["ttft_mean"]
+            assert ci is None or (len(ci) == 2 and ci[0] <= ci[1]), (row, field, ci)
+    assert report["policies"]["upstream-best"]["headroom_captured"]["ttft_mean"] in (0, None)  # None: no headroom
 
 
 @pytest.mark.parametrize("kind", ["mooncake", "azure"])

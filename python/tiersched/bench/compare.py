@@ -211,7 +211,8 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
                                             for k in ("ttft_mean", f"ttft_p{tail}", "tpot_mean", "throughput")}
     out = {
         "scenario": {"preset": sc.preset, "workload": sc.resolved_workload(), "rate": sc.rate,
-                     "duration_s": sc.duration_s, "seeds": seed_list, "requests": len(work[0])},
+                     "duration_s": sc.duration_s, "seeds": seed_list, "requests": len(work[0]),
+                     "seeds_vary": seeds_vary(work)},
         "tail_percentile": tail,
         "tail_rule": (f"P99 only where every run of every arm finished >= {TAIL_MIN_SAMPLES} requests, else P95; "
                       f"fewest finished in a run here: {finished_min}"),
@@ -233,6 +234,18 @@ def compare(sc: Scenario, workers: int | None = None, seeds: int = 1, search_pas
             **{m: row.get(m) for m in ("ttft_mean", "tpot_mean", f"ttft_p{tail}", f"tpot_p{tail}", "throughput")}}
     out["runs"] = len(res.runs) + len(jobs) + len(idle)
     return out
+
+
+def seeds_vary(work: list) -> str:
+    """What the seeds change, so a reader knows what the CIs over seeds measure: a trace (shared or a user's file)
+    is the same requests on every seed, and then only the simulator's draws differ."""
+    sim = "the simulator's MoE routing draw (and routing drift, when set)"
+    if len(work) < 2:
+        return "one seed: no spread measured"
+    same = all(len(w) == len(work[0]) and np.array_equal(w.arrival_s, work[0].arrival_s)
+               and np.array_equal(w.input_tokens, work[0].input_tokens)
+               and np.array_equal(w.output_tokens, work[0].output_tokens) for w in work[1:])
+    return f"only {sim}: every seed has the same requests (a trace)" if same else f"the requests and {sim}"
 
 
 def _rows(best: dict, dims, tpot_best: dict | None = None) -> dict:
@@ -312,7 +325,7 @@ def format_table(report: dict) -> str:
             + f"{'TTFT ratio [95% CI]':>24}{'headroom TTFT/TPOT':>20}")
     sc = report["scenario"]
     lines = [f"scenario: {sc['preset']}, {sc['workload']}, {sc['requests']} requests, {sc['duration_s']:g} s, "
-             f"seeds {sc['seeds']}; tails are P{tail}"]
+             f"seeds {sc['seeds']} (they vary {sc['seeds_vary']}); tails are P{tail}"]
     for name in WINNERS:
         w = report[f"upstream_best_{name}"]
         lines.append(f"upstream best on {w['metric']}: {w['label']}   [{w['flags']}]")

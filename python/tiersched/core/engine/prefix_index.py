@@ -18,6 +18,7 @@ equal keys are).
 from __future__ import annotations
 
 import struct
+import sys
 from collections import OrderedDict
 from itertools import compress, islice, repeat
 from typing import Sequence
@@ -114,18 +115,21 @@ class _PageHasher:
             self.carry = key = (hash(next(self.pages)) + self.carry) & _MASK
             self.done = 1
             return key.to_bytes(8, "little")
+        done = self.done
+        end = done + count
+        up, down = _powers(end)
         keys = np.fromiter(map(hash, islice(self.pages, count)), dtype=np.int64, count=count).view(np.uint64)
-        up, down = _powers(self.done + count)
-        keys *= down[self.done:]
+        keys *= down[done:]
+        keys[0] = (int(keys[0]) + self.carry) & _MASK  # the chain so far, carried into this run
         np.add.accumulate(keys, out=keys)  # (np.cumsum adds ~5 us of dispatch per call)
-        keys += np.uint64(self.carry)
         self.carry = int(keys[-1])
-        keys *= up[self.done:]
-        self.done += count
-        return keys.astype("<u8", copy=False).tobytes()
+        keys *= up[done:]
+        self.done = end
+        return keys.tobytes() if _LITTLE else keys.astype("<u8").tobytes()
 
 
 _MASK = (1 << 64) - 1
+_LITTLE = sys.byteorder == "little"
 
 
 def pack_keys(keys: Sequence[int]) -> bytes:
