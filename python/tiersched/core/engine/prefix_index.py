@@ -236,7 +236,7 @@ def _advance(packed: bytes, i: int, node: _Node, j: int) -> tuple[int, "_Node | 
         if j < len(run):
             part = run if j == 0 else memoryview(run)[j:]
             if not packed.startswith(part, i):  # the prompt leaves this run, or packed ends inside it
-                if run.startswith(memoryview(packed)[i:], j):  # packed ends inside it: resume there
+                if run.startswith(memoryview(packed)[i:] if i else packed, j):  # packed ends inside it: resume there
                     return n, node, j + n - i
                 return i + _common(part, packed, i), None, 0
             i += len(run) - j
@@ -329,13 +329,12 @@ class PrefixIndex:
         first, tops = packed[:8], self._tops
         ranks = list(compress(self._ranks, map(dict.__contains__, tops, repeat(first))))
         depths = [1] * len(ranks)
-        # (index in ranks, node, bytes into its run): every walk has matched the first key, its first run's head
-        walks = [(k, tops[r][first], 8) for k, r in enumerate(ranks)]
-        n = 8
-        while walks and n >> 3 < total:
-            reach = min((n - j + len(node.run)) >> 3 for _, node, j in walks) + 1
-            start = n
-            packed = keys.prefix(max(reach, (n >> 3) + min_step))
+        # (index in ranks, node, bytes into its run) of each unfinished walk; all have matched packed[:start]
+        walks = [(k, tops[r][first], 0) for k, r in enumerate(ranks)]
+        start = 0
+        while walks:
+            reach = min((start - j + len(node.run)) >> 3 for _, node, j in walks) + 1
+            packed = keys.prefix(max(reach, (start >> 3) + min_step))
             n = len(packed)
             still = []
             for k, node, j in walks:
@@ -343,7 +342,9 @@ class PrefixIndex:
                 depths[k] = i >> 3
                 if node is not None:
                     still.append((k, node, j))
-            walks = still
+            if n >> 3 >= total:
+                break
+            walks, start = still, n
         return ranks, depths
 
     def _walk(self, packed: bytes, ranks: list[int]) -> list[int]:
