@@ -29,6 +29,7 @@ _PLAN = pytest.StashKey[dict]()  # group -> (specs in order of first use, {spec:
 _GROUP = pytest.StashKey[str]()  # the server group of the test being set up / run
 _POOL = pytest.StashKey[object]()
 _CURRENT = pytest.StashKey[set]()  # specs declared by the test being set up / run
+_QUIET_HELD = pytest.StashKey[contextlib.ExitStack]()  # the locks of a run of consecutive quiet_cpu tests
 
 
 def shared_data_dir() -> Path | None:
@@ -172,6 +173,10 @@ def pytest_runtest_protocol(item, nextitem):
     folder = _xdist_dir(item.config)
     if folder is None or _group(item) == SERVER_GROUP:
         yield
+        held = item.config.stash.get(_QUIET_HELD, None)
+        if held is not None and not (nextitem is not None and nextitem.get_closest_marker("quiet_cpu")):
+            del item.config.stash[_QUIET_HELD]
+            held.close()
         return
     with _flock(os.path.join(folder, "turnstile.lock"), fcntl.LOCK_EX):
         pass
@@ -181,15 +186,18 @@ def pytest_runtest_protocol(item, nextitem):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    """A `quiet_cpu` test's call runs while no CPU-only test runs on another worker (latency measured on a
-    2-core machine moves by up to 4x with a CPU-bound neighbour)."""
+    """A `quiet_cpu` test's call runs while no CPU-only or `second_pool` test runs on another worker (latency
+    measured on a 2-core machine moves by up to 4x with a CPU-bound neighbour). Consecutive quiet tests keep the
+    locks from the first one's call to the last one's end (pytest_runtest_protocol releases them): otherwise the
+    other worker starts a test in between, often a server start of a minute or more, and the next quiet test
+    waits for it with the first worker idle."""
     folder = _xdist_dir(item.config)
-    if folder is None or not item.get_closest_marker("quiet_cpu"):
-        yield
-        return
-    with _flock(os.path.join(folder, "turnstile.lock"), fcntl.LOCK_EX):
-        with _flock(os.path.join(folder, "cpu.lock"), fcntl.LOCK_EX):
-            yield
+    if folder is not None and item.get_closest_marker("quiet_cpu") and _QUIET_HELD not in item.config.stash:
+        held = contextlib.ExitStack()
+        held.enter_context(_flock(os.path.join(folder, "turnstile.lock"), fcntl.LOCK_EX))
+        held.enter_context(_flock(os.path.join(folder, "cpu.lock"), fcntl.LOCK_EX))
+        item.config.stash[_QUIET_HELD] = held
+    yield
 
 
 def pytest_configure(config):
