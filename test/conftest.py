@@ -268,6 +268,7 @@ def rig_pool(request, tmp_path_factory):
     """The session's ServerPool; see the module docstring. At most TIERSCHED_POOL_MAX_ALIVE (default 4) servers
     run at once through starts ahead of need (a test's own declared servers always start)."""
     from tiersched.rig.server import ServerPool
+    from tiersched.rig.tiny_model import server_env
 
     models = {name: request.getfixturevalue(fixture) for name, fixture in POOL_MODELS.items()}
     # an xdist worker runs one server group (the scheduler's scope): plan only its specs; one process runs all.
@@ -275,7 +276,7 @@ def rig_pool(request, tmp_path_factory):
     group = request.config.stash.get(_GROUP, SERVER_GROUP) if _xdist_dir(request.config) else ALL_GROUPS
     max_alive = int(os.environ.get("TIERSCHED_POOL_MAX_ALIVE", "4"))
     pool = ServerPool(models, max_alive=min(max_alive, 2) if group == SECOND_GROUP else max_alive,
-                      log_dir=str(tmp_path_factory.mktemp("rig-pool")))
+                      log_dir=str(tmp_path_factory.mktemp("rig-pool")), env=server_env())
     order, _ = request.config.stash.get(_PLAN, {}).get(group, ([], {}))
     pool.set_plan(order)
     pool.expected = request.config.stash.get(_CURRENT, None)

@@ -49,6 +49,22 @@ def test_equal_specs_are_one_server_and_release_stops_it(launches, tmp_path):
     assert pool.alive() == []
 
 
+def test_pool_env_reaches_every_start_under_the_specs_own(launches, tmp_path):
+    pool = ServerPool(MODELS, log_dir=str(tmp_path), env={"A": "pool", "B": "pool"})
+    pool.get_many([spec("tiny", ["--dp-size", "2"], env={"B": "spec"}), spec("tiny")])
+    envs = sorted((env["A"], env["B"]) for _, _, env in launches)
+    assert envs == [("pool", "pool"), ("pool", "spec")]
+    pool.close()
+
+
+def test_tiny_model_server_env_keeps_only_the_tiny_models_module():
+    from tiersched.rig.tiny_model import MODEL_MODULE, server_env
+
+    disabled = server_env()["SGLANG_DISABLED_MODEL_ARCHS"].split(",")
+    assert MODEL_MODULE not in disabled and "registry" not in disabled
+    assert "qwen2_moe" in disabled and "llama" in disabled  # other architectures' modules are skipped
+
+
 def test_flag_order_is_not_part_of_the_identity_unless_an_option_repeats():
     a = spec("tiny", ["--dp-size", "2", "--schedule-policy", "lpm", "--enable-metrics"])
     b = spec("tiny", ["--enable-metrics", "--schedule-policy", "lpm", "--dp-size", "2"])

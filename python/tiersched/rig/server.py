@@ -278,14 +278,16 @@ class ServerPool:
     starts the next planned specs at the same time (a start is mostly one process importing at a time, so on two
     cores two or three starts take little longer than one), as long as at most `max_alive` servers run.
 
+    `env` is given to every start, under each spec's own environment (which wins where both set a variable).
     Every pooled server writes the plugin's process trace (`TIERSCHED_PLUGIN_TRACE`) to `server.trace_path`. A
     server found dead on `get` is restarted (its log says why it died); a spec whose start failed raises the same
     error again on every later `get` rather than starting again.
     """
 
     def __init__(self, models: Mapping[str, str] | None = None, resolve_model=None, max_alive: int = 4,
-                 log_dir: str | None = None):
+                 log_dir: str | None = None, env: Mapping[str, str] | None = None):
         self._models = dict(models or {})
+        self.env = dict(env or {})
         self._resolve_model = resolve_model
         self.max_alive = max_alive
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="tiersched-pool-")
@@ -360,7 +362,7 @@ class ServerPool:
             trace = os.path.join(log_dir, "plugin-trace.jsonl")
             stack = contextlib.ExitStack()
             server = stack.enter_context(launch_server(
-                self.model_path(s.model), extra_args=s.flags, env={"TIERSCHED_PLUGIN_TRACE": trace, **dict(s.env)},
+                self.model_path(s.model), extra_args=s.flags, env={**self.env, "TIERSCHED_PLUGIN_TRACE": trace, **dict(s.env)},
                 timeout_s=s.timeout_s, max_total_tokens=s.max_total_tokens, log_dir=log_dir))
             server.trace_path = trace
             return server, stack, time.monotonic() - t0

@@ -137,6 +137,24 @@ def make_tiny_moe(
     return out_dir
 
 
+MODEL_MODULE = "qwen3_moe"  # the sglang.srt.models module that serves the tiny model's architecture
+
+
+def server_env() -> dict[str, str]:
+    """Environment for a server of a tiny model: upstream's `SGLANG_DISABLED_MODEL_ARCHS` lists every module of
+    `sglang.srt.models` but MODEL_MODULE. Each scheduler otherwise imports all of them (~260, a few failing on
+    CPU) to build its model registry, ~1.2 s of CPU per scheduler process here, for one architecture."""
+    import importlib.util
+    from pathlib import Path
+
+    found = importlib.util.find_spec("sglang")  # the top-level package: found without importing it
+    if found is None or found.origin is None:
+        return {}
+    models = Path(found.origin).parent / "srt" / "models"
+    names = sorted(p.stem for p in models.glob("*.py") if p.stem not in (MODEL_MODULE, "__init__", "registry"))
+    return {"SGLANG_DISABLED_MODEL_ARCHS": ",".join(names)} if names else {}
+
+
 if __name__ == "__main__":
     import argparse
 
