@@ -9,7 +9,7 @@ off), queue_ratio=, watermark=, plan=0|1 (the lockstep step plan) and any [reque
 (e.g. plan_decode_weight=0.2). Default arms: upstream's TPOT-best and TTFT-best of `bench lockstep` on
 qwen3-dp4ep4 Two-end (its search at load 1.0, seed 0) and ours as that bench runs it: the plan on fcfs/round_robin
 and on the TPOT winner's ordering/dispatch with mixed chunking, with its default settings and with the "hold"
-profile (bench/lockstep.PLAN_PROFILES).
+and "hold-tpot" profiles (bench/lockstep.PLAN_PROFILES).
 
 A request's TPOT is (finish - first token) / (output - 1). Between its first token and its finish it is in its
 rank's running set (or back in the waiting queue after a retraction), and every lockstep step it sits in is one
@@ -45,6 +45,8 @@ DEFAULT_ARMS = {
     "ours_plan_tpot_flags_mixed": "ordering=shortest-prefill-first,dispatch=total_tokens,chunk=8192,mixed=1,plan=1",
     "ours_plan_hold_tpot_flags_mixed": "ordering=shortest-prefill-first,dispatch=total_tokens,chunk=8192,mixed=1,"
                                        "plan=1,plan_hold_s=0.5,plan_decode_weight=10,plan_align_weight=0",
+    "ours_plan_hold_tpot_profile": "ordering=shortest-prefill-first,dispatch=total_tokens,chunk=8192,mixed=1,"
+                                   "plan=1,plan_hold_s=0.5,plan_decode_weight=100,plan_align_weight=0",
 }
 ARM_KEYS = {"ordering", "dispatch", "chunk", "mixed", "delay", "queue_ratio", "watermark", "plan"}
 
