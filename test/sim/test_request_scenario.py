@@ -82,9 +82,10 @@ def test_request_tier_bench_takes_tunables_as_tiersched_set_gives_them(capsys):
 
 def test_sustained_overload_does_not_turn_ls_into_fcfs_behind_promoted_requests(preset):
     """120 s at 1.5x capacity: the promoted (aged-out) BE backlog never empties. If promoted requests always went
-    first (overtake budget 0), every LS request would wait until it was promoted itself (LS P99 > the 20 s cap,
-    measured 28 s here); with the default budget LS requests overtake them a bounded number of times and stay
-    far below upstream fcfs-with-priority, while the longest BE wait stays below upstream's."""
+    first (overtake budget 0), LS requests would queue behind the promoted backlog (LS P99 13.3 s here with the
+    priced LS cap, 26 s with the fixed one, against upstream fcfs-with-priority's 1.1 s); with the default budget
+    LS requests overtake them a bounded number of times and stay far below upstream fcfs-with-priority (0.16 s),
+    while the longest BE wait stays below upstream's."""
     w = capacity.mixed_priority_at_overload(overload=1.5, preset=preset, duration_s=120.0, seed=1)
 
     def run(policies):
@@ -96,7 +97,7 @@ def test_sustained_overload_does_not_turn_ls_into_fcfs_behind_promoted_requests(
     upstream = run(PolicySet(ordering="fcfs-priority"))
     default = run(ours(RequestTierConfig()))
     strict = run(ours(RequestTierConfig(ls_overtake_burst=0, ls_overtakes_per_promoted=0.0)))
-    assert strict["LS"]["ttft_p99"] > RequestTierConfig().aging_cap_s, strict["LS"]
+    assert strict["LS"]["ttft_p99"] > max(upstream["LS"]["ttft_p99"], 20 * default["LS"]["ttft_p99"]), strict["LS"]
     assert default["LS"]["ttft_p99"] < upstream["LS"]["ttft_p99"] / 5, (default["LS"], upstream["LS"])
     assert default["LS"]["max_wait_s"] < 1.0, default["LS"]
     assert default["BE"]["max_wait_s"] < upstream["BE"]["max_wait_s"], (default["BE"], upstream["BE"])
